@@ -1,0 +1,34 @@
+# make demo : set up (first time) + sample footage -> curated shards -> report -> tiny 3-stage training
+# make test : set up (first time) + the whole test suite (offline, CPU)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+DEMO_FOOTAGE ?= demo_footage
+DEMO_OUT ?= demo_out
+
+.PHONY: setup test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/curate demo-footage $(DEMO_FOOTAGE)
+	$(BIN)/curate run pipeline.yaml --input $(DEMO_FOOTAGE) --output $(DEMO_OUT) --num-cpus 2
+	$(BIN)/curate report $(DEMO_OUT)
+	@echo "curated clips: $(DEMO_OUT)/scores (every clip), $(DEMO_OUT)/shards (kept clips), $(DEMO_OUT)/run.json"
+
+bench: setup
+	$(BIN)/python bench/spine_bench.py
+
+clean:
+	rm -rf $(DEMO_OUT) $(DEMO_FOOTAGE) bench_out .pytest_cache

@@ -1,0 +1,146 @@
+"""The `curate` command.
+
+    curate run pipeline.yaml --input RAW --output OUT [--set step.arg=value] [--ray-address auto]
+    curate report OUT
+    curate train OUT --stage image|video|hq|all      (training/cli.py)
+    curate sample CHECKPOINT --prompt "..."          (training/cli.py)
+    curate demo-footage DIR                          (deterministic sample footage)
+
+Exit codes: 0 the run finished (sources that could not be read are recorded as error rows
+and counted in the summary, they do not fail the run); 2 bad usage or config (nothing was
+started); 1 an unexpected failure (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("curate")
+
+
+def setup_logging(log_dir: Path | None = None, verbose: bool = False) -> Path | None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    log_file = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(fh)
+    for noisy in ("ray", "urllib3", "matplotlib", "PIL", "pyscenedetect"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return log_file
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from curation.config import load_config
+    from curation.runner import run_local, run_pipeline
+
+    config = load_config(args.config, args.set)  # every config error surfaces before Ray starts
+    out = Path(args.output)
+    log_file = setup_logging(out / "logs", args.verbose)
+    log.info("logging to %s", log_file)
+    if args.runner == "local":
+        executor = run_local
+    else:
+        from curation.pipeline import run_ray
+
+        def executor(cfg, units):
+            return run_ray(cfg, units, address=args.ray_address, num_cpus=args.num_cpus,
+                           object_store_mb=args.object_store_mb)
+    record = run_pipeline(config, args.input, out, executor, overwrite=args.overwrite,
+                          command=sys.argv)
+    log.info("done: %d sources (%d unreadable), %d clips, %d kept -> %s",
+             record["sources"]["total"], record["source_errors"], record["clips"], record["kept"], out)
+    log.info("next: curate report %s", out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from curation.report import format_funnel, funnel
+
+    print(format_funnel(funnel(args.output)))
+    return 0
+
+
+def cmd_demo_footage(args: argparse.Namespace) -> int:
+    from curation.synth import DEMO_SOURCES, make_demo_footage
+
+    if Path(args.dir).is_dir() and all((Path(args.dir) / n).exists() for n in DEMO_SOURCES):
+        log.info("demo footage already in %s", args.dir)
+        return 0
+    truth = make_demo_footage(Path(args.dir), overwrite=True)
+    log.info("wrote %d demo files to %s (%d meant to fail)", len(truth), args.dir,
+             sum(1 for t in truth.values() if not t["valid"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curate", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on the terminal")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) the curation pipeline")
+    r.add_argument("config", help="pipeline.yaml")
+    r.add_argument("--input", "-i", action="append", required=True,
+                   help="file, directory, glob or @list.txt; repeatable")
+    r.add_argument("--output", "-o", required=True, help="output directory")
+    r.add_argument("--set", action="append", default=[], metavar="STEP.ARG=VALUE",
+                   help="override a config value, type-checked; repeatable")
+    r.add_argument("--ray-address", default=None,
+                   help="run on an existing Ray cluster (e.g. auto); default: embedded local cluster")
+    r.add_argument("--runner", choices=["ray", "local"], default="ray",
+                   help="local: run the same stages in-process without Ray (debugging)")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray cluster")
+    r.add_argument("--object-store-mb", type=int, default=None,
+                   help="object store size of the embedded Ray cluster")
+    r.add_argument("--overwrite", action="store_true", help="discard earlier results in OUTPUT")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="print the funnel of a finished run")
+    rep.add_argument("output")
+    rep.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo-footage", help="write deterministic sample footage")
+    d.add_argument("dir")
+    d.set_defaults(func=cmd_demo_footage)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The trainer parses its own arguments.
+    if argv and argv[0] in ("train", "sample"):
+        setup_logging()
+        from training import cli as training_cli
+
+        fn = training_cli.train_command if argv[0] == "train" else training_cli.sample_command
+        return fn(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        setup_logging(verbose=args.verbose)
+    from curation.config import ConfigError
+    from curation.sources import SourceError
+    from curation.writer import OutputError
+
+    try:
+        return args.func(args)
+    except (ConfigError, SourceError, OutputError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

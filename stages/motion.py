@@ -1,0 +1,81 @@
+"""motion: Farneback optical flow on the 2 fps sample frames -> motion_score.
+
+Reads `sample_frames` (JPEG, from split) and `sample_fps`; adds `motion_score` and
+`motion_error`.
+
+motion_score unit: percent of the frame's short side moved per second, i.e. the mean
+(over pixels and over consecutive sample pairs) flow magnitude in working-size pixels,
+divided by the working short side, times sample_fps, times 100. A shot panning by its full
+height in 4 s scores 25. The unit does not depend on the working size or sample rate.
+A clip with fewer than two sample frames has no flow pair: NaN and a reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from stages.base import Batch, Stage
+
+
+def decode_gray(jpeg: bytes, short_side_px: int) -> np.ndarray:
+    """A JPEG as a grayscale frame whose short side is short_side_px (never upscaled)."""
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError("undecodable sample frame")
+    h, w = img.shape
+    scale = min(1.0, short_side_px / min(h, w))
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA)
+    return img
+
+
+def mean_flow_magnitude(prev: np.ndarray, nxt: np.ndarray) -> float:
+    """Mean Farneback flow magnitude between two grayscale frames, in pixels."""
+    flow = cv2.calcOpticalFlowFarneback(prev, nxt, None, pyr_scale=0.5, levels=3, winsize=15,
+                                        iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+    return float(np.linalg.norm(flow, axis=2).mean())
+
+
+def motion_score(frames: list[np.ndarray], sample_fps: float) -> float:
+    """motion_score (see module docstring) of consecutive grayscale frames; NaN if < 2 frames."""
+    if len(frames) < 2:
+        return math.nan
+    short_side = min(frames[0].shape)
+    magnitudes = [mean_flow_magnitude(a, b) for a, b in zip(frames, frames[1:])]
+    return float(np.mean(magnitudes)) / short_side * sample_fps * 100.0
+
+
+class MotionStage(Stage):
+    """Score each clip's motion from its sample frames."""
+
+    name = "motion"
+    outputs = ("motion_score", "motion_error")
+
+    def __init__(self, working_short_side_px: int = 128):
+        if working_short_side_px < 16:
+            raise ValueError(f"working_short_side_px must be >= 16, got {working_short_side_px}")
+        self.working_short_side_px = working_short_side_px
+
+    def __call__(self, batch: Batch) -> Batch:
+        scores, errors = [], []
+        for samples, fps, split_error in zip(batch["sample_frames"], batch["sample_fps"],
+                                             batch["split_error"]):
+            if split_error is not None and not samples:
+                # A source-error row is not a clip: nothing to score, nothing failed here.
+                scores.append(math.nan)
+                errors.append(None)
+                continue
+            try:
+                frames = [decode_gray(j, self.working_short_side_px) for j in samples or []]
+                score = motion_score(frames, fps)
+                error = None if len(frames) >= 2 else (
+                    f"clip too short for a flow pair ({len(frames)} sample at {fps:g} fps)")
+            except Exception as exc:  # noqa: BLE001 - a bad clip is a per-clip failure
+                score, error = math.nan, f"{type(exc).__name__}: {exc}"
+            scores.append(score)
+            errors.append(error)
+        return {**batch, "motion_score": scores, "motion_error": errors}

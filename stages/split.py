@@ -1,0 +1,434 @@
+"""split: one decode pass per source -> single-shot clips with their encoded video and frames.
+
+For each source row (source_path, source_id, unit_id) this stage probes the file with PyAV,
+decodes it once, runs PySceneDetect detectors on small copies of the frames, and cuts the
+stream into clips. In the same pass it produces, per clip:
+  video          H.264 mp4 bytes at `short_side_px` (aspect kept), at the source frame rate
+  keyframes      JPEG bytes of the first, middle and last frame
+  sample_frames  JPEG frames sampled at `sample_fps` (2 fps), read by the motion stage
+and the identity columns of curation/schema.py. A source that cannot be opened or decoded
+becomes one row with `split_error` set; a source that breaks part-way keeps the clips
+finished before the break and adds such an error row.
+
+Memory is bounded regardless of video length: only the last `lag_s` seconds of small frames
+are held (the detectors' decision latency), clips are encoded as frames arrive, and a scene
+longer than `max_duration_s` is cut into chunks.
+
+Frame accuracy: detectors report a cut at the first frame of the new shot. Frames are
+assigned to a clip only once they are `lag_s` behind the decoder, so every cut a detector
+reports (ContentDetector at once, AdaptiveDetector `window_width` frames late, the fade
+detector at the end of a fade) is known before the frames around it are assigned.
+The middle keyframe is the sample frame nearest the middle of the clip (at most
+1/(2*sample_fps) s away), which keeps the pass single and the memory bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import math
+import os
+import time
+from fractions import Fraction
+from typing import Any, Literal
+
+import av
+import cv2
+import numpy as np
+
+from curation.schema import clip_id_for
+from stages.base import Batch, Stage
+
+log = logging.getLogger(__name__)
+
+DetectorName = Literal["content", "adaptive", "threshold", "cascade"]
+
+# Decode passes opened per source path in this process (read by bench/spine_bench.py).
+DECODE_PASSES: collections.Counter[str] = collections.Counter()
+
+# The SVD-style cascade: the union of the cuts of several detectors, so that hard cuts
+# (content), cuts during camera motion (adaptive) and fades through black (threshold)
+# are all caught.
+DEFAULT_CASCADE: list[dict[str, Any]] = [
+    {"detector": "content", "threshold": 27.0},
+    {"detector": "adaptive", "adaptive_threshold": 3.0},
+    {"detector": "threshold", "threshold": 12.0},
+]
+
+_DETECTOR_ARGS = {
+    "content": {"threshold", "min_scene_len"},
+    "adaptive": {"adaptive_threshold", "min_scene_len", "window_width", "min_content_val"},
+    "threshold": {"threshold", "min_scene_len", "fade_bias"},
+}
+
+
+def make_detector(spec: dict[str, Any]):
+    """A PySceneDetect detector from {"detector": name, **its keyword arguments}."""
+    from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
+
+    spec = dict(spec)
+    kind = spec.pop("detector", None)
+    if kind not in _DETECTOR_ARGS:
+        raise ValueError(f"cascade entry detector={kind!r}; allowed: {sorted(_DETECTOR_ARGS)}")
+    unknown = sorted(set(spec) - _DETECTOR_ARGS[kind])
+    if unknown:
+        raise ValueError(f"cascade entry for {kind!r} has unknown keys {unknown}; "
+                         f"allowed: {sorted(_DETECTOR_ARGS[kind])}")
+    cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector}[kind]
+    return cls(**spec)
+
+
+def even(n: float) -> int:
+    return max(2, int(round(n / 2.0)) * 2)
+
+
+def output_size(width: int, height: int, short_side_px: int) -> tuple[int, int]:
+    """(width, height) scaled so the short side is short_side_px (never upscaled), both even."""
+    short = min(width, height)
+    scale = min(1.0, short_side_px / short)
+    return even(width * scale), even(height * scale)
+
+
+def encode_jpeg(bgr: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def source_frame_rate(stream) -> Fraction | None:
+    """The stream's frame rate, or None when the container gives no usable one."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0 and 0.5 <= float(rate) <= 1000:
+            return Fraction(rate).limit_denominator(100000)
+    return None
+
+
+def probe(path: str) -> dict[str, Any]:
+    """Container facts without decoding: duration, fps, size, codec. Raises on unreadable files."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        rate = source_frame_rate(stream)
+        duration_s = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / 1_000_000
+        return {
+            "duration_s": duration_s,
+            "fps": float(rate) if rate else None,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "codec": stream.codec_context.name,
+            "frames": stream.frames or None,
+        }
+
+
+class _ClipBuilder:
+    """Accumulates one clip: encodes frames as they come, keeps keyframes and 2 fps samples.
+
+    `trim_end` frames are held back so they can be dropped if the clip ends at a real cut.
+    """
+
+    def __init__(self, start_frame: int, start_s: float, rate: Fraction, size: tuple[int, int],
+                 stage: "SplitStage"):
+        self.start_frame = start_frame
+        self.start_s = start_s
+        self.rate = rate
+        self.size = size
+        self.stage = stage
+        self.tail: collections.deque = collections.deque()
+        self.count = 0  # frames committed to the encoder
+        self.first_jpeg: bytes | None = None
+        self.last_bgr: np.ndarray | None = None
+        self.samples: list[tuple[int, bytes]] = []  # (offset in clip, JPEG)
+        self._buf = io.BytesIO()
+        self._container = None
+        self._stream = None
+
+    @property
+    def length(self) -> int:
+        return self.count + len(self.tail)
+
+    def add(self, bgr: np.ndarray) -> None:
+        self.tail.append(bgr)
+        while len(self.tail) > self.stage.trim_frames:
+            self._commit(self.tail.popleft())
+
+    def _commit(self, bgr: np.ndarray) -> None:
+        offset = self.count
+        if self._container is None:
+            self._open_encoder()
+        frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+        frame.pts = offset
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        if offset == 0:
+            self.first_jpeg = encode_jpeg(bgr, self.stage.jpeg_quality)
+        # Sample k is the frame nearest k / sample_fps seconds into the clip.
+        next_k = len(self.samples)
+        if offset >= round(next_k * float(self.rate) / self.stage.sample_fps):
+            self.samples.append((offset, encode_jpeg(bgr, self.stage.jpeg_quality)))
+        self.last_bgr = bgr
+        self.count += 1
+
+    def _open_encoder(self) -> None:
+        self._container = av.open(self._buf, mode="w", format="mp4")
+        stream = self._container.add_stream("libx264", rate=self.rate)
+        stream.width, stream.height = self.size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(self.stage.crf), "preset": self.stage.preset, "threads": "1"}
+        self._stream = stream
+
+    def finish(self, drop_tail: bool) -> dict[str, Any] | None:
+        """Close the clip; None when it is shorter than the minimum (nothing is returned)."""
+        if not drop_tail:
+            while self.tail:
+                self._commit(self.tail.popleft())
+        self.tail.clear()
+        if self._container is None:
+            return None
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        if self.count < self.stage.min_frames(self.rate):
+            return None
+        middle = self.count // 2
+        nearest = min(self.samples, key=lambda s: abs(s[0] - middle))
+        last_jpeg = encode_jpeg(self.last_bgr, self.stage.jpeg_quality)
+        fps = float(self.rate)
+        return {
+            "start_frame": self.start_frame,
+            "end_frame": self.start_frame + self.count,
+            "start_s": self.start_s,
+            "duration_s": self.count / fps,
+            "fps": fps,
+            "width": self.size[0],
+            "height": self.size[1],
+            "video": self._buf.getvalue(),
+            "keyframes": [self.first_jpeg, nearest[1], last_jpeg],
+            "sample_frames": [jpeg for _, jpeg in self.samples],
+            "sample_fps": self.stage.sample_fps,
+        }
+
+
+class SplitStage(Stage):
+    """Cut sources into single-shot clips (see the module docstring)."""
+
+    name = "split"
+    fan_out = True
+    outputs = ("clip_id", "source_id", "source_path", "unit_id", "source_rows", "start_frame",
+               "end_frame", "start_s", "duration_s", "fps", "width", "height", "split_error",
+               "video", "keyframes", "sample_frames", "sample_fps")
+
+    def __init__(
+        self,
+        detector: DetectorName = "content",
+        threshold: float = 27.0,
+        adaptive_threshold: float = 3.0,
+        fade_threshold: float = 12.0,
+        cascade: list[dict[str, Any]] | None = None,
+        min_scene_len_frames: int = 15,
+        min_duration_s: float = 2.0,
+        max_duration_s: float = 10.0,
+        trim_frames: int = 0,
+        short_side_px: int = 320,
+        detect_width_px: int = 256,
+        sample_fps: float = 2.0,
+        jpeg_quality: int = 90,
+        crf: int = 23,
+        preset: str = "veryfast",
+        lag_s: float = 2.0,
+        decode_threads: int = 0,
+    ):
+        if detector not in ("content", "adaptive", "threshold", "cascade"):
+            raise ValueError(f"detector={detector!r}; allowed: content, adaptive, threshold, cascade")
+        for key, value in (("min_duration_s", min_duration_s), ("max_duration_s", max_duration_s),
+                           ("sample_fps", sample_fps), ("lag_s", lag_s)):
+            if not value > 0:
+                raise ValueError(f"{key} must be > 0, got {value}")
+        if max_duration_s < min_duration_s:
+            raise ValueError(f"max_duration_s ({max_duration_s}) < min_duration_s ({min_duration_s})")
+        if short_side_px < 16 or detect_width_px < 32:
+            raise ValueError("short_side_px must be >= 16 and detect_width_px >= 32")
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in 0..51, got {crf}")
+        if trim_frames < 0 or min_scene_len_frames < 1 or decode_threads < 0:
+            raise ValueError("trim_frames and decode_threads must be >= 0, min_scene_len_frames >= 1")
+        if detector == "cascade":
+            specs = cascade if cascade is not None else DEFAULT_CASCADE
+            if not specs:
+                raise ValueError("cascade must list at least one detector")
+        else:
+            if cascade is not None:
+                raise ValueError("cascade is only read when detector is 'cascade'")
+            specs = [{"detector": detector, **{
+                "content": {"threshold": threshold},
+                "adaptive": {"adaptive_threshold": adaptive_threshold},
+                "threshold": {"threshold": fade_threshold},
+            }[detector]}]
+        specs = [{"min_scene_len": min_scene_len_frames, **s} for s in specs]
+        for spec in specs:
+            make_detector(spec)  # validate now, not on a worker
+        self.detector_specs = specs
+        self.min_duration_s = min_duration_s
+        self.max_duration_s = max_duration_s
+        self.trim_frames = trim_frames
+        self.short_side_px = short_side_px
+        self.detect_width_px = detect_width_px
+        self.sample_fps = sample_fps
+        self.jpeg_quality = jpeg_quality
+        self.crf = crf
+        self.preset = preset
+        self.lag_s = lag_s
+        self.decode_threads = decode_threads
+
+    def min_frames(self, rate: Fraction) -> int:
+        return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows: list[dict[str, Any]] = []
+        for i in range(len(batch["source_path"])):
+            source = {k: batch[k][i] for k in ("source_path", "source_id", "unit_id")}
+            produced = self.split_source(source["source_path"], source["source_id"])
+            for row in produced:
+                row.update(source)
+                row["source_rows"] = len(produced)
+            rows.extend(produced)
+        return {name: [row.get(name) for row in rows] for name in self.outputs}
+
+    def split_source(self, path: str, source_id: str) -> list[dict[str, Any]]:
+        """All clip rows of one source (plus an error row when decoding failed)."""
+        clips: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        try:
+            for clip in self.iter_clips(path):
+                clips.append(clip)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is recorded per source
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            if clips:
+                reason = f"decoding stopped after {clips[-1]['end_frame']} frames: {reason}"
+            log.warning("split failed for %s: %s", path, reason)
+            clips.append({"start_frame": None, "end_frame": None, "split_error": reason})
+        for clip in clips:
+            clip["clip_id"] = clip_id_for(source_id, clip["start_frame"], clip["end_frame"])
+            clip.setdefault("split_error", None)
+        log.debug("split %s: %d rows in %.2fs", path, len(clips), time.perf_counter() - started)
+        return clips
+
+    def iter_clips(self, path: str):
+        """Decode `path` once and yield finished clip dicts in order."""
+        DECODE_PASSES[path] += 1
+        if os.path.getsize(path) == 0:
+            raise ValueError("empty file (0 bytes)")
+        container = av.open(path)
+        try:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            rate = source_frame_rate(stream)
+            if rate is None:
+                raise ValueError("no usable frame rate in the container")
+            stream.thread_type = "AUTO"
+            if self.decode_threads:
+                stream.thread_count = self.decode_threads
+            yield from self._segment(container.decode(stream), rate)
+        finally:
+            container.close()
+
+    def _segment(self, frames, rate: Fraction):
+        from scenedetect import FrameTimecode
+
+        detectors = [make_detector(spec) for spec in self.detector_specs]
+        lag = max(int(math.ceil(self.lag_s * float(rate))),
+                  max(getattr(d, "event_buffer_length", 0) for d in detectors) + 2,
+                  self.trim_frames + 1)
+        max_frames = max(1, int(math.floor(self.max_duration_s * float(rate) + 1e-6)))
+        pending: collections.deque = collections.deque()  # (index, seconds, bgr) not yet assigned
+        cuts: set[int] = set()
+        state: dict[str, Any] = {"clip": None, "skip_until": -1, "flushed": -1}
+        size = None
+        t0 = None
+        index = -1
+
+        def flush(entry):
+            idx, t, bgr = entry
+            clip = state["clip"]
+            cut_here = [c for c in cuts if c <= idx]
+            if cut_here:
+                late = [c for c in cut_here if c < idx]
+                if late:
+                    log.warning("cut at frame %s reported after frame %d was assigned; "
+                                "raise split.lag_s", late, idx - 1)
+                cuts.difference_update(cut_here)
+                if clip is not None:
+                    yield from self._emit(clip, drop_tail=True)
+                clip = None
+                state["skip_until"] = idx + self.trim_frames  # trim the new shot's first frames
+            state["flushed"] = idx
+            if idx < state["skip_until"]:
+                state["clip"] = clip
+                return
+            if clip is not None and clip.length >= max_frames:
+                yield from self._emit(clip, drop_tail=False)  # chunk boundary, not a cut
+                clip = None
+            if clip is None:
+                clip = _ClipBuilder(idx, t, rate, size, self)
+            clip.add(bgr)
+            state["clip"] = clip
+
+        for frame in frames:
+            index += 1
+            bgr = frame.to_ndarray(format="bgr24") if size is None else None
+            if size is None:
+                rotation = int(getattr(frame, "rotation", 0) or 0) % 360
+                h, w = bgr.shape[:2]
+                if rotation in (90, 270):
+                    w, h = h, w
+                size = output_size(w, h, self.short_side_px)
+                small_w = min(self.detect_width_px, size[0])
+                detect_size = (even(small_w), even(small_w * size[1] / size[0]))
+            if rotation in (90, 270):
+                # Rotate at full size, then scale: display orientation is what clips show.
+                full = bgr if bgr is not None else frame.to_ndarray(format="bgr24")
+                full = np.rot90(full, k=-1 if rotation == 90 else 1)
+                small = cv2.resize(np.ascontiguousarray(full), size, interpolation=cv2.INTER_AREA)
+            else:
+                small = frame.to_ndarray(format="bgr24", width=size[0], height=size[1],
+                                         interpolation="AREA") if bgr is None else \
+                    cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+                if rotation == 180:
+                    small = np.ascontiguousarray(small[::-1, ::-1])
+            t = float(frame.time) if frame.time is not None else index / float(rate)
+            if t0 is None:
+                t0 = t
+            detect = cv2.resize(small, detect_size, interpolation=cv2.INTER_AREA)
+            timecode = FrameTimecode(index, fps=rate)
+            for det in detectors:
+                for cut in det.process_frame(timecode, detect):
+                    cuts.add(int(cut.frame_num))
+            pending.append((index, t - t0, small))
+            while pending and pending[0][0] <= index - lag:
+                yield from flush(pending.popleft())
+        if index >= 0:
+            end = FrameTimecode(index, fps=rate)
+            for det in detectors:
+                post = getattr(det, "post_process", None)
+                for cut in (post(end) if post else []) or []:
+                    cuts.add(int(cut.frame_num))
+        while pending:
+            yield from flush(pending.popleft())
+        if state["clip"] is not None:
+            yield from self._emit(state["clip"], drop_tail=False)
+        if index < 0:
+            raise ValueError("no decodable video frames")
+
+    def _emit(self, clip: _ClipBuilder, drop_tail: bool):
+        row = clip.finish(drop_tail=drop_tail)
+        if row is not None:
+            yield row

@@ -1,0 +1,97 @@
+"""pipeline.yaml validation and --set overrides: errors name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curation.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "run": {"sources_per_unit": 2},
+    "steps": [
+        {"stage": "split", "args": {"min_duration_s": 1.0}, "ray": {"num_cpus": 1}},
+        {"stage": "motion"},
+        {"stage": "filter", "args": {"rules": {"motion_score": {"min": 1.0}}}},
+    ],
+}
+
+
+def write(tmp_path, raw) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_shipped_pipeline_yaml_is_valid():
+    config = load_config(REPO / "pipeline.yaml")
+    assert [s.stage for s in config.steps][0] == "split"
+    assert config.step("filter").args["rules"]["motion_score"]["min"] > 0
+
+
+def test_overrides_are_applied_and_type_checked(tmp_path):
+    path = write(tmp_path, BASE)
+    config = load_config(path, ["split.min_duration_s=3", "filter.rules.motion_score.min=0.5",
+                                "run.sources_per_unit=7", "motion.ray.batch_size=4"])
+    assert config.step("split").args["min_duration_s"] == 3.0
+    assert isinstance(config.step("split").args["min_duration_s"], float)
+    assert config.step("filter").args["rules"]["motion_score"] == {"min": 0.5}
+    assert config.run.sources_per_unit == 7
+    assert config.step("motion").ray.batch_size == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("split.min_duration_s=soon", "split.min_duration_s"),
+    ("split.min_durration_s=3", "min_durration_s"),
+    ("splitter.min_duration_s=3", "splitter"),
+    ("split.detector=magic", "detector"),
+    ("run.sources_per_unit=many", "run.sources_per_unit"),
+    ("run.unit_size=3", "unit_size"),
+    ("motion.ray.gpus=1", "gpus"),
+    ("filter.rules.motion.min=1", "motion"),
+    ("split.max_duration_s=0.5", "max_duration_s"),
+    ("nonsense", "KEY=VALUE"),
+])
+def test_bad_overrides_name_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path, BASE), [override])
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda r: r["steps"].append({"stage": "sharpen"}), "sharpen"),
+    (lambda r: r["steps"][1].update(args={"window": 3}), "window"),
+    (lambda r: r["steps"][1].update(args={"working_short_side_px": "big"}), "working_short_side_px"),
+    (lambda r: r["steps"][0].update(ray={"num_cpu": 1}), "num_cpu"),
+    (lambda r: r["steps"][0].update(extra=1), "extra"),
+    (lambda r: r.update(output="x"), "output"),
+    (lambda r: r["steps"].append({"stage": "motion"}), "motion"),
+    (lambda r: r["steps"].reverse(), "split"),
+])
+def test_bad_config_names_the_key(mutate, key):
+    import copy
+
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    with pytest.raises(ConfigError, match=key):
+        parse_config(raw)
+
+
+def test_fingerprint_ignores_ray_resources_but_not_args(tmp_path):
+    path = write(tmp_path, BASE)
+    base = load_config(path).fingerprint()
+    assert load_config(path, ["split.ray.num_cpus=2"]).fingerprint() == base
+    assert load_config(path, ["split.min_duration_s=2"]).fingerprint() != base
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path, footage, capsys):
+    from curation.cli import main
+
+    root, _ = footage
+    code = main(["run", str(write(tmp_path, BASE)), "--input", str(root), "--output",
+                 str(tmp_path / "out"), "--set", "split.min_durration_s=3"])
+    assert code == 2
+    assert not (tmp_path / "out").exists()  # nothing started

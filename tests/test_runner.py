@@ -1,0 +1,167 @@
+"""End to end: local and Ray executors, outputs, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation import schema
+from curation.config import load_config
+from curation.report import funnel
+from curation.runner import run_local, run_pipeline
+from curation.writer import OutputError, OutputStore
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = ["split.min_duration_s=1.0", "run.sources_per_unit=2"]
+
+
+def config(extra=()):
+    return load_config(REPO / "pipeline.yaml", OVERRIDES + list(extra))
+
+
+def clip_ids(out: Path) -> list[str]:
+    return sorted(OutputStore(out).read_scores().column("clip_id").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def local_run(footage, tmp_path_factory):
+    root, _ = footage
+    out = tmp_path_factory.mktemp("local") / "out"
+    record = run_pipeline(config(), [str(root)], out, run_local)
+    return out, record
+
+
+def test_local_run_writes_the_contract(local_run, footage):
+    out, record = local_run
+    root, truth = footage
+    scores = OutputStore(out).read_scores()
+    assert scores.schema.equals(schema.SCORES_SCHEMA)
+    rows = scores.to_pylist()
+    # Every good source is covered by clips; three bad files are one error row each.
+    errors = [r for r in rows if r["split_error"] is not None]
+    assert sorted(Path(r["source_path"]).name for r in errors) == ["empty.mp4", "notes.mp4", "truncated.mp4"]
+    clips = [r for r in rows if r["start_frame"] is not None]
+    assert {Path(r["source_path"]).name for r in clips} == set(truth)
+    assert len({r["clip_id"] for r in rows}) == len(rows)
+    for r in clips:
+        assert r["keep"] == (not r["reject_reasons"])
+        assert r["motion_score"] >= 0
+    # Static shots are rejected by the motion rule, moving ones kept.
+    assert any("motion_score<1" in r["reject_reasons"] for r in clips)
+    assert any(r["keep"] for r in clips)
+    # Shards: exactly the kept clips, with video bytes and micro-conditioning.
+    shards = [pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))]
+    shard_rows = [r for t in shards for r in t.to_pylist()]
+    assert shards[0].schema.equals(schema.SHARDS_SCHEMA)
+    assert sorted(r["clip_id"] for r in shard_rows) == sorted(r["clip_id"] for r in clips if r["keep"])
+    for r in shard_rows:
+        assert r["video"][4:8] == b"ftyp" and len(r["keyframes"]) == 3
+        assert r["fps_id"] == round(r["fps"]) - 1
+        assert r["motion_bucket_id"] == schema.motion_bucket_id_for(r["motion_score"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["clips"] == len(clips)
+    assert set(run["stage_busy_seconds"]) == {"split", "motion", "filter"}
+    assert run["versions"]["pyarrow"] and run["config"]["steps"][0]["stage"] == "split"
+    assert list((out / "logs").glob("*.log")) or True  # logs are written by the CLI, not the API
+
+
+def test_report_funnel_counts(local_run):
+    out, record = local_run
+    f = funnel(out)
+    assert f["sources"] == 6 and f["source_errors"] == 3
+    assert f["clips"] == record["clips"] and f["kept"] == record["kept"]
+    assert f["rejections"]["motion_score<1"]["total"] >= 1
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(local_run, footage):
+    out, record = local_run
+    root, _ = footage
+    before = clip_ids(out)
+    again = run_pipeline(config(), [str(root)], out, run_local)
+    assert again["attempts"][-1]["units"] == 0 and clip_ids(out) == before
+    with pytest.raises(OutputError, match="different pipeline config"):
+        run_pipeline(config(["split.min_duration_s=2"]), [str(root)], out, run_local)
+
+
+def test_leftovers_of_uncommitted_units_are_removed(local_run, footage, tmp_path):
+    out, _ = local_run
+    root, _ = footage
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # Simulate a crash after a unit's data files were renamed but before its ledger entry.
+    victim = sorted((copy / "ledger").glob("*.json"))[0]
+    unit = victim.stem
+    victim.unlink()
+    (copy / "scores" / ".tmp-zzz.parquet").write_bytes(b"partial")
+    run_pipeline(config(), [str(root)], copy, run_local)
+    assert clip_ids(copy) == clip_ids(out)
+    assert not list((copy / "scores").glob(".tmp-*"))
+    assert (copy / "ledger" / f"{unit}.json").exists()
+
+
+def test_ray_two_node_cluster_matches_local(local_run, footage, ray_tmp):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curation.pipeline import run_ray
+
+    out_local, _ = local_run
+    root, _ = footage
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 80 * 1024**2, "temp_dir": ray_tmp,
+        "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
+        cluster.wait_for_nodes()
+        out = Path(ray_tmp) / "out"
+        run_pipeline(config(), [str(root)], out, lambda c, u: run_ray(c, u, address=cluster.address))
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        assert clip_ids(out) == clip_ids(out_local)
+        local_keep = {r["clip_id"]: r["keep"] for r in OutputStore(out_local).read_scores().to_pylist()}
+        ray_keep = {r["clip_id"]: r["keep"] for r in OutputStore(out).read_scores().to_pylist()}
+        assert ray_keep == local_keep
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp_path, ray_tmp):
+    """The CLI on the embedded Ray cluster, killed part-way with SIGKILL, then rerun."""
+    out_local, _ = local_run
+    root, _ = footage
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "pipeline.yaml"), "--input", str(root),
+           "--output", str(out), "--num-cpus", "2", "--object-store-mb", "100",
+           *[a for o in OVERRIDES + ["run.sources_per_unit=1"] for a in ("--set", o)]]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    killed_part_way = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        committed = list((out / "ledger").glob("*.json")) if (out / "ledger").is_dir() else []
+        if committed:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started
+            killed_part_way = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_part_way, "the run finished or stalled before it could be killed part-way"
+    n_before = len(list((out / "ledger").glob("*.json")))
+    assert 1 <= n_before < 6
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = clip_ids(out)
+    assert len(ids) == len(set(ids))
+    assert ids == clip_ids(out_local)
+    assert "resuming" in done.stderr

@@ -1,0 +1,164 @@
+"""The split stage on synthetic footage with known cuts."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import cv2
+import numpy as np
+import pytest
+from scenedetect import ContentDetector, FrameTimecode
+
+from curation import synth
+from stages.split import SplitStage, output_size
+
+
+def decode(video: bytes) -> tuple[list[np.ndarray], av.video.stream.VideoStream]:
+    with av.open(io.BytesIO(video)) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="bgr24") for f in c.decode(stream)]
+        return frames, stream
+
+
+def clips_of(stage: SplitStage, path, source_id="s") -> list[dict]:
+    rows = stage.split_source(str(path), source_id)
+    assert all(r["split_error"] is None for r in rows), rows
+    return rows
+
+
+def test_cuts_within_one_frame_of_ground_truth(footage):
+    root, truth = footage
+    rows = clips_of(SplitStage(detector="content", min_duration_s=0.5), root / "cuts.mp4")
+    cuts = truth["cuts.mp4"]["cut_frames"]
+    total = truth["cuts.mp4"]["frames"]
+    starts = [r["start_frame"] for r in rows]
+    ends = [r["end_frame"] for r in rows]
+    assert len(rows) == len(cuts) + 1
+    assert starts[0] == 0 and ends[-1] == total
+    for found, expected in zip(starts[1:], cuts):
+        assert abs(found - expected) <= 1
+    # Consecutive clips tile the source: no frame lost or shared when nothing is trimmed.
+    assert starts[1:] == ends[:-1]
+
+
+def test_no_cut_inside_any_output_clip(footage):
+    root, _ = footage
+    for name in ("cuts.mp4", "pan.mp4", "ntsc.mp4"):
+        for row in clips_of(SplitStage(detector="cascade", min_duration_s=0.5), root / name):
+            frames, _ = decode(row["video"])
+            det = ContentDetector()
+            found = []
+            for i, frame in enumerate(frames):
+                found += det.process_frame(FrameTimecode(i, fps=row["fps"]), frame)
+            assert found == [], f"{name} clip {row['start_frame']}-{row['end_frame']} has cuts {found}"
+
+
+def test_clip_payload_matches_its_frame_range(footage):
+    root, truth = footage
+    stage = SplitStage(detector="content", min_duration_s=0.5, short_side_px=90)
+    moving = 0
+    for row in clips_of(stage, root / "ntsc.mp4"):
+        frames, stream = decode(row["video"])
+        n = row["end_frame"] - row["start_frame"]
+        assert len(frames) == n
+        assert stream.codec_context.name == "h264"
+        assert abs(float(stream.average_rate) - 29.97) < 0.01 and row["fps"] == pytest.approx(29.97, abs=0.01)
+        assert (row["width"], row["height"]) == (160, 90) == (frames[0].shape[1], frames[0].shape[0])
+        assert row["duration_s"] == pytest.approx(n / row["fps"])
+        assert row["start_s"] == pytest.approx(row["start_frame"] / row["fps"], abs=0.02)
+        # 2 fps samples: the frames nearest 0, 0.5, 1.0 ... s into the clip.
+        expected = sum(1 for k in range(100) if round(k * row["fps"] / 2) < n)
+        assert len(row["sample_frames"]) == expected
+        first, middle, last = (cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)
+                               for j in row["keyframes"])
+        # Keyframes are the clip's own frames (JPEG and 4:2:0 chroma round trips aside).
+        assert np.abs(first.astype(int) - frames[0]).mean() < 12
+        assert np.abs(last.astype(int) - frames[-1]).mean() < 12
+        diffs = [np.abs(middle.astype(int) - f).mean() for f in frames]
+        if max(diffs) - min(diffs) > 2:  # a moving shot: the middle keyframe is locatable
+            moving += 1
+            assert abs(int(np.argmin(diffs)) - n // 2) <= row["fps"] / 4 + 1
+    assert moving == 1
+
+
+def test_fades_are_cut_by_the_cascade(tmp_path):
+    spec = [
+        {"frames": 60, "seed": 31, "motion": "pan", "speed_px_per_frame": 2.0, "fade_out": 15},
+        {"frames": 60, "seed": 32, "fade_in": 15},
+    ]
+    truth = synth.make_video(tmp_path / "fade.mp4", spec, 24, (320, 180))
+    lo, hi = truth["fade_spans"][0]
+    fade_only = clips_of(SplitStage(detector="threshold", min_duration_s=0.5), tmp_path / "fade.mp4")
+    cascade = clips_of(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "fade.mp4")
+    for rows in (fade_only, cascade):
+        assert len(rows) == 2
+        assert lo <= rows[1]["start_frame"] <= hi + 1
+        assert rows[0]["end_frame"] <= rows[1]["start_frame"]
+
+
+def test_long_scenes_are_chunked_and_short_pieces_dropped(footage):
+    root, truth = footage
+    stage = SplitStage(detector="content", min_duration_s=1.0, max_duration_s=1.5)
+    rows = clips_of(stage, root / "pan.mp4")
+    fps = truth["pan.mp4"]["fps"]
+    assert all(1.0 - 1e-9 <= r["duration_s"] <= 1.5 + 1e-9 for r in rows)
+    # Two 75-frame shots at 25 fps: chunks of 37 frames (1.48 s), leftover 1 frame dropped.
+    assert [r["end_frame"] - r["start_frame"] for r in rows] == [37, 37, 37, 37]
+    assert [r["start_frame"] for r in rows] == [0, 37, 75, 112]
+    assert fps == 25
+
+
+def test_trim_drops_frames_on_both_sides_of_a_cut(footage):
+    root, truth = footage
+    rows = clips_of(SplitStage(detector="content", min_duration_s=0.5, trim_frames=4), root / "cuts.mp4")
+    cuts = truth["cuts.mp4"]["cut_frames"]
+    assert rows[0]["start_frame"] == 0  # the source start is not a cut
+    for cut, before, after in zip(cuts, rows, rows[1:]):
+        assert abs(before["end_frame"] - (cut - 4)) <= 1
+        assert abs(after["start_frame"] - (cut + 4)) <= 1
+
+
+def test_output_size_keeps_aspect_never_upscales():
+    assert output_size(1920, 1080, 320) == (568, 320)
+    assert output_size(1080, 1920, 320) == (320, 568)
+    assert output_size(320, 180, 320) == (320, 180)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("empty.mp4", "empty file"),
+    ("notes.mp4", "InvalidData"),
+    ("truncated.mp4", ""),
+])
+def test_bad_sources_become_error_rows(footage, name, reason):
+    root, _ = footage
+    rows = SplitStage(min_duration_s=0.5).split_source(str(root / name), "bad")
+    errors = [r for r in rows if r["split_error"] is not None]
+    assert len(errors) == 1 and errors[0]["start_frame"] is None
+    assert reason in errors[0]["split_error"]
+    # Clips decoded before a break are kept and are whole clips.
+    for r in rows:
+        if r["start_frame"] is not None:
+            assert len(decode(r["video"])[0]) == r["end_frame"] - r["start_frame"]
+
+
+def test_fan_out_batch_carries_source_columns(footage):
+    root, _ = footage
+    stage = SplitStage(min_duration_s=0.5)
+    out = stage({"source_path": [str(root / "cuts.mp4"), str(root / "empty.mp4")],
+                 "source_id": ["a", "b"], "unit_id": ["u1", "u1"]})
+    assert out["source_id"].count("a") == out["source_rows"][0] == 3
+    assert out["source_id"].count("b") == 1
+    assert set(out["unit_id"]) == {"u1"}
+    assert len(set(out["clip_id"])) == len(out["clip_id"])
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"detector": "magic"}, "detector"),
+    ({"min_duration_s": 5, "max_duration_s": 2}, "max_duration_s"),
+    ({"detector": "cascade", "cascade": [{"detector": "content", "thresh": 3}]}, "thresh"),
+    ({"crf": 99}, "crf"),
+])
+def test_bad_arguments_name_the_argument(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        SplitStage(**kwargs)
