@@ -51,6 +51,7 @@ class RayOptions:
 class RunOptions:
     sources_per_unit: int = 4
     shard_target_mb: float = 256.0
+    store_all_clips: bool = True  # keep every clip's payload in clips/ (refilter can then loosen)
 
 
 @dataclass

@@ -202,7 +202,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     for table in executor(config, units):
         for unit, unit_table in assembler.add(table):
             entry = store.commit(unit.unit_id, [s.source_id for s in unit.sources], unit_table,
-                                 config.run.shard_target_mb)
+                                 config.run.shard_target_mb, config.run.store_all_clips)
             progress.unit_done(unit, entry)
     missing = [u for u, pending in assembler.pending_sources.items() if pending]
     if missing:

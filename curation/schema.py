@@ -116,6 +116,8 @@ SCORES_SCHEMA = pa.schema(
     + FILTER_FIELDS
 )
 SHARDS_SCHEMA = pa.schema(list(SCORES_SCHEMA) + PAYLOAD_FIELDS + MICRO_CONDITIONING_FIELDS)
+# OUT/clips/: the payload of every clip, kept or not (what refilter needs to rebuild shards).
+CLIPS_SCHEMA = pa.schema([IDENTITY_FIELDS[0]] + PAYLOAD_FIELDS)
 
 # Every column a row can carry between stages, with its type.
 ALL_FIELDS: dict[str, pa.Field] = {

@@ -2,6 +2,9 @@
 
     OUT_DIR/scores/<unit>.parquet        every row of the unit (clips and source-error rows)
     OUT_DIR/shards/<unit>-<k>.parquet    kept clips with video, keyframes, micro-conditioning
+    OUT_DIR/clips/<unit>.parquet         payload (video, keyframes, captions, embeddings) of
+                                         every clip, kept or not, so `curate refilter` can
+                                         rewrite shards under new rules without decoding
     OUT_DIR/ledger/<unit>.json           written last: the unit is committed iff this exists
     OUT_DIR/run.json, OUT_DIR/logs/
 
@@ -94,6 +97,7 @@ class OutputStore:
         self.scores_dir = self.root / "scores"
         self.shards_dir = self.root / "shards"
         self.ledger_dir = self.root / "ledger"
+        self.clips_dir = self.root / "clips"
         self.logs_dir = self.root / "logs"
         self.run_json = self.root / "run.json"
 
@@ -101,7 +105,8 @@ class OutputStore:
     def prepare(self, fingerprint: str, overwrite: bool) -> None:
         """Make the folders; refuse to mix configs; delete leftovers of uncommitted units."""
         if overwrite:
-            for d in (self.scores_dir, self.shards_dir, self.ledger_dir, self.root / "report"):
+            for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir,
+                      self.root / "report"):
                 shutil.rmtree(d, ignore_errors=True)
             self.run_json.unlink(missing_ok=True)
         elif self.run_json.exists():
@@ -111,13 +116,13 @@ class OutputStore:
                     f"{self.root} holds a run made with a different pipeline config "
                     f"(fingerprint {previous}, now {fingerprint}); pass --overwrite to start "
                     "fresh, choose another --output, or use `curate refilter` for new thresholds")
-        for d in (self.scores_dir, self.shards_dir, self.ledger_dir, self.logs_dir):
+        for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.remove_uncommitted()
 
     def remove_uncommitted(self) -> None:
         committed = set(self.committed())
-        for folder in (self.scores_dir, self.shards_dir, self.ledger_dir):
+        for folder in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir):
             for path in folder.iterdir():
                 unit = path.name.split(".")[0].split("-")[0]
                 if path.name.startswith(".tmp-") or unit not in committed:
@@ -140,7 +145,7 @@ class OutputStore:
 
     # ---- commit -----------------------------------------------------------------------
     def commit(self, unit_id: str, source_ids: list[str], table: pa.Table,
-               shard_target_mb: float) -> dict[str, Any]:
+               shard_target_mb: float, store_all_clips: bool = True) -> dict[str, Any]:
         """Write the unit's scores and shards, then its ledger entry (the commit point)."""
         table = add_derived_columns(table)
         if table.num_rows:
@@ -151,13 +156,14 @@ class OutputStore:
         scores_file = self.scores_dir / f"{unit_id}.parquet"
         write_parquet_atomic(scores_file, scores)
 
+        clips_file = None
+        if store_all_clips:
+            is_clip = pc.is_valid(table.column("start_frame"))
+            clips_file = self.clips_dir / f"{unit_id}.parquet"
+            write_parquet_atomic(clips_file, schema.conform(table.filter(is_clip), schema.CLIPS_SCHEMA),
+                                 row_group_size=64)
         kept = table.filter(pc.fill_null(table.column("keep"), False))
-        shard_files = []
-        for k, part in enumerate(split_by_size(kept, shard_target_mb * 1024 * 1024)):
-            path = self.shards_dir / f"{unit_id}-{k:04d}.parquet"
-            # Small row groups: rows carry whole videos, and readers stream row groups.
-            write_parquet_atomic(path, schema.conform(part, schema.SHARDS_SCHEMA), row_group_size=64)
-            shard_files.append(path.name)
+        shard_files = self.write_shards(unit_id, kept, shard_target_mb)
 
         stage_seconds = {
             name[len(STAGE_SECONDS_PREFIX):]: float(pc.sum(table.column(name)).as_py() or 0.0)
@@ -174,11 +180,22 @@ class OutputStore:
             "source_errors": sum(1 for e in split_errors if e is not None),
             "stage_seconds": stage_seconds,
             "scores_file": scores_file.name,
+            "clips_file": clips_file.name if clips_file else None,
             "shard_files": shard_files,
             "committed_at": time.time(),
         }
         write_json(self.ledger_dir / f"{unit_id}.json", entry)
         return entry
+
+    def write_shards(self, unit_id: str, kept: pa.Table, shard_target_mb: float) -> list[str]:
+        """Write a unit's kept rows (with payload) as shard files; returns their names."""
+        names = []
+        for k, part in enumerate(split_by_size(kept, shard_target_mb * 1024 * 1024)):
+            path = self.shards_dir / f"{unit_id}-{k:04d}.parquet"
+            # Small row groups: rows carry whole videos, and readers stream row groups.
+            write_parquet_atomic(path, schema.conform(part, schema.SHARDS_SCHEMA), row_group_size=64)
+            names.append(path.name)
+        return names
 
     # ---- reading ----------------------------------------------------------------------
     def read_scores(self) -> pa.Table:

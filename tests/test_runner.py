@@ -149,7 +149,7 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     deadline = time.monotonic() + 240
     killed_part_way = False
     while time.monotonic() < deadline and proc.poll() is None:
-        committed = list((out / "ledger").glob("*.json")) if (out / "ledger").is_dir() else []
+        committed = list((out / "ledger").glob("u*.json")) if (out / "ledger").is_dir() else []
         if committed:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started
             killed_part_way = True
@@ -157,7 +157,7 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
         time.sleep(0.02)
     proc.wait()
     assert killed_part_way, "the run finished or stalled before it could be killed part-way"
-    n_before = len(list((out / "ledger").glob("*.json")))
+    n_before = len(list((out / "ledger").glob("u*.json")))
     assert 1 <= n_before < 6
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,0 +1,156 @@
+"""Benchmark of the curation spine (split + encode + motion + filter + write) against decoding.
+
+    python bench/spine_bench.py                      # demo footage + a generated 1080p source
+    python bench/spine_bench.py --input DIR_OR_FILE  # your footage (repeatable)
+    python bench/spine_bench.py --long-seconds 0     # skip the generated 1080p source
+
+Prints, per footage set:
+- wall time of a PyAV decode-only pass over the files (every frame decoded, nothing else);
+- wall time of the spine on the same files, in-process (one process, like the decode pass);
+- their ratio (target: spine <= 2.5x decode-only), decodes per source (target: exactly 1);
+- peak RSS of the process doing each (target: bounded regardless of video length; the
+  generated long 1080p source is run at two lengths to show it does not grow).
+Optionally (--ray) the same spine on the embedded Ray cluster, wall time including start-up.
+Each measurement runs in a fresh child process, so peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("bench")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def decode_only(paths: list[str]) -> dict:
+    import av
+
+    started = time.perf_counter()
+    frames = 0
+    for path in paths:
+        try:
+            with av.open(path) as c:
+                stream = c.streams.video[0]
+                stream.thread_type = "AUTO"
+                for _ in c.decode(stream):
+                    frames += 1
+        except Exception:  # noqa: BLE001 - unreadable files count as decoded (the spine records them)
+            pass
+    return {"wall_s": time.perf_counter() - started, "frames": frames, "peak_rss_mb": _peak_rss_mb()}
+
+
+def spine(paths: list[str], out_dir: str, executor_name: str = "local") -> dict:
+    from curation.config import load_config
+    from curation.runner import run_local, run_pipeline
+    from stages import split
+
+    config = load_config(REPO / "pipeline.yaml")
+    if executor_name == "ray":
+        from curation.pipeline import run_ray
+
+        def executor(cfg, units):
+            return run_ray(cfg, units, num_cpus=2, object_store_mb=500, progress_bars=False)
+    else:
+        executor = run_local
+    started = time.perf_counter()
+    record = run_pipeline(config, paths, out_dir, executor, overwrite=True)
+    wall = time.perf_counter() - started
+    passes = [split.DECODE_PASSES[p] for p in split.DECODE_PASSES]
+    return {"wall_s": wall, "clips": record["clips"], "kept": record["kept"],
+            "decodes_per_source": (sum(passes) / len(passes)) if passes else None,
+            "max_decodes_of_a_source": max(passes) if passes else None,
+            "stage_busy_s": record["stage_busy_seconds"], "peak_rss_mb": _peak_rss_mb()}
+
+
+def _child(fn, args, queue):
+    logging.basicConfig(level=logging.WARNING)
+    queue.put(fn(*args))
+
+
+def in_child(fn, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def make_long_source(path: Path, seconds: float) -> None:
+    from curation import synth
+
+    fps = 30
+    frames = int(seconds * fps)
+    # One long panning shot at 1080p: a worst case for memory if frames were ever buffered.
+    synth.make_video(path, [{"frames": frames, "seed": 7, "motion": "pan", "speed_px_per_frame": 2.0}],
+                     fps, (1920, 1080))
+
+
+def measure(name: str, paths: list[str], work: Path, with_ray: bool) -> None:
+    dec = in_child(decode_only, paths)
+    sp = in_child(spine, paths, str(work / f"out-{name}"))
+    print(f"\n== {name}: {len(paths)} files, {dec['frames']} frames decoded")
+    print(f"decode-only        {dec['wall_s']:8.2f} s   peak RSS {dec['peak_rss_mb']:7.0f} MB")
+    print(f"spine (in-process) {sp['wall_s']:8.2f} s   peak RSS {sp['peak_rss_mb']:7.0f} MB   "
+          f"clips {sp['clips']} kept {sp['kept']}")
+    print(f"ratio spine/decode {sp['wall_s'] / dec['wall_s']:8.2f} x   (target <= 2.5)")
+    print(f"decodes per source {sp['decodes_per_source']:8.2f}     (max {sp['max_decodes_of_a_source']}, target 1)")
+    busy = ", ".join(f"{k} {v:.1f}s" for k, v in sp["stage_busy_s"].items())
+    print(f"stage busy time    {busy}")
+    if with_ray:
+        ray_run = in_child(spine, paths, str(work / f"out-{name}-ray"), "ray")
+        print(f"spine on Ray (2 CPUs, incl. start-up) {ray_run['wall_s']:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", action="append", help="footage to measure (default: demo footage)")
+    parser.add_argument("--long-seconds", type=float, default=60.0,
+                        help="length of the generated 1080p source; also run at a third of it (0: skip)")
+    parser.add_argument("--ray", action="store_true", help="also time the spine on the embedded Ray cluster")
+    parser.add_argument("--work-dir", default=None, help="where footage and outputs go (default: a temp dir)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="spine-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"cores: {os.cpu_count()}, work dir: {work}")
+
+    if args.input:
+        from curation.sources import discover
+
+        measure("your footage", [s.path for s in discover(args.input)], work, args.ray)
+    else:
+        from curation import synth
+        from curation.sources import discover
+
+        demo = work / "demo"
+        if not demo.is_dir():
+            synth.make_demo_footage(demo)
+        measure("demo footage", [s.path for s in discover([str(demo)])], work, args.ray)
+    if args.long_seconds > 0:
+        for seconds in (args.long_seconds / 3, args.long_seconds):
+            path = work / f"long_1080p_{seconds:.0f}s.mp4"
+            if not path.exists():
+                log.info("generating %s ...", path.name)
+                make_long_source(path, seconds)
+            measure(f"1080p single shot, {seconds:.0f} s", [str(path)], work, False)
+
+
+if __name__ == "__main__":
+    main()
