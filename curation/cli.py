@@ -2,6 +2,7 @@
 
     curate run pipeline.yaml --input RAW --output OUT [--set step.arg=value] [--ray-address auto]
     curate report OUT
+    curate models check|download [pipeline.yaml]     (curation/models.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate sample CHECKPOINT --prompt "..."          (training/cli.py)
     curate demo-footage DIR                          (deterministic sample footage)
@@ -22,7 +23,8 @@ from pathlib import Path
 log = logging.getLogger("curate")
 
 
-def setup_logging(log_dir: Path | None = None, verbose: bool = False) -> Path | None:
+def setup_logging(verbose: bool = False) -> None:
+    """Log to the terminal (INFO, or DEBUG with -v)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
@@ -31,27 +33,31 @@ def setup_logging(log_dir: Path | None = None, verbose: bool = False) -> Path | 
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
-    log_file = None
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_file = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        fh = logging.FileHandler(log_file)
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        root.addHandler(fh)
     for noisy in ("ray", "urllib3", "matplotlib", "PIL", "pyscenedetect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_to_file(log_dir: Path) -> Path:
+    """Also log everything (DEBUG) to a new file in log_dir."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    fh = logging.FileHandler(log_file)
+    fh.setLevel(logging.DEBUG)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(fh)
     return log_file
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from curation.config import load_config
+    from curation.preflight import preflight
     from curation.runner import run_local, run_pipeline
 
-    config = load_config(args.config, args.set)  # every config error surfaces before Ray starts
+    # Every config error, missing weights included, surfaces here, before Ray starts.
+    config = load_config(args.config, args.set)
+    checked = preflight(config, skip_unavailable=args.skip_unavailable_models)
     out = Path(args.output)
-    log_file = setup_logging(out / "logs", args.verbose)
-    log.info("logging to %s", log_file)
+    log.info("logging to %s", log_to_file(out / "logs"))
     if args.runner == "local":
         executor = run_local
     else:
@@ -60,8 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         def executor(cfg, units):
             return run_ray(cfg, units, address=args.ray_address, num_cpus=args.num_cpus,
                            object_store_mb=args.object_store_mb)
-    record = run_pipeline(config, args.input, out, executor, overwrite=args.overwrite,
-                          command=sys.argv)
+    record = run_pipeline(checked.config, args.input, out, executor, overwrite=args.overwrite,
+                          command=sys.argv, notes=checked.record())
     log.info("done: %d sources (%d unreadable), %d clips, %d kept -> %s",
              record["sources"]["total"], record["source_errors"], record["clips"], record["kept"], out)
     log.info("next: curate report %s", out)
@@ -107,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--object-store-mb", type=int, default=None,
                    help="object store size of the embedded Ray cluster")
     r.add_argument("--overwrite", action="store_true", help="discard earlier results in OUTPUT")
+    r.add_argument("--skip-unavailable-models", action="store_true",
+                   help="run without the model stages whose weights are missing (said loudly, "
+                        "recorded in run.json; their filter rules are not applied)")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="print the funnel of a finished run")
@@ -121,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "models":
+        setup_logging()
+        from curation.models import models_command
+
+        return models_command(argv[1:])
     # The trainer parses its own arguments.
     if argv and argv[0] in ("train", "sample"):
         setup_logging()
@@ -129,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         fn = training_cli.train_command if argv[0] == "train" else training_cli.sample_command
         return fn(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command != "run":
-        setup_logging(verbose=args.verbose)
+    setup_logging(verbose=args.verbose)
     from curation.config import ConfigError
     from curation.sources import SourceError
     from curation.writer import OutputError

@@ -169,8 +169,12 @@ Executor = Callable[[PipelineConfig, list[Unit]], Iterable[pa.Table]]
 
 
 def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path, executor: Executor,
-                 overwrite: bool = False, command: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) the pipeline into out_dir; returns the run summary written to run.json."""
+                 overwrite: bool = False, command: list[str] | None = None,
+                 notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) the pipeline into out_dir; returns the run summary written to run.json.
+
+    `notes` are merged into run.json (for example the steps skipped for missing weights).
+    """
     store = OutputStore(out_dir)
     sources = discover(inputs)
     store.prepare(config.fingerprint(), overwrite=overwrite)
@@ -193,6 +197,9 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "inputs": list(inputs),
         "versions": package_versions(),
         "attempts": attempts,
+        "skipped_steps": [],
+        "rules_not_applied": [],
+        **(notes or {}),
     })
     write_json(store.run_json, record)
 

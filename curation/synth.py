@@ -6,8 +6,9 @@ shot is static, a panning textured background, or a square moving over a static
 background, with an optional text box and fades to/from black. ``make_video`` returns
 where the cuts and fades are, so detectors and filters can be checked against it.
 
-All randomness comes from ``numpy.random.default_rng(seed)``, and the encoder runs on one
-thread, so the same call writes the same bytes.
+All randomness comes from ``numpy.random.default_rng(seed)``, so the same call encodes the
+same frames (x264 may still differ by a few bytes between runs; the decoded video does not
+change visibly).
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def write_video(
                     raise ValueError(f"frames must be (H, W, 3) with even H, W; got {frame.shape}")
                 stream = container.add_stream(codec, rate=rate)
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                # One thread: x264 output then depends only on its input, so files are reproducible.
+                # One encoder thread: reproducible up to x264's small run-to-run variations.
                 stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
+                stream.codec_context.thread_count = 1
                 stream.codec_context.time_base = 1 / rate
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, np.uint8), format="rgb24")
             video_frame.pts = count
