@@ -137,7 +137,8 @@ def scaled_frame(frame: av.VideoFrame, size: tuple[int, int],
     turned upright in BGR first (clips show the display orientation).
     """
     if rotation in (90, 270):
-        full = np.rot90(frame.to_ndarray(format="bgr24"), k=-1 if rotation == 90 else 1)
+        # The display matrix rotates counterclockwise by `rotation` (np.rot90's k=1 direction).
+        full = np.rot90(frame.to_ndarray(format="bgr24"), k=1 if rotation == 90 else -1)
         return cv2.resize(np.ascontiguousarray(full), size, interpolation=cv2.INTER_AREA), None
     small = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
     bgr = cv2.cvtColor(small.to_ndarray(), cv2.COLOR_YUV2BGR_I420)

@@ -162,3 +162,52 @@ def test_fan_out_batch_carries_source_columns(footage):
 def test_bad_arguments_name_the_argument(kwargs, key):
     with pytest.raises(ValueError, match=key):
         SplitStage(**kwargs)
+
+
+def test_display_rotation_is_applied(tmp_path):
+    """A landscape-coded stream with a 90 degree display matrix gives portrait clips."""
+    from fractions import Fraction
+
+    path = tmp_path / "rotated.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(24))
+        s.width, s.height, s.pix_fmt = 320, 180, "yuv420p"
+        s.set_display_rotation(90)  # counterclockwise, like a phone held on its side
+        for i in range(36):
+            img = np.zeros((180, 320, 3), np.uint8)
+            img[:, :40] = 255  # a white bar on the coded frame's left edge
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    (row,) = clips_of(SplitStage(min_duration_s=0.5), path)
+    assert (row["width"], row["height"]) == (180, 320)
+    first = cv2.imdecode(np.frombuffer(row["keyframes"][0], np.uint8), cv2.IMREAD_GRAYSCALE)
+    # Rotated counterclockwise, the left edge ends at the bottom.
+    assert first[-20:].mean() > 200 and first[:20].mean() < 50
+    assert decode(row["video"])[0][0].shape[:2] == (320, 180)
+
+
+def test_variable_frame_rate_source(tmp_path):
+    """Irregular timestamps: clips still tile the decoded frames, at the average rate."""
+    from fractions import Fraction
+
+    path = tmp_path / "vfr.mp4"
+    shots = [synth.Shot(frames=40, seed=1), synth.Shot(frames=40, seed=2)]
+    frames = [f for shot in shots for f in synth.shot_frames(shot, (320, 180))]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(25))
+        s.width, s.height, s.pix_fmt = 320, 180, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        t_ms = 0
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = t_ms, Fraction(1, 1000)
+            t_ms += 30 if i % 2 else 50  # alternating 30 and 50 ms: 25 fps on average
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    rows = clips_of(SplitStage(detector="content", min_duration_s=0.5), path)
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 40), (40, 80)]
+    assert 20 <= rows[0]["fps"] <= 30
+    # start_s follows the stream's timestamps (40 frames of 30/50 ms = 1.6 s).
+    assert rows[1]["start_s"] == pytest.approx(1.6, abs=0.05)
