@@ -1,6 +1,6 @@
 """Before Ray starts: check that every model weight the config needs is there.
 
-A model stage lists the weight files it needs with `weights()` (curation/models.py
+A model stage lists the weight files it needs with `weights(step_name)` (curation/models.py
 WeightRequirement: config key, description, location, available) without loading anything.
 A missing weight is a `ConfigError` naming the file and the config key that points at it,
 never a silent fallback to random weights.
@@ -42,7 +42,7 @@ def missing_weights(config: PipelineConfig) -> dict[str, list]:
         weights = getattr(step.build(), "weights", None)
         if weights is None:
             continue
-        lacking = [w for w in weights() if not w.available]
+        lacking = [w for w in weights(step.name) if not w.available]  # keys named after the step
         if lacking:
             missing[step.name] = lacking
     return missing
