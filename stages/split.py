@@ -336,8 +336,6 @@ class SplitStage(Stage):
                 clips.append(clip)
         except Exception as exc:  # noqa: BLE001 - any decode failure is recorded per source
             reason = f"{type(exc).__name__}: {exc}".strip()
-            if clips:
-                reason = f"decoding stopped after {clips[-1]['end_frame']} frames: {reason}"
             log.warning("split failed for %s: %s", path, reason)
             clips.append({"start_frame": None, "end_frame": None, "split_error": reason})
         for clip in clips:
@@ -347,7 +345,11 @@ class SplitStage(Stage):
         return clips
 
     def iter_clips(self, path: str):
-        """Decode `path` once and yield finished clip dicts in order."""
+        """Decode `path` once and yield finished clip dicts in order.
+
+        A decoding error part-way ends the stream there: the frames decoded before it are
+        cut into clips as usual, then the error is raised for split_source to record.
+        """
         DECODE_PASSES[path] += 1
         if os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
@@ -362,7 +364,21 @@ class SplitStage(Stage):
             stream.thread_type = "AUTO"
             if self.decode_threads:
                 stream.thread_count = self.decode_threads
-            yield from self._segment(container.decode(stream), rate)
+            failure: list[Exception] = []
+            decoded = [0]
+
+            def frames():
+                try:
+                    for frame in container.decode(stream):
+                        decoded[0] += 1
+                        yield frame
+                except av.error.FFmpegError as exc:
+                    failure.append(exc)
+
+            yield from self._segment(frames(), rate)
+            if failure:
+                raise RuntimeError(f"decoding stopped after {decoded[0]} frames: "
+                                   f"{type(failure[0]).__name__}: {failure[0]}")
         finally:
             container.close()
 

@@ -211,3 +211,17 @@ def test_variable_frame_rate_source(tmp_path):
     assert 20 <= rows[0]["fps"] <= 30
     # start_s follows the stream's timestamps (40 frames of 30/50 ms = 1.6 s).
     assert rows[1]["start_s"] == pytest.approx(1.6, abs=0.05)
+
+
+def test_corruption_part_way_keeps_the_clips_before_it(footage, tmp_path):
+    root, truth = footage
+    bad = tmp_path / "garbage.mp4"
+    synth.write_corrupt_video(bad, root / "cuts.mp4", mode="garbage")
+    rows = SplitStage(detector="content", min_duration_s=0.5).split_source(str(bad), "g")
+    errors = [r for r in rows if r["split_error"] is not None]
+    clips = [r for r in rows if r["start_frame"] is not None]
+    assert len(errors) == 1 and "decoding stopped after" in errors[0]["split_error"]
+    assert clips and clips[0]["start_frame"] == 0
+    # Clips end at a true cut or at the break, never inside a later shot.
+    first_cut = truth["cuts.mp4"]["cut_frames"][0]
+    assert clips[0]["end_frame"] <= first_cut + 1
