@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 DEMO_FOOTAGE ?= demo_footage
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test demo bench clean
+.PHONY: setup browser test demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-test: setup
+# Debian's Chromium for the report's browser test (playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(BIN)/pytest -q
 
 demo: setup
@@ -29,6 +33,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/spine_bench.py
+	$(BIN)/python bench/report_bench.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_FOOTAGE) bench_out .pytest_cache

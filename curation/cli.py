@@ -1,7 +1,8 @@
 """The `curate` command.
 
     curate run pipeline.yaml --input RAW --output OUT [--set step.arg=value] [--ray-address auto]
-    curate report OUT
+    curate report OUT                                (OUT/report/index.html + terminal table)
+    curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
     curate models check|download [pipeline.yaml]     (curation/models.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate sample CHECKPOINT --prompt "..."          (training/cli.py)
@@ -75,9 +76,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from curation.report import format_funnel, funnel
+    from curation.report import format_summary, write_report
 
-    print(format_funnel(funnel(args.output)))
+    print(format_summary(write_report(args.output)))
+    log.info("report: %s", Path(args.output) / "report" / "index.html")
+    return 0
+
+
+def cmd_refilter(args: argparse.Namespace) -> int:
+    from curation.refilter import refilter
+
+    r = refilter(args.output, args.set)
+    log.info("refilter: kept %s -> %d of %d clips (%d units rewritten); next: curate report %s",
+             r["kept_before"], r["kept"], r["clips"], r["units_rewritten"], args.output)
     return 0
 
 
@@ -118,9 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "recorded in run.json; their filter rules are not applied)")
     r.set_defaults(func=cmd_run)
 
-    rep = sub.add_parser("report", help="print the funnel of a finished run")
+    rep = sub.add_parser("report", help="filter statistics, plots, rejection galleries -> OUT/report/index.html")
     rep.add_argument("output")
     rep.set_defaults(func=cmd_report)
+
+    rf = sub.add_parser("refilter", help="new filter rules on the stored scores (no decoding, no scoring)")
+    rf.add_argument("output")
+    rf.add_argument("--set", action="append", required=True, metavar="STEP.rules.COLUMN.KEY=VALUE",
+                    help="KEY: min|max|drop_bottom|drop_top; =null removes; "
+                         "e.g. filter.rules.motion_score={drop_bottom: 0.25}")
+    rf.set_defaults(func=cmd_refilter)
 
     d = sub.add_parser("demo-footage", help="write deterministic sample footage")
     d.add_argument("dir")

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from curation import schema
 from curation.config import PipelineConfig, Step
+from curation.refilter import finalize, needs_final_pass
 from curation.sources import Unit, discover, plan_units
 from curation.writer import STAGE_SECONDS_PREFIX, OutputStore, write_json
 from stages.base import Batch, Stage, batch_len, check_output
@@ -214,6 +215,9 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     missing = [u for u, pending in assembler.pending_sources.items() if pending]
     if missing:
         raise RuntimeError(f"{len(missing)} units did not receive all their rows: {missing[:5]}")
+    if needs_final_pass(config):
+        # Percentile rules need the whole run's scores: resolved now, keep/shards rewritten.
+        record["resolved_rules"] = finalize(store.root, config)
 
     ledger = store.committed()
     stage_seconds: dict[str, float] = defaultdict(float)

@@ -133,10 +133,10 @@ def background(seed: int, size: tuple[int, int], extra_width_px: int = 0) -> np.
 
     Saturation and brightness are independent random fields pushed towards two levels
     (a steep tanh), so two seeds differ pixel by pixel by about half the range whatever
-    their mean colours: of all pairs of seeds 0-149 only 2 score below MIN_CUT_SCORE (35)
-    and consecutive seeds score >= 45.
-    The fields vary over ~1/4 frame width, so a pan changes little per frame; a fainter
-    finer layer gives optical flow something to track.
+    their mean colours: of all pairs of seeds 0-59 only one scores below MIN_CUT_SCORE (35)
+    and consecutive seeds 0-150 score >= 43 (make_video refuses a weak hard cut).
+    The fields vary over ~1/4 frame width, so a pan changes little per frame; a finer
+    layer gives optical flow something to track.
     """
     width, height = size
     rng = np.random.default_rng(seed)
@@ -147,7 +147,10 @@ def background(seed: int, size: tuple[int, int], extra_width_px: int = 0) -> np.
 
     hue = rng.uniform(0, 180) + 10 * (_smooth_noise(rng, height, total_w, width / 4) - 0.5)
     sat = 60 + 195 * two_tone(width / 4)
-    val = 30 + 175 * two_tone(width / 4) + 40 * _smooth_noise(rng, height, total_w, width / 20)
+    # The fine layer is what optical flow tracks: strong and small enough (~width/40) that
+    # Farneback measures pans close to their true speed, yet a pan's frame-to-frame content
+    # score stays far below a cut's.
+    val = 30 + 155 * two_tone(width / 4) + 60 * _smooth_noise(rng, height, total_w, width / 40)
     hsv = np.stack([np.clip(hue, 0, 179), np.clip(sat, 0, 255), np.clip(val, 0, 255)], axis=-1)
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
 
