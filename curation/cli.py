@@ -143,23 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-footage", help="write deterministic sample footage")
     d.add_argument("dir")
     d.set_defaults(func=cmd_demo_footage)
+
+    # These parse their own arguments (main() hands them over before argparse runs);
+    # listed here so `curate --help` shows them.
+    sub.add_parser("models", help="check|download: the model weights a config needs (curate models -h)")
+    sub.add_parser("train", help="train the SVD-style model on OUT/shards (curate train -h)")
+    sub.add_parser("sample", help="generate clips from a trained checkpoint (curate sample -h)")
     return p
+
+
+def _delegated(command: str):
+    """The entry point of a subcommand that parses its own arguments, or None."""
+    if command == "models":
+        from curation.models import models_command
+
+        return models_command
+    if command in ("train", "sample"):
+        from training import cli as training_cli
+
+        return training_cli.train_command if command == "train" else training_cli.sample_command
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "models":
+    delegated = _delegated(argv[0]) if argv else None
+    if delegated is not None:
         setup_logging()
-        from curation.models import models_command
-
-        return models_command(argv[1:])
-    # The trainer parses its own arguments.
-    if argv and argv[0] in ("train", "sample"):
-        setup_logging()
-        from training import cli as training_cli
-
-        fn = training_cli.train_command if argv[0] == "train" else training_cli.sample_command
-        return fn(argv[1:])
+        return delegated(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose)
     from curation.config import ConfigError
