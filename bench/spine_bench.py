@@ -58,7 +58,7 @@ def spine(paths: list[str], out_dir: str, executor_name: str = "local") -> dict:
     from curation.runner import run_local, run_pipeline
     from stages import split
 
-    config = load_config(REPO / "pipeline.yaml")
+    config = load_config(REPO / "configs" / "spine.yaml")
     if executor_name == "ray":
         from curation.pipeline import run_ray
 

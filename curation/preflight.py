@@ -74,7 +74,7 @@ def preflight(config: PipelineConfig, skip_unavailable: bool = False) -> Preflig
         changed = False
         lost = {c for s in config.steps if s.name in skipped for c in STAGES[s.stage].outputs}
         for step in config.steps:
-            needs = set(getattr(STAGES[step.stage], "requires", ()))
+            needs = set(STAGES[step.stage].requires)
             if step.name not in skipped and needs & lost:
                 skipped[step.name] = f"needs {sorted(needs & lost)} from a skipped step"
                 changed = True

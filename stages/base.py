@@ -17,6 +17,7 @@ Batch = dict[str, list]
 class Stage:
     name: ClassVar[str] = ""
     outputs: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()  # columns produced by other steps it cannot do without
     fan_out: ClassVar[bool] = False
 
     def setup(self) -> None:

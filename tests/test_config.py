@@ -27,10 +27,13 @@ def write(tmp_path, raw) -> Path:
     return path
 
 
-def test_shipped_pipeline_yaml_is_valid():
+def test_shipped_configs_are_valid():
     config = load_config(REPO / "pipeline.yaml")
-    assert [s.stage for s in config.steps][0] == "split"
-    assert config.step("filter").args["rules"]["motion_score"]["min"] > 0
+    assert [s.stage for s in config.steps] == ["split", "motion", "ocr", "aesthetics", "filter", "caption",
+                                               "clip_similarity", "filter"]
+    assert config.step("filter").args["rules"]["text_area_ratio"] == {"max": 0.07}  # SVD's 7%
+    spine = load_config(REPO / "configs" / "spine.yaml")
+    assert [s.stage for s in spine.steps] == ["split", "motion", "filter"]
 
 
 def test_overrides_are_applied_and_type_checked(tmp_path):

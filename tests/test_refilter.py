@@ -18,7 +18,7 @@ from curation.runner import run_local, run_pipeline
 from curation.writer import OutputError
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["split.min_duration_s=1.0", "run.sources_per_unit=2"]  # pipeline.yaml: motion min 1, duration min 2
+BASE = ["split.min_duration_s=1.0", "run.sources_per_unit=2"]  # configs/spine.yaml: motion min 1, duration min 2
 TIGHTER = ["filter.rules.motion_score.min=2.5", "filter.rules.motion_score.max=5",
            "filter.rules.duration_s.min=2.8"]
 LOOSER = ["filter.rules.motion_score.min=0.002", "filter.rules.duration_s.min=1"]
@@ -28,7 +28,7 @@ PAYLOAD = {"video", "keyframes", "caption", "caption_source", "image_embedding",
 
 def fresh_run(footage, out: Path, rules: list[str]) -> Path:
     """A run from the sources, with the end-of-run pass the runner makes for percentile rules."""
-    config = load_config(REPO / "pipeline.yaml", BASE + rules)
+    config = load_config(REPO / "configs" / "spine.yaml", BASE + rules)
     run_pipeline(config, [str(footage[0])], out, run_local)
     if needs_final_pass(config):
         finalize(out, config)
@@ -126,7 +126,7 @@ def test_refilter_to_a_percentile_rule_equals_a_fresh_run(runs, tmp_path):
 
 def test_final_pass_is_idempotent_after_a_crash(runs, tmp_path):
     out = copy_of(runs["percentile"], tmp_path / "out")
-    config = load_config(REPO / "pipeline.yaml", BASE + PERCENTILE)
+    config = load_config(REPO / "configs" / "spine.yaml", BASE + PERCENTILE)
     assert finalize(out, config) == json.loads((out / "run.json").read_text())["resolved_rules"]
     # A pass killed part-way: one unit's scores back to the inline result (percentile rule
     # skipped: everything kept), another unit's shards gone.

@@ -36,7 +36,7 @@ def load_bench():
 def run_dir(footage, tmp_path_factory):
     root, _ = footage
     out = tmp_path_factory.mktemp("report") / "out"
-    run_pipeline(load_config(REPO / "pipeline.yaml", OVERRIDES), [str(root)], out, run_local)
+    run_pipeline(load_config(REPO / "configs" / "spine.yaml", OVERRIDES), [str(root)], out, run_local)
     return out
 
 

@@ -41,7 +41,7 @@ def browser():
 def report(footage, tmp_path_factory):
     root, _ = footage
     out = tmp_path_factory.mktemp("browser") / "out"
-    run_pipeline(load_config(REPO / "pipeline.yaml", OVERRIDES), [str(root)], out, run_local)
+    run_pipeline(load_config(REPO / "configs" / "spine.yaml", OVERRIDES), [str(root)], out, run_local)
     return out, write_report(out)
 
 

