@@ -1,4 +1,4 @@
-# make demo : set up (first time) + sample footage -> curated shards -> report -> tiny 3-stage training
+# make demo : set up (first time) + sample footage -> curated shards -> report -> tiny 3-stage training -> sample
 # make test : set up (first time) + the whole test suite (offline, CPU)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -30,10 +30,20 @@ demo: setup
 	$(BIN)/curate run pipeline.yaml --input $(DEMO_FOOTAGE) --output $(DEMO_OUT) --num-cpus 2 --skip-unavailable-models
 	$(BIN)/curate report $(DEMO_OUT)
 	@echo "curated clips: $(DEMO_OUT)/scores (every clip), $(DEMO_OUT)/shards (kept clips), $(DEMO_OUT)/run.json"
+	@echo "report: $(DEMO_OUT)/report/index.html"
+	# A tiny model through the three stages (image, video, hq) on the demo shards, then a sample.
+	# The demo has no aesthetic scores (no CLIP weights here), so hq selects on motion only.
+	$(BIN)/curate train $(DEMO_OUT) --stage all --preset-size tiny --threads 1 \
+		--set 'hq.select={"motion_score": {"min": 1.5}}'
+	$(BIN)/curate sample $(DEMO_OUT)/train/hq --prompt '' --frames 4 --steps 20 --threads 1 \
+		--out $(DEMO_OUT)/sample.mp4
+	@echo "trained checkpoints: $(DEMO_OUT)/train/{image,video,hq}; sample: $(DEMO_OUT)/sample.mp4 and .gif"
 
 bench: setup
 	$(BIN)/python bench/spine_bench.py
 	$(BIN)/python bench/report_bench.py
+	$(BIN)/python bench/models_bench.py
+	$(BIN)/python bench/train_bench.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_FOOTAGE) bench_out .pytest_cache

@@ -1,0 +1,92 @@
+"""Tiny synthetic shards with known content, in the shards schema, for tests, the bench and smoke runs.
+
+Clip i shows a coloured square moving `speed_px_per_frame` pixels per frame to the right over
+a flat background; its caption_embedding is a fixed random vector tied to the square's colour,
+so a model conditioned on the caption can learn which colour to draw. aesthetic_score and
+motion_score step through a range so a stricter predicate keeps a known subset.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.schema import (SHARDS_SCHEMA, clip_id_for, conform, fps_id_for, motion_bucket_id_for,
+                             source_id_for)
+
+from training.data import encode_mp4
+
+COLOURS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40]], dtype=np.uint8)
+
+
+def moving_square_clip(colour: np.ndarray, num_frames: int, size_px: int, speed_px_per_frame: int,
+                       square_px: int | None = None) -> np.ndarray:
+    """uint8 (T, H, W, 3): a square of `colour` moving right on a grey background, wrapping around."""
+    side = square_px or size_px // 3
+    frames = np.full((num_frames, size_px, size_px, 3), 100, dtype=np.uint8)
+    top = (size_px - side) // 2
+    for t in range(num_frames):
+        left = (t * speed_px_per_frame) % size_px
+        cols = (left + np.arange(side)) % size_px
+        frames[t, top:top + side][:, cols] = colour
+    return frames
+
+
+def synthetic_shard_table(num_clips: int = 8, num_frames: int = 12, size_px: int = 32,
+                          fps: float = 24.0, caption_dim: int = 16, seed: int = 0,
+                          null_caption_every: int = 0) -> pa.Table:
+    """A shards table of `num_clips` kept clips (conformed to SHARDS_SCHEMA)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colour_embeddings = rng.standard_normal((len(COLOURS), caption_dim)).astype(np.float32)
+    rows: dict[str, list] = {f.name: [] for f in SHARDS_SCHEMA}
+    for i in range(num_clips):
+        c = i % len(COLOURS)
+        speed = 1 + i % 3
+        frames = moving_square_clip(COLOURS[c], num_frames, size_px, speed)
+        source_path = f"/synthetic/clip{i:03d}.mp4"
+        source_id = source_id_for(source_path)
+        motion_score = 100.0 * speed * fps / size_px  # % of the short side per second
+        keyframes = []
+        for k in (0, num_frames // 2, num_frames - 1):
+            buf = BytesIO()
+            Image.fromarray(frames[k]).save(buf, format="JPEG", quality=95)
+            keyframes.append(buf.getvalue())
+        null_caption = null_caption_every and i % null_caption_every == null_caption_every - 1
+        values = {
+            "clip_id": clip_id_for(source_id, 0, num_frames), "source_id": source_id,
+            "source_path": source_path, "start_frame": 0, "end_frame": num_frames, "start_s": 0.0,
+            "duration_s": num_frames / fps, "fps": fps, "width": size_px, "height": size_px,
+            "motion_score": motion_score, "text_area_ratio": 0.0,
+            "aesthetic_score": 4.0 + 2.0 * i / max(1, num_clips - 1), "clip_similarity": 0.3,
+            "keep": True, "reject_reasons": [], "video": encode_mp4(frames, fps),
+            "keyframes": keyframes, "caption": f"a {['red', 'green', 'blue', 'yellow'][c]} square",
+            "caption_source": "synthetic",
+            "image_embedding": None,
+            "caption_embedding": None if null_caption else colour_embeddings[c].tolist(),
+            "fps_id": fps_id_for(fps), "motion_bucket_id": motion_bucket_id_for(motion_score),
+        }
+        for name in rows:
+            rows[name].append(values.get(name))
+    table = pa.Table.from_pydict({f.name: pa.array(rows[f.name], type=f.type) for f in SHARDS_SCHEMA})
+    return conform(table, SHARDS_SCHEMA)
+
+
+def write_synthetic_shards(out_dir: str, num_shards: int = 2, **kwargs) -> list[str]:
+    """Write OUT_DIR/shards/part-*.parquet as the curation writer would; returns the paths."""
+    table = synthetic_shard_table(**kwargs)
+    os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+    paths, per = [], -(-table.num_rows // num_shards)
+    for k in range(num_shards):
+        part = table.slice(k * per, per)
+        if part.num_rows:
+            path = os.path.join(out_dir, "shards", f"part-{k:05d}.parquet")
+            pq.write_table(part, path)
+            paths.append(path)
+    return paths
