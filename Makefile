@@ -27,7 +27,7 @@ test: setup browser
 
 demo: setup
 	$(BIN)/curate demo-footage $(DEMO_FOOTAGE)
-	$(BIN)/curate run pipeline.yaml --input $(DEMO_FOOTAGE) --output $(DEMO_OUT) --num-cpus 2 --skip-unavailable-models
+	$(BIN)/curate run pipeline.yaml --input $(DEMO_FOOTAGE) --output $(DEMO_OUT) --num-cpus 2 --skip-unavailable-models --overwrite
 	$(BIN)/curate report $(DEMO_OUT)
 	@echo "curated clips: $(DEMO_OUT)/scores (every clip), $(DEMO_OUT)/shards (kept clips), $(DEMO_OUT)/run.json"
 	@echo "report: $(DEMO_OUT)/report/index.html"

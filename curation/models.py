@@ -118,6 +118,26 @@ def is_kept(batch: dict[str, list], i: int) -> bool:
     return keep is None or keep[i] is None or bool(keep[i])
 
 
+def decode_rows(batch: dict[str, list], rows: list[int], decode, errors: list[str | None]):
+    """Decode the keyframes of `rows` with `decode`; a clip that fails gets its error, alone.
+
+    Returns (decoded images of all good rows in order, the row of each image, the good rows).
+    """
+    images, owner, good = [], [], []
+    for i in rows:
+        try:
+            frames = [decode(j) for j in batch["keyframes"][i] or []]
+            if not frames:
+                raise ValueError("clip has no keyframes")
+        except Exception as exc:  # noqa: BLE001 - a bad clip is a per-clip failure
+            errors[i] = error_text(exc)
+            continue
+        images += frames
+        owner += [i] * len(frames)
+        good.append(i)
+    return images, owner, good
+
+
 def nan_list(n: int) -> list[float]:
     return [math.nan] * n
 

@@ -151,11 +151,7 @@ class AestheticsStage(Stage):
     def download(self, step: str | None = None, timeout_s: float = 60.0) -> list[str]:
         from pathlib import Path
 
-        errors = []
-        try:
-            self.clip.download(timeout_s)
-        except Exception as exc:  # noqa: BLE001 - report, go on with the head
-            errors.append(f"{step or self.name}.pretrained: {models.error_text(exc)}")
+        errors = self.clip.download_errors(step or self.name, timeout_s)  # then the head
         if self.head_path is None:
             name = models.DEFAULT_HEAD_FOR_MODEL[self.clip.model]
             target = Path(self.head_file()[0])
@@ -221,19 +217,9 @@ class AestheticsStage(Stage):
         embeddings: list[list[float] | None] = [None] * n
         errors: list[str | None] = [None] * n
         # Decode every keyframe of every clip to score; a bad clip fails alone.
-        images, owner = [], []
-        for i in range(n):
-            if not models.is_clip_row(batch, i) or (self.only_kept and not models.is_kept(batch, i)):
-                continue
-            try:
-                frames = [decode_rgb(j) for j in batch["keyframes"][i] or []]
-                if not frames:
-                    raise ValueError("clip has no keyframes")
-            except Exception as exc:  # noqa: BLE001 - per-clip failure
-                errors[i] = models.error_text(exc)
-                continue
-            images += frames
-            owner += [i] * len(frames)
+        todo = [i for i in range(n) if models.is_clip_row(batch, i)
+                and (not self.only_kept or models.is_kept(batch, i))]
+        images, owner, _ = models.decode_rows(batch, todo, decode_rgb, errors)
         if images:
             try:
                 emb = self.embed(images)  # (N_images, D)

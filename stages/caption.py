@@ -264,11 +264,7 @@ class CaptionStage(Stage):
     def download(self, step: str | None = None, timeout_s: float = 60.0) -> list[str]:
         if self.clip is None:
             return []
-        try:
-            self.clip.download(timeout_s)
-        except Exception as exc:  # noqa: BLE001
-            return [f"{step or self.name}.pretrained: {models.error_text(exc)}"]
-        return []
+        return self.clip.download_errors(step or self.name, timeout_s)
 
     # ---- setup ---------------------------------------------------------------------------
 

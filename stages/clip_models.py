@@ -176,6 +176,16 @@ class OpenClipWeights:
         log.info("downloading %s (timeout %gs per request)", self.describe(), timeout_s)
         return oc_pretrained.download_pretrained(cfg, cache_dir=self.cache_dir)
 
+    def download_errors(self, step: str, timeout_s: float) -> list[str]:
+        """download(), with a failure reported as "<step>.pretrained: <error>" instead of raised."""
+        from curation.models import error_text
+
+        try:
+            self.download(timeout_s)
+        except Exception as exc:  # noqa: BLE001 - `curate models download` reports every failure
+            return [f"{step}.pretrained: {error_text(exc)}"]
+        return []
+
     # ---- loading (setup) -----------------------------------------------------------------
 
     def register_config(self) -> None:

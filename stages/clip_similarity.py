@@ -62,11 +62,7 @@ class ClipSimilarityStage(Stage):
         return self.clip.requirements(step or self.name, "CLIP text and image encoders")
 
     def download(self, step: str | None = None, timeout_s: float = 60.0) -> list[str]:
-        try:
-            self.clip.download(timeout_s)
-        except Exception as exc:  # noqa: BLE001
-            return [f"{step or self.name}.pretrained: {models.error_text(exc)}"]
-        return []
+        return self.clip.download_errors(step or self.name, timeout_s)
 
     def setup(self) -> None:
         started = time.perf_counter()
@@ -100,7 +96,7 @@ class ClipSimilarityStage(Stage):
         text_embeddings: list[list[float] | None] = [None] * n
         errors: list[str | None] = [None] * n
         captions = batch.get("caption") or [None] * n
-        rows, images, owner = [], [], []
+        captioned = []
         for i in range(n):
             if not models.is_clip_row(batch, i) or not models.is_kept(batch, i):
                 continue  # rejected clips have no caption by design: nothing failed
@@ -108,16 +104,8 @@ class ClipSimilarityStage(Stage):
                 errors[i] = "no caption to compare" + ("" if "caption" in batch else
                                                        " (no caption step before clip_similarity)")
                 continue
-            try:
-                frames = [decode_rgb(j) for j in batch["keyframes"][i] or []]
-                if not frames:
-                    raise ValueError("clip has no keyframes")
-            except Exception as exc:  # noqa: BLE001 - per-clip failure
-                errors[i] = models.error_text(exc)
-                continue
-            rows.append(i)
-            images += frames
-            owner += [i] * len(frames)
+            captioned.append(i)
+        images, owner, rows = models.decode_rows(batch, captioned, decode_rgb, errors)
         if rows:
             try:
                 text = self.encode_texts([captions[i] for i in rows])  # (R, D)

@@ -204,19 +204,10 @@ class OcrStage(Stage):
         n = len(batch["clip_id"])
         ratios: list[float] = models.nan_list(n)
         errors: list[str | None] = [None] * n
-        frames, owner = [], []
-        for i in range(n):
-            if not models.is_clip_row(batch, i) or (self.only_kept and not models.is_kept(batch, i)):
-                continue
-            try:
-                decoded = [decode_working(j, self.working_short_side_px) for j in batch["keyframes"][i] or []]
-                if not decoded:
-                    raise ValueError("clip has no keyframes")
-            except Exception as exc:  # noqa: BLE001 - per-clip failure
-                errors[i] = models.error_text(exc)
-                continue
-            frames += decoded
-            owner += [i] * len(decoded)
+        todo = [i for i in range(n) if models.is_clip_row(batch, i)
+                and (not self.only_kept or models.is_kept(batch, i))]
+        frames, owner, _ = models.decode_rows(
+            batch, todo, lambda j: decode_working(j, self.working_short_side_px), errors)
         if frames:
             try:
                 polygons = self.boxes(frames)

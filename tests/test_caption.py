@@ -43,6 +43,12 @@ class ChatServer:
                 try:
                     status, payload, delay = server.answer(body, seen)
                     time.sleep(delay)
+                finally:
+                    # Out of flight before answering: once the client has the answer it may
+                    # start its next request while this thread is still finishing up.
+                    with server.lock:
+                        server.in_flight -= 1
+                try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
@@ -50,9 +56,6 @@ class ChatServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and went away: expected in the timeout test
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
             def log_message(self, *args):
                 pass
