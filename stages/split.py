@@ -29,12 +29,15 @@ import io
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from fractions import Fraction
 from typing import Any, Literal
 
 import av
 import cv2
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 from curation.schema import clip_id_for
@@ -127,24 +130,71 @@ def probe(path: str) -> dict[str, Any]:
         }
 
 
-def scaled_frame(frame: av.VideoFrame, size: tuple[int, int],
-                 rotation: int) -> tuple[np.ndarray, av.VideoFrame | None]:
+def scaled_frame(frame: av.VideoFrame, size: tuple[int, int], rotation: int,
+                 reformatter: VideoReformatter) -> tuple[np.ndarray, av.VideoFrame | None]:
     """The frame at the clip size as BGR, plus a yuv420p frame the encoder can take as is.
 
     The common path scales once in swscale straight to yuv420p (what the H.264 encoder
     wants) and converts that small frame to BGR for the detectors and keyframes, which is
-    cheaper than scaling to BGR and converting back for the encoder. Rotated sources are
-    turned upright in BGR first (clips show the display orientation).
+    cheaper than scaling to BGR and converting back for the encoder. One reformatter is
+    reused for a whole source: a frame's own reformat() sets up a new swscale context each
+    time, which costs as much as the scaling. Rotated sources are turned upright in BGR
+    first (clips show the display orientation).
     """
     if rotation in (90, 270):
         # The display matrix rotates counterclockwise by `rotation` (np.rot90's k=1 direction).
         full = np.rot90(frame.to_ndarray(format="bgr24"), k=1 if rotation == 90 else -1)
         return cv2.resize(np.ascontiguousarray(full), size, interpolation=cv2.INTER_AREA), None
-    small = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+    small = reformatter.reformat(frame, width=size[0], height=size[1], format="yuv420p",
+                                  interpolation="AREA")
     bgr = cv2.cvtColor(small.to_ndarray(), cv2.COLOR_YUV2BGR_I420)
     if rotation == 180:
         return np.ascontiguousarray(bgr[::-1, ::-1]), None
     return bgr, small
+
+
+class _BackgroundEncoder:
+    """An H.264 mp4 built in memory on a worker thread.
+
+    PyAV releases the GIL while x264 encodes, so encoding on its own thread overlaps the
+    decoder's threads and the detectors instead of adding to them. At most `max_pending`
+    frames wait in the queue, so memory stays bounded when the encoder is the slow part.
+    """
+
+    def __init__(self, rate: Fraction, size: tuple[int, int], crf: int, preset: str,
+                 max_pending: int = 16):
+        self.rate, self.size, self.crf, self.preset = rate, size, crf, preset
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._buf = io.BytesIO()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="clip-encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with av.open(self._buf, mode="w", format="mp4") as container:
+                stream = container.add_stream("libx264", rate=self.rate)
+                stream.width, stream.height = self.size
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(self.crf), "preset": self.preset, "threads": "1"}
+                while (frame := self._queue.get()) is not None:
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode(None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by close()
+            self._error = exc
+            while self._queue.get() is not None:  # keep draining so put() never blocks
+                pass
+
+    def put(self, frame: av.VideoFrame) -> None:
+        self._queue.put(frame)
+
+    def close(self) -> bytes:
+        """Flush, wait for the worker, and return the mp4 bytes (or raise its error)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._buf.getvalue()
 
 
 class _ClipBuilder:
@@ -166,9 +216,7 @@ class _ClipBuilder:
         self.last_bgr: np.ndarray | None = None
         self.samples: list[tuple[int, bytes]] = []  # (offset in clip, JPEG)
         self._time_base = Fraction(rate.denominator, rate.numerator)
-        self._buf = io.BytesIO()
-        self._container = None
-        self._stream = None
+        self._encoder: _BackgroundEncoder | None = None
 
     @property
     def length(self) -> int:
@@ -181,16 +229,15 @@ class _ClipBuilder:
 
     def _commit(self, bgr: np.ndarray, encodable: av.VideoFrame | None) -> None:
         offset = self.count
-        if self._container is None:
-            self._open_encoder()
+        if self._encoder is None:
+            self._encoder = _BackgroundEncoder(self.rate, self.size, self.stage.crf, self.stage.preset)
         frame = encodable if encodable is not None else av.VideoFrame.from_ndarray(bgr, format="bgr24")
         # A decoded frame keeps the source's time base and picture type: reset both, or the
         # encoder rescales our pts and obeys the source's I/P/B decisions.
         frame.pts = offset
         frame.time_base = self._time_base
         frame.pict_type = av.video.frame.PictureType.NONE
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        self._encoder.put(frame)
         if offset == 0:
             self.first_jpeg = encode_jpeg(bgr, self.stage.jpeg_quality)
         # Sample k is the frame nearest k / sample_fps seconds into the clip.
@@ -200,25 +247,15 @@ class _ClipBuilder:
         self.last_bgr = bgr
         self.count += 1
 
-    def _open_encoder(self) -> None:
-        self._container = av.open(self._buf, mode="w", format="mp4")
-        stream = self._container.add_stream("libx264", rate=self.rate)
-        stream.width, stream.height = self.size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(self.stage.crf), "preset": self.stage.preset, "threads": "1"}
-        self._stream = stream
-
     def finish(self, drop_tail: bool) -> dict[str, Any] | None:
         """Close the clip; None when it is shorter than the minimum (nothing is returned)."""
         if not drop_tail:
             while self.tail:
                 self._commit(*self.tail.popleft())
         self.tail.clear()
-        if self._container is None:
+        if self._encoder is None:
             return None
-        for packet in self._stream.encode(None):
-            self._container.mux(packet)
-        self._container.close()
+        video = self._encoder.close()
         if self.count < self.stage.min_frames(self.rate):
             return None
         middle = self.count // 2
@@ -233,7 +270,7 @@ class _ClipBuilder:
             "fps": fps,
             "width": self.size[0],
             "height": self.size[1],
-            "video": self._buf.getvalue(),
+            "video": video,
             "keyframes": [self.first_jpeg, nearest[1], last_jpeg],
             "sample_frames": [jpeg for _, jpeg in self.samples],
             "sample_fps": self.stage.sample_fps,
@@ -386,6 +423,7 @@ class SplitStage(Stage):
         from scenedetect import FrameTimecode
 
         detectors = [make_detector(spec) for spec in self.detector_specs]
+        reformatter = VideoReformatter()
         lag = max(int(math.ceil(self.lag_s * float(rate))),
                   max(getattr(d, "event_buffer_length", 0) for d in detectors) + 2,
                   self.trim_frames + 1)
@@ -431,7 +469,7 @@ class SplitStage(Stage):
                 size = output_size(w, h, self.short_side_px)
                 small_w = min(self.detect_width_px, size[0])
                 detect_size = (even(small_w), even(small_w * size[1] / size[0]))
-            small, encodable = scaled_frame(frame, size, rotation)
+            small, encodable = scaled_frame(frame, size, rotation, reformatter)
             t = float(frame.time) if frame.time is not None else index / float(rate)
             if t0 is None:
                 t0 = t
