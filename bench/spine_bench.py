@@ -33,6 +33,17 @@ log = logging.getLogger("bench")
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux keeps that across exec, so a spawned child would report
+    its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -91,14 +102,14 @@ def in_child(fn, *args) -> dict:
     return result
 
 
-def make_long_source(path: Path, seconds: float) -> None:
+def make_long_source(path: Path, seconds: float) -> dict:
     from curation import synth
 
     fps = 30
     frames = int(seconds * fps)
     # One long panning shot at 1080p: a worst case for memory if frames were ever buffered.
-    synth.make_video(path, [{"frames": frames, "seed": 7, "motion": "pan", "speed_px_per_frame": 2.0}],
-                     fps, (1920, 1080))
+    return synth.make_video(path, [{"frames": frames, "seed": 7, "motion": "pan",
+                                    "speed_px_per_frame": 2.0}], fps, (1920, 1080))
 
 
 def measure(name: str, paths: list[str], work: Path, with_ray: bool) -> None:
@@ -124,6 +135,7 @@ def main() -> None:
                         help="length of the generated 1080p source; also run at a third of it (0: skip)")
     parser.add_argument("--ray", action="store_true", help="also time the spine on the embedded Ray cluster")
     parser.add_argument("--work-dir", default=None, help="where footage and outputs go (default: a temp dir)")
+    parser.add_argument("--skip-demo", action="store_true", help="only the generated 1080p source")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -131,7 +143,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"cores: {os.cpu_count()}, work dir: {work}")
 
-    if args.input:
+    if args.skip_demo:
+        pass
+    elif args.input:
         from curation.sources import discover
 
         measure("your footage", [s.path for s in discover(args.input)], work, args.ray)
@@ -148,7 +162,10 @@ def main() -> None:
             path = work / f"long_1080p_{seconds:.0f}s.mp4"
             if not path.exists():
                 log.info("generating %s ...", path.name)
-                make_long_source(path, seconds)
+                # In a child, so this process stays small (and writes the file whole or not at all).
+                tmp = path.with_name(f".tmp-{path.name}")
+                in_child(make_long_source, tmp, seconds)
+                tmp.rename(path)
             measure(f"1080p single shot, {seconds:.0f} s", [str(path)], work, False)
 
 
