@@ -101,6 +101,9 @@ def run_local(config: PipelineConfig, units: list[Unit]) -> Iterator[pa.Table]:
 
 # ---- regrouping rows into units ------------------------------------------------------------
 
+DROPPED_BEFORE_WRITE = {"sample_frames"}
+
+
 class UnitAssembler:
     """Collect rows per source; hand out a unit once every one of its sources is complete."""
 
@@ -114,6 +117,9 @@ class UnitAssembler:
         done = []
         if table.num_rows == 0:
             return done
+        # Rows wait here until their unit is complete: keep only what the writer needs
+        # (the 2 fps sample frames are most of a row and only the motion stage reads them).
+        table = table.drop_columns([c for c in table.column_names if c in DROPPED_BEFORE_WRITE])
         source_ids = table.column("source_id").to_pylist()
         expected = table.column("source_rows").to_pylist()
         units = table.column("unit_id").to_pylist()
