@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 # Debian's Chromium for the report's browser test (playwright drives it; no browser download).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: setup browser
 	$(BIN)/pytest -q
