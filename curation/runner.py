@@ -63,7 +63,7 @@ def apply_step(step: Step, stage: Stage, batch: Batch) -> Batch:
         return {k: [v for o in outs for v in o[k]] for k in (outs[0] if outs else {})}
     started = time.perf_counter()
     out = stage(batch)
-    check_output(stage, {k: v for k, v in batch.items()}, {k: v for k, v in out.items()})
+    check_output(stage, batch, out)
     n = batch_len(out)
     out[STAGE_SECONDS_PREFIX + step.name] = [(time.perf_counter() - started) / max(n, 1)] * n
     return out
