@@ -146,6 +146,8 @@ class Progress:
         self.total_sources = sum(len(u.sources) for u in units)
         self.total_bytes = max(1, sum(s.size_bytes for u in units for s in u.sources))
         self.sources = self.bytes = self.clips = self.kept = self.errors = 0
+        self.stage_errors: dict[str, int] = defaultdict(int)
+        self.stage_seconds: dict[str, float] = defaultdict(float)
         self.started = time.monotonic()
         self.last_log = 0.0
         self.log_every_s = log_every_s
@@ -156,6 +158,10 @@ class Progress:
         self.clips += entry["clips"]
         self.kept += entry["kept"]
         self.errors += entry["source_errors"]
+        for stage, n in entry.get("errors", {}).items():
+            self.stage_errors[stage] += n
+        for stage, seconds in entry["stage_seconds"].items():
+            self.stage_seconds[stage] += seconds
         self.report(force=self.sources == self.total_sources)
 
     def report(self, force: bool = False) -> None:
@@ -166,8 +172,12 @@ class Progress:
         elapsed = now - self.started
         frac = self.bytes / self.total_bytes
         eta = f"{elapsed * (1 - frac) / frac:.0f}s" if frac > 0 else "?"
-        log.info("sources %d/%d | clips %d kept %d | source errors %d | elapsed %.0fs ETA %s",
-                 self.sources, self.total_sources, self.clips, self.kept, self.errors, elapsed, eta)
+        # Per stage: clips that failed in it, and busy seconds spent in it so far.
+        stages = " ".join(f"{name} {self.stage_seconds[name]:.0f}s/{self.stage_errors.get(name, 0)}err"
+                          for name in self.stage_seconds)
+        log.info("sources %d/%d | clips %d kept %d | source errors %d | stages %s | elapsed %.0fs ETA %s",
+                 self.sources, self.total_sources, self.clips, self.kept, self.errors, stages or "-",
+                 elapsed, eta)
 
 
 # ---- the run --------------------------------------------------------------------------------

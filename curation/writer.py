@@ -179,6 +179,8 @@ class OutputStore:
             "clips": sum(1 for s in starts if s is not None),
             "kept": kept.num_rows,
             "source_errors": sum(1 for e in split_errors if e is not None),
+            "errors": {col[:-len("_error")]: int(table.num_rows - table.column(col).null_count)
+                       for col in schema.ERROR_COLUMNS if col in table.column_names},
             "stage_seconds": stage_seconds,
             "scores_file": scores_file.name,
             "clips_file": clips_file.name if clips_file else None,
