@@ -244,7 +244,8 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     attempt["wall_s"] = time.monotonic() - started
     record.update({
         "status": "complete",
-        "sources": {"total": len(sources), "committed": len(store.committed_source_ids())},
+        "sources": {"total": len(sources),
+                    "committed": len({sid for e in ledger.values() for sid in e["source_ids"]})},
         "clips": sum(e["clips"] for e in ledger.values()),
         "kept": sum(e["kept"] for e in ledger.values()),
         "source_errors": sum(e["source_errors"] for e in ledger.values()),
