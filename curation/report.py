@@ -21,7 +21,10 @@ Where the numbers come from:
 - cascade: rules in pipeline order, each removing the clips no earlier rule removed, so the
   last line equals the kept clips; "only this rule": clips whose every reason is that rule's;
   overlaps: clips rejected by both of two rules, and the most frequent exact combinations.
-Source-error rows ("split_error") are not clips: they are counted per stage under errors.
+Source-error rows ("split_error") are not clips: they are counted per stage under errors, and
+per source by their source_status (unreadable, decode_error, no_clips, worker_died,
+timed_out; curation/schema.py) in totals.source_outcomes, so sources that decoded but had no
+shot long enough are told apart from unreadable ones.
 
 Size at scale: plots are drawn from histogram counts; galleries show at most
 `max_gallery` rejected clips per rule (the most borderline ones, then a spread of the rest)
@@ -56,6 +59,7 @@ from curation.rules import (
     reason_column,
     validate_rules,
 )
+from curation.report_html import format_outcomes
 from curation.writer import OutputStore, write_atomic_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,8 @@ def funnel(out_dir: str | Path) -> dict[str, Any]:
     rows = store.read_scores().to_pylist()
     clips = [r for r in rows if r["start_frame"] is not None]
     failed_sources = {r["source_id"] for r in rows if r["split_error"] is not None}
+    outcomes = Counter(status_of(r.get("source_status")) for r in rows
+                       if r["split_error"] is not None and r["start_frame"] is None)
     by_reason: Counter[str] = Counter()
     alone: Counter[str] = Counter()
     for r in clips:
@@ -87,6 +93,7 @@ def funnel(out_dir: str | Path) -> dict[str, Any]:
         "status": run.get("status", "unknown"),
         "sources": len({r["source_id"] for r in rows}),
         "source_errors": len(failed_sources),
+        "source_outcomes": dict(sorted(outcomes.items())),
         "clips": len(clips),
         "kept": sum(1 for r in clips if r["keep"]),
         "clip_hours": sum(r["duration_s"] or 0 for r in clips) / 3600,
@@ -102,7 +109,8 @@ def format_funnel(f: dict[str, Any]) -> str:
     lines = [
         f"run status      {f['status']}",
         f"sources         {f['sources']}",
-        f"source errors   {f['source_errors']}",
+        f"source errors   {f['source_errors']}"
+        + (f"  ({format_outcomes(f['source_outcomes'])})" if f["source_outcomes"] else ""),
         f"clips           {f['clips']}  ({f['clip_hours'] * 60:.1f} min)",
         f"kept            {f['kept']}  ({f['kept_hours'] * 60:.1f} min)"
         + (f"  {100 * f['kept'] / f['clips']:.1f}%" if f["clips"] else ""),
@@ -118,6 +126,18 @@ def format_funnel(f: dict[str, Any]) -> str:
     for reason in f["source_error_reasons"]:
         lines.append(f"  source error: {reason}")
     return "\n".join(lines)
+
+
+def status_of(status: str | None) -> str:
+    """A non-clip row's status; outputs written before source_status existed read as unreadable."""
+    return status or "unreadable"
+
+
+def source_outcomes(table: pa.Table, is_clip: np.ndarray) -> dict[str, int]:
+    """Distinct sources per status of their non-clip rows (a source counts once per status)."""
+    rows = table.filter(pa.array(~is_clip)).select(["source_id", "source_status"]).to_pylist()
+    pairs = {(r["source_id"], status_of(r["source_status"])) for r in rows}
+    return dict(sorted(Counter(status for _, status in pairs).items()))
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -560,6 +580,7 @@ def summarize(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6) ->
         "totals": {
             "sources": len(sources),
             "source_errors": int((~is_clip).sum()),
+            "source_outcomes": source_outcomes(table, is_clip),
             "clips": int(clips.num_rows),
             "kept": int(keep.sum()),
             "rejected": int((~keep).sum()),
@@ -600,7 +621,7 @@ def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6,
                  thumb_height_px: int = 64) -> dict[str, Any]:
     """Write OUT/report/ (index.html, summary.json, sources.csv, plots/*.png); return the summary."""
     from curation import plots
-    from curation.report_html import render
+    from curation.report_html import render  # noqa: PLC0415
 
     started = time.monotonic()
     summary, work = summarize(out_dir, max_gallery, max_strip)
@@ -712,7 +733,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         warning = [f"WARNING: `curate refilter --set {' --set '.join(summary['unfinished_refilter'])}` did "
                    "not finish; run it again before trusting these numbers", ""]
     lines = warning + [
-        f"run {summary['status']} | {t['sources']} sources ({t['source_errors']} unreadable) | "
+        f"run {summary['status']} | {t['sources']} sources"
+        f"{' (' + format_outcomes(t['source_outcomes']) + ')' if t['source_outcomes'] else ''} | "
         f"{t['clips']} clips, {t['clip_duration_s'] / 60:.1f} min -> {t['kept']} kept, "
         f"{t['kept_duration_s'] / 60:.1f} min{pct}",
         "",

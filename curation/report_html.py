@@ -13,6 +13,11 @@ from typing import Any
 
 from curation.rules import fmt
 
+
+def format_outcomes(outcomes: dict[str, int]) -> str:
+    """'2 unreadable, 1 no_clips': sources without clips by status (empty when there are none)."""
+    return ", ".join(f"{n} {status}" for status, n in outcomes.items())
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;
 padding:0 16px 48px;color:#212121;background:#fafafa}
@@ -103,7 +108,9 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
          f"(--set {e(' --set '.join(summary['unfinished_refilter']))}): "
          "the tables may mix old and new rules; run the same refilter again.</p>"
          if summary.get("unfinished_refilter") else ""),
-        f"<p class='headline'><b>{t['sources']:,}</b> sources ({t['source_errors']:,} unreadable) &rarr; "
+        f"<p class='headline'><b>{t['sources']:,}</b> sources"
+        + (f" ({e(format_outcomes(t['source_outcomes']))})" if t.get("source_outcomes") else "")
+        + " &rarr; "
         f"<b>{t['clips']:,}</b> clips ({_minutes(t['clip_duration_s'])} min) &rarr; "
         f"<b class='good'>{t['kept']:,}</b> kept ({_minutes(t['kept_duration_s'])} min, {pct})</p>",
         "<nav><a href='#funnel'>funnel</a><a href='#rules'>rules</a><a href='#errors'>errors</a>"

@@ -81,6 +81,17 @@ SCORE_COLUMNS = ["motion_score", "text_area_ratio", "aesthetic_score", "clip_sim
 ERROR_COLUMNS = ["split_error", "motion_error", "ocr_error", "aesthetics_error",
                  "caption_error", "clip_similarity_error"]
 
+# Rows that are not clips say why in split_error and name the kind of failure here (null on
+# clip rows). Every source ends as clips or at least one such row (DESIGN.md section 2):
+SOURCE_STATUSES = {
+    "unreadable": "could not be opened or decoded (no frame): zero-byte, not a video, no video stream",
+    "decode_error": "decoding stopped part-way; the clips finished before the break are kept",
+    "no_clips": "decoded, but no shot is at least split.min_duration_s long",
+    "worker_died": "its worker process died on every attempt (crash, out of memory, lost node)",
+    "timed_out": "its processing ran past the per-source time limit on every attempt",
+}
+STATUS_FIELD = pa.field("source_status", pa.string())
+
 FILTER_FIELDS: list[pa.Field] = [
     pa.field("keep", pa.bool_()),
     pa.field("reject_reasons", pa.list_(pa.string())),
@@ -113,6 +124,7 @@ SCORES_SCHEMA = pa.schema(
     IDENTITY_FIELDS
     + [pa.field(name, pa.float64()) for name in SCORE_COLUMNS]
     + [pa.field(name, pa.string()) for name in ERROR_COLUMNS]
+    + [STATUS_FIELD]
     + FILTER_FIELDS
 )
 SHARDS_SCHEMA = pa.schema(list(SCORES_SCHEMA) + PAYLOAD_FIELDS + MICRO_CONDITIONING_FIELDS)

@@ -321,6 +321,58 @@ def write_not_a_video(path: str | Path) -> None:
     Path(path).write_text("This is not a video, whatever its name says.\n" * 20)
 
 
+def write_video_without_frames(path: str | Path, size: tuple[int, int] = (160, 90), fps: float = 25) -> None:
+    """An mp4 whose video stream lists frames but holds none that decode: the sample data
+    (the mdat box) is zeroed, the index (moov) is intact."""
+    write_video(path, (background(s, size) for s in range(10)), fps)
+    data = bytearray(Path(path).read_bytes())
+    start = data.index(b"mdat") + 4
+    end = data.index(b"moov") - 4 if data.index(b"moov") > start else len(data)
+    data[start:end] = bytes(end - start)
+    Path(path).write_bytes(bytes(data))
+
+
+def write_audio_only(path: str | Path, seconds: float = 2.0, rate_hz: int = 16000) -> None:
+    """A media file with one audio stream (a 440 Hz tone) and no video stream."""
+    with av.open(str(path), mode="w", format="matroska") as container:
+        stream = container.add_stream("flac", rate=rate_hz)
+        n = int(seconds * rate_hz)
+        tone = (np.sin(2 * np.pi * 440 * np.arange(n) / rate_hz) * 8000).astype(np.int16)
+        for start in range(0, n, 4096):
+            chunk = tone[start:start + 4096].reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+            frame.sample_rate = rate_hz
+            frame.pts = start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def write_no_clip_sources(root: str | Path) -> dict[str, tuple[str, str]]:
+    """Files that decode (or nearly) but give no clip at split.min_duration_s=2.
+
+    Returns name -> (expected source_status, a piece of the expected split_error).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    make_video(root / "short.mp4", [{"frames": 30, "seed": 1}], 25, (160, 90))  # 1.2 s
+    # Fast cuts: six shots of 0.6 s, each far from its neighbours.
+    make_video(root / "fast_cuts.mp4", [{"frames": 15, "seed": s} for s in (1, 2, 3, 4, 5, 6)],
+               25, (160, 90))
+    make_video(root / "one_frame.mp4", [{"frames": 1, "seed": 7}], 25, (160, 90))
+    # A slideshow: one new picture a second for 5 s, so every shot is a single 1 s frame.
+    make_video(root / "slideshow.mp4", [{"frames": 1, "seed": s} for s in (1, 2, 3, 4, 5)], 1, (160, 90))
+    write_video_without_frames(root / "no_frames.mp4")
+    write_audio_only(root / "audio_only.mkv")
+    return {
+        "short.mp4": ("no_clips", "longest 1.20 s"),
+        "fast_cuts.mp4": ("no_clips", "no shot of at least 2 s"),
+        "one_frame.mp4": ("no_clips", "1 frames decoded"),
+        "slideshow.mp4": ("no_clips", "longest 1.00 s"),
+        "no_frames.mp4": ("unreadable", "no decodable video frames"),
+        "audio_only.mkv": ("unreadable", "no video stream (only audio)"),
+    }
+
+
 # name -> (fps, (width, height), shots). Seeds of hard-cut neighbours are checked by make_video.
 DEMO_SOURCES: dict[str, tuple[float, tuple[int, int], list[dict[str, Any]]]] = {
     "cuts_static_24fps.mp4": (24, (640, 360), [

@@ -6,9 +6,11 @@ stream into clips. In the same pass it produces, per clip:
   video          H.264 mp4 bytes at `short_side_px` (aspect kept), at the source frame rate
   keyframes      JPEG bytes of the first, middle and last frame
   sample_frames  JPEG frames sampled at `sample_fps` (2 fps), read by the motion stage
-and the identity columns of curation/schema.py. A source that cannot be opened or decoded
-becomes one row with `split_error` set; a source that breaks part-way keeps the clips
-finished before the break and adds such an error row.
+and the identity columns of curation/schema.py. Every source ends as at least one row: a
+source that cannot be opened or decoded becomes one row with `split_error` set and
+`source_status` "unreadable"; one that decodes but has no shot of at least `min_duration_s`
+becomes one "no_clips" row saying so (e.g. "no shot of at least 2.0 s (longest 1.4 s)"); one
+that breaks part-way keeps the clips finished before the break and adds a "decode_error" row.
 
 Memory is bounded regardless of video length: only the last `lag_s` seconds of small frames
 are held (the detectors' decision latency), clips are encoded as frames arrive, and a scene
@@ -80,6 +82,21 @@ def make_detector(spec: dict[str, Any]):
                          f"allowed: {sorted(_DETECTOR_ARGS[kind])}")
     cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector}[kind]
     return cls(**spec)
+
+
+REFERENCE_FPS = 25.0  # min_scene_len_frames is meant at this rate
+
+
+def spec_at_rate(spec: dict[str, Any], rate: Fraction) -> dict[str, Any]:
+    """A detector spec with min_scene_len scaled down for sources slower than REFERENCE_FPS.
+
+    15 frames is 0.6 s at 25 fps but 15 s in a 1 fps slideshow, where it would hide every
+    cut; the minimum shot length is kept in seconds below the reference rate.
+    """
+    frames = spec.get("min_scene_len")
+    if frames is None or float(rate) >= REFERENCE_FPS:
+        return spec
+    return {**spec, "min_scene_len": max(1, min(frames, round(frames * float(rate) / REFERENCE_FPS)))}
 
 
 def even(n: float) -> int:
@@ -190,11 +207,20 @@ class _BackgroundEncoder:
 
     def close(self) -> bytes:
         """Flush, wait for the worker, and return the mp4 bytes (or raise its error)."""
-        self._queue.put(None)
-        self._thread.join()
+        self._stop()
         if self._error is not None:
             raise self._error
         return self._buf.getvalue()
+
+    def abort(self) -> None:
+        """Stop the worker thread and drop what it encoded (idempotent)."""
+        self._stop()
+        self._buf = io.BytesIO()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 class _ClipBuilder:
@@ -217,6 +243,13 @@ class _ClipBuilder:
         self.samples: list[tuple[int, bytes]] = []  # (offset in clip, JPEG)
         self._time_base = Fraction(rate.denominator, rate.numerator)
         self._encoder: _BackgroundEncoder | None = None
+
+    def abort(self) -> None:
+        """Drop the clip and stop its encoder thread (an error or an early exit of the source)."""
+        self.tail.clear()
+        if self._encoder is not None:
+            encoder, self._encoder = self._encoder, None
+            encoder.abort()
 
     @property
     def length(self) -> int:
@@ -255,7 +288,8 @@ class _ClipBuilder:
         self.tail.clear()
         if self._encoder is None:
             return None
-        video = self._encoder.close()
+        encoder, self._encoder = self._encoder, None
+        video = encoder.close()
         if self.count < self.stage.min_frames(self.rate):
             return None
         middle = self.count // 2
@@ -284,6 +318,7 @@ class SplitStage(Stage):
     fan_out = True
     outputs = ("clip_id", "source_id", "source_path", "unit_id", "source_rows", "start_frame",
                "end_frame", "start_s", "duration_s", "fps", "width", "height", "split_error",
+               "source_status",
                "video", "keyframes", "sample_frames", "sample_fps")
 
     def __init__(
@@ -365,39 +400,55 @@ class SplitStage(Stage):
         return {name: [row.get(name) for row in rows] for name in self.outputs}
 
     def split_source(self, path: str, source_id: str) -> list[dict[str, Any]]:
-        """All clip rows of one source (plus an error row when decoding failed)."""
+        """All clip rows of one source; never empty (see the module docstring for the statuses)."""
         clips: list[dict[str, Any]] = []
+        stats: dict[str, Any] = {"frames": 0, "longest_frames": 0, "rate": None}
         started = time.perf_counter()
         try:
-            for clip in self.iter_clips(path):
+            for clip in self.iter_clips(path, stats):
                 clips.append(clip)
         except Exception as exc:  # noqa: BLE001 - any decode failure is recorded per source
             reason = f"{type(exc).__name__}: {exc}".strip()
             log.warning("split failed for %s: %s", path, reason)
-            clips.append({"start_frame": None, "end_frame": None, "split_error": reason})
+            status = "decode_error" if stats["frames"] else "unreadable"
+            clips.append(no_clip_row(reason, status))
+        if not clips:
+            clips.append(no_clip_row(self.no_clip_reason(stats), "no_clips"))
         for clip in clips:
             clip["clip_id"] = clip_id_for(source_id, clip["start_frame"], clip["end_frame"])
             clip.setdefault("split_error", None)
+            clip.setdefault("source_status", None)
         log.debug("split %s: %d rows in %.2fs", path, len(clips), time.perf_counter() - started)
         return clips
 
-    def iter_clips(self, path: str):
+    def no_clip_reason(self, stats: dict[str, Any]) -> str:
+        """Why a source that decoded gave no clip, with the numbers that decided it."""
+        rate = stats["rate"]
+        longest_s = stats["longest_frames"] / float(rate) if rate else 0.0
+        return (f"no shot of at least {self.min_duration_s:g} s (longest {longest_s:.2f} s, "
+                f"{stats['frames']} frames decoded)")
+
+    def iter_clips(self, path: str, stats: dict[str, Any] | None = None):
         """Decode `path` once and yield finished clip dicts in order.
 
         A decoding error part-way ends the stream there: the frames decoded before it are
         cut into clips as usual, then the error is raised for split_source to record.
+        `stats` (if given) receives frames decoded, the longest shot in frames and the rate.
         """
+        stats = {} if stats is None else stats
         DECODE_PASSES[path] += 1
         if os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
         container = av.open(path)
         try:
             if not container.streams.video:
-                raise ValueError("no video stream")
+                kinds = sorted({s.type for s in container.streams})
+                raise ValueError("no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
             stream = container.streams.video[0]
             rate = source_frame_rate(stream)
             if rate is None:
                 raise ValueError("no usable frame rate in the container")
+            stats["rate"] = rate
             stream.thread_type = "AUTO"
             if self.decode_threads:
                 stream.thread_count = self.decode_threads
@@ -408,21 +459,22 @@ class SplitStage(Stage):
                 try:
                     for frame in container.decode(stream):
                         decoded[0] += 1
+                        stats["frames"] = decoded[0]
                         yield frame
                 except av.error.FFmpegError as exc:
                     failure.append(exc)
 
-            yield from self._segment(frames(), rate)
+            yield from self._segment(frames(), rate, stats)
             if failure:
                 raise RuntimeError(f"decoding stopped after {decoded[0]} frames: "
                                    f"{type(failure[0]).__name__}: {failure[0]}")
         finally:
             container.close()
 
-    def _segment(self, frames, rate: Fraction):
+    def _segment(self, frames, rate: Fraction, stats: dict[str, Any]):
         from scenedetect import FrameTimecode
 
-        detectors = [make_detector(spec) for spec in self.detector_specs]
+        detectors = [make_detector(spec_at_rate(spec, rate)) for spec in self.detector_specs]
         reformatter = VideoReformatter()
         lag = max(int(math.ceil(self.lag_s * float(rate))),
                   max(getattr(d, "event_buffer_length", 0) for d in detectors) + 2,
@@ -446,7 +498,7 @@ class SplitStage(Stage):
                                 "raise split.lag_s", late, idx - 1)
                 cuts.difference_update(cut_here)
                 if clip is not None:
-                    yield from self._emit(clip, drop_tail=True)
+                    yield from self._emit(clip, drop_tail=True, stats=stats)
                 clip = None
                 state["skip_until"] = idx + self.trim_frames  # trim the new shot's first frames
             state["flushed"] = idx
@@ -454,48 +506,61 @@ class SplitStage(Stage):
                 state["clip"] = clip
                 return
             if clip is not None and clip.length >= max_frames:
-                yield from self._emit(clip, drop_tail=False)  # chunk boundary, not a cut
+                yield from self._emit(clip, drop_tail=False, stats=stats)  # chunk boundary, not a cut
                 clip = None
             if clip is None:
                 clip = _ClipBuilder(idx, t, rate, size, self)
             clip.add(*frame_pair)
             state["clip"] = clip
 
-        for frame in frames:
-            index += 1
-            if size is None:
-                rotation = int(getattr(frame, "rotation", 0) or 0) % 360
-                w, h = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
-                size = output_size(w, h, self.short_side_px)
-                small_w = min(self.detect_width_px, size[0])
-                detect_size = (even(small_w), even(small_w * size[1] / size[0]))
-            small, encodable = scaled_frame(frame, size, rotation, reformatter)
-            t = float(frame.time) if frame.time is not None else index / float(rate)
-            if t0 is None:
-                t0 = t
-            # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
-            detect = cv2.resize(small, detect_size, interpolation=cv2.INTER_LINEAR)
-            timecode = FrameTimecode(index, fps=rate)
-            for det in detectors:
-                for cut in det.process_frame(timecode, detect):
-                    cuts.add(int(cut.frame_num))
-            pending.append((index, t - t0, (small, encodable)))
-            while pending and pending[0][0] <= index - lag:
+        try:
+            for frame in frames:
+                index += 1
+                if size is None:
+                    rotation = int(getattr(frame, "rotation", 0) or 0) % 360
+                    w, h = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
+                    size = output_size(w, h, self.short_side_px)
+                    small_w = min(self.detect_width_px, size[0])
+                    detect_size = (even(small_w), even(small_w * size[1] / size[0]))
+                small, encodable = scaled_frame(frame, size, rotation, reformatter)
+                t = float(frame.time) if frame.time is not None else index / float(rate)
+                if t0 is None:
+                    t0 = t
+                # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
+                detect = cv2.resize(small, detect_size, interpolation=cv2.INTER_LINEAR)
+                timecode = FrameTimecode(index, fps=rate)
+                for det in detectors:
+                    for cut in det.process_frame(timecode, detect):
+                        cuts.add(int(cut.frame_num))
+                pending.append((index, t - t0, (small, encodable)))
+                while pending and pending[0][0] <= index - lag:
+                    yield from flush(pending.popleft())
+            if index >= 0:
+                end = FrameTimecode(index, fps=rate)
+                for det in detectors:
+                    post = getattr(det, "post_process", None)
+                    for cut in (post(end) if post else []) or []:
+                        cuts.add(int(cut.frame_num))
+            while pending:
                 yield from flush(pending.popleft())
-        if index >= 0:
-            end = FrameTimecode(index, fps=rate)
-            for det in detectors:
-                post = getattr(det, "post_process", None)
-                for cut in (post(end) if post else []) or []:
-                    cuts.add(int(cut.frame_num))
-        while pending:
-            yield from flush(pending.popleft())
-        if state["clip"] is not None:
-            yield from self._emit(state["clip"], drop_tail=False)
-        if index < 0:
-            raise ValueError("no decodable video frames")
+            if state["clip"] is not None:
+                yield from self._emit(state["clip"], drop_tail=False, stats=stats)
+            if index < 0:
+                raise ValueError("no decodable video frames")
+        finally:
+            # An error or an abandoned generator must not leave an encoder thread waiting.
+            if state["clip"] is not None:
+                state["clip"].abort()
 
-    def _emit(self, clip: _ClipBuilder, drop_tail: bool):
-        row = clip.finish(drop_tail=drop_tail)
+    def _emit(self, clip: _ClipBuilder, drop_tail: bool, stats: dict[str, Any]):
+        try:
+            row = clip.finish(drop_tail=drop_tail)
+        finally:
+            stats["longest_frames"] = max(stats.get("longest_frames", 0), clip.count)
         if row is not None:
             yield row
+
+
+def no_clip_row(reason: str, status: str) -> dict[str, Any]:
+    """The one row of a source (or the last row of a broken one) that is not a clip."""
+    return {"start_frame": None, "end_frame": None, "split_error": reason, "source_status": status}

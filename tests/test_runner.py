@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -165,3 +166,31 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     assert len(ids) == len(set(ids))
     assert ids == clip_ids(out_local)
     assert "resuming" in done.stderr
+
+
+def test_sources_without_clips_commit_and_are_counted_apart(footage, tmp_path):
+    """A unit whose sources give no clip still commits; the report tells them from unreadable ones."""
+    from curation import synth
+    from curation.report import summarize
+
+    root, _ = footage
+    odd = tmp_path / "odd"
+    expected = synth.write_no_clip_sources(odd)
+    shutil.copy(root / "pan.mp4", odd / "pan.mp4")  # a good source shares a unit with them
+    shutil.copy(root / "empty.mp4", odd / "empty.mp4")
+    out = tmp_path / "out"
+    cfg = load_config(REPO / "configs" / "spine.yaml", ["split.min_duration_s=2.0", "run.sources_per_unit=3"])
+    record = run_pipeline(cfg, [str(odd)], out, run_local)
+    assert record["sources"] == {"total": 8, "committed": 8}
+    rows = OutputStore(out).read_scores().to_pylist()
+    by_name = {}
+    for r in rows:
+        by_name.setdefault(Path(r["source_path"]).name, []).append(r)
+    assert set(by_name) == set(expected) | {"pan.mp4", "empty.mp4"}
+    for name, (status, reason) in expected.items():
+        [row] = by_name[name]
+        assert row["source_status"] == status and reason in row["split_error"] and not row["keep"]
+    assert all(r["start_frame"] is not None for r in by_name["pan.mp4"])
+    summary, _ = summarize(out)
+    assert summary["totals"]["source_outcomes"] == {"no_clips": 4, "unreadable": 3}
+    assert funnel(out)["source_outcomes"] == {"no_clips": 4, "unreadable": 3}

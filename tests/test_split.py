@@ -225,3 +225,48 @@ def test_corruption_part_way_keeps_the_clips_before_it(footage, tmp_path):
     # Clips end at a true cut or at the break, never inside a later shot.
     first_cut = truth["cuts.mp4"]["cut_frames"][0]
     assert clips[0]["end_frame"] <= first_cut + 1
+
+
+def test_every_source_without_a_clip_is_one_row_saying_why(tmp_path):
+    expected = synth.write_no_clip_sources(tmp_path)
+    stage = SplitStage(detector="cascade", min_duration_s=2.0)
+    for name, (status, reason) in expected.items():
+        rows = stage.split_source(str(tmp_path / name), name)
+        assert len(rows) == 1, (name, rows)
+        row = rows[0]
+        assert row["start_frame"] is None and row["source_status"] == status, (name, row)
+        assert reason in row["split_error"], (name, row["split_error"])
+    # The same files with a shorter minimum give clips (the reason is the length, not the file).
+    ok = SplitStage(detector="content", min_duration_s=0.5).split_source(str(tmp_path / "short.mp4"), "s")
+    assert ok[0]["start_frame"] == 0 and ok[0]["source_status"] is None
+
+
+def test_failed_sources_leave_no_thread_or_file_open(footage, tmp_path):
+    import os
+    import threading
+
+    root, _ = footage
+    bad = tmp_path / "garbage.mp4"
+    synth.write_corrupt_video(bad, root / "cuts.mp4", mode="garbage")
+    stage = SplitStage(detector="content", min_duration_s=0.5)
+    stage.split_source(str(bad), "warm-up")  # imports and lazy set-up happen once
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for i in range(50):
+        path = [bad, root / "truncated.mp4", root / "notes.mp4"][i % 3]
+        rows = stage.split_source(str(path), f"bad{i}")
+        assert rows[-1]["split_error"] is not None
+    # An error that is not a decode error (here MemoryError) in the middle of a clip also
+    # stops that clip's encoder thread.
+    def frames_then_fail(n):
+        with av.open(str(root / "pan.mp4")) as c:
+            for i, frame in enumerate(c.decode(video=0)):
+                if i == n:
+                    raise MemoryError("decoder ran out of memory")
+                yield frame
+
+    from fractions import Fraction
+    for _ in range(5):
+        with pytest.raises(MemoryError):
+            list(stage._segment(frames_then_fail(100), Fraction(25), {}))  # 50 frames encoded
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds
