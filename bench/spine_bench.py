@@ -73,8 +73,8 @@ def spine(paths: list[str], out_dir: str, executor_name: str = "local") -> dict:
     if executor_name == "ray":
         from curation.pipeline import run_ray
 
-        def executor(cfg, units):
-            return run_ray(cfg, units, num_cpus=2, object_store_mb=500, progress_bars=False)
+        def executor(cfg, units, store):
+            return run_ray(cfg, units, store, num_cpus=2, object_store_mb=500)
     else:
         executor = run_local
     started = time.perf_counter()

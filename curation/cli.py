@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,13 +65,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from curation.pipeline import run_ray
 
-        def executor(cfg, units):
-            return run_ray(cfg, units, address=args.ray_address, num_cpus=args.num_cpus,
+        if args.ray_address is None:
+            # An embedded cluster's processes must not outlive this one, even if it is SIGKILLed.
+            from curation.reaper import spawn
+
+            spawn(os.getpid())
+
+        def executor(cfg, units, store):
+            return run_ray(cfg, units, store, address=args.ray_address, num_cpus=args.num_cpus,
                            object_store_mb=args.object_store_mb)
     record = run_pipeline(checked.config, args.input, out, executor, overwrite=args.overwrite,
                           command=sys.argv, notes=checked.record())
-    log.info("done: %d sources (%d unreadable), %d clips, %d kept -> %s",
-             record["sources"]["total"], record["source_errors"], record["clips"], record["kept"], out)
+    outcomes = ", ".join(f"{n} {k}" for k, n in sorted(record["source_outcomes"].items()))
+    log.info("done: %d sources (%s), %d clips, %d kept -> %s", record["sources"]["total"],
+             outcomes or "all gave clips", record["clips"], record["kept"], out)
     log.info("next: curate report %s", out)
     return 0
 

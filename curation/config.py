@@ -52,6 +52,19 @@ class RunOptions:
     sources_per_unit: int = 4
     shard_target_mb: float = 256.0
     store_all_clips: bool = True  # keep every clip's payload in clips/ (refilter can then loosen)
+    # Containment (Ray runner). A source gets max(floor, per_video_s * its duration) seconds for
+    # split and the steps before the first model step; past that its worker is ended. A source
+    # whose worker died or timed out on max_source_attempts attempts becomes one failure row.
+    source_timeout_floor_s: float = 300.0
+    source_timeout_per_video_s: float = 20.0
+    model_timeout_per_row_s: float = 60.0  # a model step's call on an actor: floor + rows * this
+    max_source_attempts: int = 2
+
+
+# Settings of how a run is executed, not of what it computes: left out of the fingerprint, so a
+# run can be resumed with other limits.
+EXECUTION_ONLY = ("source_timeout_floor_s", "source_timeout_per_video_s", "model_timeout_per_row_s",
+                  "max_source_attempts")
 
 
 @dataclass
@@ -83,6 +96,8 @@ class PipelineConfig:
         d = self.to_dict()
         for s in d["steps"]:
             s.pop("ray")
+        for key in EXECUTION_ONLY:
+            d["run"].pop(key)
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def step(self, name: str) -> Step:
@@ -192,8 +207,12 @@ def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
     run = _check_dataclass(RunOptions, raw.get("run"), "run")
     if run.sources_per_unit < 1:
         raise ConfigError("run.sources_per_unit: must be >= 1")
-    if run.shard_target_mb <= 0:
-        raise ConfigError("run.shard_target_mb: must be > 0")
+    for name in ("shard_target_mb", "source_timeout_floor_s", "source_timeout_per_video_s",
+                 "model_timeout_per_row_s"):
+        if not getattr(run, name) > 0:
+            raise ConfigError(f"run.{name}: must be > 0, got {getattr(run, name)}")
+    if run.max_source_attempts < 1:
+        raise ConfigError(f"run.max_source_attempts: must be >= 1, got {run.max_source_attempts}")
     steps_raw = raw.get("steps")
     if not isinstance(steps_raw, list) or not steps_raw:
         raise ConfigError("steps: expected a non-empty list of {stage, args, ray}")

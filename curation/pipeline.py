@@ -1,11 +1,22 @@
-"""The Ray executor: the pipeline's steps as one streaming Ray Data dataset.
+"""The Ray executor: a Ray task per work unit, model steps on actor pools, the driver commits.
 
-This is the only module that imports ray (Ray's resource arguments change between releases,
-so they live in one place). Each source is its own block; split fans it out into clip rows;
-every later step is a `map_batches` over Arrow batches. A step with `ray.actors: N` runs in
-a pool of N actors that each call `setup()` once (models load once per actor); without it a
-step runs as tasks, with the stage object cached per worker process. The driver streams the
-finished rows with `iter_batches` and commits units as they complete (curation/runner.py).
+Ray's APIs are used here and in training/ray_train.py only (their arguments change between
+releases, so each use lives in one place).
+
+- Each unit runs as one task (curation/unit.py's UnitWorker): split and the CPU steps source
+  by source, then the unit's rows through the later steps, then the unit's data files are
+  written into OUT_DIR by the worker (a local path, or a filesystem mounted on every node).
+  Only the ledger entry, a small record, travels back; the driver writes it last (the commit).
+- A model step (`ray.actors: N`, or `ray.num_gpus` set) runs on a pool of N actors that each
+  load the model once; unit tasks send it their rows in batches of its batch_size. A batch
+  whose actor dies or overruns its time limit is retried source by source; rows that still
+  fail get that stage's error column ("worker died ..." / "timed out ...").
+- The driver keeps about two tasks per free CPU in flight (a task waiting on an actor gives
+  its CPU back to Ray meanwhile) and commits each unit as its task returns, so commits stream.
+- A task that dies (segfault, OOM kill, lost node) or runs past its source's time limit is
+  retried. The unit's in-flight marker (OUT/inflight/<unit>.json) names the source it was on;
+  a source that was in progress at `run.max_source_attempts` deaths is recorded as one
+  failure row (worker_died / timed_out) and the rest of its unit runs again without it.
 
 Without an address Ray starts an embedded local cluster; with one (`auto`, `ray://...` or
 `host:port`) the same pipeline runs on an existing cluster. Every worker installs the
@@ -14,22 +25,34 @@ torchvision compatibility hook (curation.compat.worker_setup) before running any
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import sys
+import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
-from curation import schema
 from curation.config import PipelineConfig, Step
-from curation.runner import apply_step, source_rows
 from curation.sources import Unit
+from curation.unit import (
+    SourceGuard,
+    UnitWorker,
+    apply_step,
+    concat_batches,
+    is_model_step,
+    slices,
+)
+from curation.writer import OutputStore
+from stages.base import Batch, batch_len
 
 log = logging.getLogger(__name__)
 
 _STAGE_CACHE: dict[str, Any] = {}
+DRIVER_GRACE_S = 30.0  # past a source's limit, the driver cancels a task its own timer missed
 
 
 def _stage_for(step: Step):
@@ -38,6 +61,7 @@ def _stage_for(step: Step):
     stage = _STAGE_CACHE.get(key)
     if stage is None:
         stage = step.build()
+        _torch_threads(step.ray.num_cpus)
         stage.setup()
         _STAGE_CACHE[key] = stage
     return stage
@@ -51,29 +75,176 @@ def _torch_threads(num_cpus: float) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def _run(step: Step, stage, table: pa.Table) -> pa.Table:
-    out = apply_step(step, stage, table.to_pydict())
-    return schema.batch_to_table(out)
-
-
-def stage_task(table: pa.Table, step: Step) -> pa.Table:
-    """map_batches function for a step run as tasks."""
-    stage = _stage_for(step)
-    _torch_threads(step.ray.num_cpus)
-    return _run(step, stage, table)
-
+# ---- model steps on actor pools -----------------------------------------------------------------
 
 class StageActor:
-    """map_batches callable class for a step run by an actor pool."""
+    """One model step's stage, set up once; returns only the columns the stage adds."""
 
     def __init__(self, step: Step):
         self.step = step
-        self.stage = step.build()
-        _torch_threads(step.ray.num_cpus)
-        self.stage.setup()
+        self.stage = _stage_for(step)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return _run(self.step, self.stage, table)
+    def run(self, batch: Batch) -> Batch:
+        out = apply_step(self.step, self.stage, batch)
+        return {k: v for k, v in out.items() if k not in batch or k in self.stage.outputs}
+
+    def ready(self) -> bool:
+        return True
+
+
+@dataclass
+class ActorPools:
+    """The actor handles of every model step, passed to the unit tasks (handles pickle)."""
+
+    actors: dict[str, list[Any]] = field(default_factory=dict)
+    outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    timeout_floor_s: float = 300.0
+    timeout_per_row_s: float = 60.0
+
+    def __call__(self, step: Step, batch: Batch) -> Batch:
+        return concat_batches([self.call_isolated(step, part) for part in slices(batch, step.ray.batch_size)])
+
+    def call_isolated(self, step: Step, batch: Batch) -> Batch:
+        """The batch on one actor; if that fails, each source's rows alone; then error rows."""
+        try:
+            return self.call(step, batch)
+        except Exception as exc:  # noqa: BLE001 - a dead or hung actor is recorded, not raised
+            reason = actor_failure(exc, self.timeout_for(batch))
+            sources = list(dict.fromkeys(batch["source_id"]))
+            log.warning("step %s failed on a batch of %d rows (%s)%s", step.name, batch_len(batch),
+                        reason, "; retrying source by source" if len(sources) > 1 else "")
+            if len(sources) == 1:
+                return self.error_rows(step, batch, reason)
+            parts = []
+            for sid in sources:
+                part = {k: [v for v, s in zip(vals, batch["source_id"]) if s == sid] for k, vals in batch.items()}
+                try:
+                    parts.append(self.call(step, part))
+                except Exception as again:  # noqa: BLE001
+                    parts.append(self.error_rows(step, part, actor_failure(again, self.timeout_for(part))))
+            return concat_batches(parts)
+
+    def timeout_for(self, batch: Batch) -> float:
+        return self.timeout_floor_s + self.timeout_per_row_s * batch_len(batch)
+
+    def call(self, step: Step, batch: Batch) -> Batch:
+        import ray
+
+        actor = random.choice(self.actors[step.name])
+        ref = actor.run.remote(batch)
+        try:
+            added = ray.get(ref, timeout=self.timeout_for(batch))
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor, no_restart=False)  # a hung model call: restart the actor
+            raise
+        return {**batch, **added}
+
+    def error_rows(self, step: Step, batch: Batch, reason: str) -> Batch:
+        n = batch_len(batch)
+        out = dict(batch)
+        for name in self.outputs[step.name]:
+            out.setdefault(name, [None] * n)
+            if name == f"{step.stage}_error" or name == f"{step.name}_error":
+                out[name] = [reason] * n
+        return out
+
+
+def actor_failure(exc: BaseException, timeout_s: float) -> str:
+    import ray
+
+    if isinstance(exc, ray.exceptions.GetTimeoutError):
+        return f"timed out after {timeout_s:.0f} s"
+    if isinstance(exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
+        return "worker died (model actor)"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def start_actor_pools(config: PipelineConfig, free_cpus: float) -> ActorPools:
+    """Create each model step's actors; CPU reservations are scaled down to leave CPUs for units."""
+    import ray
+
+    remote_steps = [s for s in config.steps if is_model_step(s)]
+    demand = sum((s.ray.actors or 1) * s.ray.num_cpus for s in remote_steps)
+    unit_cpus = unit_task_cpus(config)
+    scale = 1.0
+    if demand and demand > free_cpus - unit_cpus:
+        scale = max(0.01, (free_cpus - unit_cpus) / demand)
+        log.warning("model actors ask for %.2g CPUs of %.2g; reserving %.0f%% of each ask so that "
+                    "unit tasks can run", demand, free_cpus, 100 * scale)
+    pools = ActorPools(timeout_floor_s=config.run.source_timeout_floor_s,
+                       timeout_per_row_s=config.run.model_timeout_per_row_s)
+    cls = ray.remote(StageActor)
+    for step in remote_steps:
+        opts: dict[str, Any] = {"num_cpus": step.ray.num_cpus * scale, "max_restarts": -1,
+                                "max_task_retries": 0}
+        if step.ray.num_gpus:
+            opts["num_gpus"] = step.ray.num_gpus
+        pools.actors[step.name] = [cls.options(**opts).remote(step) for _ in range(step.ray.actors or 1)]
+        pools.outputs[step.name] = tuple(step.build().outputs)
+    return pools
+
+
+def unit_task_cpus(config: PipelineConfig) -> float:
+    return max([s.ray.num_cpus for s in config.steps if not is_model_step(s)] or [1.0])
+
+
+# ---- the unit task ------------------------------------------------------------------------------
+
+_WORKERS: dict[str, UnitWorker] = {}
+
+
+def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
+              failed: dict[str, tuple[str, str]], pools: ActorPools) -> dict[str, Any]:
+    """Runs on a worker: the whole unit, its data files written here; returns its ledger entry."""
+    key = config.fingerprint()
+    worker = _WORKERS.get(key)
+    if worker is None:
+        worker = _WORKERS[key] = UnitWorker(config, _stage_for, remote=pools)
+    worker.remote = pools
+    store = OutputStore(out_dir)
+    guard = SourceGuard(store.inflight_dir / f"{unit.unit_id}.json", unit.unit_id, attempt,
+                        config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s)
+    try:
+        entry = worker.run(unit, store, guard=guard, failed=failed)
+    finally:
+        guard.leave()
+    return {**entry, "attempts": attempt}
+
+
+def death_cause(exc: BaseException) -> str:
+    """A short cause for a failed unit task: what Ray says ended it."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.OutOfMemoryError):
+        return "out of memory, killed by Ray's memory monitor"
+    if isinstance(exc, ray.exceptions.NodeDiedError):
+        return "its node was lost"
+    if isinstance(exc, ray.exceptions.WorkerCrashedError):
+        return "the process ended: a native crash, a kill signal or the OOM killer"
+    if isinstance(exc, ray.exceptions.TaskCancelledError):
+        return "cancelled"
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:200] if str(cause).strip() else ''}"
+    return type(exc).__name__
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+@dataclass
+class UnitState:
+    unit: Unit
+    attempt: int = 0
+    deaths: dict[str, list[str]] = field(default_factory=dict)  # source_id -> reasons
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # source_id -> (reason, status)
+    unattributed: int = 0
+
+
+@dataclass
+class InFlight:
+    state: UnitState
+    submitted: float
+    cancelled_for_time: bool = False
 
 
 def init_ray(address: str | None, num_cpus: int | None = None,
@@ -99,42 +270,114 @@ def init_ray(address: str | None, num_cpus: int | None = None,
     ray.init(**kwargs)
 
 
-def build_dataset(config: PipelineConfig, units: list[Unit]):
-    import ray.data
+class UnitScheduler:
+    """Submits unit tasks, commits what returns, retries what died (see the module docstring)."""
 
-    items = []
-    for unit in units:
-        rows = source_rows(unit)
-        items.extend(dict(zip(rows, values)) for values in zip(*rows.values()))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    for step in config.steps:
-        opts = step.ray
-        kwargs: dict[str, Any] = {
-            "batch_format": "pyarrow",
-            "batch_size": 1 if step.stage == "split" else opts.batch_size,
-            "num_cpus": opts.num_cpus,
-            "zero_copy_batch": False,
-        }
-        if opts.num_gpus:
-            kwargs["num_gpus"] = opts.num_gpus
-        if opts.actors:
-            ds = ds.map_batches(StageActor, fn_constructor_kwargs={"step": step},
-                                compute=ray.data.ActorPoolStrategy(size=opts.actors), **kwargs)
+    def __init__(self, config: PipelineConfig, units: list[Unit], store: OutputStore,
+                 pools: ActorPools, max_in_flight: int):
+        import ray
+
+        self.config, self.store, self.pools = config, store, pools
+        self.queue: deque[UnitState] = deque(UnitState(u) for u in units)
+        self.in_flight: dict[Any, InFlight] = {}
+        self.max_in_flight = max_in_flight
+        self.task = ray.remote(unit_task).options(num_cpus=unit_task_cpus(config), max_retries=0)
+        self.last_check = 0.0
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        import ray
+
+        while self.queue or self.in_flight:
+            while self.queue and len(self.in_flight) < self.max_in_flight:
+                self.submit(self.queue.popleft())
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                flight = self.in_flight.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    self.task_failed(flight, exc)
+            self.cancel_overdue()
+
+    def submit(self, state: UnitState) -> None:
+        state.attempt += 1
+        ref = self.task.remote(self.config, state.unit, str(self.store.root), state.attempt,
+                               dict(state.failed), self.pools)
+        self.in_flight[ref] = InFlight(state, time.time())
+
+    def marker(self, state: UnitState) -> dict[str, Any] | None:
+        path = self.store.inflight_dir / f"{state.unit.unit_id}.json"
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return m if m.get("attempt") == state.attempt else None
+
+    def task_failed(self, flight: InFlight, exc: BaseException) -> None:
+        state = flight.state
+        m = self.marker(state)
+        kind = death_cause(exc)
+        if m is not None and m.get("phase") == "source":
+            elapsed = time.time() - m["started_at"]
+            timed_out = flight.cancelled_for_time or elapsed >= m["limit_s"] - 1.0
+            reason = f"timed out after {m['limit_s']:.0f} s" if timed_out else f"worker died ({kind})"
+            sid = m["source_id"]
+            state.deaths.setdefault(sid, []).append(reason)
+            n = len(state.deaths[sid])
+            log.warning("unit %s attempt %d: %s on %s (%d of %d attempts)", state.unit.unit_id,
+                        state.attempt, reason, m.get("source_path"), n, self.config.run.max_source_attempts)
+            if n >= self.config.run.max_source_attempts:
+                status = "timed_out" if timed_out else "worker_died"
+                state.failed[sid] = (f"{reason}; {n} attempts", status)
         else:
-            ds = ds.map_batches(stage_task, fn_kwargs={"step": step}, **kwargs)
-    return ds
+            # Died outside any one source (model loading, writing, a lost node between sources).
+            state.unattributed += 1
+            log.warning("unit %s attempt %d failed outside a source: %s", state.unit.unit_id,
+                        state.attempt, kind)
+            if state.unattributed > self.config.run.max_source_attempts:
+                for source in state.unit.sources:
+                    state.failed.setdefault(source.source_id, (
+                        f"worker died {state.unattributed} times outside any one source ({kind})",
+                        "worker_died"))
+        self.queue.append(state)
+
+    def cancel_overdue(self) -> None:
+        """Belt and braces: cancel a task whose own timer did not end it."""
+        import ray
+
+        now = time.time()
+        if now - self.last_check < 5.0:
+            return
+        self.last_check = now
+        for ref, flight in self.in_flight.items():
+            m = self.marker(flight.state)
+            if (m is not None and m.get("phase") == "source" and not flight.cancelled_for_time
+                    and now > m["started_at"] + m["limit_s"] + DRIVER_GRACE_S):
+                log.warning("cancelling unit %s: %s ran past its %.0f s limit", flight.state.unit.unit_id,
+                            m.get("source_path"), m["limit_s"])
+                flight.cancelled_for_time = True
+                ray.cancel(ref, force=True)
 
 
-def run_ray(config: PipelineConfig, units: list[Unit], address: str | None = None,
+def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, address: str | None = None,
             num_cpus: int | None = None, object_store_mb: int | None = None,
-            progress_bars: bool | None = None, temp_dir: str | None = None) -> Iterator[pa.Table]:
-    """Stream finished rows of all units through Ray Data (see the module docstring)."""
+            temp_dir: str | None = None) -> Iterator[dict[str, Any]]:
+    """Run every unit on Ray and yield each unit's ledger entry as it finishes (module docstring)."""
     if not units:
         return
-    import ray.data
+    import ray
 
     init_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=temp_dir)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if progress_bars is None else progress_bars
-    ds = build_dataset(config, units)
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    pools = start_actor_pools(config, total_cpus)
+    try:
+        for handles in pools.actors.values():
+            ray.get([h.ready.remote() for h in handles])  # models load before units wait on them
+        slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
+        log.info("running %d units on %g CPUs, up to %d at a time; %d model step(s) on actors",
+                 len(units), total_cpus, 2 * slots, len(pools.actors))
+        yield from UnitScheduler(config, units, store, pools, max_in_flight=2 * slots).run()
+    finally:
+        for handles in pools.actors.values():
+            for h in handles:
+                ray.kill(h)

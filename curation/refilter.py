@@ -8,9 +8,15 @@ Both rewrite the same things from the same inputs, so they share one function (`
 2. evaluate every rule of every filter step, in pipeline order, on every row of scores/
    (absolute rules and resolved ones alike) -> keep and reject_reasons, exactly as the filter
    stage would have written them; source-error rows stay rejected with "split_error";
-3. per unit, where anything changed: rewrite shards/<unit>-<k>.parquet from the payload in
+3. per unit, where anything changed: write new shard files shards/<unit>-r<hash>-<k>.parquet
+   (named after the kept set, never the names the ledger lists now) from the payload in
    clips/<unit>.parquet joined with the new scores, then scores/<unit>.parquet, then the
-   unit's ledger entry (kept, shard_files), then delete shard files no longer listed;
+   unit's ledger entry (kept, shard_files); at the end delete shard files no entry lists.
+   Readers of shards (`curate train`, Ray Train workers) read only the files the ledger lists,
+   so they never see an interrupted pass's new files; `curate train` refuses an output whose
+   refilter did not finish (run.json's last "refilters" entry is not "finished"). An
+   interrupted pass is finished, not rolled back: by running the same refilter again, or by
+   the next `curate run` with the new rules;
 4. record the resolved thresholds in run.json under "resolved_rules".
 
 Nothing is decoded or scored again. Every file is written under a temporary name and renamed.
@@ -27,6 +33,7 @@ have their payload stored, so refilter can tighten but not loosen (it refuses, n
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -117,13 +124,29 @@ def _payload(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> pa.Tabl
     return pa.concat_tables(parts)
 
 
-def _shard_clip_ids(store: OutputStore, unit_id: str) -> tuple[list[str], list[str]]:
-    """(shard file names on disk for the unit, clip_ids in them in file order)."""
-    names = sorted(p.name for p in store.shards_dir.glob(f"{unit_id}-*.parquet"))
+def _shard_clip_ids(store: OutputStore, entry: dict[str, Any]) -> list[str]:
+    """clip_ids in the unit's ledger-listed shard files, in file order."""
     ids: list[str] = []
-    for name in names:
-        ids.extend(pq.read_table(store.shards_dir / name, columns=["clip_id"]).column("clip_id").to_pylist())
-    return names, ids
+    for name in entry.get("shard_files", []):
+        path = store.shards_dir / name
+        if not path.exists():
+            return []  # damaged: rewritten below
+        ids.extend(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
+    return ids
+
+
+def shard_version(kept_ids: list[str]) -> str:
+    """A name part for a refilter's shard files: the same kept set gives the same names, so a
+    pass killed and run again writes the same files, and never the files listed now."""
+    return "r" + hashlib.sha1(",".join(kept_ids).encode()).hexdigest()[:8]
+
+
+def _remove_unlisted_shards(store: OutputStore, ledger: dict[str, dict[str, Any]]) -> None:
+    """Shard files of committed units that their entry no longer lists (replaced ones)."""
+    listed = {name for e in ledger.values() for name in e.get("shard_files", [])}
+    for path in store.shards_dir.glob("*.parquet"):
+        if path.name.split("-")[0] in ledger and path.name not in listed:
+            path.unlink(missing_ok=True)
 
 
 def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +182,7 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
         entry = ledger[unit_id]
         clips_file = store.clips_dir / (entry.get("clips_file") or f"{unit_id}.parquet")
         if not clips_file.exists():
-            stored = set(_shard_clip_ids(store, unit_id)[1])
+            stored = set(_shard_clip_ids(store, entry))
             ids = table.column("clip_id").to_pylist()
             lacking = [cid for cid, k in zip(ids, keep) if k and cid not in stored]
             if lacking:
@@ -177,13 +200,12 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
         kept_ids = [cid for cid, k in zip(ids, keep) if k]
         clips += int((~_is_error(table)).sum())
         kept_total += len(kept_ids)
-        shard_names, shard_ids = _shard_clip_ids(store, unit_id)
+        shard_ids = _shard_clip_ids(store, entry)
         scores_ok = (table.column("keep").to_pylist() == keep
                      and table.column("reject_reasons").to_pylist() == reasons)
         # Shards hold kept rows only (reasons empty, scores unchanged): they need rewriting
         # only when the kept set changed, or when a killed pass left them out of step.
-        shards_ok = (shard_ids == kept_ids and shard_names == sorted(entry.get("shard_files", []))
-                     and entry.get("kept") == len(kept_ids))
+        shards_ok = shard_ids == kept_ids and entry.get("kept") == len(kept_ids)
         if scores_ok and shards_ok:
             continue
         rewritten += 1
@@ -193,9 +215,9 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
                              pa.array(reasons, pa.list_(pa.string()))),
             schema.SCORES_SCHEMA)
 
-        # Shards first: the skip test above compares them with the new keep, so a pass killed
-        # after this point redoes the unit.
-        names = shard_names
+        # Shards first, under new names: the ledger still lists the old ones, which readers go
+        # on seeing until the entry switches below. The skip test above compares the listed
+        # shards with the new keep, so a pass killed after this point redoes the unit.
         if not shards_ok:
             kept_rows = new_scores.filter(pa.array(keep, pa.bool_()))
             payload = _payload(store, unit_id, entry)
@@ -204,14 +226,16 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
             joined = kept_rows
             for name in PAYLOAD_COLUMNS:
                 joined = joined.append_column(name, payload.column(name).take(take))
-            names = store.write_shards(unit_id, add_derived_columns(joined), shard_target_mb)
+            names = store.write_shards(unit_id, add_derived_columns(joined), shard_target_mb,
+                                       version=shard_version(kept_ids))
         if not scores_ok:
             write_parquet_atomic(store.scores_dir / entry["scores_file"], new_scores)
         if not shards_ok:
-            write_json(store.ledger_dir / f"{unit_id}.json", {**entry, "kept": len(kept_ids), "shard_files": names})
-            for stale in set(shard_names) - set(names):
-                (store.shards_dir / stale).unlink(missing_ok=True)
-        log.debug("unit %s: %d kept, shards %s", unit_id, len(kept_ids), names)
+            ledger[unit_id] = {**entry, "kept": len(kept_ids), "shard_files": names}
+            write_json(store.ledger_dir / f"{unit_id}.json", ledger[unit_id])
+            log.debug("unit %s: %d kept, shards %s", unit_id, len(kept_ids), names)
+    # Replaced shard files go last, when no entry lists them any more.
+    _remove_unlisted_shards(store, ledger)
 
     run = store.read_run()
     run["resolved_rules"] = resolved

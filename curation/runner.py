@@ -1,11 +1,11 @@
-"""Drive a run: discover sources, plan units, execute the steps, commit units, record the run.
+"""Drive a run: discover sources, plan units, execute them, commit units, record the run.
 
-Two executors run the same stage objects:
+Two executors run the same stage objects through curation/unit.py's UnitWorker:
 - `run_local` (in-process, one unit after another): tests, debugging, small jobs;
-- `curation.pipeline.run_ray` (a streaming Ray Data pipeline): the default.
-Both yield Arrow batches of finished rows; `UnitAssembler` regroups them by work unit on the
-driver (a source's rows all carry `source_rows`, the number of rows it produced), and each
-complete unit is committed atomically by `OutputStore.commit`.
+- `curation.pipeline.run_ray` (a Ray task per unit, model steps on actor pools): the default.
+Each writes a unit's data files where it ran and yields the unit's ledger entry (a small
+record); the driver writes that entry last, which commits the unit (`OutputStore.write_ledger`).
+Units commit as they finish, so a kill loses at most the units in flight.
 """
 
 from __future__ import annotations
@@ -15,19 +15,16 @@ import logging
 import platform
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from curation import schema
-from curation.config import PipelineConfig, Step
+from curation.config import PipelineConfig
 from curation.refilter import finalize, needs_final_pass
 from curation.sources import Unit, discover, plan_units
-from curation.writer import STAGE_SECONDS_PREFIX, OutputStore, write_json
-from stages.base import Batch, Stage, batch_len, check_output
+from curation.unit import UnitWorker
+from curation.writer import OutputStore, write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,96 +42,21 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-# ---- executing steps ----------------------------------------------------------------------
+# ---- the in-process executor ---------------------------------------------------------------
 
-def apply_step(step: Step, stage: Stage, batch: Batch) -> Batch:
-    """Run one stage on a batch, check its declaration, and record its busy time per row."""
-    if stage.fan_out:
-        # One source at a time, so each source's time is spread over its own rows.
-        outs = []
-        for i in range(batch_len(batch)):
-            one = {k: [v[i]] for k, v in batch.items()}
-            started = time.perf_counter()
-            out = stage(one)
-            check_output(stage, one, out)
-            n = batch_len(out)
-            out[STAGE_SECONDS_PREFIX + step.name] = [(time.perf_counter() - started) / max(n, 1)] * n
-            outs.append(out)
-        return {k: [v for o in outs for v in o[k]] for k in (outs[0] if outs else {})}
-    started = time.perf_counter()
-    out = stage(batch)
-    check_output(stage, batch, out)
-    n = batch_len(out)
-    out[STAGE_SECONDS_PREFIX + step.name] = [(time.perf_counter() - started) / max(n, 1)] * n
-    return out
+def run_local(config: PipelineConfig, units: list[Unit], store: OutputStore) -> Iterator[dict[str, Any]]:
+    """The in-process executor: the same stage objects, no Ray, one unit after another.
 
-
-def source_rows(unit: Unit) -> Batch:
-    return {
-        "source_path": [s.path for s in unit.sources],
-        "source_id": [s.source_id for s in unit.sources],
-        "unit_id": [unit.unit_id] * len(unit.sources),
-    }
-
-
-def run_local(config: PipelineConfig, units: list[Unit]) -> Iterator[pa.Table]:
-    """The in-process executor: same stage objects, no Ray."""
-    stages = [step.build() for step in config.steps]
-    for stage in stages:
+    It writes each unit's data files and yields its ledger entry for the driver to commit.
+    A source that crashes or hangs the process takes the run with it here (no guard: it would
+    end this process); the Ray runner contains such sources.
+    """
+    stages = {step.name: step.build() for step in config.steps}
+    for stage in stages.values():
         stage.setup()
+    worker = UnitWorker(config, lambda step: stages[step.name])
     for unit in units:
-        batch = source_rows(unit)
-        for step, stage in zip(config.steps, stages):
-            if not batch_len(batch):
-                break
-            if stage.fan_out:
-                batch = apply_step(step, stage, batch)
-                continue
-            parts = []
-            n = batch_len(batch)
-            for start in range(0, n, step.ray.batch_size):
-                part = {k: v[start:start + step.ray.batch_size] for k, v in batch.items()}
-                parts.append(apply_step(step, stage, part))
-            batch = {k: [v for p in parts for v in p[k]] for k in parts[0]}
-        yield schema.batch_to_table(batch)
-
-
-# ---- regrouping rows into units ------------------------------------------------------------
-
-DROPPED_BEFORE_WRITE = {"sample_frames"}
-
-
-class UnitAssembler:
-    """Collect rows per source; hand out a unit once every one of its sources is complete."""
-
-    def __init__(self, units: list[Unit]):
-        self.units = {u.unit_id: u for u in units}
-        self.pending_sources = {u.unit_id: {s.source_id for s in u.sources} for u in units}
-        self.rows: dict[str, list[pa.Table]] = defaultdict(list)
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def add(self, table: pa.Table) -> list[tuple[Unit, pa.Table]]:
-        done = []
-        if table.num_rows == 0:
-            return done
-        # Rows wait here until their unit is complete: keep only what the writer needs
-        # (the 2 fps sample frames are most of a row and only the motion stage reads them).
-        table = table.drop_columns([c for c in table.column_names if c in DROPPED_BEFORE_WRITE])
-        source_ids = table.column("source_id").to_pylist()
-        expected = table.column("source_rows").to_pylist()
-        units = table.column("unit_id").to_pylist()
-        for unit_id in dict.fromkeys(units):
-            mask = pa.array([u == unit_id for u in units])
-            self.rows[unit_id].append(table.filter(mask))
-        for sid, n_expected, unit_id in zip(source_ids, expected, units):
-            self.counts[sid] += 1
-            if self.counts[sid] == n_expected:
-                self.pending_sources[unit_id].discard(sid)
-                if not self.pending_sources[unit_id]:
-                    parts = self.rows.pop(unit_id)
-                    merged = pa.concat_tables(parts, promote_options="permissive")
-                    done.append((self.units[unit_id], merged))
-        return done
+        yield worker.run(unit, store)
 
 
 # ---- progress -------------------------------------------------------------------------------
@@ -182,7 +104,7 @@ class Progress:
 
 # ---- the run --------------------------------------------------------------------------------
 
-Executor = Callable[[PipelineConfig, list[Unit]], Iterable[pa.Table]]
+Executor = Callable[[PipelineConfig, list[Unit], OutputStore], Iterable[dict[str, Any]]]
 
 
 def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path, executor: Executor,
@@ -222,18 +144,22 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
 
     started = time.monotonic()
     progress = Progress(units)
-    assembler = UnitAssembler(units)
-    for table in executor(config, units):
-        for unit, unit_table in assembler.add(table):
-            entry = store.commit(unit.unit_id, [s.source_id for s in unit.sources], unit_table,
-                                 config.run.shard_target_mb, config.run.store_all_clips)
-            progress.unit_done(unit, entry)
-    missing = [u for u, pending in assembler.pending_sources.items() if pending]
+    by_id = {u.unit_id: u for u in units}
+    for entry in executor(config, units, store):
+        store.write_ledger(entry)
+        progress.unit_done(by_id[entry["unit_id"]], entry)
+    missing = sorted(set(by_id) - set(store.committed()))
     if missing:
-        raise RuntimeError(f"{len(missing)} units did not receive all their rows: {missing[:5]}")
-    if needs_final_pass(config):
+        raise RuntimeError(f"{len(missing)} units were not committed: {missing[:5]}")
+    refilters = record.get("refilters") or []
+    unfinished_refilter = bool(refilters) and not refilters[-1].get("finished")
+    if needs_final_pass(config) or unfinished_refilter:
         # Percentile rules need the whole run's scores: resolved now, keep/shards rewritten.
+        # The same pass finishes a refilter that was interrupted (its rules are this config's).
         record["resolved_rules"] = finalize(store.root, config)
+        if unfinished_refilter:
+            log.info("finished the interrupted `curate refilter %s`", " ".join(refilters[-1]["overrides"]))
+            refilters[-1].update({"finished": True, "finished_by": "curate run"})
 
     ledger = store.committed()
     stage_seconds: dict[str, float] = defaultdict(float)
@@ -249,7 +175,10 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "clips": sum(e["clips"] for e in ledger.values()),
         "kept": sum(e["kept"] for e in ledger.values()),
         "source_errors": sum(e["source_errors"] for e in ledger.values()),
+        "source_outcomes": dict(sum((Counter(e.get("source_outcomes", {})) for e in ledger.values()),
+                                    Counter())),
         "units": len(ledger),
+        "units_retried": sum(1 for e in ledger.values() if e.get("attempts", 1) > 1),
         "stage_busy_seconds": dict(stage_seconds),
     })
     write_json(store.run_json, record)

@@ -90,10 +90,15 @@ def write_video(
     crf: int = 18,
     codec: str = "libx264",
     preset: str = "veryfast",
+    pix_fmt: str = "yuv420p",
+    rotation: int = 0,
+    sample_aspect_ratio: Fraction | None = None,
 ) -> int:
     """Encode RGB uint8 frames (H, W, 3), H and W even, to an mp4; returns the frame count.
 
-    Frames are consumed one at a time, so a generator never has to fit in memory.
+    Frames are consumed one at a time, so a generator never has to fit in memory. Options for
+    odd real-world files: `pix_fmt` "yuv420p10le" (10-bit), `rotation` (a display matrix,
+    degrees counterclockwise, as phones write) and `sample_aspect_ratio` (non-square pixels).
     """
     rate = as_fraction(fps)
     count = 0
@@ -105,7 +110,11 @@ def write_video(
                 if frame.ndim != 3 or frame.shape[2] != 3 or height % 2 or width % 2:
                     raise ValueError(f"frames must be (H, W, 3) with even H, W; got {frame.shape}")
                 stream = container.add_stream(codec, rate=rate)
-                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+                if rotation:
+                    stream.set_display_rotation(rotation)
+                if sample_aspect_ratio is not None:
+                    stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
                 # One encoder thread: reproducible up to x264's small run-to-run variations.
                 stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
                 stream.codec_context.thread_count = 1
@@ -242,7 +251,8 @@ def content_score(rgb_a: np.ndarray, rgb_b: np.ndarray) -> float:
 
 
 def make_video(
-    path: str | Path, spec: list[dict[str, Any]], fps: float | Fraction, size: tuple[int, int]
+    path: str | Path, spec: list[dict[str, Any]], fps: float | Fraction, size: tuple[int, int],
+    **write_options: Any,
 ) -> dict[str, Any]:
     """Write the shots of ``spec`` (dicts of Shot fields) back to back; return the ground truth.
 
@@ -282,7 +292,7 @@ def make_video(
                 yield frame
 
     try:
-        total = write_video(path, frames(), fps)
+        total = write_video(path, frames(), fps, **write_options)
     except ValueError:
         Path(path).unlink(missing_ok=True)
         raise

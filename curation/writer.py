@@ -6,7 +6,12 @@
                                          every clip, kept or not, so `curate refilter` can
                                          rewrite shards under new rules without decoding
     OUT_DIR/ledger/<unit>.json           written last: the unit is committed iff this exists
+    OUT_DIR/inflight/<unit>.json         while a unit runs on a worker: the source it is on,
+                                         since when and its time limit (curation/unit.py)
     OUT_DIR/run.json, OUT_DIR/logs/
+
+The worker that processed a unit writes its data files (`write_unit`); the driver writes the
+ledger entry (`write_ledger`) once the worker has returned, so only small records travel.
 
 Every file is written under a temporary name and renamed, so a reader never sees a partial
 file. A crash between the data files and the ledger entry leaves files of an uncommitted
@@ -21,6 +26,8 @@ import logging
 import os
 import shutil
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +46,13 @@ class OutputError(RuntimeError):
     """OUT_DIR cannot be used as asked (for example it holds a run with another config)."""
 
 
+def tmp_name(path: Path) -> Path:
+    """A private temporary name beside `path` (two attempts at one unit never share one)."""
+    return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
 def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -53,7 +65,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_parquet_atomic(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = tmp_name(path)
     pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -98,6 +110,7 @@ class OutputStore:
         self.shards_dir = self.root / "shards"
         self.ledger_dir = self.root / "ledger"
         self.clips_dir = self.root / "clips"
+        self.inflight_dir = self.root / "inflight"
         self.logs_dir = self.root / "logs"
         self.run_json = self.root / "run.json"
 
@@ -117,9 +130,12 @@ class OutputStore:
                     f"{self.root} holds a run made with a different pipeline config "
                     f"(fingerprint {previous}, now {fingerprint}); pass --overwrite to start "
                     "fresh, choose another --output, or use `curate refilter` for new thresholds")
-        for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir, self.logs_dir):
+        for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir, self.logs_dir,
+                  self.inflight_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.remove_uncommitted()
+        for marker in self.inflight_dir.iterdir():
+            marker.unlink()
 
     def remove_uncommitted(self) -> None:
         committed = set(self.committed())
@@ -141,6 +157,33 @@ class OutputStore:
     def committed_source_ids(self) -> set[str]:
         return {sid for entry in self.committed().values() for sid in entry["source_ids"]}
 
+    def not_ready_reason(self) -> str | None:
+        """Why the committed data is not a finished whole (None when it is): for readers that
+        must not train on a partial corpus or on tables a refilter left half rewritten."""
+        if not self.ledger_dir.is_dir() or not self.run_json.exists():
+            return f"{self.root} is not a curation output (no ledger/ or run.json); run `curate run` first"
+        run = self.read_run()
+        if run.get("status") != "complete":
+            return (f"the run in {self.root} has not finished (status {run.get('status')!r}): "
+                    "rerun the same `curate run` command to finish it")
+        refilters = run.get("refilters") or []
+        if refilters and not refilters[-1].get("finished"):
+            overrides = " ".join(f"--set {o}" for o in refilters[-1].get("overrides", []))
+            return (f"a `curate refilter {self.root} {overrides}` did not finish: run it again to "
+                    "finish it (or `curate run` with the new rules)")
+        return None
+
+    def committed_files(self, kind: str) -> list[Path]:
+        """The files of one kind ("scores", "shards", "clips") that the ledger lists, in unit order."""
+        key = {"scores": "scores_file", "clips": "clips_file", "shards": "shard_files"}[kind]
+        folder = {"scores": self.scores_dir, "clips": self.clips_dir, "shards": self.shards_dir}[kind]
+        paths = []
+        for entry in self.committed().values():
+            names = entry.get(key)
+            for name in ([names] if isinstance(names, str) else names or []):
+                paths.append(folder / name)
+        return paths
+
     def read_run(self) -> dict[str, Any]:
         return json.loads(self.run_json.read_text()) if self.run_json.exists() else {}
 
@@ -148,6 +191,19 @@ class OutputStore:
     def commit(self, unit_id: str, source_ids: list[str], table: pa.Table,
                shard_target_mb: float, store_all_clips: bool = True) -> dict[str, Any]:
         """Write the unit's scores and shards, then its ledger entry (the commit point)."""
+        entry = self.write_unit(unit_id, source_ids, table, shard_target_mb, store_all_clips)
+        self.write_ledger(entry)
+        return entry
+
+    def write_ledger(self, entry: dict[str, Any]) -> None:
+        """The commit point of a unit whose data files are written; clears its in-flight marker."""
+        entry = {**entry, "committed_at": time.time()}
+        write_json(self.ledger_dir / f"{entry['unit_id']}.json", entry)
+        (self.inflight_dir / f"{entry['unit_id']}.json").unlink(missing_ok=True)
+
+    def write_unit(self, unit_id: str, source_ids: list[str], table: pa.Table,
+                   shard_target_mb: float, store_all_clips: bool = True) -> dict[str, Any]:
+        """Write the unit's data files (scores, clips, shards); returns its ledger entry."""
         table = add_derived_columns(table)
         if table.num_rows:
             order = pc.sort_indices(table, sort_keys=[("source_path", "ascending"),
@@ -179,22 +235,29 @@ class OutputStore:
             "clips": sum(1 for s in starts if s is not None),
             "kept": kept.num_rows,
             "source_errors": sum(1 for e in split_errors if e is not None),
+            "source_outcomes": dict(Counter(
+                s for s in (table.column("source_status").to_pylist()
+                            if "source_status" in table.column_names else []) if s is not None)),
             "errors": {col[:-len("_error")]: int(table.num_rows - table.column(col).null_count)
                        for col in schema.ERROR_COLUMNS if col in table.column_names},
             "stage_seconds": stage_seconds,
             "scores_file": scores_file.name,
             "clips_file": clips_file.name if clips_file else None,
             "shard_files": shard_files,
-            "committed_at": time.time(),
         }
-        write_json(self.ledger_dir / f"{unit_id}.json", entry)
         return entry
 
-    def write_shards(self, unit_id: str, kept: pa.Table, shard_target_mb: float) -> list[str]:
-        """Write a unit's kept rows (with payload) as shard files; returns their names."""
+    def write_shards(self, unit_id: str, kept: pa.Table, shard_target_mb: float,
+                     version: str | None = None) -> list[str]:
+        """Write a unit's kept rows (with payload) as shard files; returns their names.
+
+        `version` (refilter) gives the files new names, so the files the ledger lists now are
+        never overwritten: readers see the old set until the ledger entry switches.
+        """
         names = []
+        prefix = f"{unit_id}-{version}" if version else unit_id
         for k, part in enumerate(split_by_size(kept, shard_target_mb * 1024 * 1024)):
-            path = self.shards_dir / f"{unit_id}-{k:04d}.parquet"
+            path = self.shards_dir / f"{prefix}-{k:04d}.parquet"
             # Small row groups: rows carry whole videos, and readers stream row groups.
             write_parquet_atomic(path, schema.conform(part, schema.SHARDS_SCHEMA), row_group_size=64)
             names.append(path.name)
@@ -203,8 +266,7 @@ class OutputStore:
     # ---- reading ----------------------------------------------------------------------
     def read_scores(self) -> pa.Table:
         """All committed scores rows (uncommitted leftovers are ignored)."""
-        files = [self.scores_dir / e["scores_file"] for e in self.committed().values()]
-        tables = [pq.read_table(f) for f in files if f.exists()]
+        tables = [pq.read_table(f) for f in self.committed_files("scores") if f.exists()]
         if not tables:
             return schema.SCORES_SCHEMA.empty_table()
         return pa.concat_tables(tables)

@@ -3,6 +3,7 @@
 from stages.aesthetics import AestheticsStage
 from stages.caption import CaptionStage
 from stages.clip_similarity import ClipSimilarityStage
+from stages.fault import FaultStage
 from stages.filter import FilterStage
 from stages.motion import MotionStage
 from stages.ocr import OcrStage
@@ -16,4 +17,5 @@ STAGES = {
     "caption": CaptionStage,
     "clip_similarity": ClipSimilarityStage,
     "filter": FilterStage,
+    "fault": FaultStage,  # deliberate failures, for containment tests and the soak benchmark
 }

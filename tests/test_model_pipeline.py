@@ -34,7 +34,7 @@ def test_aesthetics_actor_in_ray_matches_in_process(footage, tmp_path, ray_tmp):
     run_pipeline(config, [str(root)], local_out, run_local)
     try:
         run_pipeline(config, [str(root)], ray_out,
-                     lambda c, u: run_ray(c, u, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
+                     lambda c, u, s: run_ray(c, u, s, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
     finally:
         ray.shutdown()
     local = {r["clip_id"]: r for r in OutputStore(local_out).read_scores().to_pylist()}

@@ -15,7 +15,7 @@ from curation.config import ConfigError, load_config
 from curation.refilter import finalize, needs_final_pass, refilter
 from curation.rules import fmt
 from curation.runner import run_local, run_pipeline
-from curation.writer import OutputError
+from curation.writer import OutputError, OutputStore
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["split.min_duration_s=1.0", "run.sources_per_unit=2"]  # configs/spine.yaml: motion min 1, duration min 2
@@ -140,8 +140,11 @@ def test_final_pass_is_idempotent_after_a_crash(runs, tmp_path):
         shard.unlink()
     finalize(out, config)
     assert_same_outputs(out, runs["percentile"])
-    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == \
-           sorted(p.name for p in (runs["percentile"] / "shards").glob("*.parquet"))
+    # No leftover shard file: what is on disk is what the ledger lists (a rewritten unit's
+    # files carry a version in their names), as many files as the uninterrupted pass wrote.
+    on_disk = sorted(p.name for p in (out / "shards").glob("*.parquet"))
+    assert on_disk == sorted(p.name for p in OutputStore(out).committed_files("shards"))
+    assert len(on_disk) == len(list((runs["percentile"] / "shards").glob("*.parquet")))
 
 
 def test_removing_a_rule_with_null(runs, tmp_path):
@@ -177,3 +180,68 @@ def test_loosening_without_stored_clips_is_refused(runs, tmp_path):
     refilter(out, TIGHTER)  # tightening needs only the shards' own payload
     assert kept_ids(out) == kept_ids(runs["tighter"])
     assert set(read_dir(out, "shards")) == kept_ids(out)
+
+
+KEEP_STATIC = ["filter.rules.motion_score.min=0"]  # static shots kept too: two units change
+
+
+def interrupted_refilter(runs, tmp_path: Path, name: str) -> tuple[Path, Path, list[str]]:
+    """(half, done, hidden): `half` is what a KEEP_STATIC refilter killed part-way leaves: run.json
+    with the new rules marked unfinished, one unit switched to its new shards, and the next
+    unit's new shard files written but not yet listed by its ledger entry (`hidden`)."""
+    done = copy_of(runs["base"], tmp_path / f"{name}-done")
+    refilter(done, KEEP_STATIC)
+    half = copy_of(runs["base"], tmp_path / name)
+    before = {p.name: json.loads(p.read_text()) for p in (half / "ledger").glob("*.json")}
+    after = {p.name: json.loads(p.read_text()) for p in (done / "ledger").glob("*.json")}
+    switched = [n for n in sorted(after) if after[n]["shard_files"] != before[n]["shard_files"]]
+    assert len(switched) >= 2, "the fixture must rewrite two units"
+    assert after[switched[1]]["shard_files"], "the second unit must have new shard files to hide"
+    first, second = switched[:2]
+    shutil.copy(done / "ledger" / first, half / "ledger" / first)
+    shutil.copy(done / "scores" / after[first]["scores_file"], half / "scores" / after[first]["scores_file"])
+    for shard in after[first]["shard_files"] + after[second]["shard_files"]:
+        shutil.copy(done / "shards" / shard, half / "shards" / shard)
+    run = json.loads((done / "run.json").read_text())
+    run["refilters"][-1]["finished"] = False
+    (half / "run.json").write_text(json.dumps(run))
+    return half, done, after[second]["shard_files"]
+
+
+def test_interrupted_refilter_is_hidden_from_readers_and_the_same_refilter_finishes_it(runs, tmp_path):
+    from training.cli import train_command
+    from training.data import shard_paths
+
+    half, done, hidden = interrupted_refilter(runs, tmp_path, "half")
+    assert all((half / "shards" / n).exists() for n in hidden)
+    listed = [p.name for p in OutputStore(half).committed_files("shards")]
+    assert not set(hidden) & set(listed)  # readers never see the pass's unlisted files
+    with pytest.raises(ValueError, match="refilter .* did not finish"):
+        shard_paths(str(half))
+    with pytest.raises(SystemExit) as refused:
+        train_command([str(half), "--stage", "image", "--preset-size", "tiny"])
+    assert refused.value.code == 2
+    refilter(half, KEEP_STATIC)  # the same command again finishes the pass
+    assert_same_outputs(half, done)
+    assert sorted(Path(p).name for p in shard_paths(str(half))) == sorted(
+        p.name for p in (half / "shards").glob("*.parquet"))
+
+
+def test_interrupted_refilter_is_finished_by_curate_run_with_the_new_rules(runs, footage, tmp_path):
+    half, done, _ = interrupted_refilter(runs, tmp_path, "half-run")
+    record = run_pipeline(load_config(REPO / "configs" / "spine.yaml", BASE + KEEP_STATIC), [str(footage[0])],
+                          half, run_local)
+    assert record["refilters"][-1]["finished"] and record["refilters"][-1]["finished_by"] == "curate run"
+    assert_same_outputs(half, done)
+
+
+def test_train_refuses_an_unfinished_run(runs, tmp_path):
+    from training.cli import train_command
+
+    out = copy_of(runs["base"], tmp_path / "running")
+    run = json.loads((out / "run.json").read_text())
+    run["status"] = "running"
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as refused:
+        train_command([str(out), "--stage", "image", "--preset-size", "tiny"])
+    assert refused.value.code == 2

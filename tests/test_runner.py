@@ -28,6 +28,14 @@ def config(extra=()):
     return load_config(REPO / "configs" / "spine.yaml", OVERRIDES + list(extra))
 
 
+def cli_run(root: Path, out: Path, ray_tmp: str) -> tuple[list[str], dict[str, str]]:
+    """`curate run` of the spine on the embedded cluster, one source per unit: (argv, env)."""
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "configs" / "spine.yaml"), "--input", str(root),
+           "--output", str(out), "--num-cpus", "2", "--object-store-mb", "100",
+           *[a for o in OVERRIDES + ["run.sources_per_unit=1"] for a in ("--set", o)]]
+    return cmd, {**os.environ, "RAY_TMPDIR": ray_tmp}
+
+
 def clip_ids(out: Path) -> list[str]:
     return sorted(OutputStore(out).read_scores().column("clip_id").to_pylist())
 
@@ -125,7 +133,7 @@ def test_ray_two_node_cluster_matches_local(local_run, footage, ray_tmp):
         cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
         cluster.wait_for_nodes()
         out = Path(ray_tmp) / "out"
-        run_pipeline(config(), [str(root)], out, lambda c, u: run_ray(c, u, address=cluster.address))
+        run_pipeline(config(), [str(root)], out, lambda c, u, s: run_ray(c, u, s, address=cluster.address))
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         assert clip_ids(out) == clip_ids(out_local)
         local_keep = {r["clip_id"]: r["keep"] for r in OutputStore(out_local).read_scores().to_pylist()}
@@ -141,10 +149,7 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     out_local, _ = local_run
     root, _ = footage
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "configs" / "spine.yaml"), "--input", str(root),
-           "--output", str(out), "--num-cpus", "2", "--object-store-mb", "100",
-           *[a for o in OVERRIDES + ["run.sources_per_unit=1"] for a in ("--set", o)]]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    cmd, env = cli_run(root, out, ray_tmp)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -194,3 +199,32 @@ def test_sources_without_clips_commit_and_are_counted_apart(footage, tmp_path):
     summary, _ = summarize(out)
     assert summary["totals"]["source_outcomes"] == {"no_clips": 4, "unreadable": 3}
     assert funnel(out)["source_outcomes"] == {"no_clips": 4, "unreadable": 3}
+
+
+def test_a_sigkilled_driver_leaves_no_process_running(footage, tmp_path, ray_tmp):
+    """Only the driver is killed (not its process group): the embedded cluster goes too."""
+    from curation.reaper import alive, descendants
+
+    root, _ = footage
+    out = tmp_path / "out"
+    cmd, env = cli_run(root, out, ray_tmp)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    noted: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("ledger/u*.json")):
+            noted.update(descendants(proc.pid))
+            time.sleep(0.05)
+        noted.update(descendants(proc.pid))
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert len(noted) >= 4  # GCS, raylet, agents, workers (and the watcher itself)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while alive(noted) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(noted), sorted(alive(noted))
+    finally:
+        for pid in alive(noted):
+            os.kill(pid, signal.SIGKILL)

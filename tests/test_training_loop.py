@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -117,9 +118,7 @@ def test_checkpoint_holds_state_dicts_config_step_and_rng(out_dir, tmp_path):
 
 def test_train_command_runs_all_stages_in_order(out_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    (out / "shards").mkdir(parents=True)
-    for p in shard_paths(out_dir):
-        os.link(p, out / "shards" / os.path.basename(p))
+    shutil.copytree(out_dir, out, copy_function=os.link)  # shards, ledger and run.json
     assert train_command([str(out), "--stage", "video", "--preset-size", "tiny"]) == 2
     assert "--stage image" in capsys.readouterr().err  # the video stage needs the image checkpoint
     sets = [a for s in MICRO for a in ("--set", s)]

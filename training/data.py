@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from curation.schema import DEFAULT_MOTION_BUCKET_ID, SHARDS_SCHEMA, conform, fps_id_for
+from curation.writer import OutputStore
 
 from training.config import TrainConfig
 
@@ -53,11 +54,22 @@ for _name in TRAIN_COLUMNS:
 # ---- reading and selecting --------------------------------------------------------------
 
 def shard_paths(out_dir: str) -> list[str]:
-    """OUT_DIR/shards/*.parquet, sorted; an error naming the folder when there is none."""
-    paths = sorted(glob.glob(os.path.join(out_dir, "shards", "*.parquet")))
+    """The shard files the ledger lists (committed units only), in unit order.
+
+    Refuses (ValueError) an output whose run or refilter did not finish: training on part of
+    a corpus, or on shards a refilter left half rewritten, would be silently wrong.
+    """
+    store = OutputStore(out_dir)
+    problem = store.not_ready_reason()
+    if problem:
+        raise ValueError(problem)
+    paths = [str(p) for p in store.committed_files("shards")]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is listed in the ledger but missing ({len(missing)} files); "
+                                "the output is damaged")
     if not paths:
-        raise FileNotFoundError(f"no shards: {os.path.join(out_dir, 'shards', '*.parquet')} matched nothing "
-                                f"(run `curate run ... --output {out_dir}` first)")
+        raise FileNotFoundError(f"no shards in {out_dir}: no committed unit kept a clip")
     return paths
 
 

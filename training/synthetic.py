@@ -79,14 +79,26 @@ def synthetic_shard_table(num_clips: int = 8, num_frames: int = 12, size_px: int
 
 
 def write_synthetic_shards(out_dir: str, num_shards: int = 2, **kwargs) -> list[str]:
-    """Write OUT_DIR/shards/part-*.parquet as the curation writer would; returns the paths."""
+    """Write OUT_DIR/shards/ as the curation writer would, one committed unit per shard file
+    (ledger entry and a complete run.json), so readers find them the way they find real ones;
+    returns the paths."""
+    from curation.writer import OutputStore, write_json
+
     table = synthetic_shard_table(**kwargs)
-    os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+    store = OutputStore(out_dir)
+    for folder in (store.shards_dir, store.ledger_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     paths, per = [], -(-table.num_rows // num_shards)
     for k in range(num_shards):
         part = table.slice(k * per, per)
         if part.num_rows:
-            path = os.path.join(out_dir, "shards", f"part-{k:05d}.parquet")
+            unit_id = f"usynthetic{k:05d}"
+            path = store.shards_dir / f"{unit_id}-0000.parquet"
             pq.write_table(part, path)
-            paths.append(path)
+            write_json(store.ledger_dir / f"{unit_id}.json", {
+                "unit_id": unit_id, "source_ids": sorted(set(part.column("source_id").to_pylist())),
+                "rows": part.num_rows, "clips": part.num_rows, "kept": part.num_rows,
+                "scores_file": None, "clips_file": None, "shard_files": [path.name]})
+            paths.append(str(path))
+    write_json(store.run_json, {"status": "complete", "synthetic": True})
     return paths

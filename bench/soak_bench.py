@@ -1,0 +1,239 @@
+"""Soak benchmark: a large mixed corpus, driver and workers killed, every clip exactly once.
+
+    python bench/soak_bench.py [--sources 300] [--config pipeline.yaml] [--work bench_out/soak]
+
+1. Generates a corpus of --sources files (cached in WORK/corpus), at least 15% of them bad
+   or odd: every kind of source that gives no clip (shorter than min_duration_s, fast cuts,
+   one frame, a video stream with no decodable frame, audio only, a 1 fps slideshow),
+   zero-byte, truncated, garbage in the middle, not a video, 4K, 120 fps, 10-bit, rotated
+   90/180/270, non-square pixels; the rest ordinary short clips of 1 to 4 shots.
+2. Runs `curate run CONFIG --skip-unavailable-models` on the embedded cluster, uninterrupted.
+3. Runs the same command again into another folder and SIGKILLs the driver at 3 random
+   moments (resuming with the same command after each), and SIGKILLs 2 unit workers
+   (`ray::unit_task` processes) while it runs.
+4. Prints: sources accounted / total; clips exactly once (duplicates, missing and extra
+   against the uninterrupted run); work lost at each kill (units in flight); wall time of
+   the interrupted run against the uninterrupted one. Also written to WORK/soak.json.
+
+Run by hand (it takes minutes), not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from curation import synth  # noqa: E402
+from curation.reaper import descendants  # noqa: E402
+
+
+def ordinary(path: Path, rng: random.Random, **options) -> None:
+    shots = [{"frames": rng.randint(50, 110), "seed": rng.randint(0, 10**6),
+              "motion": rng.choice(["static", "pan", "square"]), "speed_px_per_frame": rng.uniform(0.5, 6)}
+             for _ in range(rng.randint(1, 4))]
+    for attempt in range(20):
+        try:
+            synth.make_video(path, shots, options.pop("fps", rng.choice([24, 25, 30, 29.97])),
+                             options.pop("size", rng.choice([(320, 180), (256, 144), (240, 320)])), **options)
+            return
+        except ValueError:  # two neighbouring looks too alike for a sure cut: new seeds
+            for s in shots:
+                s["seed"] = rng.randint(0, 10**6)
+    raise RuntimeError(f"could not make {path}")
+
+
+def make_corpus(root: Path, n: int, seed: int = 0) -> dict[str, str]:
+    """name -> kind; at least 15% of the files are bad or odd."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    kinds: dict[str, str] = {}
+    good = root / "good_000.mp4"
+    ordinary(good, rng, size=(320, 180))
+    kinds[good.name] = "ordinary"
+    for name, (status, _) in synth.write_no_clip_sources(root / "no_clips").items():
+        kinds[f"no_clips/{name}"] = status
+    odd = {
+        "zero_byte.mp4": lambda p: synth.write_zero_byte(p),
+        "truncated.mp4": lambda p: synth.write_corrupt_video(p, good, mode="truncate"),
+        "garbage_middle.mp4": lambda p: synth.write_corrupt_video(p, good, mode="garbage"),
+        "not_a_video.mp4": lambda p: synth.write_not_a_video(p),
+        "uhd_4k.mp4": lambda p: synth.make_video(p, [{"frames": 36, "seed": 5, "motion": "pan"}], 24, (3840, 2160)),
+        "fps_120.mp4": lambda p: ordinary(p, rng, fps=120),
+        "ten_bit.mp4": lambda p: ordinary(p, rng, pix_fmt="yuv420p10le"),
+        "rotated_90.mp4": lambda p: ordinary(p, rng, rotation=90),
+        "rotated_180.mp4": lambda p: ordinary(p, rng, rotation=180),
+        "rotated_270.mp4": lambda p: ordinary(p, rng, rotation=270),
+        "non_square_pixels.mp4": lambda p: ordinary(p, rng, sample_aspect_ratio=Fraction(4, 3)),
+    }
+    bad_target = max(int(0.16 * n), len(odd) + len(kinds))
+    k = 0
+    while len(kinds) < bad_target:  # the odd kinds, repeated with new content
+        for name, make in odd.items():
+            if len(kinds) >= bad_target:
+                break
+            path = root / f"{Path(name).stem}_{k:03d}.mp4"
+            make(path)
+            kinds[path.name] = Path(name).stem
+        k += 1
+    i = 1
+    while len(kinds) < n:
+        path = root / f"good_{i:03d}.mp4"
+        ordinary(path, rng)
+        kinds[path.name] = "ordinary"
+        i += 1
+    (root / "kinds.json").write_text(json.dumps(kinds, indent=1))
+    return kinds
+
+
+def command(config: str, corpus: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "curation.cli", "run", config, "--input", str(corpus), "--output", str(out),
+            "--skip-unavailable-models"]
+
+
+def ledger_count(out: Path) -> int:
+    return len(list(out.glob("ledger/u*.json")))
+
+
+def unit_workers(driver: int) -> list[int]:
+    pids = []
+    for pid in descendants(driver):
+        try:
+            if b"ray::unit_task" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def clip_counts(out: Path) -> Counter:
+    import pyarrow.parquet as pq
+
+    from curation.writer import OutputStore
+
+    counts: Counter = Counter()
+    for path in OutputStore(out).committed_files("scores"):
+        counts.update(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
+    return counts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sources", type=int, default=300)
+    p.add_argument("--config", default=str(REPO / "pipeline.yaml"))
+    p.add_argument("--work", default=str(REPO / "bench_out" / "soak"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    work = Path(args.work)
+    corpus = work / "corpus"
+    kinds_file = corpus / "kinds.json"
+    if kinds_file.exists() and len(json.loads(kinds_file.read_text())) == args.sources:
+        kinds = json.loads(kinds_file.read_text())
+    else:
+        shutil.rmtree(corpus, ignore_errors=True)
+        t0 = time.perf_counter()
+        kinds = make_corpus(corpus, args.sources, args.seed)
+        print(f"corpus: {len(kinds)} files in {time.perf_counter() - t0:.0f}s", flush=True)
+    bad = sum(1 for k in kinds.values() if k != "ordinary")
+    print(f"corpus: {len(kinds)} sources, {bad} bad or odd ({100 * bad / len(kinds):.0f}%): "
+          f"{dict(Counter(kinds.values()))}", flush=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    # Uninterrupted.
+    clean = work / "clean"
+    shutil.rmtree(clean, ignore_errors=True)
+    t0 = time.monotonic()
+    done = subprocess.run(command(args.config, corpus, clean), env=env, capture_output=True, text=True)
+    clean_wall = time.monotonic() - t0
+    if done.returncode != 0:
+        sys.exit(f"uninterrupted run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    print(f"uninterrupted: {clean_wall:.0f}s, exit 0", flush=True)
+
+    # Interrupted: the driver killed 3 times, 2 unit workers killed.
+    rng = random.Random(args.seed + 1)
+    soak = work / "soak"
+    shutil.rmtree(soak, ignore_errors=True)
+    kills = []
+    worker_kills = sorted(rng.uniform(0.1, 0.8) * clean_wall for _ in range(2))
+    total_wall, attempt = 0.0, 0
+    while True:
+        kill_at = rng.uniform(0.15, 0.45) * clean_wall if attempt < 3 else None
+        log = open(work / f"soak-attempt{attempt}.log", "w")
+        started = time.monotonic()
+        proc = subprocess.Popen(command(args.config, corpus, soak), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            now = time.monotonic() - started
+            if worker_kills and total_wall + now >= worker_kills[0]:
+                victims = unit_workers(proc.pid)
+                if victims:
+                    os.kill(victims[0], signal.SIGKILL)
+                    worker_kills.pop(0)
+                    print(f"  killed unit worker {victims[0]} at {total_wall + now:.0f}s", flush=True)
+            if kill_at is not None and now >= kill_at:
+                in_flight = len(list(soak.glob("inflight/*.json")))
+                committed = ledger_count(soak)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills.append({"attempt": attempt, "at_s": round(now, 1), "units_committed": committed,
+                              "units_in_flight_lost": in_flight})
+                print(f"  killed the driver at {now:.0f}s of attempt {attempt}: {committed} units committed, "
+                      f"{in_flight} in flight lost", flush=True)
+                time.sleep(5)  # the reaper ends the embedded cluster
+                break
+            time.sleep(0.2)
+        total_wall += time.monotonic() - started
+        log.close()
+        if proc.returncode == 0:
+            break
+        if kill_at is None:
+            sys.exit(f"the last attempt exited {proc.returncode}; see {work}/soak-attempt{attempt}.log")
+        attempt += 1
+
+    # Check.
+    from curation.writer import OutputStore
+
+    scores = OutputStore(soak).read_scores()
+    accounted = len(set(scores.column("source_id").to_pylist()))
+    a, b = clip_counts(soak), clip_counts(clean)
+    duplicates = sum(n - 1 for n in a.values() if n > 1)
+    missing = len(set(b) - set(a))
+    extra = len(set(a) - set(b))
+    outcomes = Counter(s for s in scores.column("source_status").to_pylist() if s)
+    result = {
+        "sources_total": len(kinds), "sources_bad_or_odd": bad, "sources_accounted": accounted,
+        "clips": sum(a.values()), "clips_uninterrupted": sum(b.values()), "duplicates": duplicates,
+        "missing_vs_uninterrupted": missing, "extra_vs_uninterrupted": extra,
+        "outcomes": dict(outcomes), "driver_kills": kills, "attempts": attempt + 1,
+        "wall_uninterrupted_s": round(clean_wall, 1), "wall_interrupted_s": round(total_wall, 1),
+        "wall_ratio": round(total_wall / clean_wall, 2),
+        "units_retried": json.loads((soak / "run.json").read_text()).get("units_retried"),
+    }
+    (work / "soak.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(f"{'sources accounted / total':<40}{accounted} / {len(kinds)}")
+    print(f"{'clips (interrupted / uninterrupted)':<40}{result['clips']} / {result['clips_uninterrupted']}")
+    print(f"{'duplicates / missing / extra':<40}{duplicates} / {missing} / {extra}")
+    print(f"{'sources without clips by status':<40}{dict(outcomes)}")
+    for k in kills:
+        print(f"{'driver kill, attempt ' + str(k['attempt']):<40}at {k['at_s']}s: "
+              f"{k['units_committed']} units committed, {k['units_in_flight_lost']} in flight lost")
+    print(f"{'units retried (worker kills)':<40}{result['units_retried']}")
+    print(f"{'wall: interrupted / uninterrupted':<40}{total_wall:.0f}s / {clean_wall:.0f}s "
+          f"= {result['wall_ratio']}x")
+
+
+if __name__ == "__main__":
+    main()

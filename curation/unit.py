@@ -1,0 +1,212 @@
+"""One work unit, start to finish, in one worker process (shared by both runners).
+
+`UnitWorker.run(unit, store)`:
+1. each source, one at a time, through split and the steps after it up to the first model
+   step (in the default recipe: split, motion). Under a `SourceGuard` (the Ray runner) the
+   source runs with a time limit that scales with its duration, and the unit's in-flight
+   marker names it, so the driver can pin a crash, an OOM kill or a hang on that source;
+2. the unit's rows, in batches of each step's batch_size, through the remaining steps. A
+   model step (`ray.actors` or `ray.num_gpus` set) is handed to `remote` (the Ray runner's
+   actor pools) when one is given, and runs in this process otherwise;
+3. the unit's data files (`OutputStore.write_unit`). The ledger entry is returned, not
+   written: the driver writes it last, which commits the unit.
+
+Sources in `failed` (they killed or hung their worker on every attempt) are not run again;
+each gets one row saying why (source_status worker_died / timed_out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from curation import schema
+from curation.config import PipelineConfig, Step
+from curation.sources import Source, Unit
+from curation.writer import STAGE_SECONDS_PREFIX, OutputStore, write_json
+from stages.base import Batch, Stage, batch_len, check_output
+
+log = logging.getLogger(__name__)
+
+DROPPED_BEFORE_WRITE = ("sample_frames",)  # only the motion stage reads them
+
+RemoteCall = Callable[[Step, Batch], Batch]
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+def source_rows(unit_id: str, sources: tuple[Source, ...] | list[Source]) -> Batch:
+    return {
+        "source_path": [s.path for s in sources],
+        "source_id": [s.source_id for s in sources],
+        "unit_id": [unit_id] * len(sources),
+    }
+
+
+def failure_row(source: Source, unit_id: str, reason: str, status: str) -> Batch:
+    """The one row of a source that never finished (its worker died or timed out)."""
+    return {
+        "clip_id": [schema.clip_id_for(source.source_id, None, None)],
+        "source_id": [source.source_id], "source_path": [source.path], "unit_id": [unit_id],
+        "start_frame": [None], "end_frame": [None], "split_error": [reason], "source_status": [status],
+    }
+
+
+def concat_batches(parts: list[Batch]) -> Batch:
+    """Rows of all parts; a column missing from a part is None there."""
+    parts = [p for p in parts if batch_len(p)]
+    names = list(dict.fromkeys(k for p in parts for k in p))
+    return {k: [v for p in parts for v in p.get(k, [None] * batch_len(p))] for k in names}
+
+
+def slices(batch: Batch, size: int) -> list[Batch]:
+    n = batch_len(batch)
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, max(1, size))]
+
+
+def apply_step(step: Step, stage: Stage, batch: Batch) -> Batch:
+    """Run one stage on a batch, check its declaration, and record its busy time per row."""
+    if stage.fan_out:
+        # One source at a time, so each source's time is spread over its own rows.
+        return concat_batches([apply_step_once(step, stage, part) for part in slices(batch, 1)])
+    return apply_step_once(step, stage, batch)
+
+
+def apply_step_once(step: Step, stage: Stage, batch: Batch) -> Batch:
+    started = time.perf_counter()
+    out = stage(batch)
+    check_output(stage, batch, out)
+    n = batch_len(out)
+    out[STAGE_SECONDS_PREFIX + step.name] = [(time.perf_counter() - started) / max(n, 1)] * n
+    return out
+
+
+def is_model_step(step: Step) -> bool:
+    """Steps that hold a model: run by actor pools under Ray (loaded once per actor)."""
+    return step.ray.actors is not None or step.ray.num_gpus > 0
+
+
+def per_source_steps(config: PipelineConfig) -> int:
+    """How many leading steps run source by source (split and the CPU steps after it)."""
+    for i, step in enumerate(config.steps):
+        if is_model_step(step):
+            return i
+    return len(config.steps)
+
+
+# ---- the time limit -----------------------------------------------------------------------------
+
+class SourceGuard:
+    """The in-flight marker of a unit and a hard time limit for the source being processed.
+
+    The marker (OUT/inflight/<unit>.json) says which source this attempt is on, since when,
+    and its limit; the driver reads it when the worker dies. The limit is a real-time timer
+    whose signal (SIGALRM, default action) ends the process even inside native code that never
+    returns to Python; where the task does not run on the main thread, a timer thread sends
+    SIGKILL instead. Only for worker processes: it would end an in-process run.
+    """
+
+    def __init__(self, marker: Path, unit_id: str, attempt: int, floor_s: float, per_video_s: float):
+        self.marker, self.unit_id, self.attempt = marker, unit_id, attempt
+        self.floor_s, self.per_video_s = floor_s, per_video_s
+        self._thread_timer: threading.Timer | None = None
+
+    def limit_for(self, duration_s: float | None) -> float:
+        if duration_s is None or not duration_s > 0:
+            return self.floor_s
+        return max(self.floor_s, self.per_video_s * duration_s)
+
+    def enter(self, source: Source, limit_s: float) -> None:
+        self._write({"phase": "source", "source_id": source.source_id, "source_path": source.path,
+                     "limit_s": limit_s})
+        self._arm(limit_s)
+
+    def leave(self) -> None:
+        self._arm(0)
+
+    def unit_phase(self) -> None:
+        self._write({"phase": "unit"})
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        write_json(self.marker, {"unit_id": self.unit_id, "attempt": self.attempt, "pid": os.getpid(),
+                                 "started_at": time.time(), **fields})
+
+    def _arm(self, seconds: float) -> None:
+        if self._thread_timer is not None:
+            self._thread_timer.cancel()
+            self._thread_timer = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.setitimer(signal.ITIMER_REAL, max(0.0, seconds))
+        elif seconds > 0:
+            self._thread_timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL))
+            self._thread_timer.daemon = True
+            self._thread_timer.start()
+
+
+def probe_duration(path: str) -> float | None:
+    """The source's duration from its container (None when it cannot be read)."""
+    from stages.split import probe
+
+    try:
+        return probe(path)["duration_s"]
+    except Exception:  # noqa: BLE001 - an unreadable file is split's to report
+        return None
+
+
+# ---- the unit -----------------------------------------------------------------------------------
+
+class UnitWorker:
+    """Runs units through the steps of a config (see the module docstring)."""
+
+    def __init__(self, config: PipelineConfig, stage_for: Callable[[Step], Stage],
+                 remote: RemoteCall | None = None):
+        self.config = config
+        self.stage_for = stage_for
+        self.remote = remote
+        self.n_per_source = per_source_steps(config)
+
+    def run_step(self, step: Step, batch: Batch) -> Batch:
+        if not batch_len(batch):
+            return batch
+        if self.remote is not None and is_model_step(step):
+            return self.remote(step, batch)
+        stage = self.stage_for(step)
+        return concat_batches([apply_step(step, stage, part) for part in slices(batch, step.ray.batch_size)])
+
+    def run_source(self, unit: Unit, source: Source) -> Batch:
+        batch = source_rows(unit.unit_id, [source])
+        for step in self.config.steps[:self.n_per_source]:
+            batch = self.run_step(step, batch)
+        return batch
+
+    def run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None = None,
+            failed: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+        failed = failed or {}
+        parts = []
+        for source in unit.sources:
+            if source.source_id in failed:
+                parts.append(failure_row(source, unit.unit_id, *failed[source.source_id]))
+                continue
+            if guard is not None:
+                guard.enter(source, guard.floor_s)  # the probe itself may hang
+                guard.enter(source, guard.limit_for(probe_duration(source.path)))
+            parts.append(self.run_source(unit, source))
+            if guard is not None:
+                guard.leave()
+        if guard is not None:
+            guard.unit_phase()
+        batch = concat_batches(parts)
+        for step in self.config.steps[self.n_per_source:]:
+            batch = self.run_step(step, batch)
+        for name in DROPPED_BEFORE_WRITE:
+            batch.pop(name, None)
+        table = schema.batch_to_table(batch)
+        return store.write_unit(unit.unit_id, [s.source_id for s in unit.sources], table,
+                                self.config.run.shard_target_mb, self.config.run.store_all_clips)

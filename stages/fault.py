@@ -1,0 +1,62 @@
+"""fault: deliberate failures on chosen sources, to prove that a run contains them.
+
+For containment tests and the soak benchmark (bench/soak_bench.py), never for curation: on
+a row whose source_path contains one of the `faults` keys, this stage fails the way real
+sources fail their workers, then (if it returns at all) passes the batch on unchanged:
+  kill      SIGKILL to its own process (what the OOM killer sends)
+  exit      os._exit(1) (a library that calls exit)
+  segfault  a read of address 0 (a native crash)
+  hang      sleep forever (a decode that never returns)
+  raise     a Python exception (a bug in a stage)
+Rows of other sources pass through untouched; it adds no column.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from typing import Literal
+
+from stages.base import Batch, Stage
+
+FaultMode = Literal["kill", "exit", "segfault", "hang", "raise"]
+MODES = ("kill", "exit", "segfault", "hang", "raise")
+
+
+def fail(mode: str) -> None:
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "exit":
+        os._exit(1)
+    elif mode == "segfault":
+        ctypes.string_at(0)
+    elif mode == "hang":
+        while True:
+            time.sleep(3600)
+    elif mode == "raise":
+        raise RuntimeError("fault stage: raised on purpose")
+
+
+class FaultStage(Stage):
+    """Fail on purpose on sources whose path contains a key of `faults` (module docstring)."""
+
+    name = "fault"
+    outputs = ()
+
+    def __init__(self, faults: dict[str, FaultMode] | None = None):
+        faults = dict(faults or {})
+        for key, mode in faults.items():
+            if mode not in MODES:
+                raise ValueError(f"faults[{key!r}]={mode!r}; allowed: {', '.join(MODES)}")
+            if not key:
+                raise ValueError("faults: an empty key would match every source")
+        self.faults = faults
+
+    def __call__(self, batch: Batch) -> Batch:
+        for path in batch.get("source_path", []):
+            for key, mode in self.faults.items():
+                if key in path:
+                    fail(mode)
+        return batch

@@ -1,0 +1,137 @@
+"""A source that kills or hangs its worker, or a node that goes away, does not stop the run."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curation.config import parse_config
+from curation.runner import run_local, run_pipeline
+from curation.writer import OutputStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spine_config(faults: dict | None = None, run: dict | None = None):
+    raw = yaml.safe_load((REPO / "configs" / "spine.yaml").read_text())
+    raw["steps"][0]["args"]["min_duration_s"] = 1.0
+    if faults:
+        raw["steps"].insert(1, {"stage": "fault", "args": {"faults": faults}})
+    raw["run"].update({"sources_per_unit": 2, **(run or {})})
+    return parse_config(raw)
+
+
+def rows_by_source(out: Path) -> dict[str, list[dict]]:
+    by_name: dict[str, list[dict]] = {}
+    for r in OutputStore(out).read_scores().to_pylist():
+        by_name.setdefault(Path(r["source_path"]).name, []).append(r)
+    return by_name
+
+
+def clip_ids(rows: dict[str, list[dict]], names) -> list[str]:
+    return sorted(r["clip_id"] for n in names for r in rows[n])
+
+
+@pytest.fixture(scope="module")
+def corpus(footage, tmp_path_factory):
+    """The fixture footage plus copies of a good source that the fault stage will fail on."""
+    root, _ = footage
+    folder = tmp_path_factory.mktemp("containment")
+    for p in root.iterdir():
+        shutil.copy(p, folder / p.name)
+    for name in ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4"):
+        shutil.copy(root / "pan.mp4", folder / name)
+    reference = folder.parent / "reference"
+    run_pipeline(spine_config(), [str(folder)], reference, run_local)
+    return folder, rows_by_source(reference)
+
+
+def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, tmp_path, ray_tmp):
+    import ray
+
+    from curation.pipeline import run_ray
+
+    folder, reference = corpus
+    cfg = spine_config({"segfault_me": "segfault", "kill_me": "kill", "hang_me": "hang"},
+                       {"source_timeout_floor_s": 6.0, "source_timeout_per_video_s": 0.5,
+                        "max_source_attempts": 2})
+    out = tmp_path / "out"
+    started = time.monotonic()
+    try:
+        record = run_pipeline(cfg, [str(folder)], out, lambda c, u, s: run_ray(
+            c, u, s, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
+    finally:
+        ray.shutdown()
+    wall = time.monotonic() - started
+    assert record["status"] == "complete" and record["sources"] == {"total": 9, "committed": 9}
+    rows = rows_by_source(out)
+    for name, status, reason in (("segfault_me.mp4", "worker_died", "worker died"),
+                                 ("kill_me.mp4", "worker_died", "worker died"),
+                                 ("hang_me.mp4", "timed_out", "timed out after 6 s")):
+        [row] = rows[name]
+        assert row["source_status"] == status and reason in row["split_error"], row
+        assert "2 attempts" in row["split_error"] and not row["keep"]
+    # Every other source: exactly the clips of an in-process run without faults.
+    good = [n for n in reference if n not in ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4")]
+    assert clip_ids(rows, good) == clip_ids(reference, good)
+    assert record["source_outcomes"] == {"unreadable": 3, "worker_died": 2, "timed_out": 1}
+    assert record["units_retried"] >= 2
+    # The hang cost two time limits, not forever.
+    assert wall < 240
+    assert not list((out / "inflight").iterdir())
+
+
+def test_losing_a_node_mid_run_gives_every_clip_once(corpus, tmp_path, ray_tmp):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curation.pipeline import run_ray
+
+    folder, reference = corpus
+    names = [n for n in reference if n not in ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4")]
+    inputs = [str(folder / n) for n in names]
+    cfg = spine_config(run={"sources_per_unit": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 80 * 1024**2, "temp_dir": ray_tmp,
+        "include_dashboard": False})
+    out = tmp_path / "out"
+    result: dict = {}
+    try:
+        worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
+        cluster.wait_for_nodes()
+
+        def drive():
+            try:
+                result["record"] = run_pipeline(cfg, inputs, out, lambda c, u, s: run_ray(
+                    c, u, s, address=cluster.address))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=drive)
+        thread.start()
+        # Remove the worker node while it is running a unit: once the first unit is committed
+        # and the worker node has a unit in flight.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(out.glob("ledger/u*.json")):
+            time.sleep(0.05)
+        removed_while_running = len(list((out / "ledger").glob("u*.json"))) < len(names)
+        cluster.remove_node(worker)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the run did not finish after the node was removed"
+        assert "error" not in result, result.get("error")
+        assert removed_while_running
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    rows = rows_by_source(out)
+    ids = [r["clip_id"] for n in names for r in rows[n]]
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == clip_ids(reference, names)
+    assert result["record"]["sources"]["committed"] == len(names)
+    # The worker node had a unit in flight when it went: that unit ran again on the head.
+    assert result["record"]["units_retried"] >= 1
