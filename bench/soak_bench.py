@@ -41,13 +41,16 @@ from curation.reaper import descendants  # noqa: E402
 
 
 def ordinary(path: Path, rng: random.Random, **options) -> None:
-    shots = [{"frames": rng.randint(50, 110), "seed": rng.randint(0, 10**6),
-              "motion": rng.choice(["static", "pan", "square"]), "speed_px_per_frame": rng.uniform(0.5, 6)}
-             for _ in range(rng.randint(1, 4))]
+    shots = []
+    for _ in range(rng.randint(1, 4)):
+        motion = rng.choice(["static", "pan", "square"])
+        shots.append({"frames": rng.randint(50, 110), "seed": rng.randint(0, 10**6), "motion": motion,
+                      "speed_px_per_frame": 0.0 if motion == "static" else rng.uniform(0.5, 6)})
+    fps = options.pop("fps", rng.choice([24, 25, 30, 29.97]))
+    size = options.pop("size", rng.choice([(320, 180), (256, 144), (240, 320)]))
     for attempt in range(20):
         try:
-            synth.make_video(path, shots, options.pop("fps", rng.choice([24, 25, 30, 29.97])),
-                             options.pop("size", rng.choice([(320, 180), (256, 144), (240, 320)])), **options)
+            synth.make_video(path, shots, fps, size, **options)
             return
         except ValueError:  # two neighbouring looks too alike for a sure cut: new seeds
             for s in shots:
@@ -70,7 +73,7 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> dict[str, str]:
         "truncated.mp4": lambda p: synth.write_corrupt_video(p, good, mode="truncate"),
         "garbage_middle.mp4": lambda p: synth.write_corrupt_video(p, good, mode="garbage"),
         "not_a_video.mp4": lambda p: synth.write_not_a_video(p),
-        "uhd_4k.mp4": lambda p: synth.make_video(p, [{"frames": 36, "seed": 5, "motion": "pan"}], 24, (3840, 2160)),
+        "uhd_4k.mp4": lambda p: synth.make_video(p, [{"frames": 60, "seed": 5, "motion": "pan", "speed_px_per_frame": 20.0}], 24, (3840, 2160)),
         "fps_120.mp4": lambda p: ordinary(p, rng, fps=120),
         "ten_bit.mp4": lambda p: ordinary(p, rng, pix_fmt="yuv420p10le"),
         "rotated_90.mp4": lambda p: ordinary(p, rng, rotation=90),
@@ -118,6 +121,48 @@ def unit_workers(driver: int) -> list[int]:
     return pids
 
 
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants, in MB."""
+    total = 0
+    for pid in [root, *descendants(root)]:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run_watched(cmd: list[str], env: dict[str, str], log_path: Path) -> dict:
+    """Run to the end, sampling CPU use (busy cores, mean) and the process tree's memory."""
+    busy0, total0 = cpu_times()
+    started = time.monotonic()
+    peak_rss, rss_samples = 0.0, []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            rss = tree_rss_mb(proc.pid)
+            peak_rss = max(peak_rss, rss)
+            rss_samples.append(rss)
+            time.sleep(1.0)
+    busy1, total1 = cpu_times()
+    cores = os.cpu_count() or 1
+    third = max(1, len(rss_samples) // 3)
+    return {"returncode": proc.returncode, "wall_s": time.monotonic() - started,
+            "busy_cores_mean": cores * (busy1 - busy0) / max(total1 - total0, 1.0),
+            "peak_rss_mb": peak_rss,
+            "rss_mb_first_third_mean": sum(rss_samples[:third]) / third,
+            "rss_mb_last_third_mean": sum(rss_samples[-third:]) / third}
+
+
 def clip_counts(out: Path) -> Counter:
     import pyarrow.parquet as pq
 
@@ -154,12 +199,14 @@ def main() -> None:
     # Uninterrupted.
     clean = work / "clean"
     shutil.rmtree(clean, ignore_errors=True)
-    t0 = time.monotonic()
-    done = subprocess.run(command(args.config, corpus, clean), env=env, capture_output=True, text=True)
-    clean_wall = time.monotonic() - t0
-    if done.returncode != 0:
-        sys.exit(f"uninterrupted run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    print(f"uninterrupted: {clean_wall:.0f}s, exit 0", flush=True)
+    watched = run_watched(command(args.config, corpus, clean), env, work / "clean.log")
+    clean_wall = watched["wall_s"]
+    if watched["returncode"] != 0:
+        sys.exit(f"uninterrupted run failed ({watched['returncode']}); see {work / 'clean.log'}")
+    print(f"uninterrupted: {clean_wall:.0f}s, exit 0, {watched['busy_cores_mean']:.2f} of {os.cpu_count()} "
+          f"cores busy on average, memory of the run's processes peak {watched['peak_rss_mb']:.0f} MB "
+          f"(mean {watched['rss_mb_first_third_mean']:.0f} MB in the first third, "
+          f"{watched['rss_mb_last_third_mean']:.0f} MB in the last)", flush=True)
 
     # Interrupted: the driver killed 3 times, 2 unit workers killed.
     rng = random.Random(args.seed + 1)
@@ -220,17 +267,20 @@ def main() -> None:
         "wall_uninterrupted_s": round(clean_wall, 1), "wall_interrupted_s": round(total_wall, 1),
         "wall_ratio": round(total_wall / clean_wall, 2),
         "units_retried": json.loads((soak / "run.json").read_text()).get("units_retried"),
+        "uninterrupted_run": watched,
+        "worker_kills": 2 - len(worker_kills),
     }
     (work / "soak.json").write_text(json.dumps(result, indent=2))
     print()
     print(f"{'sources accounted / total':<40}{accounted} / {len(kinds)}")
-    print(f"{'clips (interrupted / uninterrupted)':<40}{result['clips']} / {result['clips_uninterrupted']}")
+    print(f"{'scores rows (interrupted / uninterrupted)':<40}{result['clips']} / {result['clips_uninterrupted']}")
     print(f"{'duplicates / missing / extra':<40}{duplicates} / {missing} / {extra}")
     print(f"{'sources without clips by status':<40}{dict(outcomes)}")
     for k in kills:
         print(f"{'driver kill, attempt ' + str(k['attempt']):<40}at {k['at_s']}s: "
               f"{k['units_committed']} units committed, {k['units_in_flight_lost']} in flight lost")
-    print(f"{'units retried (worker kills)':<40}{result['units_retried']}")
+    print(f"{'unit workers killed':<40}{result['worker_kills']} (units committed after a retry: "
+          f"{result['units_retried']}; a retried unit lost to a later driver kill counts as not retried)")
     print(f"{'wall: interrupted / uninterrupted':<40}{total_wall:.0f}s / {clean_wall:.0f}s "
           f"= {result['wall_ratio']}x")
 

@@ -9,8 +9,9 @@ releases, so each use lives in one place).
   Only the ledger entry, a small record, travels back; the driver writes it last (the commit).
 - A model step (`ray.actors: N`, or `ray.num_gpus` set) runs on a pool of N actors that each
   load the model once; unit tasks send it their rows in batches of its batch_size. A batch
-  whose actor dies or overruns its time limit is retried source by source; rows that still
-  fail get that stage's error column ("worker died ..." / "timed out ...").
+  whose actor dies or overruns its time limit is retried source by source, once, on the
+  restarted actor; rows that fail again get that stage's error column ("worker died ..." /
+  "timed out ...").
 - The driver keeps about two tasks per free CPU in flight (a task waiting on an actor gives
   its CPU back to Ray meanwhile) and commits each unit as its task returns, so commits stream.
 - A task that dies (segfault, OOM kill, lost node) or runs past its source's time limit is
@@ -102,42 +103,49 @@ class ActorPools:
     timeout_per_row_s: float = 60.0
 
     def __call__(self, step: Step, batch: Batch) -> Batch:
-        return concat_batches([self.call_isolated(step, part) for part in slices(batch, step.ray.batch_size)])
+        """The rows through the step's actors, in batches of its batch_size.
 
-    def call_isolated(self, step: Step, batch: Batch) -> Batch:
-        """The batch on one actor; if that fails, each source's rows alone; then error rows."""
-        try:
-            return self.call(step, batch)
-        except Exception as exc:  # noqa: BLE001 - a dead or hung actor is recorded, not raised
-            reason = actor_failure(exc, self.timeout_for(batch))
-            sources = list(dict.fromkeys(batch["source_id"]))
-            log.warning("step %s failed on a batch of %d rows (%s)%s", step.name, batch_len(batch),
-                        reason, "; retrying source by source" if len(sources) > 1 else "")
-            if len(sources) == 1:
-                return self.error_rows(step, batch, reason)
-            parts = []
-            for sid in sources:
-                part = {k: [v for v, s in zip(vals, batch["source_id"]) if s == sid] for k, vals in batch.items()}
-                try:
-                    parts.append(self.call(step, part))
-                except Exception as again:  # noqa: BLE001
-                    parts.append(self.error_rows(step, part, actor_failure(again, self.timeout_for(part))))
-            return concat_batches(parts)
+        Every batch is submitted before any is awaited, so one unit's batches queue together on
+        the actors and the unit finishes (and commits) without waiting for the other units in
+        flight. A batch whose call fails is retried source by source (`isolate`).
+        """
+        parts = slices(batch, step.ray.batch_size)
+        calls = [self.submit(step, part) for part in parts]
+        return concat_batches([self.result(step, part, call, isolate=True) for part, call in zip(parts, calls)])
 
     def timeout_for(self, batch: Batch) -> float:
         return self.timeout_floor_s + self.timeout_per_row_s * batch_len(batch)
 
-    def call(self, step: Step, batch: Batch) -> Batch:
+    def submit(self, step: Step, batch: Batch) -> tuple[Any, Any]:
+        actor = random.choice(self.actors[step.name])
+        return actor, actor.run.remote(batch)
+
+    def result(self, step: Step, batch: Batch, call: tuple[Any, Any], isolate: bool) -> Batch:
+        """The batch with the stage's columns. On a dead or hung actor, with `isolate`, each
+        source's rows are tried once more alone on the restarted actor (the batch may have
+        failed for another batch's sake); rows that fail again get error rows."""
         import ray
 
-        actor = random.choice(self.actors[step.name])
-        ref = actor.run.remote(batch)
+        actor, ref = call
+        timeout_s = self.timeout_for(batch)
         try:
-            added = ray.get(ref, timeout=self.timeout_for(batch))
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(actor, no_restart=False)  # a hung model call: restart the actor
-            raise
-        return {**batch, **added}
+            return {**batch, **ray.get(ref, timeout=timeout_s)}
+        except Exception as exc:  # noqa: BLE001 - a dead or hung actor is recorded, not raised
+            if isinstance(exc, ray.exceptions.GetTimeoutError):
+                ray.kill(actor, no_restart=False)  # a hung model call: restart the actor
+            reason = actor_failure(exc, timeout_s)
+        sources = list(dict.fromkeys(batch["source_id"]))
+        log.warning("step %s failed on a batch of %d rows (%s)%s", step.name, batch_len(batch), reason,
+                    "; retrying source by source" if isolate else "")
+        if not isolate:
+            return self.error_rows(step, batch, reason)
+        parts = [{k: [v for v, s in zip(vals, batch["source_id"]) if s == sid] for k, vals in batch.items()}
+                 for sid in sources]
+        done = []
+        for part in parts:
+            wait_alive(actor, self.timeout_floor_s)  # Ray restarts it; calls meanwhile fail
+            done.append(self.result(step, part, (actor, actor.run.remote(part)), isolate=False))
+        return concat_batches(done)
 
     def error_rows(self, step: Step, batch: Batch, reason: str) -> Batch:
         n = batch_len(batch)
@@ -147,6 +155,19 @@ class ActorPools:
             if name == f"{step.stage}_error" or name == f"{step.name}_error":
                 out[name] = [reason] * n
         return out
+
+
+def wait_alive(actor: Any, timeout_s: float) -> None:
+    """Wait until a (restarting) actor answers again, at most timeout_s."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
 
 
 def actor_failure(exc: BaseException, timeout_s: float) -> str:

@@ -8,7 +8,9 @@ sources fail their workers, then (if it returns at all) passes the batch on unch
   segfault  a read of address 0 (a native crash)
   hang      sleep forever (a decode that never returns)
   raise     a Python exception (a bug in a stage)
-Rows of other sources pass through untouched; it adds no column.
+Rows of other sources pass through untouched. It declares `fault_error`, which it leaves
+null: the runner fills it where the stage's worker died or timed out (a private column, not
+part of the written contract).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FaultStage(Stage):
     """Fail on purpose on sources whose path contains a key of `faults` (module docstring)."""
 
     name = "fault"
-    outputs = ()
+    outputs = ("fault_error",)
 
     def __init__(self, faults: dict[str, FaultMode] | None = None):
         faults = dict(faults or {})
@@ -59,4 +61,4 @@ class FaultStage(Stage):
             for key, mode in self.faults.items():
                 if key in path:
                     fail(mode)
-        return batch
+        return {**batch, "fault_error": [None] * len(batch.get("source_path", []))}

@@ -135,3 +135,35 @@ def test_losing_a_node_mid_run_gives_every_clip_once(corpus, tmp_path, ray_tmp):
     assert result["record"]["sources"]["committed"] == len(names)
     # The worker node had a unit in flight when it went: that unit ran again on the head.
     assert result["record"]["units_retried"] >= 1
+
+
+def test_a_dying_model_actor_costs_only_the_rows_of_the_source_that_killed_it(ray_tmp):
+    import ray
+
+    from curation.config import RayOptions, Step
+    from curation.pipeline import init_ray, start_actor_pools
+
+    raw = yaml.safe_load((REPO / "configs" / "spine.yaml").read_text())
+    raw["steps"].append({"stage": "fault", "args": {"faults": {"kill_me": "kill", "hang_me": "hang"}},
+                         "ray": {"actors": 1, "num_cpus": 0.5, "batch_size": 8}})
+    raw["run"].update({"source_timeout_floor_s": 3.0, "model_timeout_per_row_s": 0.5})
+    cfg = parse_config(raw)
+    step: Step = cfg.steps[-1]
+    assert isinstance(step.ray, RayOptions) and step.ray.actors == 1
+    init_ray(None, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp)
+    try:
+        pools = start_actor_pools(cfg, 2.0)
+        batch = {"source_path": ["/a/good.mp4", "/a/kill_me.mp4", "/a/good.mp4", "/a/other.mp4"],
+                 "source_id": ["g", "k", "g", "o"], "clip_id": ["1", "2", "3", "4"]}
+        out = pools(step, batch)
+        assert out["clip_id"] == ["1", "3", "2", "4"]  # retried source by source, in order
+        errors = dict(zip(out["clip_id"], out["fault_error"]))
+        assert errors["2"] == "worker died (model actor)"
+        assert errors["1"] is None and errors["3"] is None and errors["4"] is None
+        # A hung call is cut at floor + rows * per-row, and the restarted actor serves again.
+        hung = pools(step, {"source_path": ["/a/hang_me.mp4"], "source_id": ["h"], "clip_id": ["5"]})
+        assert hung["fault_error"] == ["timed out after 4 s"]
+        again = pools(step, {"source_path": ["/a/good.mp4"], "source_id": ["g"], "clip_id": ["6"]})
+        assert again["fault_error"] == [None]
+    finally:
+        ray.shutdown()
