@@ -275,7 +275,7 @@ def main() -> None:
     print(f"{'sources accounted / total':<40}{accounted} / {len(kinds)}")
     print(f"{'scores rows (interrupted / uninterrupted)':<40}{result['clips']} / {result['clips_uninterrupted']}")
     print(f"{'duplicates / missing / extra':<40}{duplicates} / {missing} / {extra}")
-    print(f"{'sources without clips by status':<40}{dict(outcomes)}")
+    print(f"{'rows that are not clips, by status':<40}{dict(outcomes)}")
     for k in kills:
         print(f"{'driver kill, attempt ' + str(k['attempt']):<40}at {k['at_s']}s: "
               f"{k['units_committed']} units committed, {k['units_in_flight_lost']} in flight lost")

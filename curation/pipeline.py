@@ -223,8 +223,11 @@ def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
         worker = _WORKERS[key] = UnitWorker(config, _stage_for, remote=pools)
     worker.remote = pools
     store = OutputStore(out_dir)
+    import ray
+
     guard = SourceGuard(store.inflight_dir / f"{unit.unit_id}.json", unit.unit_id, attempt,
-                        config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s)
+                        config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s,
+                        node_id=ray.get_runtime_context().get_node_id())
     try:
         entry = worker.run(unit, store, guard=guard, failed=failed)
     finally:
@@ -335,13 +338,17 @@ class UnitScheduler:
         return m if m.get("attempt") == state.attempt else None
 
     def task_failed(self, flight: InFlight, exc: BaseException) -> None:
+        import ray
+
         state = flight.state
         m = self.marker(state)
         kind = death_cause(exc)
         if m is not None and m.get("phase") == "source":
             elapsed = time.time() - m["started_at"]
             timed_out = flight.cancelled_for_time or elapsed >= m["limit_s"] - 1.0
-            reason = f"timed out after {m['limit_s']:.0f} s" if timed_out else f"worker died ({kind})"
+            raised = isinstance(exc, ray.exceptions.RayTaskError)
+            reason = (f"timed out after {m['limit_s']:.0f} s" if timed_out
+                      else f"worker raised {kind}" if raised else f"worker died ({kind})")
             sid = m["source_id"]
             state.deaths.setdefault(sid, []).append(reason)
             n = len(state.deaths[sid])

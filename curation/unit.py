@@ -34,7 +34,8 @@ from stages.base import Batch, Stage, batch_len, check_output
 
 log = logging.getLogger(__name__)
 
-DROPPED_BEFORE_WRITE = ("sample_frames",)  # only the motion stage reads them
+DROPPED_BEFORE_WRITE = ("sample_frames",)  # not part of the written contract
+SAMPLE_READERS = {"motion"}  # the stages that read sample_frames
 
 RemoteCall = Callable[[Step, Batch], Batch]
 
@@ -112,8 +113,9 @@ class SourceGuard:
     SIGKILL instead. Only for worker processes: it would end an in-process run.
     """
 
-    def __init__(self, marker: Path, unit_id: str, attempt: int, floor_s: float, per_video_s: float):
-        self.marker, self.unit_id, self.attempt = marker, unit_id, attempt
+    def __init__(self, marker: Path, unit_id: str, attempt: int, floor_s: float, per_video_s: float,
+                 node_id: str | None = None):
+        self.marker, self.unit_id, self.attempt, self.node_id = marker, unit_id, attempt, node_id
         self.floor_s, self.per_video_s = floor_s, per_video_s
         self._thread_timer: threading.Timer | None = None
 
@@ -134,8 +136,9 @@ class SourceGuard:
         self._write({"phase": "unit"})
 
     def _write(self, fields: dict[str, Any]) -> None:
+        # Advisory (read only when this process has died), so no fsync: twice per source.
         write_json(self.marker, {"unit_id": self.unit_id, "attempt": self.attempt, "pid": os.getpid(),
-                                 "started_at": time.time(), **fields})
+                                 "node_id": self.node_id, "started_at": time.time(), **fields}, durable=False)
 
     def _arm(self, seconds: float) -> None:
         if self._thread_timer is not None:
@@ -203,7 +206,10 @@ class UnitWorker:
         if guard is not None:
             guard.unit_phase()
         batch = concat_batches(parts)
-        for step in self.config.steps[self.n_per_source:]:
+        later = self.config.steps[self.n_per_source:]
+        if not any(step.stage in SAMPLE_READERS for step in later):
+            batch.pop("sample_frames", None)  # most of a row's bytes: not sent to model actors
+        for step in later:
             batch = self.run_step(step, batch)
         for name in DROPPED_BEFORE_WRITE:
             batch.pop(name, None)

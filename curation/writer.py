@@ -51,17 +51,19 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
+def write_atomic_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write under a temporary name, then rename; `durable` also fsyncs before the rename."""
     tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    write_atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), durable)
 
 
 def write_parquet_atomic(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -58,7 +59,7 @@ def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, t
 
     folder, reference = corpus
     cfg = spine_config({"segfault_me": "segfault", "kill_me": "kill", "hang_me": "hang"},
-                       {"source_timeout_floor_s": 6.0, "source_timeout_per_video_s": 0.5,
+                       {"source_timeout_floor_s": 12.0, "source_timeout_per_video_s": 0.5,
                         "max_source_attempts": 2})
     out = tmp_path / "out"
     started = time.monotonic()
@@ -72,7 +73,7 @@ def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, t
     rows = rows_by_source(out)
     for name, status, reason in (("segfault_me.mp4", "worker_died", "worker died"),
                                  ("kill_me.mp4", "worker_died", "worker died"),
-                                 ("hang_me.mp4", "timed_out", "timed out after 6 s")):
+                                 ("hang_me.mp4", "timed_out", "timed out after 12 s")):
         [row] = rows[name]
         assert row["source_status"] == status and reason in row["split_error"], row
         assert "2 attempts" in row["split_error"] and not row["keep"]
@@ -114,12 +115,22 @@ def test_losing_a_node_mid_run_gives_every_clip_once(corpus, tmp_path, ray_tmp):
 
         thread = threading.Thread(target=drive)
         thread.start()
-        # Remove the worker node while it is running a unit: once the first unit is committed
-        # and the worker node has a unit in flight.
+        # Remove the worker node while it is splitting a source (its unit's in-flight marker
+        # names the node), after the first unit is committed.
+        def busy_on_worker() -> bool:
+            for marker in out.glob("inflight/*.json"):
+                try:
+                    m = json.loads(marker.read_text())
+                except ValueError:
+                    continue
+                if m.get("node_id") == worker.node_id and m.get("phase") == "source":
+                    return True
+            return False
+
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not list(out.glob("ledger/u*.json")):
-            time.sleep(0.05)
-        removed_while_running = len(list((out / "ledger").glob("u*.json"))) < len(names)
+        while time.monotonic() < deadline and not (list(out.glob("ledger/u*.json")) and busy_on_worker()):
+            time.sleep(0.01)
+        removed_while_running = busy_on_worker()
         cluster.remove_node(worker)
         thread.join(timeout=300)
         assert not thread.is_alive(), "the run did not finish after the node was removed"
