@@ -28,7 +28,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -41,7 +41,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class RayOptions:
-    actors: int | None = None  # None: stateless tasks; N: a pool of N actors (setup once each)
+    # None: the step runs inside the unit tasks; N: a pool of N actors (model loaded once each);
+    # "auto": a pool that grows from 1 actor to what the cluster's CPUs (or GPUs) hold while
+    # units wait on it; {min: A, max: B}: the same between A and B.
+    actors: int | Literal["auto"] | dict[str, int] | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     batch_size: int = 16
@@ -126,7 +129,10 @@ def check_type(value: Any, tp: Any, key: str) -> Any:
                 return check_type(value, option, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+        options = ", ".join("null" if o is type(None)
+                            else " or ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is typing.Literal
+                            else _type_name(o) for o in args)
+        raise ConfigError(f"{key}: {value!r} is none of: {options}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, args))}")
@@ -196,6 +202,30 @@ def _check_dataclass(cls, data: Any, key: str):
     return obj
 
 
+def check_actors(actors: Any, key: str) -> None:
+    if actors is None or actors == "auto":
+        return
+    if isinstance(actors, int):
+        if actors < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {actors}")
+        return
+    bad = sorted(set(actors) - {"min", "max"})
+    if bad or "max" not in actors:
+        raise ConfigError(f"{key}: expected {{min: A, max: B}} (min optional), got {actors!r}")
+    lo, hi = actors.get("min", 1), actors["max"]
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"{key}: need 1 <= min <= max, got {actors!r}")
+
+
+def pool_bounds(actors: int | str | dict[str, int] | None, cluster_cap: int) -> tuple[int, int]:
+    """(min, max) actors of a model step's pool; `cluster_cap` is what the cluster holds."""
+    if actors is None or actors == "auto":
+        return 1, max(1, cluster_cap)
+    if isinstance(actors, int):
+        return actors, actors
+    return actors.get("min", 1), actors["max"]
+
+
 # ---- loading ------------------------------------------------------------------------------
 
 def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
@@ -244,8 +274,9 @@ def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
                                   f"allowed: {', '.join(params)}")
             checked[key] = check_type(value, params[key][0], f"{where}.{key}")
         ray_opts = _check_dataclass(RayOptions, item.get("ray"), f"{where}.ray")
-        if ray_opts.batch_size < 1 or (ray_opts.actors is not None and ray_opts.actors < 1):
-            raise ConfigError(f"{where}.ray: batch_size and actors must be >= 1")
+        if ray_opts.batch_size < 1:
+            raise ConfigError(f"{where}.ray.batch_size: must be >= 1")
+        check_actors(ray_opts.actors, f"{where}.ray.actors")
         step = Step(name=name, stage=stage, args=checked, ray=ray_opts)
         try:
             step.build()  # the constructor validates values (cheap: no models are loaded)

@@ -7,8 +7,10 @@ releases, so each use lives in one place).
   by source, then the unit's rows through the later steps, then the unit's data files are
   written into OUT_DIR by the worker (a local path, or a filesystem mounted on every node).
   Only the ledger entry, a small record, travels back; the driver writes it last (the commit).
-- A model step (`ray.actors: N`, or `ray.num_gpus` set) runs on a pool of N actors that each
-  load the model once; unit tasks send it their rows in batches of its batch_size. A batch
+- A model step (`ray.actors` or `ray.num_gpus` set) runs on a pool of actors that each load
+  the model once; unit tasks send it their rows in batches of its batch_size. `actors: N`
+  pins the pool's size; `auto` or `{min, max}` lets it grow while units wait on it
+  (PoolSizer), `auto` up to what the cluster's CPUs (or GPUs) and memory hold. A batch
   whose actor dies or overruns its time limit is retried source by source, once, on the
   restarted actor; rows that fail again get that stage's error column ("worker died ..." /
   "timed out ...").
@@ -33,11 +35,11 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from curation.config import PipelineConfig, Step
+from curation.config import PipelineConfig, Step, pool_bounds
 from curation.sources import Unit
 from curation.unit import (
     SourceGuard,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _STAGE_CACHE: dict[str, Any] = {}
 DRIVER_GRACE_S = 30.0  # past a source's limit, the driver cancels a task its own timer missed
+AUTO_ACTOR_MEMORY_BYTES = 2 * 1024**3  # what an "auto" pool counts per model actor (CPU models)
 
 
 def _stage_for(step: Step):
@@ -101,6 +104,7 @@ class ActorPools:
     outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     timeout_floor_s: float = 300.0
     timeout_per_row_s: float = 60.0
+    wait_s: dict[str, float] = field(default_factory=dict)  # in a unit task: time spent waiting
 
     def __call__(self, step: Step, batch: Batch) -> Batch:
         """The rows through the step's actors, in batches of its batch_size.
@@ -109,9 +113,12 @@ class ActorPools:
         the actors and the unit finishes (and commits) without waiting for the other units in
         flight. A batch whose call fails is retried source by source (`isolate`).
         """
+        started = time.perf_counter()
         parts = slices(batch, step.ray.batch_size)
         calls = [self.submit(step, part) for part in parts]
-        return concat_batches([self.result(step, part, call, isolate=True) for part, call in zip(parts, calls)])
+        out = concat_batches([self.result(step, part, call, isolate=True) for part, call in zip(parts, calls)])
+        self.wait_s[step.name] = self.wait_s.get(step.name, 0.0) + time.perf_counter() - started
+        return out
 
     def timeout_for(self, batch: Batch) -> float:
         return self.timeout_floor_s + self.timeout_per_row_s * batch_len(batch)
@@ -180,29 +187,86 @@ def actor_failure(exc: BaseException, timeout_s: float) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
-def start_actor_pools(config: PipelineConfig, free_cpus: float) -> ActorPools:
-    """Create each model step's actors; CPU reservations are scaled down to leave CPUs for units."""
-    import ray
+@dataclass
+class PoolSizer:
+    """The driver's side of the model pools: each step's bounds and actor options, and growth.
 
+    A pool starts at its minimum. After each committed unit the driver reads how long that
+    unit's task waited on each model step; while units spend more than `grow_wait_share` of
+    their time waiting on a step, its pool gets one more actor (at most one per
+    `grow_every_s`), up to its maximum. Actors' CPU reservations are scaled down when the
+    pools at their maximum would leave no CPU for the unit tasks (logged).
+    """
+
+    pools: ActorPools
+    bounds: dict[str, tuple[int, int]]
+    make_actor: Callable[[str], Any]  # step name -> a new actor handle
+    grow_wait_share: float = 0.3
+    grow_every_s: float = 10.0
+    last_grown: dict[str, float] = field(default_factory=dict)
+
+    def add_actor(self, name: str) -> None:
+        self.pools.actors.setdefault(name, []).append(self.make_actor(name))
+        self.last_grown[name] = time.monotonic()
+
+    def observe(self, entry: dict[str, Any]) -> None:
+        wall = max(entry.get("unit_wall_s") or 0.0, 1e-6)
+        for name, waited in (entry.get("model_wait_s") or {}).items():
+            size, (_, hi) = len(self.pools.actors[name]), self.bounds[name]
+            if (size < hi and waited / wall > self.grow_wait_share
+                    and time.monotonic() - self.last_grown.get(name, 0.0) >= self.grow_every_s):
+                self.add_actor(name)
+                log.info("step %s: units waited %.0f%% of their time on it; pool grown to %d of at most %d "
+                         "actors", name, 100 * waited / wall, size + 1, hi)
+
+
+def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> PoolSizer:
+    """Create each model step's pool at its minimum size (see PoolSizer)."""
+    total_cpus = float(resources.get("CPU", 1.0))
+    total_gpus = float(resources.get("GPU", 0.0))
     remote_steps = [s for s in config.steps if is_model_step(s)]
-    demand = sum((s.ray.actors or 1) * s.ray.num_cpus for s in remote_steps)
+    # "auto" pools hold what the cluster's CPUs (GPUs) allow, and together at most half of
+    # Ray's memory at AUTO_ACTOR_MEMORY_BYTES an actor.
+    memory_cap = int(0.5 * float(resources.get("memory", 0.0))
+                     / (max(1, len(remote_steps)) * AUTO_ACTOR_MEMORY_BYTES))
+    bounds = {}
+    for step in remote_steps:
+        if step.ray.num_gpus:
+            cap = int(total_gpus // step.ray.num_gpus)
+        else:
+            cap = min(int(total_cpus // max(step.ray.num_cpus, 0.01)), memory_cap)
+        bounds[step.name] = pool_bounds(step.ray.actors, cap)
+    demand = sum(bounds[s.name][1] * s.ray.num_cpus for s in remote_steps)
     unit_cpus = unit_task_cpus(config)
     scale = 1.0
-    if demand and demand > free_cpus - unit_cpus:
-        scale = max(0.01, (free_cpus - unit_cpus) / demand)
-        log.warning("model actors ask for %.2g CPUs of %.2g; reserving %.0f%% of each ask so that "
-                    "unit tasks can run", demand, free_cpus, 100 * scale)
+    if demand and demand > total_cpus - unit_cpus:
+        scale = max(0.01, (total_cpus - unit_cpus) / demand)
+        log.warning("model actors at their largest ask for %.2g CPUs of %.2g; reserving %.0f%% of each "
+                    "ask so that unit tasks can run", demand, total_cpus, 100 * scale)
     pools = ActorPools(timeout_floor_s=config.run.source_timeout_floor_s,
                        timeout_per_row_s=config.run.model_timeout_per_row_s)
-    cls = ray.remote(StageActor)
+    options = {}
     for step in remote_steps:
         opts: dict[str, Any] = {"num_cpus": step.ray.num_cpus * scale, "max_restarts": -1,
                                 "max_task_retries": 0}
         if step.ray.num_gpus:
             opts["num_gpus"] = step.ray.num_gpus
-        pools.actors[step.name] = [cls.options(**opts).remote(step) for _ in range(step.ray.actors or 1)]
+        options[step.name] = opts
         pools.outputs[step.name] = tuple(step.build().outputs)
-    return pools
+    steps = {s.name: s for s in remote_steps}
+
+    def make_actor(name: str):
+        import ray
+
+        return ray.remote(StageActor).options(**options[name]).remote(steps[name])
+
+    sizer = PoolSizer(pools, bounds, make_actor)
+    for step in remote_steps:
+        for _ in range(bounds[step.name][0]):
+            sizer.add_actor(step.name)
+        sizer.last_grown[step.name] = 0.0
+        log.info("step %s: %d to %d actors", step.name, *bounds[step.name])
+    return sizer
 
 
 def unit_task_cpus(config: PipelineConfig) -> float:
@@ -228,11 +292,14 @@ def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
     guard = SourceGuard(store.inflight_dir / f"{unit.unit_id}.json", unit.unit_id, attempt,
                         config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s,
                         node_id=ray.get_runtime_context().get_node_id())
+    started = time.perf_counter()
+    pools.wait_s = {}
     try:
         entry = worker.run(unit, store, guard=guard, failed=failed)
     finally:
         guard.leave()
-    return {**entry, "attempts": attempt}
+    return {**entry, "attempts": attempt, "unit_wall_s": time.perf_counter() - started,
+            "model_wait_s": dict(pools.wait_s)}
 
 
 def death_cause(exc: BaseException) -> str:
@@ -298,10 +365,10 @@ class UnitScheduler:
     """Submits unit tasks, commits what returns, retries what died (see the module docstring)."""
 
     def __init__(self, config: PipelineConfig, units: list[Unit], store: OutputStore,
-                 pools: ActorPools, max_in_flight: int):
+                 sizer: PoolSizer, max_in_flight: int):
         import ray
 
-        self.config, self.store, self.pools = config, store, pools
+        self.config, self.store, self.sizer, self.pools = config, store, sizer, sizer.pools
         self.queue: deque[UnitState] = deque(UnitState(u) for u in units)
         self.in_flight: dict[Any, InFlight] = {}
         self.max_in_flight = max_in_flight
@@ -318,9 +385,12 @@ class UnitScheduler:
             for ref in ready:
                 flight = self.in_flight.pop(ref)
                 try:
-                    yield ray.get(ref)
+                    entry = ray.get(ref)
                 except ray.exceptions.RayError as exc:
                     self.task_failed(flight, exc)
+                    continue
+                self.sizer.observe(entry)
+                yield entry
             self.cancel_overdue()
 
     def submit(self, state: UnitState) -> None:
@@ -396,15 +466,17 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
     import ray
 
     init_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=temp_dir)
-    total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    pools = start_actor_pools(config, total_cpus)
+    resources = ray.cluster_resources()
+    total_cpus = float(resources.get("CPU", 1.0))
+    sizer = start_actor_pools(config, resources)
+    pools = sizer.pools
     try:
         for handles in pools.actors.values():
             ray.get([h.ready.remote() for h in handles])  # models load before units wait on them
         slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
         log.info("running %d units on %g CPUs, up to %d at a time; %d model step(s) on actors",
                  len(units), total_cpus, 2 * slots, len(pools.actors))
-        yield from UnitScheduler(config, units, store, pools, max_in_flight=2 * slots).run()
+        yield from UnitScheduler(config, units, store, sizer, max_in_flight=2 * slots).run()
     finally:
         for handles in pools.actors.values():
             for h in handles:

@@ -114,7 +114,6 @@ MICRO_CONDITIONING_FIELDS: list[pa.Field] = [
 # Internal columns: only between stages, never written.
 INTERNAL_FIELDS: list[pa.Field] = [
     pa.field("unit_id", pa.string()),
-    pa.field("source_rows", pa.int64()),  # rows this source produced (clips, or 1 error row)
     pa.field("sample_frames", pa.list_(pa.binary())),  # JPEG frames at sample_fps for motion
     pa.field("sample_fps", pa.float64()),
     pa.field("stage_seconds", pa.map_(pa.string(), pa.float64())),  # busy time per step, per row

@@ -316,7 +316,7 @@ class SplitStage(Stage):
 
     name = "split"
     fan_out = True
-    outputs = ("clip_id", "source_id", "source_path", "unit_id", "source_rows", "start_frame",
+    outputs = ("clip_id", "source_id", "source_path", "unit_id", "start_frame",
                "end_frame", "start_s", "duration_s", "fps", "width", "height", "split_error",
                "source_status",
                "video", "keyframes", "sample_frames", "sample_fps")
@@ -395,7 +395,6 @@ class SplitStage(Stage):
             produced = self.split_source(source["source_path"], source["source_id"])
             for row in produced:
                 row.update(source)
-                row["source_rows"] = len(produced)
             rows.extend(produced)
         return {name: [row.get(name) for row in rows] for name in self.outputs}
 

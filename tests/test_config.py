@@ -98,3 +98,34 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, footage, capsys):
                  str(tmp_path / "out"), "--set", "split.min_durration_s=3"])
     assert code == 2
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.parametrize("actors, bounds", [
+    (None, (1, 6)), ("auto", (1, 6)), (3, (3, 3)), ({"max": 4}, (1, 4)), ({"min": 2, "max": 5}, (2, 5)),
+])
+def test_actor_pool_bounds(actors, bounds):
+    from curation.config import pool_bounds
+
+    assert pool_bounds(actors, 6) == bounds
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "must be >= 1"), ("many", "is none of: int, 'auto', dict, null"),
+    ("{min: 3, max: 2}", "1 <= min <= max"), ("{most: 2}", "expected {min: A, max: B}"),
+])
+def test_bad_actor_pool_sizes_name_the_key(value, message):
+    with pytest.raises(ConfigError, match="ocr.ray.actors") as err:
+        load_config(REPO / "pipeline.yaml", [f"ocr.ray.actors={value}"])
+    assert message in str(err.value)
+
+
+def test_pools_grow_while_units_wait_on_them_and_stop_at_their_maximum():
+    from curation.pipeline import ActorPools, PoolSizer
+
+    made = []
+    sizer = PoolSizer(ActorPools(actors={"ocr": ["a0"], "caption": ["c0"]}), {"ocr": (1, 3), "caption": (1, 3)},
+                      make_actor=lambda name: made.append(name) or f"{name}{len(made)}", grow_every_s=0.0)
+    for _ in range(5):  # units spend 80% of their time waiting on ocr, 5% on caption
+        sizer.observe({"unit_wall_s": 10.0, "model_wait_s": {"ocr": 8.0, "caption": 0.5}})
+    assert len(sizer.pools.actors["ocr"]) == 3 and made == ["ocr", "ocr"]
+    assert sizer.pools.actors["caption"] == ["c0"]

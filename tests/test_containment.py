@@ -163,7 +163,7 @@ def test_a_dying_model_actor_costs_only_the_rows_of_the_source_that_killed_it(ra
     assert isinstance(step.ray, RayOptions) and step.ray.actors == 1
     init_ray(None, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp)
     try:
-        pools = start_actor_pools(cfg, 2.0)
+        pools = start_actor_pools(cfg, {"CPU": 2.0, "memory": 8 * 1024**3}).pools
         batch = {"source_path": ["/a/good.mp4", "/a/kill_me.mp4", "/a/good.mp4", "/a/other.mp4"],
                  "source_id": ["g", "k", "g", "o"], "clip_id": ["1", "2", "3", "4"]}
         out = pools(step, batch)

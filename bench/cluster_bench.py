@@ -1,0 +1,125 @@
+"""Cluster-use benchmark: is every core busy, does a second CPU pay, does the driver stay small?
+
+    python bench/cluster_bench.py [--sources 12] [--config pipeline.yaml] [--work bench_out/cluster]
+
+1. The default pipeline (`--skip-unavailable-models`: split, motion, the real easyocr, the
+   filters) on generated 360p-720p footage, on the embedded cluster with --num-cpus 2 and
+   then 1. Prints the cores kept busy (sampled from /proc/stat, over the whole run and over
+   the processing phase, from the first unit submitted to the end) and clips/s, and the
+   ratio of the two runs' clips/s.
+2. The spine (configs/spine.yaml) over 50 and then 500 small generated sources: the
+   driver's peak RSS (VmHWM) for both, and the throughput.
+
+Run by hand (minutes), not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from soak_bench import cpu_times, ordinary  # noqa: E402  (bench/ is on sys.path)
+
+from curation import synth  # noqa: E402
+
+
+def footage(root: Path, n: int, sizes: list[tuple[int, int]], seed: int) -> list[Path]:
+    if root.is_dir() and len(list(root.glob("*.mp4"))) == n:
+        return sorted(root.glob("*.mp4"))
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        ordinary(root / f"src_{i:04d}.mp4", rng, size=sizes[i % len(sizes)])
+    return sorted(root.glob("*.mp4"))
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> dict:
+    """One `curate run`, watched: CPU over the run and the processing phase, driver peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "curation.cli", "run", config, "--input", str(inputs), "--output", str(out),
+           "--skip-unavailable-models", "--num-cpus", str(num_cpus)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    t_start, (b_start, tot_start) = time.monotonic(), cpu_times()
+    phase = None  # (time, cpu) when the first unit was submitted
+    hwm = 0.0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            hwm = max(hwm, vm_hwm_mb(proc.pid) or 0.0)
+            if phase is None and "running " in log_path.read_text():
+                phase = (time.monotonic(), cpu_times())
+            time.sleep(0.25)
+    t_end, (b_end, tot_end) = time.monotonic(), cpu_times()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}; see {log_path}")
+    cores = os.cpu_count() or 1
+    record = json.loads((out / "run.json").read_text())
+    t_phase, (b_phase, tot_phase) = phase or (t_start, (b_start, tot_start))
+    return {
+        "num_cpus": num_cpus, "clips": record["clips"], "sources": record["sources"]["total"],
+        "wall_s": t_end - t_start, "processing_s": t_end - t_phase,
+        "busy_cores_run": cores * (b_end - b_start) / max(tot_end - tot_start, 1.0),
+        "busy_cores_processing": cores * (b_end - b_phase) / max(tot_end - tot_phase, 1.0),
+        "clips_per_s": record["clips"] / max(t_end - t_phase, 1e-9),
+        "driver_peak_rss_mb": hwm,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sources", type=int, default=12)
+    p.add_argument("--config", default=str(REPO / "pipeline.yaml"))
+    p.add_argument("--work", default=str(REPO / "bench_out" / "cluster"))
+    p.add_argument("--skip-driver-memory", action="store_true")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    mixed = footage(work / "mixed", args.sources, [(640, 360), (960, 540), (1280, 720)], seed=1)
+    print(f"footage: {len(mixed)} sources, 360p to 720p", flush=True)
+    results = {}
+    for cpus in (2, 1):
+        r = run(args.config, work / "mixed", work / f"out-{cpus}cpu", cpus, work / f"run-{cpus}cpu.log")
+        results[f"{cpus}cpu"] = r
+        print(f"--num-cpus {cpus}: {r['clips']} clips, wall {r['wall_s']:.0f}s (processing {r['processing_s']:.0f}s), "
+              f"cores busy {r['busy_cores_run']:.2f} over the run, {r['busy_cores_processing']:.2f} while "
+              f"processing, {r['clips_per_s']:.3f} clips/s", flush=True)
+    ratio = results["2cpu"]["clips_per_s"] / results["1cpu"]["clips_per_s"]
+    results["clips_per_s_ratio_2_over_1"] = ratio
+    print(f"clips/s with 2 CPUs / with 1: {ratio:.2f}x", flush=True)
+
+    if not args.skip_driver_memory:
+        spine = str(REPO / "configs" / "spine.yaml")
+        for n in (50, 500):
+            small = footage(work / f"small{n}", n, [(160, 90)], seed=2)
+            r = run(spine, work / f"small{n}", work / f"out-small{n}", 2, work / f"run-small{n}.log")
+            results[f"spine_{n}"] = r
+            print(f"spine, {len(small)} small sources: driver peak RSS {r['driver_peak_rss_mb']:.0f} MB, "
+                  f"{r['sources'] / r['processing_s']:.2f} sources/s, {r['clips_per_s']:.2f} clips/s", flush=True)
+        a, b = results["spine_50"]["driver_peak_rss_mb"], results["spine_500"]["driver_peak_rss_mb"]
+        print(f"driver peak RSS 500 / 50 sources: {b / a:.2f}x", flush=True)
+    (work / "cluster.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
