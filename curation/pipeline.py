@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 _STAGE_CACHE: dict[str, Any] = {}
 DRIVER_GRACE_S = 30.0  # past a source's limit, the driver cancels a task its own timer missed
 AUTO_ACTOR_MEMORY_BYTES = 2 * 1024**3  # what an "auto" pool counts per model actor (CPU models)
+REGISTRY_REFRESH_S = 2.0  # how often a unit task looks for actors added to a growing pool
 
 
 def _stage_for(step: Step):
@@ -105,26 +106,54 @@ class ActorPools:
     timeout_floor_s: float = 300.0
     timeout_per_row_s: float = 60.0
     wait_s: dict[str, float] = field(default_factory=dict)  # in a unit task: time spent waiting
+    registry: Any = None  # a PoolRegistry actor: running tasks see actors added after they started
+    max_size: dict[str, int] = field(default_factory=dict)
+    refreshed_at: float = 0.0
 
     def __call__(self, step: Step, batch: Batch) -> Batch:
         """The rows through the step's actors, in batches of its batch_size.
 
-        Every batch is submitted before any is awaited, so one unit's batches queue together on
-        the actors and the unit finishes (and commits) without waiting for the other units in
-        flight. A batch whose call fails is retried source by source (`isolate`).
+        At its largest size a pool gets all of a unit's batches at once (round robin over its
+        actors), so one unit's batches queue together and the unit finishes, and commits,
+        without waiting for the other units in flight. While a pool can still grow, a unit keeps
+        only as many batches queued as the pool has actors, so that an actor added meanwhile
+        gets work from the next batch on instead of idling behind queues already assigned.
+        A batch whose call fails is retried source by source (`isolate`).
         """
         started = time.perf_counter()
         parts = slices(batch, step.ray.batch_size)
-        calls = [self.submit(step, part) for part in parts]
-        out = concat_batches([self.result(step, part, call, isolate=True) for part, call in zip(parts, calls)])
+        results: list[Batch] = [{} for _ in parts]
+        pending: deque[tuple[int, tuple[Any, Any]]] = deque()
+        offset = random.randrange(1 << 30)  # units start their round robin on different actors
+        for i, part in enumerate(parts):
+            while len(pending) >= self.window(step):
+                j, call = pending.popleft()
+                results[j] = self.result(step, parts[j], call, isolate=True)
+            pending.append((i, self.submit(step, part, turn=offset + i)))
+        for j, call in pending:
+            results[j] = self.result(step, parts[j], call, isolate=True)
         self.wait_s[step.name] = self.wait_s.get(step.name, 0.0) + time.perf_counter() - started
-        return out
+        return concat_batches(results)
+
+    def window(self, step: Step) -> int | float:
+        size = len(self.current(step))
+        return size if size < self.max_size.get(step.name, size) else float("inf")
+
+    def current(self, step: Step) -> list[Any]:
+        """The step's actors now (re-read from the registry every REGISTRY_REFRESH_S)."""
+        if self.registry is not None and time.monotonic() - self.refreshed_at > REGISTRY_REFRESH_S:
+            import ray
+
+            self.actors = ray.get(self.registry.actors.remote())
+            self.refreshed_at = time.monotonic()
+        return self.actors[step.name]
 
     def timeout_for(self, batch: Batch) -> float:
         return self.timeout_floor_s + self.timeout_per_row_s * batch_len(batch)
 
-    def submit(self, step: Step, batch: Batch) -> tuple[Any, Any]:
-        actor = random.choice(self.actors[step.name])
+    def submit(self, step: Step, batch: Batch, turn: int | None = None) -> tuple[Any, Any]:
+        actors = self.current(step)
+        actor = actors[turn % len(actors)] if turn is not None else random.choice(actors)
         return actor, actor.run.remote(batch)
 
     def result(self, step: Step, batch: Batch, call: tuple[Any, Any], isolate: bool) -> Batch:
@@ -187,14 +216,27 @@ def actor_failure(exc: BaseException, timeout_s: float) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
+class PoolRegistry:
+    """The current actors of every pool, for unit tasks that started before a pool grew."""
+
+    def __init__(self):
+        self.handles: dict[str, list[Any]] = {}
+
+    def add(self, name: str, handle: Any) -> None:
+        self.handles.setdefault(name, []).append(handle)
+
+    def actors(self) -> dict[str, list[Any]]:
+        return self.handles
+
+
 @dataclass
 class PoolSizer:
     """The driver's side of the model pools: each step's bounds and actor options, and growth.
 
-    A pool starts at its minimum. After each committed unit the driver reads how long that
-    unit's task waited on each model step; while units spend more than `grow_wait_share` of
-    their time waiting on a step, its pool gets one more actor (at most one per
-    `grow_every_s`), up to its maximum. Actors' CPU reservations are scaled down when the
+    A pool starts at its minimum and gets one more actor (at most one per `grow_every_s`, up
+    to its maximum) when more units in flight wait on it than it has actors (read from their
+    in-flight markers every few seconds), or when a committed unit spent more than
+    `grow_wait_share` of its time waiting on it. Actors' CPU reservations are scaled down when the
     pools at their maximum would leave no CPU for the unit tasks (logged).
     """
 
@@ -206,18 +248,32 @@ class PoolSizer:
     last_grown: dict[str, float] = field(default_factory=dict)
 
     def add_actor(self, name: str) -> None:
-        self.pools.actors.setdefault(name, []).append(self.make_actor(name))
+        handle = self.make_actor(name)
+        self.pools.actors.setdefault(name, []).append(handle)
+        if self.pools.registry is not None:
+            import ray
+
+            ray.get(self.pools.registry.add.remote(name, handle))
         self.last_grown[name] = time.monotonic()
 
+    def grow(self, name: str, why: str) -> None:
+        size, (_, hi) = len(self.pools.actors[name]), self.bounds[name]
+        if size < hi and time.monotonic() - self.last_grown.get(name, 0.0) >= self.grow_every_s:
+            self.add_actor(name)
+            log.info("step %s: %s; pool grown to %d of at most %d actors", name, why, size + 1, hi)
+
     def observe(self, entry: dict[str, Any]) -> None:
+        """A committed unit's waits: grow the pools it spent much of its time waiting on."""
         wall = max(entry.get("unit_wall_s") or 0.0, 1e-6)
         for name, waited in (entry.get("model_wait_s") or {}).items():
-            size, (_, hi) = len(self.pools.actors[name]), self.bounds[name]
-            if (size < hi and waited / wall > self.grow_wait_share
-                    and time.monotonic() - self.last_grown.get(name, 0.0) >= self.grow_every_s):
-                self.add_actor(name)
-                log.info("step %s: units waited %.0f%% of their time on it; pool grown to %d of at most %d "
-                         "actors", name, 100 * waited / wall, size + 1, hi)
+            if waited / wall > self.grow_wait_share:
+                self.grow(name, f"a unit waited {100 * waited / wall:.0f}% of its time on it")
+
+    def waiting(self, counts: dict[str, int]) -> None:
+        """Units in flight waiting on each step now (from their markers): more than actors, grow."""
+        for name, n in counts.items():
+            if name in self.bounds and n > len(self.pools.actors[name]):
+                self.grow(name, f"{n} units wait on {len(self.pools.actors[name])} actor(s)")
 
 
 def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> PoolSizer:
@@ -243,8 +299,13 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
         scale = max(0.01, (total_cpus - unit_cpus) / demand)
         log.warning("model actors at their largest ask for %.2g CPUs of %.2g; reserving %.0f%% of each "
                     "ask so that unit tasks can run", demand, total_cpus, 100 * scale)
+    import ray
+
     pools = ActorPools(timeout_floor_s=config.run.source_timeout_floor_s,
                        timeout_per_row_s=config.run.model_timeout_per_row_s)
+    if any(lo < hi for lo, hi in bounds.values()):
+        pools.registry = ray.remote(PoolRegistry).options(num_cpus=0).remote()
+    pools.max_size = {name: hi for name, (_, hi) in bounds.items()}
     options = {}
     for step in remote_steps:
         opts: dict[str, Any] = {"num_cpus": step.ray.num_cpus * scale, "max_restarts": -1,
@@ -256,8 +317,6 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
     steps = {s.name: s for s in remote_steps}
 
     def make_actor(name: str):
-        import ray
-
         return ray.remote(StageActor).options(**options[name]).remote(steps[name])
 
     sizer = PoolSizer(pools, bounds, make_actor)
@@ -440,21 +499,26 @@ class UnitScheduler:
         self.queue.append(state)
 
     def cancel_overdue(self) -> None:
-        """Belt and braces: cancel a task whose own timer did not end it."""
+        """Every 5 s, from the in-flight markers: cancel a task whose own timer did not end it,
+        and grow the model pools that more units wait on than they have actors."""
         import ray
 
         now = time.time()
         if now - self.last_check < 5.0:
             return
         self.last_check = now
+        waiting: dict[str, int] = {}
         for ref, flight in self.in_flight.items():
             m = self.marker(flight.state)
+            if m is not None and m.get("model_step"):
+                waiting[m["model_step"]] = waiting.get(m["model_step"], 0) + 1
             if (m is not None and m.get("phase") == "source" and not flight.cancelled_for_time
                     and now > m["started_at"] + m["limit_s"] + DRIVER_GRACE_S):
                 log.warning("cancelling unit %s: %s ran past its %.0f s limit", flight.state.unit.unit_id,
                             m.get("source_path"), m["limit_s"])
                 flight.cancelled_for_time = True
                 ray.cancel(ref, force=True)
+        self.sizer.waiting(waiting)
 
 
 def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, address: str | None = None,
@@ -481,3 +545,5 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
         for handles in pools.actors.values():
             for h in handles:
                 ray.kill(h)
+        if pools.registry is not None:
+            ray.kill(pools.registry)

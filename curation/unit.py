@@ -132,8 +132,9 @@ class SourceGuard:
     def leave(self) -> None:
         self._arm(0)
 
-    def unit_phase(self) -> None:
-        self._write({"phase": "unit"})
+    def unit_phase(self, model_step: str | None = None) -> None:
+        """The unit's rows are past the per-source steps (waiting on `model_step`, if given)."""
+        self._write({"phase": "unit", "model_step": model_step})
 
     def _write(self, fields: dict[str, Any]) -> None:
         # Advisory (read only when this process has died), so no fsync: twice per source.
@@ -210,6 +211,8 @@ class UnitWorker:
         if not any(step.stage in SAMPLE_READERS for step in later):
             batch.pop("sample_frames", None)  # most of a row's bytes: not sent to model actors
         for step in later:
+            if guard is not None and self.remote is not None and is_model_step(step):
+                guard.unit_phase(step.name)  # the driver grows pools that units wait on
             batch = self.run_step(step, batch)
         for name in DROPPED_BEFORE_WRITE:
             batch.pop(name, None)

@@ -129,3 +129,15 @@ def test_pools_grow_while_units_wait_on_them_and_stop_at_their_maximum():
         sizer.observe({"unit_wall_s": 10.0, "model_wait_s": {"ocr": 8.0, "caption": 0.5}})
     assert len(sizer.pools.actors["ocr"]) == 3 and made == ["ocr", "ocr"]
     assert sizer.pools.actors["caption"] == ["c0"]
+
+
+def test_pools_grow_when_more_units_wait_on_them_than_they_have_actors():
+    from curation.pipeline import ActorPools, PoolSizer
+
+    sizer = PoolSizer(ActorPools(actors={"ocr": ["a0"]}), {"ocr": (1, 2)}, make_actor=lambda name: "a1",
+                      grow_every_s=0.0)
+    sizer.waiting({"ocr": 1})
+    assert sizer.pools.actors["ocr"] == ["a0"]
+    sizer.waiting({"ocr": 3})
+    sizer.waiting({"ocr": 3})
+    assert sizer.pools.actors["ocr"] == ["a0", "a1"]  # and not past its maximum
