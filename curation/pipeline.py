@@ -151,9 +151,9 @@ class ActorPools:
     def timeout_for(self, batch: Batch) -> float:
         return self.timeout_floor_s + self.timeout_per_row_s * batch_len(batch)
 
-    def submit(self, step: Step, batch: Batch, turn: int | None = None) -> tuple[Any, Any]:
+    def submit(self, step: Step, batch: Batch, turn: int) -> tuple[Any, Any]:
         actors = self.current(step)
-        actor = actors[turn % len(actors)] if turn is not None else random.choice(actors)
+        actor = actors[turn % len(actors)]
         return actor, actor.run.remote(batch)
 
     def result(self, step: Step, batch: Batch, call: tuple[Any, Any], isolate: bool) -> Batch:
