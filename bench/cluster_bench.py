@@ -31,6 +31,36 @@ sys.path.insert(0, str(REPO))
 from soak_bench import cpu_times, ordinary  # noqa: E402  (bench/ is on sys.path)
 
 from curation import synth  # noqa: E402
+from curation.reaper import descendants  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class RoleCPU:
+    """CPU seconds of a process tree, by role: the Ray task or actor method a process runs
+    (its title, e.g. ray::unit_task, ray::StageActor.run), the driver, Ray's own daemons."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.last: dict[int, float] = {}
+        self.by_role: dict[str, float] = {}
+
+    def sample(self) -> None:
+        for pid in [self.root, *descendants(self.root)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+            role = "driver" if pid == self.root else title.split()[0] if title.startswith("ray::") \
+                else Path(title.split()[0]).name if title else "?"
+            self.by_role[role] = self.by_role.get(role, 0.0) + cpu - self.last.get(pid, 0.0)
+            self.last[pid] = cpu
+
+    def table(self, wall_s: float) -> str:
+        rows = sorted(self.by_role.items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{role} {sec:.0f}s ({sec / max(wall_s, 1e-9):.2f} cores)" for role, sec in rows if sec >= 1)
 
 
 def footage(root: Path, n: int, sizes: list[tuple[int, int]], seed: int) -> list[Path]:
@@ -65,8 +95,10 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> 
     hwm = 0.0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        roles = RoleCPU(proc.pid)
         while proc.poll() is None:
             hwm = max(hwm, vm_hwm_mb(proc.pid) or 0.0)
+            roles.sample()
             if phase is None and "running " in log_path.read_text():
                 phase = (time.monotonic(), cpu_times())
             time.sleep(0.25)
@@ -83,6 +115,7 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> 
         "busy_cores_processing": cores * (b_end - b_phase) / max(tot_end - tot_phase, 1.0),
         "clips_per_s": record["clips"] / max(t_end - t_phase, 1e-9),
         "driver_peak_rss_mb": hwm,
+        "cpu_by_role": roles.table(t_end - t_phase),
     }
 
 
@@ -105,6 +138,7 @@ def main() -> None:
         print(f"--num-cpus {cpus}: {r['clips']} clips, wall {r['wall_s']:.0f}s (processing {r['processing_s']:.0f}s), "
               f"cores busy {r['busy_cores_run']:.2f} over the run, {r['busy_cores_processing']:.2f} while "
               f"processing, {r['clips_per_s']:.3f} clips/s", flush=True)
+        print(f"  CPU by role over the processing phase: {r['cpu_by_role']}", flush=True)
     if "2cpu" in results and "1cpu" in results:
         ratio = results["2cpu"]["clips_per_s"] / results["1cpu"]["clips_per_s"]
         results["clips_per_s_ratio_2_over_1"] = ratio

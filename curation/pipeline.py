@@ -8,14 +8,17 @@ releases, so each use lives in one place).
   written into OUT_DIR by the worker (a local path, or a filesystem mounted on every node).
   Only the ledger entry, a small record, travels back; the driver writes it last (the commit).
 - A model step (`ray.actors` or `ray.num_gpus` set) runs on a pool of actors that each load
-  the model once; unit tasks send it their rows in batches of its batch_size. `actors: N`
-  pins the pool's size; `auto` or `{min, max}` lets it grow while units wait on it
-  (PoolSizer), `auto` up to what the cluster's CPUs (or GPUs) and memory hold. A batch
-  whose actor dies or overruns its time limit is retried source by source, once, on the
-  restarted actor; rows that fail again get that stage's error column ("worker died ..." /
-  "timed out ...").
+  the model once. Unit tasks send their rows, in batches of the step's batch_size, to the
+  run's Dispatcher (a small async actor on the driver's node), which hands each batch to the
+  first free actor of the step: the pools are shared by all units, and no batch waits behind
+  another's queue while an actor is idle. `actors: N` pins a pool's size; `auto` or
+  `{min, max}` lets it grow while batches wait for it (PoolSizer), `auto` up to what the
+  cluster's CPUs (or GPUs) and memory hold. A batch whose actor dies or overruns its time
+  limit is retried source by source, once, on the restarted actor; rows that fail again get
+  that stage's error column ("worker died ..." / "timed out ...").
 - The driver keeps about two tasks per free CPU in flight (a task waiting on an actor gives
   its CPU back to Ray meanwhile) and commits each unit as its task returns, so commits stream.
+  Every 10 s it logs each step's rows/s and busy share, and the busiest step (StepMonitor).
 - A task that dies (segfault, OOM kill, lost node) or runs past its source's time limit is
   retried. The unit's in-flight marker (OUT/inflight/<unit>.json) names the source it was on;
   a source that was in progress at `run.max_source_attempts` deaths is recorded as one
@@ -31,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections import deque
@@ -56,8 +58,8 @@ log = logging.getLogger(__name__)
 
 _STAGE_CACHE: dict[str, Any] = {}
 DRIVER_GRACE_S = 30.0  # past a source's limit, the driver cancels a task its own timer missed
+ACTOR_RESTART_WAIT_S = 600.0  # a restarting model actor (a new process loading its model) gets this long
 AUTO_ACTOR_MEMORY_BYTES = 2 * 1024**3  # what an "auto" pool counts per model actor (CPU models)
-REGISTRY_REFRESH_S = 2.0  # how often a unit task looks for actors added to a growing pool
 
 
 def _stage_for(step: Step):
@@ -99,89 +101,47 @@ class StageActor:
 
 @dataclass
 class ActorPools:
-    """The actor handles of every model step, passed to the unit tasks (handles pickle)."""
+    """A unit task's side of the model steps: its rows go to the run's Dispatcher, in batches of
+    each step's batch_size (this object pickles into every unit task)."""
 
-    actors: dict[str, list[Any]] = field(default_factory=dict)
+    dispatcher: Any = None
     outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    timeout_floor_s: float = 300.0
-    timeout_per_row_s: float = 60.0
     wait_s: dict[str, float] = field(default_factory=dict)  # in a unit task: time spent waiting
-    registry: Any = None  # a PoolRegistry actor: running tasks see actors added after they started
-    max_size: dict[str, int] = field(default_factory=dict)
-    refreshed_at: float = 0.0
 
     def __call__(self, step: Step, batch: Batch) -> Batch:
-        """The rows through the step's actors, in batches of its batch_size.
-
-        At its largest size a pool gets all of a unit's batches at once (round robin over its
-        actors), so one unit's batches queue together and the unit finishes, and commits,
-        without waiting for the other units in flight. While a pool can still grow, a unit keeps
-        only as many batches queued as the pool has actors, so that an actor added meanwhile
-        gets work from the next batch on instead of idling behind queues already assigned.
-        A batch whose call fails is retried source by source (`isolate`).
-        """
+        """The rows through the step's actors. All of a unit's batches are queued at once, so
+        the unit finishes (and commits) without waiting behind units submitted after it. A
+        batch that fails (its actor died or overran) is retried source by source, once: the
+        batch may have failed for another source's sake."""
         started = time.perf_counter()
         parts = slices(batch, step.ray.batch_size)
-        results: list[Batch] = [{} for _ in parts]
-        pending: deque[tuple[int, tuple[Any, Any]]] = deque()
-        offset = random.randrange(1 << 30)  # units start their round robin on different actors
-        for i, part in enumerate(parts):
-            while len(pending) >= self.window(step):
-                j, call = pending.popleft()
-                results[j] = self.result(step, parts[j], call, isolate=True)
-            pending.append((i, self.submit(step, part, turn=offset + i)))
-        for j, call in pending:
-            results[j] = self.result(step, parts[j], call, isolate=True)
+        calls = [self.submit(step, part) for part in parts]
+        results = [self.result(step, part, call, isolate=True) for part, call in zip(parts, calls)]
         self.wait_s[step.name] = self.wait_s.get(step.name, 0.0) + time.perf_counter() - started
         return concat_batches(results)
 
-    def window(self, step: Step) -> int | float:
-        size = len(self.current(step))
-        return size if size < self.max_size.get(step.name, size) else float("inf")
-
-    def current(self, step: Step) -> list[Any]:
-        """The step's actors now (re-read from the registry every REGISTRY_REFRESH_S)."""
-        if self.registry is not None and time.monotonic() - self.refreshed_at > REGISTRY_REFRESH_S:
-            import ray
-
-            self.actors = ray.get(self.registry.actors.remote())
-            self.refreshed_at = time.monotonic()
-        return self.actors[step.name]
-
-    def timeout_for(self, batch: Batch) -> float:
-        return self.timeout_floor_s + self.timeout_per_row_s * batch_len(batch)
-
-    def submit(self, step: Step, batch: Batch, turn: int) -> tuple[Any, Any]:
-        actors = self.current(step)
-        actor = actors[turn % len(actors)]
-        return actor, actor.run.remote(batch)
-
-    def result(self, step: Step, batch: Batch, call: tuple[Any, Any], isolate: bool) -> Batch:
-        """The batch with the stage's columns. On a dead or hung actor, with `isolate`, each
-        source's rows are tried once more alone on the restarted actor (the batch may have
-        failed for another batch's sake); rows that fail again get error rows."""
+    def submit(self, step: Step, batch: Batch) -> Any:
         import ray
 
-        actor, ref = call
-        timeout_s = self.timeout_for(batch)
-        try:
-            return {**batch, **ray.get(ref, timeout=timeout_s)}
-        except Exception as exc:  # noqa: BLE001 - a dead or hung actor is recorded, not raised
-            if isinstance(exc, ray.exceptions.GetTimeoutError):
-                ray.kill(actor, no_restart=False)  # a hung model call: restart the actor
-            reason = actor_failure(exc, timeout_s)
-        sources = list(dict.fromkeys(batch["source_id"]))
+        # In a list, so that the dispatcher forwards the reference and never holds the rows.
+        return self.dispatcher.run.remote(step.name, [ray.put(batch)], batch_len(batch))
+
+    def result(self, step: Step, batch: Batch, call: Any, isolate: bool) -> Batch:
+        import ray
+
+        answer = ray.get(call)
+        if "error" not in answer:
+            return {**batch, **answer["out"]}
+        reason = answer["error"]
         log.warning("step %s failed on a batch of %d rows (%s)%s", step.name, batch_len(batch), reason,
                     "; retrying source by source" if isolate else "")
         if not isolate:
             return self.error_rows(step, batch, reason)
+        sources = list(dict.fromkeys(batch["source_id"]))
         parts = [{k: [v for v, s in zip(vals, batch["source_id"]) if s == sid] for k, vals in batch.items()}
                  for sid in sources]
-        done = []
-        for part in parts:
-            wait_alive(actor, self.timeout_floor_s)  # Ray restarts it; calls meanwhile fail
-            done.append(self.result(step, part, (actor, actor.run.remote(part)), isolate=False))
-        return concat_batches(done)
+        calls = [self.submit(step, part) for part in parts]
+        return concat_batches([self.result(step, part, c, isolate=False) for part, c in zip(parts, calls)])
 
     def error_rows(self, step: Step, batch: Batch, reason: str) -> Batch:
         n = batch_len(batch)
@@ -193,91 +153,143 @@ class ActorPools:
         return out
 
 
-def wait_alive(actor: Any, timeout_s: float) -> None:
-    """Wait until a (restarting) actor answers again, at most timeout_s."""
-    import ray
+class Dispatcher:
+    """Every model step's actors, and the batches of all unit tasks waiting for them (an async
+    Ray actor, one per run, on the driver's node).
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    A batch goes to the first actor of its step that is free (`calls_per_actor` calls at a
+    time; 1 keeps a CPU actor from queueing work that a free actor could take), so one slow
+    batch never holds up others behind it, and an actor added to a growing pool takes the
+    next waiting batch at once. A call is cut at `timeout_floor_s + timeout_per_row_s` x rows
+    (the actor is restarted); a failed actor rejoins once it answers again. `stats()` gives
+    the queue, the busy time and the rows of each step: the driver grows pools and reports
+    the bottleneck from them.
+    """
+
+    def __init__(self, timeout_floor_s: float, timeout_per_row_s: float):
+        self.timeout_floor_s, self.timeout_per_row_s = timeout_floor_s, timeout_per_row_s
+        self.free: dict[str, Any] = {}  # step -> asyncio.Queue of actor handles (one per call slot)
+        self.counts: dict[str, dict[str, float]] = {}
+        self.running: dict[str, dict[int, float]] = {}  # step -> call number -> started (monotonic)
+        self.calls = 0
+
+    def add(self, name: str, handle: Any, calls_per_actor: int = 1) -> None:
+        import asyncio
+
+        queue = self.free.setdefault(name, asyncio.Queue())
+        c = self.counts.setdefault(name, {"actors": 0, "queued": 0, "running": 0, "rows": 0,
+                                          "batches": 0, "failed": 0, "busy_s": 0.0})
+        c["actors"] += 1
+        for _ in range(calls_per_actor):
+            queue.put_nowait(handle)
+
+    async def run(self, name: str, refs: list[Any], rows: int) -> dict[str, Any]:
+        import asyncio
+
+        import ray
+
+        c = self.counts[name]
+        c["queued"] += 1
+        actor = await self.free[name].get()
+        c["queued"] -= 1
+        c["running"] += 1
+        timeout_s = self.timeout_floor_s + self.timeout_per_row_s * rows
+        started = time.monotonic()
+        self.calls += 1
+        call = self.calls
+        self.running.setdefault(name, {})[call] = started
         try:
-            ray.get(actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            return
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            time.sleep(0.5)
+            out = await asyncio.wait_for(actor.run.remote(refs[0]), timeout_s)
+            c["rows"] += rows
+            c["batches"] += 1
+            self.free[name].put_nowait(actor)
+            return {"out": out}
+        except Exception as exc:  # noqa: BLE001 - a dead or hung actor is the batch's error
+            if isinstance(exc, asyncio.TimeoutError):
+                ray.kill(actor, no_restart=False)  # a hung model call: restart the actor
+            c["failed"] += 1
+            asyncio.get_running_loop().create_task(self.rejoin(name, actor))
+            return {"error": actor_failure(exc, timeout_s)}
+        finally:
+            c["running"] -= 1
+            c["busy_s"] += time.monotonic() - started
+            del self.running[name][call]
+
+    async def rejoin(self, name: str, actor: Any) -> None:
+        """Back in the pool once the (restarted) actor answers, or after ACTOR_RESTART_WAIT_S."""
+        import asyncio
+
+        deadline = time.monotonic() + ACTOR_RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(actor.ready.remote(), max(0.1, deadline - time.monotonic()))
+                break
+            except Exception:  # noqa: BLE001 - still restarting
+                await asyncio.sleep(0.5)
+        self.free[name].put_nowait(actor)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per step: actors, queued and running batches, rows and batches done, failed calls,
+        and busy actor-seconds so far (calls in progress included)."""
+        now = time.monotonic()
+        return {name: {**c, "busy_s": c["busy_s"] + sum(now - t for t in self.running.get(name, {}).values())}
+                for name, c in self.counts.items()}
 
 
 def actor_failure(exc: BaseException, timeout_s: float) -> str:
+    import asyncio
+
     import ray
 
-    if isinstance(exc, ray.exceptions.GetTimeoutError):
+    if isinstance(exc, (asyncio.TimeoutError, ray.exceptions.GetTimeoutError)):
         return f"timed out after {timeout_s:.0f} s"
     if isinstance(exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
         return "worker died (model actor)"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
-class PoolRegistry:
-    """The current actors of every pool, for unit tasks that started before a pool grew."""
-
-    def __init__(self):
-        self.handles: dict[str, list[Any]] = {}
-
-    def add(self, name: str, handle: Any) -> None:
-        self.handles.setdefault(name, []).append(handle)
-
-    def actors(self) -> dict[str, list[Any]]:
-        return self.handles
-
-
 @dataclass
 class PoolSizer:
-    """The driver's side of the model pools: each step's bounds and actor options, and growth.
+    """The driver's side of the model pools: each step's bounds, its actors, and growth.
 
     A pool starts at its minimum and gets one more actor (at most one per `grow_every_s`, up
-    to its maximum) when more units in flight wait on it than it has actors (read from their
-    in-flight markers every few seconds), or when a committed unit spent more than
-    `grow_wait_share` of its time waiting on it. Actors' CPU reservations are scaled down when the
-    pools at their maximum would leave no CPU for the unit tasks (logged).
+    to its maximum) when batches have been waiting for a free actor of it at two checks in a
+    row (the dispatcher's queue, read every few seconds). Actors' CPU reservations are scaled
+    down when the pools at their maximum would leave no CPU for the unit tasks (logged).
     """
 
     pools: ActorPools
     bounds: dict[str, tuple[int, int]]
     make_actor: Callable[[str], Any]  # step name -> a new actor handle
-    grow_wait_share: float = 0.3
+    add_to_dispatcher: Callable[[str, Any], Any] = lambda name, handle: None
     grow_every_s: float = 10.0
+    actors: dict[str, list[Any]] = field(default_factory=dict)
     last_grown: dict[str, float] = field(default_factory=dict)
+    queued_before: dict[str, float] = field(default_factory=dict)
 
     def add_actor(self, name: str) -> None:
         handle = self.make_actor(name)
-        self.pools.actors.setdefault(name, []).append(handle)
-        if self.pools.registry is not None:
-            import ray
-
-            ray.get(self.pools.registry.add.remote(name, handle))
+        self.actors.setdefault(name, []).append(handle)
+        self.add_to_dispatcher(name, handle)
         self.last_grown[name] = time.monotonic()
 
     def grow(self, name: str, why: str) -> None:
-        size, (_, hi) = len(self.pools.actors[name]), self.bounds[name]
+        size, (_, hi) = len(self.actors[name]), self.bounds[name]
         if size < hi and time.monotonic() - self.last_grown.get(name, 0.0) >= self.grow_every_s:
             self.add_actor(name)
             log.info("step %s: %s; pool grown to %d of at most %d actors", name, why, size + 1, hi)
 
-    def observe(self, entry: dict[str, Any]) -> None:
-        """A committed unit's waits: grow the pools it spent much of its time waiting on."""
-        wall = max(entry.get("unit_wall_s") or 0.0, 1e-6)
-        for name, waited in (entry.get("model_wait_s") or {}).items():
-            if waited / wall > self.grow_wait_share:
-                self.grow(name, f"a unit waited {100 * waited / wall:.0f}% of its time on it")
-
-    def waiting(self, counts: dict[str, int]) -> None:
-        """Units in flight waiting on each step now (from their markers): more than actors, grow."""
-        for name, n in counts.items():
-            if name in self.bounds and n > len(self.pools.actors[name]):
-                self.grow(name, f"{n} units wait on {len(self.pools.actors[name])} actor(s)")
+    def check(self, stats: dict[str, dict[str, float]]) -> None:
+        """Grow the pools whose batches wait for a free actor now and at the previous check."""
+        for name, c in stats.items():
+            queued = c.get("queued", 0)
+            if name in self.bounds and queued > 0 and self.queued_before.get(name, 0) > 0:
+                self.grow(name, f"{queued:.0f} batches wait for one of its {len(self.actors[name])} actor(s)")
+            self.queued_before[name] = queued
 
 
 def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> PoolSizer:
-    """Create each model step's pool at its minimum size (see PoolSizer)."""
+    """The run's Dispatcher and each model step's pool at its minimum size (see PoolSizer)."""
     total_cpus = float(resources.get("CPU", 1.0))
     total_gpus = float(resources.get("GPU", 0.0))
     remote_steps = [s for s in config.steps if is_model_step(s)]
@@ -300,12 +312,14 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
         log.warning("model actors at their largest ask for %.2g CPUs of %.2g; reserving %.0f%% of each "
                     "ask so that unit tasks can run", demand, total_cpus, 100 * scale)
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    pools = ActorPools(timeout_floor_s=config.run.source_timeout_floor_s,
-                       timeout_per_row_s=config.run.model_timeout_per_row_s)
-    if any(lo < hi for lo, hi in bounds.values()):
-        pools.registry = ray.remote(PoolRegistry).options(num_cpus=0).remote()
-    pools.max_size = {name: hi for name, (_, hi) in bounds.items()}
+    dispatcher = None
+    if remote_steps:
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        dispatcher = ray.remote(Dispatcher).options(num_cpus=0, scheduling_strategy=here).remote(
+            config.run.source_timeout_floor_s, config.run.model_timeout_per_row_s)
+    pools = ActorPools(dispatcher=dispatcher)
     options = {}
     for step in remote_steps:
         opts: dict[str, Any] = {"num_cpus": step.ray.num_cpus * scale, "max_restarts": -1,
@@ -319,7 +333,11 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
     def make_actor(name: str):
         return ray.remote(StageActor).options(**options[name]).remote(steps[name])
 
-    sizer = PoolSizer(pools, bounds, make_actor)
+    def add_to_dispatcher(name: str, handle: Any) -> None:
+        # GPU actors get two calls at a time, so the next batch is ready when one ends.
+        ray.get(dispatcher.add.remote(name, handle, 2 if steps[name].ray.num_gpus else 1))
+
+    sizer = PoolSizer(pools, bounds, make_actor, add_to_dispatcher)
     for step in remote_steps:
         for _ in range(bounds[step.name][0]):
             sizer.add_actor(step.name)
@@ -348,17 +366,20 @@ def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
     store = OutputStore(out_dir)
     import ray
 
+    node_id = ray.get_runtime_context().get_node_id()
     guard = SourceGuard(store.inflight_dir / f"{unit.unit_id}.json", unit.unit_id, attempt,
                         config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s,
-                        node_id=ray.get_runtime_context().get_node_id())
+                        node_id=node_id)
     started = time.perf_counter()
     pools.wait_s = {}
     try:
         entry = worker.run(unit, store, guard=guard, failed=failed)
     finally:
         guard.leave()
+    # The node that ran the unit, and so wrote its files.
     return {**entry, "attempts": attempt, "unit_wall_s": time.perf_counter() - started,
-            "model_wait_s": dict(pools.wait_s)}
+            "model_wait_s": dict(pools.wait_s), "node_id": node_id,
+            "node_ip": ray.util.get_node_ip_address()}
 
 
 def death_cause(exc: BaseException) -> str:
@@ -424,15 +445,16 @@ class UnitScheduler:
     """Submits unit tasks, commits what returns, retries what died (see the module docstring)."""
 
     def __init__(self, config: PipelineConfig, units: list[Unit], store: OutputStore,
-                 sizer: PoolSizer, max_in_flight: int):
+                 sizer: PoolSizer, slots: int):
         import ray
 
         self.config, self.store, self.sizer, self.pools = config, store, sizer, sizer.pools
         self.queue: deque[UnitState] = deque(UnitState(u) for u in units)
         self.in_flight: dict[Any, InFlight] = {}
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = 2 * slots  # a task waiting on a model actor lends Ray its CPU
         self.task = ray.remote(unit_task).options(num_cpus=unit_task_cpus(config), max_retries=0)
         self.last_check = 0.0
+        self.monitor = StepMonitor(config, slots)
 
     def run(self) -> Iterator[dict[str, Any]]:
         import ray
@@ -448,9 +470,15 @@ class UnitScheduler:
                 except ray.exceptions.RayError as exc:
                     self.task_failed(flight, exc)
                     continue
-                self.sizer.observe(entry)
+                self.monitor.observe(entry)
                 yield entry
             self.cancel_overdue()
+        self.monitor.report(self.model_stats(), running=0, force=True)
+
+    def model_stats(self) -> dict[str, dict[str, float]]:
+        import ray
+
+        return ray.get(self.pools.dispatcher.stats.remote()) if self.pools.dispatcher is not None else {}
 
     def submit(self, state: UnitState) -> None:
         state.attempt += 1
@@ -499,26 +527,73 @@ class UnitScheduler:
         self.queue.append(state)
 
     def cancel_overdue(self) -> None:
-        """Every 5 s, from the in-flight markers: cancel a task whose own timer did not end it,
-        and grow the model pools that more units wait on than they have actors."""
+        """Every 5 s: cancel a task whose own timer did not end it (from the in-flight markers),
+        grow the model pools that batches wait on, and (every 10 s) log the steps' progress."""
         import ray
 
         now = time.time()
         if now - self.last_check < 5.0:
             return
         self.last_check = now
-        waiting: dict[str, int] = {}
+        stats = self.model_stats()
+        self.sizer.check(stats)
+        self.monitor.report(stats, running=len(self.in_flight))
         for ref, flight in self.in_flight.items():
             m = self.marker(flight.state)
-            if m is not None and m.get("model_step"):
-                waiting[m["model_step"]] = waiting.get(m["model_step"], 0) + 1
             if (m is not None and m.get("phase") == "source" and not flight.cancelled_for_time
                     and now > m["started_at"] + m["limit_s"] + DRIVER_GRACE_S):
                 log.warning("cancelling unit %s: %s ran past its %.0f s limit", flight.state.unit.unit_id,
                             m.get("source_path"), m["limit_s"])
                 flight.cancelled_for_time = True
                 ray.cancel(ref, force=True)
-        self.sizer.waiting(waiting)
+
+
+class StepMonitor:
+    """The progress of each step and which one holds the run back, logged every `every_s`.
+
+    A step's rows/s is its rows done over the elapsed time; its busy share is the time its
+    workers spent in it over the time they had: actor-seconds over actors x elapsed for a
+    model step (from the dispatcher, live), stage seconds of the committed units over unit
+    slots x elapsed for a step run inside the unit tasks. The bottleneck is the busiest step.
+    """
+
+    def __init__(self, config: PipelineConfig, slots: int, every_s: float = 10.0):
+        self.steps = [(s.name, is_model_step(s)) for s in config.steps]
+        self.slots, self.every_s = slots, every_s
+        self.started = time.monotonic()
+        self.last_log = 0.0
+        self.rows = 0
+        self.busy_s: dict[str, float] = {}
+
+    def observe(self, entry: dict[str, Any]) -> None:
+        self.rows += entry.get("clips", 0)
+        for name, seconds in entry.get("stage_seconds", {}).items():
+            self.busy_s[name] = self.busy_s.get(name, 0.0) + seconds
+
+    def shares(self, stats: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, str]]:
+        """step -> (rows/s, busy share, detail)."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        out = {}
+        for name, remote in self.steps:
+            c = stats.get(name)
+            if remote and c:
+                share = c["busy_s"] / (max(c["actors"], 1) * elapsed)
+                detail = f"{c['actors']:.0f} actors, {c['queued']:.0f} batches queued"
+                out[name] = (c["rows"] / elapsed, share, detail)
+            else:
+                out[name] = (self.rows / elapsed, self.busy_s.get(name, 0.0) / (self.slots * elapsed), "")
+        return out
+
+    def report(self, stats: dict[str, dict[str, float]], running: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_log < self.every_s:
+            return
+        self.last_log = now
+        shares = self.shares(stats)
+        parts = [f"{name} {rate:.2f} rows/s {100 * share:.0f}% busy" + (f" ({detail})" if detail else "")
+                 for name, (rate, share, detail) in shares.items()]
+        worst = max(shares, key=lambda n: shares[n][1]) if shares else "-"
+        log.info("steps: %s | %d units running | bottleneck: %s", "; ".join(parts), running, worst)
 
 
 def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, address: str | None = None,
@@ -533,17 +608,16 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
     resources = ray.cluster_resources()
     total_cpus = float(resources.get("CPU", 1.0))
     sizer = start_actor_pools(config, resources)
-    pools = sizer.pools
     try:
-        for handles in pools.actors.values():
+        for handles in sizer.actors.values():
             ray.get([h.ready.remote() for h in handles])  # models load before units wait on them
         slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
         log.info("running %d units on %g CPUs, up to %d at a time; %d model step(s) on actors",
-                 len(units), total_cpus, 2 * slots, len(pools.actors))
-        yield from UnitScheduler(config, units, store, sizer, max_in_flight=2 * slots).run()
+                 len(units), total_cpus, 2 * slots, len(sizer.actors))
+        yield from UnitScheduler(config, units, store, sizer, slots).run()
     finally:
-        for handles in pools.actors.values():
+        for handles in sizer.actors.values():
             for h in handles:
                 ray.kill(h)
-        if pools.registry is not None:
-            ray.kill(pools.registry)
+        if sizer.pools.dispatcher is not None:
+            ray.kill(sizer.pools.dispatcher)

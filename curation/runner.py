@@ -102,6 +102,17 @@ class Progress:
                  elapsed, eta)
 
 
+def nodes_summary(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """node id -> its address, and the units and clips it ran (and wrote); Ray runs only."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e.get("node_id"):
+            n = nodes.setdefault(e["node_id"], {"ip": e.get("node_ip"), "units": 0, "clips": 0})
+            n["units"] += 1
+            n["clips"] += e["clips"]
+    return nodes
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 Executor = Callable[[PipelineConfig, list[Unit], OutputStore], Iterable[dict[str, Any]]]
@@ -179,6 +190,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
                                     Counter())),
         "units": len(ledger),
         "units_retried": sum(1 for e in ledger.values() if e.get("attempts", 1) > 1),
+        "nodes": nodes_summary(ledger.values()),
         "stage_busy_seconds": dict(stage_seconds),
     })
     write_json(store.run_json, record)

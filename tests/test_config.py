@@ -119,25 +119,20 @@ def test_bad_actor_pool_sizes_name_the_key(value, message):
     assert message in str(err.value)
 
 
-def test_pools_grow_while_units_wait_on_them_and_stop_at_their_maximum():
+def test_pools_grow_while_batches_wait_for_them_and_stop_at_their_maximum():
     from curation.pipeline import ActorPools, PoolSizer
 
-    made = []
-    sizer = PoolSizer(ActorPools(actors={"ocr": ["a0"], "caption": ["c0"]}), {"ocr": (1, 3), "caption": (1, 3)},
-                      make_actor=lambda name: made.append(name) or f"{name}{len(made)}", grow_every_s=0.0)
-    for _ in range(5):  # units spend 80% of their time waiting on ocr, 5% on caption
-        sizer.observe({"unit_wall_s": 10.0, "model_wait_s": {"ocr": 8.0, "caption": 0.5}})
-    assert len(sizer.pools.actors["ocr"]) == 3 and made == ["ocr", "ocr"]
-    assert sizer.pools.actors["caption"] == ["c0"]
-
-
-def test_pools_grow_when_more_units_wait_on_them_than_they_have_actors():
-    from curation.pipeline import ActorPools, PoolSizer
-
-    sizer = PoolSizer(ActorPools(actors={"ocr": ["a0"]}), {"ocr": (1, 2)}, make_actor=lambda name: "a1",
-                      grow_every_s=0.0)
-    sizer.waiting({"ocr": 1})
-    assert sizer.pools.actors["ocr"] == ["a0"]
-    sizer.waiting({"ocr": 3})
-    sizer.waiting({"ocr": 3})
-    assert sizer.pools.actors["ocr"] == ["a0", "a1"]  # and not past its maximum
+    made, added = [], []
+    sizer = PoolSizer(ActorPools(), {"ocr": (1, 3), "caption": (1, 3)},
+                      make_actor=lambda name: made.append(name) or f"{name}{len(made)}",
+                      add_to_dispatcher=lambda name, handle: added.append(handle), grow_every_s=0.0)
+    sizer.add_actor("ocr")
+    sizer.add_actor("caption")
+    idle = {"actors": 1, "queued": 0}
+    sizer.check({"ocr": {**idle, "queued": 4}, "caption": idle})
+    assert len(sizer.actors["ocr"]) == 1  # one look at a queue is not enough: it may be a burst
+    for _ in range(5):  # ocr's batches keep waiting; caption's actor keeps up
+        sizer.check({"ocr": {**idle, "queued": 4}, "caption": idle})
+    assert sizer.actors["ocr"] == ["ocr1", "ocr3", "ocr4"]  # and not past its maximum
+    assert sizer.actors["caption"] == ["caption2"]
+    assert added == ["ocr1", "caption2", "ocr3", "ocr4"]  # every actor reaches the dispatcher

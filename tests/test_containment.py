@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.config import parse_config
+from curation.config import load_config, parse_config
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore
 
@@ -178,3 +179,61 @@ def test_a_dying_model_actor_costs_only_the_rows_of_the_source_that_killed_it(ra
         assert again["fault_error"] == [None]
     finally:
         ray.shutdown()
+
+
+def test_a_busy_model_actor_holds_up_no_batch_another_actor_is_free_for(ray_tmp):
+    """The dispatcher hands each batch to the first free actor: while one actor of a pool of
+    two is stuck in a long call, every other batch goes through the second one."""
+
+    import ray
+
+    from curation.pipeline import init_ray, start_actor_pools
+
+    raw = yaml.safe_load((REPO / "configs" / "spine.yaml").read_text())
+    raw["steps"].append({"stage": "fault", "args": {"faults": {"hang_me": "hang"}},
+                         "ray": {"actors": 2, "num_cpus": 0.25, "batch_size": 1}})
+    raw["run"].update({"source_timeout_floor_s": 60.0, "model_timeout_per_row_s": 0.01})
+    cfg = parse_config(raw)
+    step = cfg.steps[-1]
+    init_ray(None, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp)
+    try:
+        sizer = start_actor_pools(cfg, {"CPU": 2.0, "memory": 8 * 1024**3})
+        pools = sizer.pools
+        ray.get([h.ready.remote() for h in sizer.actors[step.name]])
+        def hang() -> None:
+            try:
+                pools(step, {"source_path": ["/a/hang_me.mp4"], "source_id": ["h"], "clip_id": ["0"]})
+            except BaseException:  # noqa: BLE001 - ends with ray.shutdown()
+                pass
+
+        stuck = threading.Thread(target=hang, daemon=True)
+        stuck.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        rows = {"source_path": [f"/a/good{i}.mp4" for i in range(6)], "source_id": [str(i) for i in range(6)],
+                "clip_id": [str(i + 1) for i in range(6)]}
+        out = pools(step, rows)  # six batches of one row: none may wait for the stuck actor
+        assert out["fault_error"] == [None] * 6
+        assert time.monotonic() - started < 30.0
+        stats = ray.get(pools.dispatcher.stats.remote())[step.name]
+        assert stats["actors"] == 2 and stats["running"] == 1 and stats["batches"] == 6
+        assert stats["busy_s"] >= time.monotonic() - started  # the stuck call counts as busy
+    finally:
+        ray.shutdown()
+
+
+def test_the_progress_line_names_the_busiest_step(caplog):
+    from curation.pipeline import StepMonitor
+
+    cfg = load_config(REPO / "pipeline.yaml")
+    monitor = StepMonitor(cfg, slots=2, every_s=0.0)
+    monitor.started -= 100.0  # 100 s into the run
+    monitor.observe({"clips": 40, "stage_seconds": {"split": 50.0, "motion": 10.0}})
+    stats = {"ocr": {"actors": 2, "queued": 3, "rows": 20, "busy_s": 190.0},
+             "aesthetics": {"actors": 1, "queued": 0, "rows": 40, "busy_s": 20.0}}
+    with caplog.at_level(logging.INFO, logger="curation.pipeline"):
+        monitor.report(stats, running=4)
+    line = caplog.records[-1].getMessage()
+    assert "bottleneck: ocr" in line
+    assert "ocr 0.20 rows/s 95% busy (2 actors, 3 batches queued)" in line
+    assert "split 0.40 rows/s 25% busy" in line
