@@ -116,6 +116,7 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> 
         "clips_per_s": record["clips"] / max(t_end - t_phase, 1e-9),
         "driver_peak_rss_mb": hwm,
         "cpu_by_role": roles.table(t_end - t_phase),
+        "model_sent_bytes_per_clip": record.get("model_sent_bytes_per_clip", {}),
     }
 
 
@@ -139,6 +140,8 @@ def main() -> None:
               f"cores busy {r['busy_cores_run']:.2f} over the run, {r['busy_cores_processing']:.2f} while "
               f"processing, {r['clips_per_s']:.3f} clips/s", flush=True)
         print(f"  CPU by role over the processing phase: {r['cpu_by_role']}", flush=True)
+        sent = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in r["model_sent_bytes_per_clip"].items())
+        print(f"  object-store bytes per clip after motion (rows sent to model actors): {sent or '-'}", flush=True)
     if "2cpu" in results and "1cpu" in results:
         ratio = results["2cpu"]["clips_per_s"] / results["1cpu"]["clips_per_s"]
         results["clips_per_s_ratio_2_over_1"] = ratio

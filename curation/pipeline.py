@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from collections import deque
@@ -107,6 +108,7 @@ class ActorPools:
     dispatcher: Any = None
     outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     wait_s: dict[str, float] = field(default_factory=dict)  # in a unit task: time spent waiting
+    sent_bytes: dict[str, int] = field(default_factory=dict)  # in a unit task: rows' pickled size
 
     def __call__(self, step: Step, batch: Batch) -> Batch:
         """The rows through the step's actors. All of a unit's batches are queued at once, so
@@ -123,6 +125,8 @@ class ActorPools:
     def submit(self, step: Step, batch: Batch) -> Any:
         import ray
 
+        # What travels through the object store for this step (sample frames never do).
+        self.sent_bytes[step.name] = self.sent_bytes.get(step.name, 0) + len(pickle.dumps(batch, protocol=5))
         # In a list, so that the dispatcher forwards the reference and never holds the rows.
         return self.dispatcher.run.remote(step.name, [ray.put(batch)], batch_len(batch))
 
@@ -371,14 +375,14 @@ def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
                         config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s,
                         node_id=node_id)
     started = time.perf_counter()
-    pools.wait_s = {}
+    pools.wait_s, pools.sent_bytes = {}, {}
     try:
         entry = worker.run(unit, store, guard=guard, failed=failed)
     finally:
         guard.leave()
     # The node that ran the unit, and so wrote its files.
     return {**entry, "attempts": attempt, "unit_wall_s": time.perf_counter() - started,
-            "model_wait_s": dict(pools.wait_s), "node_id": node_id,
+            "model_wait_s": dict(pools.wait_s), "model_sent_bytes": dict(pools.sent_bytes), "node_id": node_id,
             "node_ip": ray.util.get_node_ip_address()}
 
 

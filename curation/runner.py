@@ -113,6 +113,14 @@ def nodes_summary(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]
     return nodes
 
 
+def sent_bytes_per_clip(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """step -> bytes of rows sent through the object store to its model actors, per clip."""
+    entries = list(entries)
+    clips = max(1, sum(e["clips"] for e in entries))
+    total: Counter = sum((Counter(e.get("model_sent_bytes", {})) for e in entries), Counter())
+    return {name: n / clips for name, n in total.items()}
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 Executor = Callable[[PipelineConfig, list[Unit], OutputStore], Iterable[dict[str, Any]]]
@@ -191,6 +199,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "units": len(ledger),
         "units_retried": sum(1 for e in ledger.values() if e.get("attempts", 1) > 1),
         "nodes": nodes_summary(ledger.values()),
+        "model_sent_bytes_per_clip": sent_bytes_per_clip(ledger.values()),
         "stage_busy_seconds": dict(stage_seconds),
     })
     write_json(store.run_json, record)
