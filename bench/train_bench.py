@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from training import diffusion  # noqa: E402
 from training.config import apply_overrides, preset  # noqa: E402
-from training.data import columns_for, read_shards, shard_paths  # noqa: E402
+from training.data import shard_paths  # noqa: E402
 from training.loop import model_from_config, train  # noqa: E402
 from training.synthetic import write_synthetic_shards  # noqa: E402
 
@@ -88,12 +88,12 @@ def main() -> None:
                                "checkpoint_every_steps=100000", *args.overrides])
         write_synthetic_shards(tmp, num_clips=16, num_frames=max(24, 2 * cfg.num_frames * cfg.frame_stride),
                                size_px=cfg.resolution_px * 3 // 2, caption_dim=512)
-        table = read_shards(shard_paths(tmp), columns_for(cfg))
+        paths = shard_paths(tmp)
         cfg = apply_overrides(cfg, ["caption_dim=512"])
         flop = step_flops(cfg)
         peak = matmul_flops_per_s(device)
         t0 = time.perf_counter()
-        train(cfg, table, os.path.join(tmp, "run"))
+        train(cfg, paths, os.path.join(tmp, "run"))
         wall = time.perf_counter() - t0
         with open(os.path.join(tmp, "run", "metrics.csv")) as f:
             rows = list(csv.DictReader(f))[args.skip_steps:]

@@ -7,9 +7,8 @@ import torch
 
 from curation.schema import DEFAULT_MOTION_BUCKET_ID, SHARDS_SCHEMA, fps_id_for
 from training.config import apply_overrides, preset
-from training.data import (LatentCache, ShardDataset, StepBatchSampler, adjusted_fps_id, apply_select,
-                           caption_dim_of, columns_for, decode_video, frame_indices, load_autoencoder,
-                           read_shards, select_mask, shard_paths)
+from training.data import (ShardDataset, adjusted_fps_id, apply_select, caption_dim_of, columns_for,
+                           decode_video, frame_indices, read_shards, row_sample, select_mask, shard_paths)
 from training.synthetic import COLOURS, moving_square_clip, write_synthetic_shards
 
 torch.set_num_threads(1)  # robust on a shared 2-core machine (no spinning OMP threads)
@@ -111,40 +110,15 @@ def test_unknown_predicate_column_is_an_error():
         apply_overrides(preset("hq"), ['select={"no_such_column": {"min": 1}}'])
 
 
-def test_step_batches_split_by_rank_and_cover_each_epoch():
-    full = StepBatchSampler(10, 4, 5, seed=1)
-    r0 = list(StepBatchSampler(10, 4, 5, seed=1, rank=0, world_size=2))
-    r1 = list(StepBatchSampler(10, 4, 5, seed=1, rank=1, world_size=2))
-    for step, (a, b) in enumerate(zip(r0, r1)):
-        assert sorted(k[1] for k in a + b) == sorted(full.global_batch(step))
-    # Resuming at step 3 yields the very batches an uninterrupted run has at steps 3 and 4.
-    assert list(StepBatchSampler(10, 4, 5, seed=1, start_step=3)) == list(full)[3:]
-    first_epoch = [r for s in range(2) for r in full.global_batch(s)] + full.global_batch(2)[:2]
-    assert sorted(first_epoch) == list(range(10))
-
-
-def test_latent_cache_with_a_tiny_autoencoder_saved_and_loaded_like_a_real_one(out_dir, tmp_path):
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=8, sample_size=16).save_pretrained(tmp_path / "vae")
-    with pytest.raises(FileNotFoundError, match="latent_autoencoder"):
-        load_autoencoder(str(tmp_path / "missing"))
-    cfg = apply_overrides(preset("video"), ["resolution_px=16", "num_frames=3", "channel_mult=1,2",
-                                            f"latent_autoencoder={tmp_path / 'vae'}"])
-    table = table_for(out_dir, cfg)
-    ds = ShardDataset(table, cfg, 8)
-    ids = table.column("clip_id").to_pylist()
-    cache = LatentCache.build(ds, ids, cfg, str(tmp_path / "cache"))
-    assert cache.items[0].shape == (4, 3, 8, 8)  # (C, T, h, w): 16 px / 2
-    files = list((tmp_path / "cache").iterdir())
-    assert len(files) == 1
-    # A second build reads the file (no autoencoder needed) and returns the same latents.
-    again = LatentCache.build(ds, ids, cfg, str(tmp_path / "cache"), vae="unused")
-    assert all(torch.equal(a, b) for a, b in zip(cache.items, again.items))
-    ds.latents = cache
-    assert ds[(0, 1)]["x"].shape == (4, 3, 8, 8)
+def test_an_undecodable_row_raises_and_a_wrong_caption_size_too(out_dir):
+    cfg = apply_overrides(preset("video"), ["resolution_px=16", "num_frames=3", "channel_mult=1,2"])
+    row = table_for(out_dir, cfg).slice(0, 1).to_pylist()[0]
+    rng = np.random.default_rng(0)
+    assert row_sample(row, cfg, 8, rng)["x"].shape == (3, 3, 16, 16)
+    with pytest.raises(Exception):
+        row_sample({**row, "video": row["video"][:40]}, cfg, 8, rng)
+    with pytest.raises(ValueError, match="caption_embedding has 8 values"):
+        row_sample(row, cfg, 16, rng)
 
 
 def test_frame_cache_does_not_change_samples(out_dir):
@@ -155,7 +129,7 @@ def test_frame_cache_does_not_change_samples(out_dir):
     for step in (0, 1):
         for i in range(len(cached)):
             assert torch.equal(cached[(step, i)]["x"], uncached[(step, i)]["x"])
-    assert len(cached._frame_cache) == len(cached) and not uncached._frame_cache
+    assert len(cached.cache.items) == len(cached) and not uncached.cache.items
 
 
 def test_partial_decode_stops_early(out_dir):

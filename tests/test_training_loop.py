@@ -1,6 +1,7 @@
 """Tests of training/loop.py and training/cli.py train: loss falls per stage, exact resume, checkpoints."""
 
 import csv
+import glob
 import os
 import shutil
 from dataclasses import replace
@@ -12,7 +13,8 @@ from training import diffusion
 from training.cli import train_command
 from training.config import apply_overrides, from_dict, preset
 from training.data import apply_select, columns_for, read_shards, shard_paths
-from training.loop import latest_checkpoint, load_checkpoint, model_from_config, train
+from training.loop import (BadRowsError, latest_checkpoint, latest_good_checkpoint, load_checkpoint,
+                           model_from_config, train)
 from training.synthetic import write_synthetic_shards
 
 torch.set_num_threads(1)  # robust on a shared 2-core machine (no spinning OMP threads)
@@ -64,7 +66,7 @@ def test_loss_falls_in_each_stage(out_dir, tmp_path, stage, steps):
         assert 0 < selected.num_rows < table.num_rows
     torch.manual_seed(cfg.seed)
     fresh = model_from_config(replace(cfg, caption_dim=8), 3)
-    result = train(cfg, table, str(tmp_path))
+    result = train(cfg, shard_paths(out_dir), str(tmp_path))
     before = fixed_eval_loss(fresh, cfg, selected)
     after = fixed_eval_loss(result.model, cfg, selected)
     assert after < 0.8 * before, (before, after)
@@ -75,10 +77,9 @@ def test_stage_chain_starts_from_previous_weights(out_dir, tmp_path):
     # The video stage starts as the image stage's EMA model (temporal layers at zero): its
     # first-step loss on the same data equals the image model's loss frame by frame.
     image_cfg = config("image", "total_steps=6")
-    table = read_shards(shard_paths(out_dir), columns_for(image_cfg))
-    image = train(image_cfg, table, str(tmp_path / "image"))
+    image = train(image_cfg, shard_paths(out_dir), str(tmp_path / "image"))
     video_cfg = config("video", "total_steps=3", "lr=0.0")  # lr 0: the weights stay the starting ones
-    video = train(video_cfg, table, str(tmp_path / "video"), init_checkpoint=image.last_checkpoint)
+    video = train(video_cfg, shard_paths(out_dir), str(tmp_path / "video"), init_checkpoint=image.last_checkpoint)
     x = torch.randn(2, 3, 4, 16, 16)
     c_noise = torch.tensor([0.1, -0.3])
     cap = torch.randn(2, 8)
@@ -87,27 +88,74 @@ def test_stage_chain_starts_from_previous_weights(out_dir, tmp_path):
 
 
 def test_resumed_run_reproduces_the_uninterrupted_losses(out_dir, tmp_path):
-    cfg = config("video", "total_steps=8", "checkpoint_every_steps=4", "warmup_steps=3", "batch_size=2")
-    table = read_shards(shard_paths(out_dir), columns_for(cfg))
-    full = train(cfg, table, str(tmp_path / "full"))
+    # 8 rows in 2 pieces, windows of one piece, batch 2: step 6 starts mid-way through the second
+    # epoch's second window, so the resumed stream seeks across epochs and windows.
+    cfg = config("video", "total_steps=8", "checkpoint_every_steps=3", "warmup_steps=3", "batch_size=2",
+                 "shuffle_buffer_rows=2")
+    paths = shard_paths(out_dir)
+    full = train(cfg, paths, str(tmp_path / "full"))
 
-    # Killed after step 6: only the step-4 checkpoint survives; the same call again resumes there.
-    partial = train(cfg, table, str(tmp_path / "resumed"), stop_after_step=6)
-    assert sorted(partial.losses) == list(range(6))
-    assert os.path.basename(latest_checkpoint(str(tmp_path / "resumed"))) == "checkpoint-0000004.pt"
-    resumed = train(cfg, table, str(tmp_path / "resumed"))
-    assert resumed.resumed_from_step == 4
-    assert [resumed.losses[s] for s in range(4, 8)] == [full.losses[s] for s in range(4, 8)]
+    # Killed after step 7: only the step-6 checkpoint survives; the same call again resumes there,
+    # here with two data-loader workers (the batches do not depend on them).
+    partial = train(cfg, paths, str(tmp_path / "resumed"), stop_after_step=7)
+    assert sorted(partial.losses) == list(range(7))
+    assert os.path.basename(latest_checkpoint(str(tmp_path / "resumed"))) == "checkpoint-0000006.pt"
+    resumed = train(replace(cfg, data_workers=2), paths, str(tmp_path / "resumed"))
+    assert resumed.resumed_from_step == 6
+    assert [resumed.losses[s] for s in range(6, 8)] == [full.losses[s] for s in range(6, 8)]
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-    # metrics.csv holds every step exactly once (the lost steps 4-5 were rewritten).
+    # metrics.csv holds every step exactly once (the lost step 6 was rewritten).
     with open(tmp_path / "resumed" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(8))
 
 
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(out_dir, tmp_path):
+    cfg = config("image", "total_steps=6", "checkpoint_every_steps=3", "batch_size=2")
+    full = train(cfg, shard_paths(out_dir), str(tmp_path))
+    last = latest_checkpoint(str(tmp_path))
+    assert os.path.basename(last) == "checkpoint-0000006.pt" and not glob.glob(str(tmp_path / "*.tmp"))
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) // 2)
+    assert latest_good_checkpoint(str(tmp_path))[0].endswith("checkpoint-0000003.pt")
+    again = train(cfg, shard_paths(out_dir), str(tmp_path))
+    assert again.resumed_from_step == 3
+    assert [again.losses[s] for s in range(3, 6)] == [full.losses[s] for s in range(3, 6)]
+    assert load_checkpoint(latest_checkpoint(str(tmp_path)))["step"] == 6  # rewritten, readable
+
+
+def test_bad_rows_are_skipped_and_counted_up_to_the_cap(tmp_path):
+    out = tmp_path / "out"
+    write_synthetic_shards(str(out), num_clips=8, num_frames=10, size_px=16, caption_dim=8, corrupt_every=4)
+    cfg = config("video", "total_steps=4", "batch_size=4", "max_bad_row_fraction=0.1")
+    result = train(cfg, shard_paths(str(out)), str(tmp_path / "ok"))
+    assert result.bad_rows == 4  # 2 bad rows of 8, 16 rows read: two epochs
+    with open(tmp_path / "ok" / "metrics.csv") as f:
+        assert int(list(csv.DictReader(f))[-1]["bad_rows"]) == 4
+    assert all(0 < v < 10 for v in result.losses.values())
+    # 25% bad rows against a 1% cap: the run stops with a message naming the setting and a row.
+    with pytest.raises(BadRowsError, match="max_bad_row_fraction=0.01.*clip"):
+        train(replace(cfg, max_bad_row_fraction=0.01, total_steps=200), shard_paths(str(out)),
+              str(tmp_path / "capped"))
+
+
+def test_latent_mode_trains_on_the_cached_latents(out_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=8, sample_size=16).save_pretrained(tmp_path / "vae")
+    cfg = config("video", "total_steps=2", "batch_size=2", "sigma_data=1.0",
+                 f"latent_autoencoder={tmp_path / 'vae'}", f"latent_cache_dir={tmp_path / 'cache'}")
+    result = train(cfg, shard_paths(out_dir), str(tmp_path / "run"))
+    assert load_checkpoint(result.last_checkpoint)["in_channels"] == 4
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert len(list(folder.iterdir())) == 2  # one latent file per shard row group
+
+
 def test_checkpoint_holds_state_dicts_config_step_and_rng(out_dir, tmp_path):
     cfg = config("image", "total_steps=2")
-    train(cfg, read_shards(shard_paths(out_dir), columns_for(cfg)), str(tmp_path))
+    train(cfg, shard_paths(out_dir), str(tmp_path))
     ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))  # weights_only: no pickled modules
     assert ckpt["step"] == 2
     assert set(ckpt) >= {"model", "ema", "optimizer", "config", "rng", "in_channels"}
@@ -132,3 +180,47 @@ def test_train_command_runs_all_stages_in_order(out_dir, tmp_path, capsys):
     assert "hq: 2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train_command([str(out), "--stage", "image", "--set", "no_such_key=1"])
+
+
+DDP_CFG = ["total_steps=5", "checkpoint_every_steps=2", "batch_size=4", "data_streams=2",
+           "shuffle_buffer_rows=2", "warmup_steps=2"]
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, paths: list, root: str) -> None:
+    """One gloo rank: an uninterrupted run, then a run killed after step 3 and resumed."""
+    import curation  # noqa: F401
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = config("video", *DDP_CFG)
+        full = train(cfg, paths, os.path.join(root, "full"))
+        train(cfg, paths, os.path.join(root, "resumed"), stop_after_step=3)
+        resumed = train(cfg, paths, os.path.join(root, "resumed"))
+        torch.save({"full": full.losses, "resumed": resumed.losses, "resumed_from": resumed.resumed_from_step,
+                    "model": full.model.state_dict(), "reads": sorted(set(full.pieces_read))},
+                   os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_match_one_process_on_the_same_global_batch_and_resume_exactly(out_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    paths = shard_paths(out_dir)
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), paths, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    single = train(config("video", *DDP_CFG), paths, str(tmp_path / "single"))
+
+    # Same global batch (2 streams: rank r holds stream r), same loss and weights to rounding.
+    for step in range(5):
+        assert ranks[0]["full"][step] == ranks[1]["full"][step]  # the all-reduced loss
+        assert abs(ranks[0]["full"][step] - single.losses[step]) < 1e-4 * abs(single.losses[step])
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["model"][k], v, atol=1e-5, rtol=1e-4)
+    # Each rank read its own pieces only.
+    assert ranks[0]["reads"] and ranks[1]["reads"] and not set(ranks[0]["reads"]) & set(ranks[1]["reads"])
+    # Killed after step 3, resumed from the step-2 checkpoint: the uninterrupted losses, exactly.
+    assert ranks[0]["resumed_from"] == 2
+    assert [ranks[0]["resumed"][s] for s in range(2, 5)] == [ranks[0]["full"][s] for s in range(2, 5)]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from training.cli import sample_command
 from training.config import apply_overrides, preset
-from training.data import columns_for, read_shards, shard_paths
+from training.data import shard_paths
 from training.loop import train
 from training.sample import embed_prompt, generate, latent_decoder, load_for_sampling, to_uint8_frames, write_outputs
 from training.synthetic import write_synthetic_shards
@@ -24,7 +24,7 @@ def video_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample_out")
     write_synthetic_shards(str(out), num_clips=4, num_frames=8, size_px=16, caption_dim=8)
     cfg = apply_overrides(preset("video", "tiny"), MICRO + ["lr=1e-2"])
-    result = train(cfg, read_shards(shard_paths(str(out)), columns_for(cfg)), str(out / "train" / "video"))
+    result = train(cfg, shard_paths(str(out)), str(out / "train" / "video"))
     return result.last_checkpoint
 
 
@@ -91,8 +91,8 @@ def test_latent_mode_trains_and_samples_through_a_saved_tiny_autoencoder(tmp_pat
     cfg = apply_overrides(preset("video", "tiny"), MICRO + ["resolution_px=32", "num_frames=3",
                                                              f"latent_autoencoder={tmp_path / 'vae'}",
                                                              "sigma_data=1.0", "batch_size=2"])
-    result = train(cfg, read_shards(shard_paths(str(tmp_path)), columns_for(cfg)), str(tmp_path / "run"))
-    assert list((tmp_path / "latent_cache").glob("latents-*.pt"))  # computed once, cached
+    result = train(cfg, shard_paths(str(tmp_path)), str(tmp_path / "run"))
+    assert list((tmp_path / "latent_cache").glob("latents-*/*.parquet"))  # computed once, cached as shards
     assert all(np.isfinite(v) for v in result.losses.values())
     model, cfg2, in_ch = load_for_sampling(result.last_checkpoint)
     assert in_ch == 4

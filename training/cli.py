@@ -4,7 +4,7 @@
                  [--set key=value ...] [--set video.key=value ...]
     curate sample CHECKPOINT|STAGE_DIR --prompt TEXT [--prompt-embedding FILE.npy] --frames T --steps N --out PATH
 
-`train` reads OUT_DIR/shards/*.parquet and writes OUT_DIR/train/<stage>/ (checkpoints, metrics.csv,
+`train` streams the shard files the ledger of OUT_DIR lists (training/stream.py) and writes OUT_DIR/train/<stage>/ (checkpoints, metrics.csv,
 loss.png). A stage starts from the previous stage's latest checkpoint (init_from=auto), and a
 stage whose folder already has a checkpoint resumes from it, so re-running the same command
 after a kill continues where it stopped.
@@ -38,8 +38,8 @@ def _stage_overrides(items: list[str], stage: str) -> list[str]:
 
 
 def resolve_init(cfg: TrainConfig, out_dir: str) -> str | None:
-    """The checkpoint a stage starts from: none for image, else the previous stage's latest (or a path)."""
-    from training.loop import latest_checkpoint
+    """The checkpoint a stage starts from: none for image, else the previous stage's newest readable one (or a path)."""
+    from training.loop import latest_good_checkpoint
 
     if cfg.init_from == "none" or PREVIOUS_STAGE[cfg.stage] is None and cfg.init_from == "auto":
         return None
@@ -48,7 +48,7 @@ def resolve_init(cfg: TrainConfig, out_dir: str) -> str | None:
             raise FileNotFoundError(f"init_from: no checkpoint at {cfg.init_from}")
         return cfg.init_from
     prev_dir = os.path.join(out_dir, "train", PREVIOUS_STAGE[cfg.stage])
-    path = latest_checkpoint(prev_dir)
+    path, _ = latest_good_checkpoint(prev_dir)
     if path is None:
         raise FileNotFoundError(f"the {cfg.stage} stage starts from the {PREVIOUS_STAGE[cfg.stage]} stage's "
                                 f"checkpoint, but {prev_dir} has none: train that stage first "
@@ -75,6 +75,7 @@ def train_command(argv: list[str]) -> int:
     import torch
 
     from training.data import shard_paths
+    from training.loop import BadRowsError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,14 +88,13 @@ def train_command(argv: list[str]) -> int:
     for cfg in cfgs:
         try:
             _train_stage(cfg, args, paths)
-        except (ValueError, FileNotFoundError) as exc:  # a user-fixable problem: say it, no traceback
+        except (ValueError, FileNotFoundError, BadRowsError) as exc:  # user-fixable: say it, no traceback
             print(f"curate train: {cfg.stage} stage: {exc}", file=sys.stderr)
             return 2
     return 0
 
 
 def _train_stage(cfg: TrainConfig, args: argparse.Namespace, paths: list[str]) -> None:
-    from training.data import columns_for, read_shards
     from training.loop import train
 
     run_dir = os.path.join(args.out_dir, "train", cfg.stage)
@@ -107,7 +107,7 @@ def _train_stage(cfg: TrainConfig, args: argparse.Namespace, paths: list[str]) -
                                    cpus_per_worker=args.cpus_per_worker)
         losses, last = report["losses"], report["last_checkpoint"]
     else:
-        result = train(cfg, read_shards(paths, columns_for(cfg)), run_dir, init_checkpoint=init)
+        result = train(cfg, paths, run_dir, init_checkpoint=init)
         losses, last = [result.losses[k] for k in sorted(result.losses)], result.last_checkpoint
     head = sum(losses[:10]) / max(1, len(losses[:10]))
     tail = sum(losses[-10:]) / max(1, len(losses[-10:]))

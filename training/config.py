@@ -30,6 +30,9 @@ class TrainConfig:
     latent_cache_dir: str = ""  # "" = <out_dir>/latent_cache
     data_workers: int = 0  # torch DataLoader worker processes (0 = decode in the training process)
     frame_cache_mb: int = 1024  # decoded, resized clips kept in memory per data process
+    shuffle_buffer_rows: int = 1024  # rows per stream read and shuffled together (the memory bound)
+    data_streams: int = 0  # independent row streams the global batch is drawn from; 0 = one per rank
+    max_bad_row_fraction: float = 0.01  # undecodable rows skipped up to this share, then the run stops
 
     # Model (must agree between stages: later stages start from the earlier checkpoint).
     model_channels: int = 64
@@ -82,6 +85,12 @@ class TrainConfig:
         if self.resolution_px % down:
             raise ValueError(f"resolution_px={self.resolution_px} must be divisible by {down} "
                              f"(channel_mult has {len(self.channel_mult)} levels)")
+        if self.shuffle_buffer_rows < 1 or self.data_streams < 0:
+            raise ValueError("shuffle_buffer_rows must be >= 1 and data_streams >= 0")
+        if self.data_streams and self.batch_size % self.data_streams:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by data_streams={self.data_streams}")
+        if not 0.0 <= self.max_bad_row_fraction <= 1.0:
+            raise ValueError(f"max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}")
         check_predicate(self.select)
 
     @property

@@ -1,4 +1,4 @@
-"""Training samples from the curated shards (DESIGN.md section 3): decode, sample frames, resize, batch.
+"""Training samples from shard rows (DESIGN.md section 3): decode, sample frames, resize.
 
 Reads only shard columns named in curation.schema. For each row it produces
     x                (C, H, W) image stage, (C, T, H, W) video stages; pixels in [-1, 1]
@@ -12,20 +12,18 @@ Stage 1 takes one frame per sample: a random keyframe (JPEG) if the row has keyf
 random frame of the clip. Stages 2-3 take `num_frames` frames `frame_stride` apart at a random
 start. Stage 3 first keeps the rows passing a {column: {min, max}} predicate (`select_mask`).
 
-Randomness of a sample depends only on (seed, step, index), never on a process-global RNG, so
-a resumed run and a run with more data-loader workers see exactly the same batches.
+A sample's randomness comes from a generator the caller seeds (training/stream.py seeds it with
+(seed, step, slot in the global batch)), never from a process-global RNG. The order in which
+rows are read, and the reading itself, live in training/stream.py.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import io
 import json
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import av
 import numpy as np
@@ -34,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from curation.schema import DEFAULT_MOTION_BUCKET_ID, SHARDS_SCHEMA, conform, fps_id_for
 from curation.writer import OutputStore
@@ -228,109 +226,113 @@ def resize_center_crop(frames: np.ndarray, size_px: int) -> torch.Tensor:
     return center_crop_tensor(resize_short_side(frames, size_px), size_px)
 
 
-# ---- dataset ----------------------------------------------------------------------------
+# ---- samples ----------------------------------------------------------------------------
+
+class FrameCache:
+    """Decoded clips kept resized (uint8, short side = resolution_px) up to a byte budget.
+
+    Keyed by a row's place in the corpus; a sample never depends on whether its clip was
+    cached (the header's frame count places the window either way), so exact resume holds.
+    """
+
+    def __init__(self, budget_mb: int):
+        self.budget_bytes = budget_mb * 2 ** 20
+        self.items: dict[Any, tuple[int, np.ndarray]] = {}
+        self.nbytes = 0
+
+    def get(self, key: Any, video: bytes, size_px: int) -> tuple[int, np.ndarray] | None:
+        if key is not None and key in self.items:
+            return self.items[key]
+        if key is None or self.nbytes >= self.budget_bytes:
+            return None
+        item = (video_frame_count(video), resize_short_side(decode_video(video), size_px))
+        self.items[key] = item
+        self.nbytes += item[1].nbytes
+        return item
+
+
+def row_frames(row: dict, cfg: TrainConfig, rng: np.random.Generator, cache: FrameCache | None = None,
+               key: Any = None) -> tuple[np.ndarray, int]:
+    """The uint8 frames (T, H, W, 3) of one sample of a shard row and the stride they were taken at.
+
+    Stage 1 takes a random keyframe when the row has keyframes; otherwise (and in stages 2-3)
+    `num_frames` frames `frame_stride` apart at a random start. Raises on an undecodable row.
+    """
+    if not cfg.is_video and row.get("keyframes"):
+        keyframes = row["keyframes"]
+        jpeg = keyframes[int(rng.integers(len(keyframes)))]
+        return resize_short_side(decode_jpeg(jpeg)[None], cfg.resolution_px), 1
+    video = row.get("video")
+    if video is None:
+        raise ValueError("the row has no video")
+    cached = cache.get(key, video, cfg.resolution_px) if cache is not None else None
+    if cached is not None:
+        count, frames = cached
+        idx, stride = frame_indices(count or len(frames), cfg.num_frames, cfg.frame_stride, rng)
+        return frames[np.minimum(idx, len(frames) - 1)], stride
+    count = video_frame_count(video)
+    if count > 0:
+        idx, stride = frame_indices(count, cfg.num_frames, cfg.frame_stride, rng)
+        frames = decode_video(video, stop_after=int(idx.max()) + 1)
+    else:
+        frames = decode_video(video)
+        idx, stride = frame_indices(len(frames), cfg.num_frames, cfg.frame_stride, rng)
+    return resize_short_side(frames[np.minimum(idx, len(frames) - 1)], cfg.resolution_px), stride
+
+
+def row_latent(row: dict, is_video: bool, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """The cached latent of a row (training/latents.py): (C, T, h, w), or one random keyframe's (C, 1, h, w)."""
+    if row.get("latent") is None:
+        raise ValueError("the row has no latent (the autoencoder could not encode it)")
+    latent = torch.frombuffer(bytearray(row["latent"]), dtype=torch.float32).reshape(row["latent_shape"])
+    if is_video:
+        return latent, int(row["latent_stride"])  # (C, T, h, w)
+    return latent[int(rng.integers(latent.shape[0]))][:, None], 1  # (K, C, h, w) -> (C, 1, h, w)
+
+
+def row_sample(row: dict, cfg: TrainConfig, caption_dim: int, rng: np.random.Generator,
+               cache: FrameCache | None = None, key: Any = None) -> dict[str, Any]:
+    """One training sample (see the module docstring) of a shard row; raises ValueError on a bad row."""
+    if "latent_shape" in row:
+        x, stride = row_latent(row, cfg.is_video, rng)
+    else:
+        frames, stride = row_frames(row, cfg, rng, cache, key)  # (T, h, w, 3), short side = resolution_px
+        x = center_crop_tensor(frames, cfg.resolution_px)  # (3, T, S, S)
+    if not cfg.is_video:
+        x = x[:, 0]  # (C, H, W)
+    cap = row.get("caption_embedding")
+    if cap is not None and caption_dim > 0 and len(cap) != caption_dim:
+        raise ValueError(f"caption_embedding has {len(cap)} values, the run's caption_dim is {caption_dim}")
+    valid = cap is not None and caption_dim > 0
+    caption = torch.tensor(cap, dtype=torch.float32) if valid else torch.zeros(max(caption_dim, 1))
+    motion = row.get("motion_bucket_id")
+    return {
+        "x": x,
+        "caption": caption,
+        "caption_valid": torch.tensor(valid),
+        "fps_id": torch.tensor(adjusted_fps_id(row.get("fps"), row.get("fps_id"), stride)),
+        "motion_bucket_id": torch.tensor(DEFAULT_MOTION_BUCKET_ID if motion is None else motion),
+    }
+
 
 class ShardDataset(Dataset):
-    """Samples of one stage from a shard table; indexed by (step, row) so randomness is reproducible."""
+    """Samples of an in-memory shard table, indexed by (step, row): for evaluation and tests.
 
-    def __init__(self, table: pa.Table, cfg: TrainConfig, caption_dim: int,
-                 latents: "LatentCache | None" = None):
-        self.cfg, self.caption_dim, self.latents = cfg, caption_dim, latents
-        self.videos = table.column("video").to_pylist()
-        self.keyframes = table.column("keyframes").to_pylist()
-        self.captions = table.column("caption_embedding").to_pylist()
-        self.fps = table.column("fps").to_pylist()
-        self.fps_ids = table.column("fps_id").to_pylist()
-        self.motion = table.column("motion_bucket_id").to_pylist()
-        self._frame_cache: dict[int, tuple[int, np.ndarray]] = {}  # row -> (header frame count, frames)
-        self._cache_bytes = 0
+    Training streams the shards instead (training/stream.py); both build samples with `row_sample`.
+    """
+
+    def __init__(self, table: pa.Table, cfg: TrainConfig, caption_dim: int):
+        self.table, self.cfg, self.caption_dim = table, cfg, caption_dim
+        self.cache = FrameCache(cfg.frame_cache_mb)
 
     def __len__(self) -> int:
-        return len(self.videos)
-
-    def frames(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """The uint8 frames (T, H, W, 3) of one sample and the stride they were taken at."""
-        if not self.cfg.is_video and self.keyframes[index]:
-            jpeg = self.keyframes[index][int(rng.integers(len(self.keyframes[index])))]
-            return resize_short_side(decode_jpeg(jpeg)[None], self.cfg.resolution_px), 1
-        video = self.videos[index]
-        if video is None:
-            raise ValueError(f"shard row {index} has no video")
-        # Clips decoded once and kept resized (uint8, short side = resolution_px) while the cache
-        # has room; otherwise decode up to the last frame needed. The header's frame count places
-        # the window in both cases, so a sample does not depend on the cache's state (exact resume).
-        cached = self._frame_cache.get(index)
-        if cached is None:
-            count = video_frame_count(video)
-            if self._cache_bytes < self.cfg.frame_cache_mb * 2 ** 20:
-                cached = (count, resize_short_side(decode_video(video), self.cfg.resolution_px))
-                self._frame_cache[index] = cached
-                self._cache_bytes += cached[1].nbytes
-        if cached is not None:
-            count, frames = cached
-            count = count or len(frames)
-            idx, stride = frame_indices(count, self.cfg.num_frames, self.cfg.frame_stride, rng)
-            return frames[np.minimum(idx, len(frames) - 1)], stride
-        if count > 0:
-            idx, stride = frame_indices(count, self.cfg.num_frames, self.cfg.frame_stride, rng)
-            frames = decode_video(video, stop_after=int(idx.max()) + 1)
-        else:
-            frames = decode_video(video)
-            idx, stride = frame_indices(len(frames), self.cfg.num_frames, self.cfg.frame_stride, rng)
-        return resize_short_side(frames[np.minimum(idx, len(frames) - 1)], self.cfg.resolution_px), stride
+        return self.table.num_rows
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         step, index = key
+        row = self.table.slice(index, 1).to_pylist()[0]
         rng = np.random.default_rng([self.cfg.seed, step, index])
-        if self.latents is not None:
-            x, stride = self.latents.get(index, rng)
-        else:
-            frames, stride = self.frames(index, rng)  # (T, h, w, 3), short side = resolution_px
-            x = center_crop_tensor(frames, self.cfg.resolution_px)  # (3, T, S, S)
-        if not self.cfg.is_video:
-            x = x[:, 0]  # (C, H, W)
-        cap = self.captions[index]
-        valid = cap is not None and self.caption_dim > 0 and len(cap) == self.caption_dim
-        caption = torch.tensor(cap, dtype=torch.float32) if valid else torch.zeros(max(self.caption_dim, 1))
-        motion = self.motion[index]
-        return {
-            "x": x,
-            "caption": caption,
-            "caption_valid": torch.tensor(valid),
-            "fps_id": torch.tensor(adjusted_fps_id(self.fps[index], self.fps_ids[index], stride)),
-            "motion_bucket_id": torch.tensor(DEFAULT_MOTION_BUCKET_ID if motion is None else motion),
-        }
-
-
-class StepBatchSampler(Sampler):
-    """Yields, for steps start_step..total_steps-1, this rank's (step, row) keys of the global batch.
-
-    Rows are visited in a fresh permutation every epoch (seeded by seed and epoch), so the
-    batch of step s is a function of s alone: resuming at step s needs no sampler state.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, total_steps: int, seed: int,
-                 start_step: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the {world_size} workers")
-        self.num_rows, self.batch_size, self.total_steps = num_rows, batch_size, total_steps
-        self.seed, self.start_step, self.rank, self.world_size = seed, start_step, rank, world_size
-
-    def global_batch(self, step: int) -> list[int]:
-        out = []
-        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
-            epoch, pos = divmod(k, self.num_rows)
-            perm = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            out.append(int(perm[pos]))
-        return out
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start_step, self.total_steps):
-            rows = self.global_batch(step)[self.rank::self.world_size]
-            yield [(step, r) for r in rows]
-
-    def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
+        return row_sample(row, self.cfg, self.caption_dim, rng, self.cache, index)
 
 
 # ---- latent mode ------------------------------------------------------------------------
@@ -351,61 +353,3 @@ def load_autoencoder(path: str):
 def autoencoder_factor(vae) -> int:
     """Spatial downsampling of the autoencoder."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-@dataclass
-class LatentCache:
-    """Latents of every row, computed once with the frozen autoencoder and cached on disk.
-
-    The frames are fixed per row (no random crop): the image stage encodes every keyframe and
-    picks one at random per step; the video stages encode one window of num_frames frames
-    frame_stride apart from the middle of the clip. The cache file's name hashes everything
-    that determines its content, so a changed setting never reads stale latents.
-    """
-
-    items: list[torch.Tensor]  # per row: (K, C, h, w) keyframe latents, or (C, T, h, w)
-    strides: list[int]
-    is_video: bool
-
-    @classmethod
-    def build(cls, dataset: ShardDataset, clip_ids: list[str], cfg: TrainConfig, cache_dir: str,
-              vae=None) -> "LatentCache":
-        key = json.dumps([os.path.abspath(cfg.latent_autoencoder), clip_ids, cfg.resolution_px,
-                          cfg.is_video, cfg.num_frames, cfg.frame_stride])
-        path = os.path.join(cache_dir, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt")
-        if os.path.exists(path):
-            log.info("latent cache hit: %s", path)
-            saved = torch.load(path)
-            return cls(saved["items"], saved["strides"], saved["is_video"])
-        vae = vae if vae is not None else load_autoencoder(cfg.latent_autoencoder)
-        scale = float(getattr(vae.config, "scaling_factor", 1.0))
-        items, strides = [], []
-        log.info("encoding %d rows with the autoencoder into %s", len(dataset), path)
-        with torch.no_grad():
-            for i in range(len(dataset)):
-                if not cfg.is_video and dataset.keyframes[i]:
-                    frames, stride = np.stack([decode_jpeg(k) for k in dataset.keyframes[i]]), 1
-                else:
-                    all_frames = decode_video(dataset.videos[i])
-                    n = cfg.num_frames if cfg.is_video else 3
-                    step = cfg.frame_stride if cfg.is_video else max(1, (len(all_frames) - 1) // 2)
-                    used = min(step, max(1, (len(all_frames) - 1) // max(1, n - 1)))
-                    start = max(0, (len(all_frames) - ((n - 1) * used + 1)) // 2)
-                    idx = np.minimum(start + used * np.arange(n), len(all_frames) - 1)
-                    frames, stride = all_frames[idx], used
-                pix = resize_center_crop(frames, cfg.resolution_px)  # (3, N, S, S)
-                lat = vae.encode(pix.permute(1, 0, 2, 3)).latent_dist.mean * scale  # (N, C, h, w)
-                items.append(lat.permute(1, 0, 2, 3).contiguous() if cfg.is_video else lat)
-                strides.append(stride)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save({"items": items, "strides": strides, "is_video": cfg.is_video}, tmp)
-        os.replace(tmp, path)
-        return cls(items, strides, cfg.is_video)
-
-    def get(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-        item = self.items[index]
-        if self.is_video:
-            return item, self.strides[index]
-        k = int(rng.integers(item.shape[0]))
-        return item[k][:, None], 1  # (C, 1, h, w)

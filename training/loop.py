@@ -1,18 +1,25 @@
-"""The training loop of one stage: data -> EDM loss -> AdamW step -> EMA -> metrics and checkpoints.
+"""The training loop of one stage: data stream -> EDM loss -> AdamW step -> EMA -> metrics and checkpoints.
 
 Writes into run_dir (OUT_DIR/train/<stage>/):
     checkpoint-<step>.pt  {"model", "ema", "optimizer": state dicts, "config": resolved config,
-                           "step", "rng": torch RNG states, "in_channels", "format"} (no pickled modules)
-    metrics.csv           one row per step: step, loss, lr, grad_norm, sigma_median, step_s, data_wait_s
+                           "step", "rng": torch RNG states, "in_channels", "data": stream counters,
+                           "format"} (no pickled modules); written to a temporary file, fsynced, renamed
+    metrics.csv           one row per step: step, loss, lr, grad_norm, sigma_median, step_s, data_wait_s,
+                          bad_rows (undecodable rows skipped so far, all ranks)
     loss.png              loss per step (and its running mean)
     tensorboard/          the same scalars, when a TensorBoard writer is installed
 
-Exact resume: the batch of step s is a function of (seed, s) (data.StepBatchSampler), the noise
-levels, noise and caption dropout of step s come from a generator seeded with (seed, s, rank),
-and the checkpoint restores weights, EMA, optimizer moments and the global torch RNG, so a run
-resumed from step k computes the same losses as the uninterrupted run from step k on.
+Exact resume: the batch of step s is a function of (seed, s) (training/stream.py: the stream
+position is s * batch_size / data_streams), the noise levels, noise and caption dropout of a
+stream's rows at step s come from a generator seeded with (seed, s, stream), the global RNG
+(dropout) is reseeded every step, and the checkpoint restores weights, EMA and optimizer
+moments, so a run resumed from step k computes the same losses as the uninterrupted run from
+step k on. A checkpoint that cannot be read is skipped for the one before it.
 
-Runs in one process, or as one DDP rank when torch.distributed is initialised (ray_train.py).
+Runs in one process, or as one DDP rank when torch.distributed is initialised (ray_train.py,
+or any launcher): rank r reads only its own data streams, and the per-rank losses are sums
+over the rank's rows divided by the rank's nominal batch, so DDP's gradient average is the
+gradient of the global batch mean, as in a single process with the same data_streams.
 """
 
 from __future__ import annotations
@@ -27,21 +34,23 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from training import diffusion
 from training.config import MODEL_FIELDS, TrainConfig, from_dict, to_dict
-from training.data import (LatentCache, ShardDataset, StepBatchSampler, apply_select, autoencoder_factor,
-                           caption_dim_of, load_autoencoder)
+from training.data import autoencoder_factor, load_autoencoder
 from training.model import VideoUNet, extend_to_video
+from training.stream import DataPlan, StreamDataset, plan_data
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 3
+# The bad-row cap is checked against at least this many rows, so that one bad row among the
+# first few batches does not stop a run, while a corpus of bad rows stops within a few steps.
+BAD_ROW_MIN_DENOMINATOR = 256
 
 
 @dataclass
@@ -52,8 +61,14 @@ class TrainResult:
     data_wait_s: float = 0.0
     step_s: float = 0.0  # total time of the steps (data wait included)
     samples: int = 0
+    bad_rows: int = 0  # undecodable rows skipped, all ranks, since step 0
+    pieces_read: list[tuple[int, int]] = field(default_factory=list)  # (epoch, piece) this rank read
     model: torch.nn.Module | None = None  # the trained (unwrapped) network of this process
     ema: torch.nn.Module | None = None
+
+
+class BadRowsError(RuntimeError):
+    """Too many undecodable rows: the corpus, not the trainer, needs fixing."""
 
 
 # ---- checkpoints ------------------------------------------------------------------------
@@ -76,6 +91,24 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def latest_good_checkpoint(run_dir: str) -> tuple[str | None, dict | None]:
+    """The newest checkpoint of run_dir that loads, and its dict; (None, None) when there is none.
+
+    A checkpoint that cannot be read (truncated by a crash of the storage, say) is skipped with a
+    warning for the one before it; the steps since that one are trained again.
+    """
+    for path in reversed(checkpoint_paths(run_dir)):
+        try:
+            state = load_checkpoint(path)
+            if not {"model", "ema", "optimizer", "config", "step"} <= set(state):
+                raise ValueError(f"keys {sorted(state)}")
+            return path, state
+        except Exception as exc:  # noqa: BLE001  (any unreadable file: zip, pickle, EOF errors)
+            log.warning("checkpoint %s cannot be read (%s: %s); falling back to the previous one",
+                        path, type(exc).__name__, exc)
+    return None, None
+
+
 def model_from_config(cfg: TrainConfig, in_channels: int) -> VideoUNet:
     """The network a resolved config describes (temporal layers in the video stages)."""
     return VideoUNet(in_channels=in_channels, model_channels=cfg.model_channels,
@@ -85,11 +118,20 @@ def model_from_config(cfg: TrainConfig, in_channels: int) -> VideoUNet:
                      context_dim=cfg.context_dim, temporal=cfg.is_video, dropout=cfg.dropout)
 
 
-def _save_checkpoint(run_dir: str, state: dict) -> str:
+def save_checkpoint(run_dir: str, state: dict) -> str:
+    """Write checkpoint-<step>.pt durably (temporary file, fsync, rename, fsync of the folder); keep the last few."""
     path = os.path.join(run_dir, f"checkpoint-{state['step']:07d}.pt")
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint
+    dir_fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
     for old in checkpoint_paths(run_dir)[:-KEEP_CHECKPOINTS]:
         os.remove(old)
     return path
@@ -110,8 +152,8 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+def _stream_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + stream)
 
 
 def _open_tensorboard(run_dir: str):
@@ -124,21 +166,50 @@ def _open_tensorboard(run_dir: str):
     return None
 
 
-METRIC_FIELDS = ["step", "loss", "lr", "grad_norm", "sigma_median", "step_s", "data_wait_s"]
+METRIC_FIELDS = ["step", "loss", "lr", "grad_norm", "sigma_median", "step_s", "data_wait_s", "bad_rows"]
 
 
-def _open_metrics(run_dir: str, resume_step: int):
-    """metrics.csv opened for appending; rows of steps >= resume_step (lost work) are dropped first."""
-    path = os.path.join(run_dir, "metrics.csv")
-    rows = []
-    if resume_step > 0 and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return f, writer
+class MetricsLog:
+    """metrics.csv (+ TensorBoard, + a log line every log_every_steps), written by rank 0 only.
+
+    Opened for appending after dropping the rows of steps >= resume_step (work that was lost).
+    """
+
+    def __init__(self, run_dir: str, cfg: TrainConfig, resume_step: int, enabled: bool):
+        self.cfg, self.file, self.writer, self.tb = cfg, None, None, None
+        if not enabled:
+            return
+        path = os.path.join(run_dir, "metrics.csv")
+        rows = []
+        if resume_step > 0 and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS, restval="")
+        self.writer.writeheader()
+        self.writer.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in rows)
+        self.tb = _open_tensorboard(run_dir)
+
+    def write(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        self.writer.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"{self.cfg.stage}/{k}", v, row["step"])
+        done = row["step"] + 1
+        if done % self.cfg.log_every_steps == 0 or done == self.cfg.total_steps:
+            self.file.flush()
+            log.info("%s step %d/%d loss %.4f lr %.2e grad %.3f %.3fs/step (data %.3fs) bad rows %d",
+                     self.cfg.stage, done, self.cfg.total_steps, row["loss"], row["lr"], row["grad_norm"],
+                     row["step_s"], row["data_wait_s"], row["bad_rows"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def plot_losses(metrics_csv: str, out_png: str, title: str) -> None:
@@ -177,36 +248,17 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-# ---- the loop ---------------------------------------------------------------------------
+# ---- the paragraphs of a stage ----------------------------------------------------------
 
-def train(cfg: TrainConfig, table: pa.Table, run_dir: str, init_checkpoint: str | None = None,
-          stop_after_step: int | None = None) -> TrainResult:
-    """Train one stage on the rows of `table` (shard columns); resumes from run_dir if it has a checkpoint.
-
-    init_checkpoint: the previous stage's checkpoint to start from (ignored when resuming).
-    stop_after_step: stop (without a final checkpoint) once this many steps are done, as a kill would.
-    """
-    # Distributed set-up: one process per rank; rank 0 writes files.
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    device = resolve_device(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (the EMA copies them too)
-
-    # Data: the stage's rows, the caption dimension, and (latent mode) the cached latents.
-    table = apply_select(table, cfg.select)
-    data_caption_dim = caption_dim_of(table)
+def _resolve_caption_dim(cfg: TrainConfig, data_caption_dim: int, resume: dict | None,
+                         init: dict | None) -> TrainConfig:
+    """cfg with caption_dim set from the shards (or the resumed run), checked against the init checkpoint."""
     if cfg.caption_dim == 0:
         if data_caption_dim == 0:
             log.warning("no caption_embedding in the shards: the model trains unconditionally")
         cfg = replace(cfg, caption_dim=max(1, data_caption_dim))
     elif data_caption_dim not in (0, cfg.caption_dim):
         raise ValueError(f"caption_dim={cfg.caption_dim} but the shards' caption_embedding has {data_caption_dim}")
-
-    # Model: resume this stage, or start from the previous stage's checkpoint, or from scratch.
-    resume_path = latest_checkpoint(run_dir)
-    resume = load_checkpoint(resume_path) if resume_path else None
-    init = None if resume or not init_checkpoint else load_checkpoint(init_checkpoint)
     if resume is not None:
         saved = from_dict(resume["config"])
         _check_same_model(saved, cfg)
@@ -216,18 +268,31 @@ def train(cfg: TrainConfig, table: pa.Table, run_dir: str, init_checkpoint: str 
         _check_same_model(prev, cfg)
         if prev.caption_dim != cfg.caption_dim:
             raise ValueError(f"caption_dim {cfg.caption_dim} differs from the init checkpoint's {prev.caption_dim}")
+    return cfg
 
-    dataset = ShardDataset(table, cfg, cfg.caption_dim)
-    in_channels = 3
-    if cfg.latent_autoencoder:
-        vae = load_autoencoder(cfg.latent_autoencoder)
-        if cfg.resolution_px % (autoencoder_factor(vae) * 2 ** (len(cfg.channel_mult) - 1)):
-            raise ValueError("resolution_px must be divisible by the autoencoder's and the U-Net's downsampling")
-        in_channels = int(vae.config.latent_channels)
-        cache_dir = cfg.latent_cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "latent_cache")
-        dataset.latents = LatentCache.build(dataset, table.column("clip_id").to_pylist(), cfg, cache_dir, vae)
-        del vae
 
+def _prepare_inputs(cfg: TrainConfig, plan: DataPlan, run_dir: str, rank: int,
+                    world: int) -> tuple[DataPlan, int, tuple[int, ...]]:
+    """(plan, input channels, shape of one sample's x); in latent mode the latent cache is built first."""
+    t = (cfg.num_frames,) if cfg.is_video else ()
+    if not cfg.latent_autoencoder:
+        return plan, 3, (3, *t, cfg.resolution_px, cfg.resolution_px)
+    from training.latents import build_latents
+
+    vae = load_autoencoder(cfg.latent_autoencoder)
+    factor = autoencoder_factor(vae)
+    if cfg.resolution_px % (factor * 2 ** (len(cfg.channel_mult) - 1)):
+        raise ValueError("resolution_px must be divisible by the autoencoder's and the U-Net's downsampling")
+    cache_dir = cfg.latent_cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "latent_cache")
+    plan = build_latents(plan, cfg, cache_dir, vae, rank, world)
+    channels, side = int(vae.config.latent_channels), cfg.resolution_px // factor
+    return plan, channels, (channels, *t, side, side)
+
+
+def _init_model(cfg: TrainConfig, in_channels: int, init: dict | None, init_path: str | None,
+                device: torch.device) -> torch.nn.Module:
+    """The stage's network: from the previous stage's EMA weights (temporal layers added at zero), or fresh."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (the EMA copies them too)
     model = model_from_config(cfg, in_channels)
     if init is not None:
         state = init["ema"]  # a stage starts from the previous stage's EMA weights
@@ -235,132 +300,200 @@ def train(cfg: TrainConfig, table: pa.Table, run_dir: str, init_checkpoint: str 
             extend_to_video(state, model)
         else:
             model.load_state_dict(state)
-        log.info("%s stage starts from %s (step %d)", cfg.stage, init_checkpoint, init["step"])
-    model.to(device)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, as separate data does
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        log.info("%s stage starts from %s (step %d)", cfg.stage, init_path, init["step"])
+    return model.to(device)
 
-    start_step = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and resume["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
-        start_step = int(resume["step"])
-        log.info("resuming %s from %s (step %d)", cfg.stage, resume_path, start_step)
 
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.total_steps, cfg.seed,
-                               start_step=start_step, rank=rank, world_size=world)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data_workers,
-                        prefetch_factor=4 if cfg.data_workers else None,
-                        persistent_workers=False)
-    metrics_file = writer = tb = None
-    if rank == 0:
-        metrics_file, writer = _open_metrics(run_dir, start_step)
-        tb = _open_tensorboard(run_dir)
-    result = TrainResult(resumed_from_step=start_step, model=model, ema=ema)
-    decay = diffusion.ema_decay(cfg.ema_halflife_steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s stage: %d rows, %d parameters, %d steps of batch %d on %s x%d",
-             cfg.stage, len(dataset), n_params, cfg.total_steps, cfg.batch_size, device, world)
+def _restore(resume: dict | None, model, ema, optimizer, result: TrainResult) -> int:
+    """Load a resumed run's state into the model, EMA and optimizer; returns the step to start at."""
+    if resume is None:
+        return 0
+    model.load_state_dict(resume["model"])
+    ema.load_state_dict(resume["ema"])
+    optimizer.load_state_dict(resume["optimizer"])
+    data = resume.get("data") or {}
+    result.bad_rows = int(data.get("bad_rows", 0))
+    return int(resume["step"])
 
-    def checkpoint(step: int) -> str:
-        return _save_checkpoint(run_dir, {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": to_dict(cfg), "in_channels": in_channels,
+
+def _data_loader(plan: DataPlan, cfg: TrainConfig, x_shape: tuple[int, ...], rank: int, world: int,
+                 start_step: int) -> DataLoader:
+    """This rank's batches from start_step on; K loader workers build every K-th step's batch."""
+    dataset = StreamDataset(plan, cfg, x_shape, rank, world, start_step)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.data_workers,
+                      prefetch_factor=4 if cfg.data_workers else None, persistent_workers=False)
+
+
+def _loss(net, batch: dict, cfg: TrainConfig, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(loss to backpropagate, sum of weighted per-row losses, sigmas) of this rank's part of a step.
+
+    Noise levels, noise and caption dropout of each stream's rows are seeded by (seed, step, stream),
+    so they do not depend on which rank holds the stream. Bad rows (weight 0) add nothing; the sum is
+    divided by the rank's nominal batch, so DDP's gradient average is that of the global mean.
+    """
+    x = batch["x"].to(device, non_blocking=True)
+    streams = batch["stream"]
+    sigma, noise, keep_caption = [], [], []
+    for j in torch.unique_consecutive(streams).tolist():
+        n = int((streams == j).sum())
+        gen = _stream_generator(cfg.seed, step, j)
+        sigma.append(diffusion.sample_training_sigmas(n, cfg.p_mean, cfg.p_std, gen))
+        noise.append(torch.randn((n, *x.shape[1:]), generator=gen))
+        keep_caption.append(torch.rand(n, generator=gen) >= cfg.caption_dropout_prob)
+    sigma, noise = torch.cat(sigma).to(device), torch.cat(noise).to(device)
+    caption_valid = batch["caption_valid"] & torch.cat(keep_caption)
+    with _autocast(cfg, device):
+        per_row = diffusion.edm_loss(net, x, sigma, noise, cfg.sigma_data,
+                                     caption=batch["caption"].to(device),
+                                     caption_valid=caption_valid.to(device),
+                                     fps_id=batch["fps_id"].to(device),
+                                     motion_bucket_id=batch["motion_bucket_id"].to(device))
+    weighted = (per_row.float() * batch["weight"].to(device)).sum()
+    return weighted / len(x), weighted.detach(), sigma
+
+
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA of the weights; its decay ramps up so early steps do not dominate; buffers are copied."""
+    beta = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1 - beta)
+        for b_ema, b_net in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b_net)
+
+
+def _global_loss_and_bad_rows(weighted: torch.Tensor, batch: dict, world: int) -> tuple[float, int, int]:
+    """(mean loss over the global batch's good rows, good rows, bad rows) summed over ranks."""
+    totals = torch.stack([weighted.cpu().double(), batch["weight"].sum().double(),
+                          torch.tensor(float(len(batch["bad_rows"])), dtype=torch.float64)])
+    if world > 1:
+        dist.all_reduce(totals)
+    loss_sum, good, bad = totals.tolist()
+    return loss_sum / max(good, 1.0), int(good), int(bad)
+
+
+def _check_bad_rows(result: TrainResult, step: int, cfg: TrainConfig, batch: dict) -> None:
+    """Stop the run when more than max_bad_row_fraction of the rows seen so far were bad."""
+    seen = (step + 1) * cfg.batch_size
+    for message in batch["bad_rows"]:
+        log.warning("step %d: skipped a bad row: %s", step, message)
+    if result.bad_rows > cfg.max_bad_row_fraction * max(seen, BAD_ROW_MIN_DENOMINATOR):
+        last = batch["bad_rows"][-1] if batch["bad_rows"] else "(on another rank)"
+        raise BadRowsError(f"{result.bad_rows} of the {seen} rows read by step {step} of the {cfg.stage} stage "
+                           f"could not be decoded, more than max_bad_row_fraction={cfg.max_bad_row_fraction}; "
+                           f"the latest: {last}. Fix or drop those shards (or raise max_bad_row_fraction)")
+
+
+def _checkpoint_state(cfg, step, in_channels, model, ema, optimizer, plan: DataPlan,
+                      result: TrainResult, device) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "step": step, "config": to_dict(cfg), "in_channels": in_channels,
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "data": {"num_streams": plan.num_streams, "bad_rows": result.bad_rows, "num_rows": plan.num_rows},
             "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-        })
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
 
-    step = start_step
-    t_prev = time.perf_counter()
-    try:
-        for batch in loader:
-            # Wait for data (the time a step spends blocked on decoding).
-            t_data = time.perf_counter()
-            data_wait_s = t_data - t_prev
-            x = batch["x"].to(device, non_blocking=True)
-            b = x.shape[0]
 
-            # Noise levels, noise and caption dropout of this step (seeded by step: exact resume).
-            gen = _step_generator(cfg.seed, step, rank)
-            sigma = diffusion.sample_training_sigmas(b, cfg.p_mean, cfg.p_std, gen).to(device)
-            noise = torch.randn(x.shape, generator=gen).to(device)
-            keep_caption = torch.rand(b, generator=gen) >= cfg.caption_dropout_prob
-            caption_valid = batch["caption_valid"] & keep_caption
-
-            # Forward and backward.
-            lr = diffusion.lr_at_step(step, cfg.lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(cfg, device):
-                loss = diffusion.edm_loss(net, x, sigma, noise, cfg.sigma_data,
-                                          caption=batch["caption"].to(device),
-                                          caption_valid=caption_valid.to(device),
-                                          fps_id=batch["fps_id"].to(device),
-                                          motion_bucket_id=batch["motion_bucket_id"].to(device)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-
-            # Clip, step, and update the EMA (its decay ramps up so early steps do not dominate).
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            optimizer.step()
-            beta = min(decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p.detach(), 1 - beta)
-                for b_ema, b_net in zip(ema.buffers(), model.buffers()):
-                    b_ema.copy_(b_net)
-
-            # Metrics: the loss averaged over ranks, written by rank 0.
-            loss_value = loss.detach()
-            if world > 1:
-                dist.all_reduce(loss_value)
-                loss_value /= world
-            loss_f = float(loss_value)
-            if not math.isfinite(loss_f):
-                raise FloatingPointError(f"loss is {loss_f} at step {step} of the {cfg.stage} stage")
-            step += 1
-            t_prev = time.perf_counter()
-            step_s = t_prev - t_data + data_wait_s
-            result.losses[step - 1] = loss_f
-            result.data_wait_s += data_wait_s
-            result.step_s += step_s
-            result.samples += b * world
-            if rank == 0:
-                row = {"step": step - 1, "loss": loss_f, "lr": lr, "grad_norm": float(grad_norm),
-                       "sigma_median": float(sigma.median()), "step_s": step_s, "data_wait_s": data_wait_s}
-                writer.writerow(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            tb.add_scalar(f"{cfg.stage}/{k}", v, step - 1)
-                if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
-                    metrics_file.flush()
-                    log.info("%s step %d/%d loss %.4f lr %.2e grad %.3f %.3fs/step (data %.3fs)",
-                             cfg.stage, step, cfg.total_steps, loss_f, lr, float(grad_norm), step_s, data_wait_s)
-
-            # Checkpoint periodically and at the end; a requested stop acts like a kill.
-            if stop_after_step is not None and step >= stop_after_step and step < cfg.total_steps:
-                break
-            if rank == 0 and (step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps):
-                result.last_checkpoint = checkpoint(step)
-            if world > 1 and step % cfg.checkpoint_every_steps == 0:
-                dist.barrier()
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        if tb is not None:
-            tb.close()
-
-    # Loss plot of the whole stage (resumed parts included).
+def _finish(result: TrainResult, run_dir: str, cfg: TrainConfig, step: int, rank: int) -> None:
+    """Loss plot of the whole stage (resumed parts included) once the stage is complete."""
     if rank == 0 and step == cfg.total_steps and os.path.exists(os.path.join(run_dir, "metrics.csv")):
         plot_losses(os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "loss.png"),
                     f"{cfg.stage} stage")
         if result.last_checkpoint is None:
             result.last_checkpoint = latest_checkpoint(run_dir)
+
+
+# ---- the loop ---------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoint: str | None = None,
+          stop_after_step: int | None = None) -> TrainResult:
+    """Train one stage on the rows of the shard files `shard_paths`; resumes from run_dir's checkpoints.
+
+    init_checkpoint: the previous stage's checkpoint to start from (ignored when resuming).
+    stop_after_step: stop (without a final checkpoint) once this many steps are done, as a kill would.
+    """
+    # Distributed set-up: one process per rank; rank 0 writes files.
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = resolve_device(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+
+    # Data plan: pieces (row groups) from metadata, the stage's select, the caption dimension.
+    plan = plan_data(list(shard_paths), cfg, num_streams=cfg.data_streams or world)
+
+    # Resume this stage from its newest readable checkpoint, or start from the previous stage's.
+    resume_path, resume = latest_good_checkpoint(run_dir)
+    init = None if resume is not None or not init_checkpoint else load_checkpoint(init_checkpoint)
+    cfg = _resolve_caption_dim(cfg, plan.caption_dim, resume, init)
+    if resume is not None and (resume.get("data") or {}).get("num_streams", plan.num_streams) != plan.num_streams:
+        log.warning("resuming with %d data streams where the run had %d: the batches differ from an "
+                    "uninterrupted run (set data_streams to keep them)", plan.num_streams, resume["data"]["num_streams"])
+    plan, in_channels, x_shape = _prepare_inputs(cfg, plan, run_dir, rank, world)  # latent cache (latent mode)
+
+    # Model, EMA, DDP wrapper and optimizer; a resumed run's state on top.
+    model = _init_model(cfg, in_channels, init, init_checkpoint, device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    result = TrainResult(model=model, ema=ema)
+    start_step = result.resumed_from_step = _restore(resume, model, ema, optimizer, result)
+    if resume is not None:
+        log.info("resuming %s from %s (step %d)", cfg.stage, resume_path, start_step)
+
+    # Data loader, metrics, and the EMA's decay.
+    loader = _data_loader(plan, cfg, x_shape, rank, world, start_step)
+    metrics = MetricsLog(run_dir, cfg, start_step, enabled=rank == 0)
+    decay = diffusion.ema_decay(cfg.ema_halflife_steps)
+    log.info("%s stage: %d rows in %d pieces, %d data streams, %d parameters, %d steps of batch %d on %s x%d",
+             cfg.stage, plan.num_rows, len(plan.pieces), plan.num_streams,
+             sum(p.numel() for p in model.parameters()), cfg.total_steps, cfg.batch_size, device, world)
+
+    step, t_prev = start_step, time.perf_counter()
+    try:
+        for batch in loader:
+            # Wait for data (the time a step spends blocked on reading and decoding).
+            t_data = time.perf_counter()
+            data_wait_s = t_data - t_prev
+            result.pieces_read.extend(map(tuple, batch["reads"].tolist()))
+            torch.manual_seed(_stream_generator(cfg.seed, step, 1_000 + rank).initial_seed())  # dropout
+
+            # Forward and backward at this step's learning rate; clip and step.
+            lr = diffusion.lr_at_step(step, cfg.lr, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, weighted, sigma = _loss(net, batch, cfg, step, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            optimizer.step()
+
+            # EMA.
+            _update_ema(ema, model, decay, step)
+
+            # Metrics: the loss over the global batch's good rows, bad rows counted and capped.
+            loss_f, _, bad = _global_loss_and_bad_rows(weighted, batch, world)
+            if not math.isfinite(loss_f):
+                raise FloatingPointError(f"loss is {loss_f} at step {step} of the {cfg.stage} stage")
+            result.bad_rows += bad
+            _check_bad_rows(result, step, cfg, batch)
+            t_prev = time.perf_counter()
+            step_s = t_prev - t_data + data_wait_s
+            result.losses[step] = loss_f
+            result.data_wait_s, result.step_s = result.data_wait_s + data_wait_s, result.step_s + step_s
+            result.samples += cfg.batch_size
+            metrics.write({"step": step, "loss": loss_f, "lr": lr, "grad_norm": float(grad_norm),
+                           "sigma_median": float(sigma.median()), "step_s": step_s,
+                           "data_wait_s": data_wait_s, "bad_rows": result.bad_rows})
+            step += 1
+
+            # Checkpoint periodically and at the end; a requested stop acts like a kill.
+            if stop_after_step is not None and step >= stop_after_step and step < cfg.total_steps:
+                break
+            if rank == 0 and (step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps):
+                result.last_checkpoint = save_checkpoint(run_dir, _checkpoint_state(
+                    cfg, step, in_channels, model, ema, optimizer, plan, result, device))
+            if world > 1 and step % cfg.checkpoint_every_steps == 0:
+                dist.barrier()
+    finally:
+        metrics.close()
+    _finish(result, run_dir, cfg, step, rank)
     return result

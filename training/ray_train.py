@@ -1,13 +1,13 @@
 """Data-parallel training of one stage with Ray Train (TorchTrainer, DDP): the only module here importing ray.
 
-Ray Data reads the shard columns the stage needs (from any path the cluster can read); the
-blocks go to the object store once and every worker builds the same table from them, so the
-per-step batches split by rank exactly as in training/loop.py (rank r takes rows r::world of
-the global batch). Process groups use gloo on CPU and NCCL on GPU. Rank 0 writes checkpoints
-and metrics into run_dir, which must therefore be on storage the head node can read (a shared
-file system on a multi-node cluster).
+Only the shard file paths travel to the workers (no table goes through the object store): each
+worker plans the stream from the files' metadata and reads only its own data streams' row groups
+(training/stream.py), exactly as training/loop.py does under any other DDP launcher. The shard
+files must therefore be readable by every worker (OUT_DIR on a shared file system on a
+multi-node cluster). Process groups use gloo on CPU and NCCL on GPU. Rank 0 writes checkpoints
+and metrics into run_dir, which must be on storage the head node can read too.
 
-After the stage, every rank reports a digest of its parameters; they must all be equal (DDP
+After the stage, every rank reports a digest of its parameters and the (epoch, piece) pairs it read; they must all be equal (DDP
 keeps replicas in lock step), and the tests check it.
 """
 
@@ -20,9 +20,7 @@ import os
 import tempfile
 from typing import Any
 
-import pyarrow as pa
 import ray
-import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -44,7 +42,7 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: rebuild the table, train, report losses and a parameter digest."""
+    """Runs on every Ray Train worker: train on this rank's part of the shards, report losses and digests."""
     import curation  # noqa: F401  (torchvision shim in this worker process, before anything imports it)
     from training.loop import train
 
@@ -52,15 +50,15 @@ def _worker(config: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(get_device())  # this worker's GPU for DDP / NCCL
     cfg = from_dict(config["cfg"])
-    table = pa.concat_tables(ray.get(list(config["table_refs"])))
-    result = train(cfg, table, config["run_dir"], config["init_checkpoint"],
+    result = train(cfg, list(config["shard_paths"]), config["run_dir"], config["init_checkpoint"],
                    stop_after_step=config.get("stop_after_step"))
 
-    # Digest of this rank's in-memory weights, gathered to every rank (DDP keeps them equal).
-    digests: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, parameter_digest(result.model))
+    # Digest of this rank's in-memory weights and the pieces it read, gathered to every rank.
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (parameter_digest(result.model), sorted(set(result.pieces_read))))
     report = {"losses": [result.losses[k] for k in sorted(result.losses)],
-              "param_digests": digests, "data_wait_s": result.data_wait_s, "step_s": result.step_s,
+              "param_digests": [g[0] for g in gathered], "pieces_read": [g[1] for g in gathered],
+              "data_wait_s": result.data_wait_s, "step_s": result.step_s, "bad_rows": result.bad_rows,
               "last_checkpoint": result.last_checkpoint or ""}
     # Ray Train keeps the metrics of reports that carry a checkpoint: rank 0 attaches a small one.
     if dist.get_rank() == 0:
@@ -74,23 +72,18 @@ def _worker(config: dict[str, Any]) -> None:
 
 def train_distributed(cfg: TrainConfig, shard_paths: list[str], run_dir: str, num_workers: int,
                       init_checkpoint: str | None = None, use_gpu: bool | None = None,
-                      cpus_per_worker: int = 1, columns: list[str] | None = None,
-                      stop_after_step: int | None = None) -> dict[str, Any]:
+                      cpus_per_worker: int = 1, stop_after_step: int | None = None) -> dict[str, Any]:
     """Train one stage on `num_workers` Ray Train workers; returns rank 0's final report.
 
     Starts a local Ray instance when none is running (`ray.init()` honours RAY_ADDRESS).
     """
-    from training.data import columns_for
-
     if not ray.is_initialized():
         ray.init()
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-    ds = ray.data.read_parquet([os.path.abspath(p) for p in shard_paths]).select_columns(columns or columns_for(cfg))
-    table_refs = ds.to_arrow_refs()
     run_dir = os.path.abspath(run_dir)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": to_dict(cfg), "table_refs": table_refs, "run_dir": run_dir,
+        train_loop_config={"cfg": to_dict(cfg), "shard_paths": [os.path.abspath(p) for p in shard_paths], "run_dir": run_dir,
                            "init_checkpoint": init_checkpoint and os.path.abspath(init_checkpoint),
                            "threads_per_worker": cpus_per_worker, "stop_after_step": stop_after_step},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

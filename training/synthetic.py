@@ -8,7 +8,7 @@ motion_score step through a range so a stricter predicate keeps a known subset.
 
 from __future__ import annotations
 
-import os
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +37,12 @@ def moving_square_clip(colour: np.ndarray, num_frames: int, size_px: int, speed_
 
 def synthetic_shard_table(num_clips: int = 8, num_frames: int = 12, size_px: int = 32,
                           fps: float = 24.0, caption_dim: int = 16, seed: int = 0,
-                          null_caption_every: int = 0) -> pa.Table:
-    """A shards table of `num_clips` kept clips (conformed to SHARDS_SCHEMA)."""
+                          null_caption_every: int = 0, corrupt_every: int = 0) -> pa.Table:
+    """A shards table of `num_clips` kept clips (conformed to SHARDS_SCHEMA).
+
+    With corrupt_every=k, every k-th clip (i % k == k - 1) has a truncated, undecodable video
+    and JPEG keyframes (a bad row the trainer must skip).
+    """
     from io import BytesIO
 
     from PIL import Image
@@ -72,33 +76,59 @@ def synthetic_shard_table(num_clips: int = 8, num_frames: int = 12, size_px: int
             "caption_embedding": None if null_caption else colour_embeddings[c].tolist(),
             "fps_id": fps_id_for(fps), "motion_bucket_id": motion_bucket_id_for(motion_score),
         }
+        if corrupt_every and i % corrupt_every == corrupt_every - 1:
+            values["video"] = values["video"][:40]
+            values["keyframes"] = [k[:40] for k in keyframes]
         for name in rows:
             rows[name].append(values.get(name))
     table = pa.Table.from_pydict({f.name: pa.array(rows[f.name], type=f.type) for f in SHARDS_SCHEMA})
     return conform(table, SHARDS_SCHEMA)
 
 
-def write_synthetic_shards(out_dir: str, num_shards: int = 2, **kwargs) -> list[str]:
+def write_synthetic_shards(out_dir: str, num_shards: int = 2, row_group_rows: int | None = None,
+                           **kwargs) -> list[str]:
     """Write OUT_DIR/shards/ as the curation writer would, one committed unit per shard file
     (ledger entry and a complete run.json), so readers find them the way they find real ones;
-    returns the paths."""
+    returns the paths. row_group_rows: rows per parquet row group (None: one per file)."""
+    table = synthetic_shard_table(**kwargs)
+    per = -(-table.num_rows // num_shards)
+    parts = [table.slice(k * per, per) for k in range(num_shards)]
+    return write_units(out_dir, [p for p in parts if p.num_rows], row_group_rows)
+
+
+def write_units(out_dir: str, parts: "list[pa.Table] | Iterator[pa.Table]", row_group_rows: int | None = None,
+                first_unit: int = 0) -> list[str]:
+    """Each shards table of `parts` as one committed unit (shard file + ledger entry); run.json complete."""
     from curation.writer import OutputStore, write_json
 
-    table = synthetic_shard_table(**kwargs)
     store = OutputStore(out_dir)
     for folder in (store.shards_dir, store.ledger_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    paths, per = [], -(-table.num_rows // num_shards)
-    for k in range(num_shards):
-        part = table.slice(k * per, per)
-        if part.num_rows:
-            unit_id = f"usynthetic{k:05d}"
-            path = store.shards_dir / f"{unit_id}-0000.parquet"
-            pq.write_table(part, path)
-            write_json(store.ledger_dir / f"{unit_id}.json", {
-                "unit_id": unit_id, "source_ids": sorted(set(part.column("source_id").to_pylist())),
-                "rows": part.num_rows, "clips": part.num_rows, "kept": part.num_rows,
-                "scores_file": None, "clips_file": None, "shard_files": [path.name]})
-            paths.append(str(path))
+    paths = []
+    for k, part in enumerate(parts, start=first_unit):
+        unit_id = f"usynthetic{k:05d}"
+        path = store.shards_dir / f"{unit_id}-0000.parquet"
+        pq.write_table(part, path, row_group_size=row_group_rows, use_dictionary=["clip_id", "caption"])
+        write_json(store.ledger_dir / f"{unit_id}.json", {
+            "unit_id": unit_id, "source_ids": sorted(set(part.column("source_id").to_pylist())),
+            "rows": part.num_rows, "clips": part.num_rows, "kept": part.num_rows,
+            "scores_file": None, "clips_file": None, "shard_files": [path.name]})
+        paths.append(str(path))
     write_json(store.run_json, {"status": "complete", "synthetic": True})
     return paths
+
+
+def synthetic_corpus(num_clips: int, clips_per_unit: int, distinct_clips: int = 64, **kwargs) -> Iterator[pa.Table]:
+    """Shards tables of a large corpus, one per unit, without holding it: `distinct_clips` clips are
+    encoded once and repeated under distinct clip ids and scores (for benchmarks of the reader)."""
+    base = synthetic_shard_table(num_clips=distinct_clips, **kwargs)
+    for start in range(0, num_clips, clips_per_unit):
+        n = min(clips_per_unit, num_clips - start)
+        idx = pa.array((np.arange(start, start + n) % distinct_clips).astype(np.int64))
+        part = base.take(idx)
+        ids = [clip_id_for(f"corpus{i}", 0, 1) for i in range(start, start + n)]
+        aesthetic = 4.0 + 2.0 * ((np.arange(start, start + n) * 7919) % 1000) / 999
+        part = part.set_column(part.schema.get_field_index("clip_id"), "clip_id", pa.array(ids, pa.string()))
+        part = part.set_column(part.schema.get_field_index("aesthetic_score"), "aesthetic_score",
+                               pa.array(aesthetic, pa.float64()))
+        yield conform(part, SHARDS_SCHEMA)
