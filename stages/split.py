@@ -1,6 +1,6 @@
 """split: one decode pass per source -> single-shot clips with their encoded video and frames.
 
-For each source row (source_path, source_id, unit_id) this stage probes the file with PyAV,
+For each source row (source_path, source_id, unit_id) this stage opens the file with PyAV,
 decodes it once, runs PySceneDetect detectors on small copies of the frames, and cuts the
 stream into clips. In the same pass it produces, per clip:
   video          H.264 mp4 bytes at `short_side_px` (aspect kept), at the source frame rate
@@ -20,6 +20,8 @@ Frame accuracy: detectors report a cut at the first frame of the new shot. Frame
 assigned to a clip only once they are `lag_s` behind the decoder, so every cut a detector
 reports (ContentDetector at once, AdaptiveDetector `window_width` frames late, the fade
 detector at the end of a fade) is known before the frames around it are assigned.
+Cuts that two detectors place within `merge_cuts_within_frames` of each other are one cut
+(CutMerger), so the cascade makes no one-frame fragments.
 The middle keyframe is the sample frame nearest the middle of the clip (at most
 1/(2*sample_fps) s away), which keeps the pass single and the memory bounded.
 """
@@ -168,6 +170,44 @@ def scaled_frame(frame: av.VideoFrame, size: tuple[int, int], rotation: int,
     if rotation == 180:
         return np.ascontiguousarray(bgr[::-1, ::-1]), None
     return bgr, small
+
+
+class CutMerger:
+    """Cuts of several detectors into one set, near-coincident ones merged.
+
+    Detectors place the same cut a frame or two apart (content at N, adaptive at N+1), and
+    the union of both would make a fragment of a frame or two between them, which is then
+    silently dropped as too short. A cut within `within_frames` of a pending (not yet
+    applied) cut of another detector becomes one cut with it, at the frame (of the candidates
+    still pending) that differs most from the frame before it; the earliest when those frames
+    are gone. Cuts of one detector are never merged (it keeps its own minimum shot length),
+    and `within_frames` is meant at REFERENCE_FPS: a 1 fps slideshow merges nothing.
+    """
+
+    def __init__(self, cuts: set[int], within_frames: int, rate: Fraction):
+        self.cuts = cuts
+        self.within = round(within_frames * min(1.0, float(rate) / REFERENCE_FPS))
+        self.by: dict[int, int] = {}  # pending cut -> the detector that reported it
+        self.merged = 0
+
+    def add(self, cut: int, detector: int, pending: collections.deque) -> None:
+        for c in [c for c in self.by if c not in self.cuts]:
+            del self.by[c]  # applied since
+        near = sorted(c for c in self.cuts if abs(c - cut) <= self.within and self.by.get(c) != detector)
+        if not near or cut in self.cuts:
+            self.cuts.add(cut)
+            self.by.setdefault(cut, detector)
+            return
+        self.merged += 1
+        lo, hi = min(near[0], cut), max(near[-1], cut)
+        frames = {idx: pair[0] for idx, _, pair in pending if lo - 1 <= idx <= hi}
+        scores = {k: float(cv2.absdiff(frames[k - 1], frames[k]).mean())
+                  for k in range(lo, hi + 1) if k in frames and k - 1 in frames}
+        owner = self.by[near[0]]
+        self.cuts.difference_update(near)
+        best = max(scores, key=lambda k: (scores[k], -k)) if scores else lo
+        self.cuts.add(best)
+        self.by[best] = owner
 
 
 class _BackgroundEncoder:
@@ -340,6 +380,7 @@ class SplitStage(Stage):
         preset: str = "veryfast",
         lag_s: float = 2.0,
         decode_threads: int = 0,
+        merge_cuts_within_frames: int = 2,
     ):
         if detector not in ("content", "adaptive", "threshold", "cascade"):
             raise ValueError(f"detector={detector!r}; allowed: content, adaptive, threshold, cascade")
@@ -355,8 +396,9 @@ class SplitStage(Stage):
             raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in 0..51, got {crf}")
-        if trim_frames < 0 or min_scene_len_frames < 1 or decode_threads < 0:
-            raise ValueError("trim_frames and decode_threads must be >= 0, min_scene_len_frames >= 1")
+        if trim_frames < 0 or min_scene_len_frames < 1 or decode_threads < 0 or merge_cuts_within_frames < 0:
+            raise ValueError("trim_frames, decode_threads and merge_cuts_within_frames must be >= 0, "
+                             "min_scene_len_frames >= 1")
         if detector == "cascade":
             specs = cascade if cascade is not None else DEFAULT_CASCADE
             if not specs:
@@ -384,6 +426,7 @@ class SplitStage(Stage):
         self.preset = preset
         self.lag_s = lag_s
         self.decode_threads = decode_threads
+        self.merge_cuts_within_frames = merge_cuts_within_frames
 
     def min_frames(self, rate: Fraction) -> int:
         return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
@@ -481,6 +524,7 @@ class SplitStage(Stage):
         max_frames = max(1, int(math.floor(self.max_duration_s * float(rate) + 1e-6)))
         pending: collections.deque = collections.deque()  # (index, seconds, bgr) not yet assigned
         cuts: set[int] = set()
+        merger = CutMerger(cuts, self.merge_cuts_within_frames, rate)
         state: dict[str, Any] = {"clip": None, "skip_until": -1, "flushed": -1}
         size = None
         t0 = None
@@ -528,18 +572,18 @@ class SplitStage(Stage):
                 # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
                 detect = cv2.resize(small, detect_size, interpolation=cv2.INTER_LINEAR)
                 timecode = FrameTimecode(index, fps=rate)
-                for det in detectors:
-                    for cut in det.process_frame(timecode, detect):
-                        cuts.add(int(cut.frame_num))
                 pending.append((index, t - t0, (small, encodable)))
+                for d, det in enumerate(detectors):
+                    for cut in det.process_frame(timecode, detect):
+                        merger.add(int(cut.frame_num), d, pending)
                 while pending and pending[0][0] <= index - lag:
                     yield from flush(pending.popleft())
             if index >= 0:
                 end = FrameTimecode(index, fps=rate)
-                for det in detectors:
+                for d, det in enumerate(detectors):
                     post = getattr(det, "post_process", None)
                     for cut in (post(end) if post else []) or []:
-                        cuts.add(int(cut.frame_num))
+                        merger.add(int(cut.frame_num), d, pending)
             while pending:
                 yield from flush(pending.popleft())
             if state["clip"] is not None:

@@ -164,15 +164,20 @@ def test_bad_arguments_name_the_argument(kwargs, key):
         SplitStage(**kwargs)
 
 
-def test_display_rotation_is_applied(tmp_path):
-    """A landscape-coded stream with a 90 degree display matrix gives portrait clips."""
+@pytest.mark.parametrize("rotation, portrait, bar", [
+    (90, True, "bottom"),    # counterclockwise, like a phone held on its side
+    (-90, True, "top"),      # clockwise: most phone video
+    (180, False, "right"),   # upside down
+])
+def test_display_rotation_is_applied(tmp_path, rotation, portrait, bar):
+    """A landscape-coded stream with a display matrix gives clips in display orientation."""
     from fractions import Fraction
 
     path = tmp_path / "rotated.mp4"
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=Fraction(24))
         s.width, s.height, s.pix_fmt = 320, 180, "yuv420p"
-        s.set_display_rotation(90)  # counterclockwise, like a phone held on its side
+        s.set_display_rotation(rotation)
         for i in range(36):
             img = np.zeros((180, 320, 3), np.uint8)
             img[:, :40] = 255  # a white bar on the coded frame's left edge
@@ -181,11 +186,54 @@ def test_display_rotation_is_applied(tmp_path):
             c.mux(s.encode(f))
         c.mux(s.encode(None))
     (row,) = clips_of(SplitStage(min_duration_s=0.5), path)
-    assert (row["width"], row["height"]) == (180, 320)
+    size = (180, 320) if portrait else (320, 180)
+    assert (row["width"], row["height"]) == size
     first = cv2.imdecode(np.frombuffer(row["keyframes"][0], np.uint8), cv2.IMREAD_GRAYSCALE)
-    # Rotated counterclockwise, the left edge ends at the bottom.
-    assert first[-20:].mean() > 200 and first[:20].mean() < 50
-    assert decode(row["video"])[0][0].shape[:2] == (320, 180)
+    edges = {"bottom": first[-20:], "top": first[:20], "right": first[:, -20:], "left": first[:, :20]}
+    opposite = {"bottom": "top", "top": "bottom", "right": "left"}[bar]
+    assert edges[bar].mean() > 200 and edges[opposite].mean() < 50
+    assert decode(row["video"])[0][0].shape[:2] == size[::-1]
+
+
+def test_near_coincident_cuts_of_two_detectors_make_one_cut(footage, monkeypatch):
+    """Content finds a cut at N, adaptive one frame later: one cut, at the true frame, and
+    no one-frame fragment between them silently dropped."""
+    import types
+
+    import stages.split as split
+
+    root, truth = footage
+    true_cuts = truth["cuts.mp4"]["cut_frames"]
+
+    class Reporter:  # reports `cuts` shifted by `offset`, `delay` frames after they happen
+        event_buffer_length = 0
+
+        def __init__(self, offset, delay):
+            self.offset, self.delay = offset, delay
+
+        def process_frame(self, timecode, _img):
+            return [types.SimpleNamespace(frame_num=c + self.offset) for c in true_cuts
+                    if timecode.frame_num == c + self.offset + self.delay]
+
+    def fake_detector(spec):
+        return Reporter(0, 0) if spec["detector"] == "content" else Reporter(1, 3)
+
+    def cut_clips(**kwargs):
+        stage = SplitStage(detector="cascade", min_duration_s=0.5, cascade=[
+            {"detector": "content"}, {"detector": "adaptive"}], **kwargs)
+        monkeypatch.setattr(split, "make_detector", fake_detector)
+        try:
+            return clips_of(stage, root / "cuts.mp4")
+        finally:
+            monkeypatch.undo()
+
+    rows = cut_clips()
+    assert [r["start_frame"] for r in rows] == [0, *true_cuts]
+    assert [r["start_frame"] for r in rows[1:]] == [r["end_frame"] for r in rows[:-1]]
+    # Unmerged, the frame between the two reports is a fragment that disappears.
+    unmerged = cut_clips(merge_cuts_within_frames=0)
+    assert [r["start_frame"] for r in unmerged] == [0, *(c + 1 for c in true_cuts)]
+    assert [r["end_frame"] for r in unmerged[:-1]] == true_cuts
 
 
 def test_variable_frame_rate_source(tmp_path):
