@@ -6,7 +6,10 @@ Reads `sample_frames` (JPEG, from split) and `sample_fps`; adds `motion_score` a
 motion_score unit: percent of the frame's short side moved per second, i.e. the mean
 (over pixels and over consecutive sample pairs) flow magnitude in working-size pixels,
 divided by the working short side, times sample_fps, times 100. A shot panning by its full
-height in 4 s scores 25. The unit does not depend on the working size or sample rate.
+height in 4 s scores 25. The unit does not depend on the working size or sample rate
+(`sample_fps` is the rate the samples were really taken at: the source's own rate when it
+is below split's sample_fps). Fast pans are followed up to about 150 %/s: the flow starts
+from the frames' global shift (see `mean_flow_magnitude`).
 A clip with fewer than two sample frames has no flow pair: NaN and a reason.
 """
 
@@ -33,11 +36,46 @@ def decode_gray(jpeg: bytes, short_side_px: int) -> np.ndarray:
     return img
 
 
-def mean_flow_magnitude(prev: np.ndarray, nxt: np.ndarray) -> float:
-    """Mean Farneback flow magnitude between two grayscale frames, in pixels."""
-    flow = cv2.calcOpticalFlowFarneback(prev, nxt, None, pyr_scale=0.5, levels=3, winsize=15,
+MIN_SHIFT_RESPONSE = 0.1  # phase correlation peaks below this are not a trusted global shift
+
+
+def global_shift(prev: np.ndarray, nxt: np.ndarray) -> tuple[float, float, float]:
+    """The dominant translation from prev to nxt (dx, dy, peak response), by phase correlation."""
+    window = cv2.createHanningWindow(prev.shape[::-1], cv2.CV_32F)
+    (dx, dy), response = cv2.phaseCorrelate(prev.astype(np.float32), nxt.astype(np.float32), window)
+    return dx, dy, response
+
+
+def farneback(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    return cv2.calcOpticalFlowFarneback(prev, nxt, None, pyr_scale=0.5, levels=3, winsize=15,
                                         iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
-    return float(np.linalg.norm(flow, axis=2).mean())
+
+
+def mean_flow_magnitude(prev: np.ndarray, nxt: np.ndarray) -> float:
+    """Mean Farneback flow magnitude between two grayscale frames, in pixels.
+
+    At 2 fps a fast pan moves a frame by a large part of its size between samples, more than
+    Farneback's pyramid reaches at a 128 px working size (alone it saturates near 45 %/s and
+    then falls). So the frames' global shift comes first (phase correlation, when its peak is
+    clear): the second frame is moved back by it, Farneback measures what is left per pixel,
+    and the flow is the shift plus that, averaged over the part of the frame both samples
+    show (what the pan brought into view has no flow to measure). Motion inside a still frame
+    is measured as before: its global shift is about 0.
+    """
+    dx, dy, response = global_shift(prev, nxt)
+    if response < MIN_SHIFT_RESPONSE or (abs(dx) < 1.0 and abs(dy) < 1.0):
+        return float(np.linalg.norm(farneback(prev, nxt), axis=2).mean())
+    h, w = prev.shape
+    if abs(dx) >= w - 8 or abs(dy) >= h - 8:
+        return float(math.hypot(dx, dy))  # almost nothing in common but the shift
+    shift_back = np.float32([[1, 0, -dx], [0, 1, -dy]])  # aligned(p) = nxt(p + shift)
+    aligned = cv2.warpAffine(nxt, shift_back, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    flow = farneback(prev, aligned)
+    flow[..., 0] += dx
+    flow[..., 1] += dy
+    x0, x1 = max(0, int(math.ceil(-dx))), min(w, int(math.floor(w - dx)))
+    y0, y1 = max(0, int(math.ceil(-dy))), min(h, int(math.floor(h - dy)))
+    return float(np.linalg.norm(flow[y0:y1, x0:x1], axis=2).mean())
 
 
 def motion_score(frames: list[np.ndarray], sample_fps: float) -> float:

@@ -320,6 +320,14 @@ class _ClipBuilder:
         self.last_bgr = bgr
         self.count += 1
 
+    def sample_rate(self) -> float:
+        """The rate the samples were taken at: sample_fps, or the source's rate when slower
+        (each frame is then a sample), from the samples' real spacing in frames."""
+        if len(self.samples) < 2:
+            return min(self.stage.sample_fps, float(self.rate))
+        spacing = (self.samples[-1][0] - self.samples[0][0]) / (len(self.samples) - 1)
+        return float(self.rate) / spacing
+
     def finish(self, drop_tail: bool) -> dict[str, Any] | None:
         """Close the clip; None when it is shorter than the minimum (nothing is returned)."""
         if not drop_tail:
@@ -347,7 +355,7 @@ class _ClipBuilder:
             "video": video,
             "keyframes": [self.first_jpeg, nearest[1], last_jpeg],
             "sample_frames": [jpeg for _, jpeg in self.samples],
-            "sample_fps": self.stage.sample_fps,
+            "sample_fps": self.sample_rate(),
         }
 
 

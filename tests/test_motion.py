@@ -66,3 +66,32 @@ def test_undecodable_frame_is_a_per_clip_failure():
     out = score([good, [b"not a jpeg", b"nope"]])
     assert not math.isnan(out["motion_score"][0])
     assert math.isnan(out["motion_score"][1]) and "undecodable" in out["motion_error"][1]
+
+
+@pytest.mark.parametrize("percent_per_s", [10, 25, 50, 100])
+def test_pans_score_their_speed_up_to_a_frame_height_per_second(percent_per_s):
+    """Farneback alone saturates near 45 %/s at 2 fps and 128 px; the score must follow fast
+    pans. Through split's real sampling: 25 fps, 320x180, the pan in px per frame."""
+    fps, short = 25, 180
+    speed = percent_per_s / 100 * short / fps
+    shot = synth.Shot(frames=75, seed=3, motion="pan", speed_px_per_frame=speed)
+    frames = list(synth.shot_frames(shot, (320, 180)))
+    offsets = [round(k * fps / 2.0) for k in range(6)]  # split's 2 fps sample offsets
+    jpegs = [cv2.imencode(".jpg", cv2.cvtColor(frames[o], cv2.COLOR_RGB2BGR))[1].tobytes() for o in offsets]
+    real_fps = fps * (len(offsets) - 1) / (offsets[-1] - offsets[0])
+    out = MotionStage()({"sample_frames": [jpegs], "sample_fps": [real_fps], "split_error": [None]})
+    assert out["motion_score"][0] == pytest.approx(percent_per_s, rel=0.15)
+
+
+def test_a_source_slower_than_sample_fps_is_scored_at_its_own_rate(tmp_path):
+    """A 1 fps source has a sample per frame, 1 s apart: split records 1 fps, not 2."""
+    from stages.split import SplitStage
+
+    path = tmp_path / "slow.mp4"
+    speed = 0.10 * 180  # 10 % of the short side per second, one frame a second
+    synth.make_video(path, [{"frames": 8, "seed": 3, "motion": "pan", "speed_px_per_frame": speed}], 1, (320, 180))
+    (row,) = SplitStage(min_duration_s=2.0).split_source(str(path), "s")
+    assert row["sample_fps"] == pytest.approx(1.0)
+    out = MotionStage()({"sample_frames": [row["sample_frames"]], "sample_fps": [row["sample_fps"]],
+                         "split_error": [None]})
+    assert out["motion_score"][0] == pytest.approx(10.0, rel=0.15)
