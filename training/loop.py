@@ -51,6 +51,7 @@ KEEP_CHECKPOINTS = 3
 # The bad-row cap is checked against at least this many rows, so that one bad row among the
 # first few batches does not stop a run, while a corpus of bad rows stops within a few steps.
 BAD_ROW_MIN_DENOMINATOR = 256
+PIECES_READ_KEPT = 10_000  # (epoch, piece) pairs kept in TrainResult (for accounting and tests)
 
 
 @dataclass
@@ -62,7 +63,8 @@ class TrainResult:
     step_s: float = 0.0  # total time of the steps (data wait included)
     samples: int = 0
     bad_rows: int = 0  # undecodable rows skipped, all ranks, since step 0
-    pieces_read: list[tuple[int, int]] = field(default_factory=list)  # (epoch, piece) this rank read
+    pieces_read: list[tuple[int, int]] = field(default_factory=list)  # (epoch, piece) this rank read, the first
+    num_pieces_read: int = 0                                          # PIECES_READ_KEPT of them; and how many
     model: torch.nn.Module | None = None  # the trained (unwrapped) network of this process
     ema: torch.nn.Module | None = None
 
@@ -304,10 +306,11 @@ def _init_model(cfg: TrainConfig, in_channels: int, init: dict | None, init_path
     return model.to(device)
 
 
-def _restore(resume: dict | None, model, ema, optimizer, result: TrainResult) -> int:
+def _restore(resume: dict | None, path: str | None, model, ema, optimizer, result: TrainResult) -> int:
     """Load a resumed run's state into the model, EMA and optimizer; returns the step to start at."""
     if resume is None:
         return 0
+    log.info("resuming %s from %s (step %d)", from_dict(resume["config"]).stage, path, int(resume["step"]))
     model.load_state_dict(resume["model"])
     ema.load_state_dict(resume["ema"])
     optimizer.load_state_dict(resume["optimizer"])
@@ -384,6 +387,13 @@ def _check_bad_rows(result: TrainResult, step: int, cfg: TrainConfig, batch: dic
                            f"the latest: {last}. Fix or drop those shards (or raise max_bad_row_fraction)")
 
 
+def _check_same_streams(resume: dict | None, plan: DataPlan) -> None:
+    saved = ((resume or {}).get("data") or {}).get("num_streams", plan.num_streams)
+    if saved != plan.num_streams:
+        log.warning("resuming with %d data streams where the run had %d: the batches differ from an "
+                    "uninterrupted run (set data_streams to keep them)", plan.num_streams, saved)
+
+
 def _checkpoint_state(cfg, step, in_channels, model, ema, optimizer, plan: DataPlan,
                       result: TrainResult, device) -> dict:
     return {"format": CHECKPOINT_FORMAT, "step": step, "config": to_dict(cfg), "in_channels": in_channels,
@@ -424,9 +434,7 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
     resume_path, resume = latest_good_checkpoint(run_dir)
     init = None if resume is not None or not init_checkpoint else load_checkpoint(init_checkpoint)
     cfg = _resolve_caption_dim(cfg, plan.caption_dim, resume, init)
-    if resume is not None and (resume.get("data") or {}).get("num_streams", plan.num_streams) != plan.num_streams:
-        log.warning("resuming with %d data streams where the run had %d: the batches differ from an "
-                    "uninterrupted run (set data_streams to keep them)", plan.num_streams, resume["data"]["num_streams"])
+    _check_same_streams(resume, plan)
     plan, in_channels, x_shape = _prepare_inputs(cfg, plan, run_dir, rank, world)  # latent cache (latent mode)
 
     # Model, EMA, DDP wrapper and optimizer; a resumed run's state on top.
@@ -435,17 +443,15 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = TrainResult(model=model, ema=ema)
-    start_step = result.resumed_from_step = _restore(resume, model, ema, optimizer, result)
-    if resume is not None:
-        log.info("resuming %s from %s (step %d)", cfg.stage, resume_path, start_step)
+    start_step = result.resumed_from_step = _restore(resume, resume_path, model, ema, optimizer, result)
 
     # Data loader, metrics, and the EMA's decay.
     loader = _data_loader(plan, cfg, x_shape, rank, world, start_step)
     metrics = MetricsLog(run_dir, cfg, start_step, enabled=rank == 0)
     decay = diffusion.ema_decay(cfg.ema_halflife_steps)
-    log.info("%s stage: %d rows in %d pieces, %d data streams, %d parameters, %d steps of batch %d on %s x%d",
-             cfg.stage, plan.num_rows, len(plan.pieces), plan.num_streams,
-             sum(p.numel() for p in model.parameters()), cfg.total_steps, cfg.batch_size, device, world)
+    log.info("%s stage: %d rows in %d pieces, %d data streams, %d steps of batch %d on %s x%d",
+             cfg.stage, plan.num_rows, len(plan.pieces), plan.num_streams, cfg.total_steps, cfg.batch_size,
+             device, world)
 
     step, t_prev = start_step, time.perf_counter()
     try:
@@ -453,7 +459,9 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
             # Wait for data (the time a step spends blocked on reading and decoding).
             t_data = time.perf_counter()
             data_wait_s = t_data - t_prev
-            result.pieces_read.extend(map(tuple, batch["reads"].tolist()))
+            result.num_pieces_read += len(batch["reads"])
+            room = PIECES_READ_KEPT - len(result.pieces_read)
+            result.pieces_read.extend(map(tuple, batch["reads"][:room].tolist()))
             torch.manual_seed(_stream_generator(cfg.seed, step, 1_000 + rank).initial_seed())  # dropout
 
             # Forward and backward at this step's learning rate; clip and step.

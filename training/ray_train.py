@@ -7,8 +7,9 @@ files must therefore be readable by every worker (OUT_DIR on a shared file syste
 multi-node cluster). Process groups use gloo on CPU and NCCL on GPU. Rank 0 writes checkpoints
 and metrics into run_dir, which must be on storage the head node can read too.
 
-After the stage, every rank reports a digest of its parameters and the (epoch, piece) pairs it read; they must all be equal (DDP
-keeps replicas in lock step), and the tests check it.
+After the stage, every rank reports a digest of its parameters (they must all be equal: DDP keeps
+replicas in lock step) and the (epoch, piece) pairs it read (no pair read by two ranks); the tests
+check both.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def train_distributed(cfg: TrainConfig, shard_paths: list[str], run_dir: str, nu
     run_dir = os.path.abspath(run_dir)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": to_dict(cfg), "shard_paths": [os.path.abspath(p) for p in shard_paths], "run_dir": run_dir,
+        train_loop_config={"cfg": to_dict(cfg), "shard_paths": [os.path.abspath(p) for p in shard_paths],
+                           "run_dir": run_dir,
                            "init_checkpoint": init_checkpoint and os.path.abspath(init_checkpoint),
                            "threads_per_worker": cpus_per_worker, "stop_after_step": stop_after_step},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
