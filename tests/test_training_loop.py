@@ -219,6 +219,12 @@ def test_two_ddp_ranks_match_one_process_on_the_same_global_batch_and_resume_exa
         assert abs(ranks[0]["full"][step] - single.losses[step]) < 1e-4 * abs(single.losses[step])
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ranks[0]["model"][k], v, atol=1e-5, rtol=1e-4)
+    # The gradient is the global batch mean's (AdamW alone would hide a wrong scale): same norms.
+    norms = []
+    for run in ("full", "single"):
+        with open(tmp_path / run / "metrics.csv") as f:
+            norms.append([float(r["grad_norm"]) for r in csv.DictReader(f)])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     # Each rank read its own pieces only.
     assert ranks[0]["reads"] and ranks[1]["reads"] and not set(ranks[0]["reads"]) & set(ranks[1]["reads"])
     # Killed after step 3, resumed from the step-2 checkpoint: the uninterrupted losses, exactly.
