@@ -36,6 +36,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -149,27 +150,87 @@ def probe(path: str) -> dict[str, Any]:
         }
 
 
-def scaled_frame(frame: av.VideoFrame, size: tuple[int, int], rotation: int,
-                 reformatter: VideoReformatter) -> tuple[np.ndarray, av.VideoFrame | None]:
-    """The frame at the clip size as BGR, plus a yuv420p frame the encoder can take as is.
+HD_MIN_HEIGHT = 720  # untagged sources at least this tall are BT.709, smaller ones BT.601 (as players assume)
 
-    The common path scales once in swscale straight to yuv420p (what the H.264 encoder
-    wants) and converts that small frame to BGR for the detectors and keyframes, which is
-    cheaper than scaling to BGR and converting back for the encoder. One reformatter is
-    reused for a whole source: a frame's own reformat() sets up a new swscale context each
-    time, which costs as much as the scaling. Rotated sources are turned upright in BGR
-    first (clips show the display orientation).
+
+@dataclass(frozen=True)
+class SourceColour:
+    """How a source's YUV is to be read, and what its clips are tagged with.
+
+    `matrix` is the YUV matrix as an FFmpeg colorspace number that swscale converts with
+    (1 BT.709, 5 BT.601, 7 SMPTE 240M, 9 BT.2020, 4 FCC); `tag` the number written on the
+    clips. An untagged source is read the way players read it: BT.709 from 720 lines up,
+    BT.601 below. `full_range` (JPEG range, yuvj formats) is converted to the limited range
+    the clips are encoded in. Primaries and transfer are copied (or, untagged, those of the
+    assumed standard): frames are not re-mastered, only read and labelled correctly.
     """
-    if rotation in (90, 270):
-        # The display matrix rotates counterclockwise by `rotation` (np.rot90's k=1 direction).
-        full = np.rot90(frame.to_ndarray(format="bgr24"), k=1 if rotation == 90 else -1)
-        return cv2.resize(np.ascontiguousarray(full), size, interpolation=cv2.INTER_AREA), None
-    small = reformatter.reformat(frame, width=size[0], height=size[1], format="yuv420p",
-                                  interpolation="AREA")
-    bgr = cv2.cvtColor(small.to_ndarray(), cv2.COLOR_YUV2BGR_I420)
-    if rotation == 180:
-        return np.ascontiguousarray(bgr[::-1, ::-1]), None
-    return bgr, small
+
+    matrix: int
+    tag: int
+    full_range: bool
+    primaries: int
+    trc: int
+
+    @classmethod
+    def of(cls, frame: av.VideoFrame) -> "SourceColour":
+        spc = int(frame.colorspace or 2)
+        matrix = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}.get(spc)
+        hd = min(frame.width, frame.height) >= HD_MIN_HEIGHT
+        if matrix is None:
+            matrix, spc = (1, 1) if hd else (5, 6)
+        full = int(frame.color_range or 0) == 2 or frame.format.name.startswith("yuvj")
+        default = 1 if matrix == 1 else 6 if matrix == 5 else 2
+        primaries = int(frame.color_primaries or 2)
+        trc = int(frame.color_trc or 2)
+        return cls(matrix, spc, full, primaries if primaries != 2 else default, trc if trc != 2 else default)
+
+    def label(self, codec_context) -> None:
+        """Tag an encoder's output with this colour (limited range: what the clips hold)."""
+        codec_context.colorspace = self.tag
+        codec_context.color_range = 1
+        codec_context.color_primaries = self.primaries
+        codec_context.color_trc = self.trc
+
+
+class FrameScaler:
+    """Source frames to the clip size: BGR (detectors, keyframes, samples) and, when it can be
+    passed on as is, a yuv420p frame for the encoder, both in the source's own colour.
+
+    The common path scales once in swscale straight to limited-range yuv420p in the source's
+    matrix (what the H.264 encoder wants, no matrix change) and converts that small frame to
+    BGR with the source's matrix: cheaper than scaling to BGR and back. Each conversion keeps
+    its own swscale context for the whole source (a frame's own reformat() builds a new one
+    every time, which costs as much as the scaling). Rotated sources are turned upright in BGR
+    first (clips show the display orientation); their encoder converts BGR back (to_yuv).
+    """
+
+    def __init__(self, size: tuple[int, int], rotation: int, colour: SourceColour):
+        self.size, self.rotation, self.colour = size, rotation, colour
+        self._scale, self._bgr, self._yuv = VideoReformatter(), VideoReformatter(), VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> tuple[np.ndarray, av.VideoFrame | None]:
+        c = self.colour
+        src_range = "JPEG" if c.full_range else "MPEG"
+        if self.rotation in (90, 270):
+            # The display matrix rotates counterclockwise by `rotation` (np.rot90's k=1 direction).
+            full = self._bgr.reformat(frame, format="bgr24", src_colorspace=c.matrix, src_color_range=src_range,
+                                      dst_color_range="JPEG").to_ndarray()
+            full = np.rot90(full, k=1 if self.rotation == 90 else -1)
+            return cv2.resize(np.ascontiguousarray(full), self.size, interpolation=cv2.INTER_AREA), None
+        small = self._scale.reformat(frame, width=self.size[0], height=self.size[1], format="yuv420p",
+                                     src_colorspace=c.matrix, dst_colorspace=c.matrix, src_color_range=src_range,
+                                     dst_color_range="MPEG", interpolation="AREA")
+        bgr = self._bgr.reformat(small, format="bgr24", src_colorspace=c.matrix, src_color_range="MPEG",
+                                 dst_color_range="JPEG").to_ndarray()
+        if self.rotation == 180:
+            return np.ascontiguousarray(bgr[::-1, ::-1]), None
+        return bgr, small
+
+    def to_yuv(self, bgr: np.ndarray) -> av.VideoFrame:
+        """A BGR clip frame as the encoder's yuv420p, in the matrix the clip is tagged with."""
+        return self._yuv.reformat(av.VideoFrame.from_ndarray(bgr, format="bgr24"), format="yuv420p",
+                                  dst_colorspace=self.colour.matrix, src_color_range="JPEG",
+                                  dst_color_range="MPEG")
 
 
 class CutMerger:
@@ -219,8 +280,8 @@ class _BackgroundEncoder:
     """
 
     def __init__(self, rate: Fraction, size: tuple[int, int], crf: int, preset: str,
-                 max_pending: int = 16):
-        self.rate, self.size, self.crf, self.preset = rate, size, crf, preset
+                 colour: SourceColour, max_pending: int = 16):
+        self.rate, self.size, self.crf, self.preset, self.colour = rate, size, crf, preset, colour
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._buf = io.BytesIO()
         self._error: BaseException | None = None
@@ -234,6 +295,7 @@ class _BackgroundEncoder:
                 stream.width, stream.height = self.size
                 stream.pix_fmt = "yuv420p"
                 stream.options = {"crf": str(self.crf), "preset": self.preset, "threads": "1"}
+                self.colour.label(stream.codec_context)
                 while (frame := self._queue.get()) is not None:
                     container.mux(stream.encode(frame))
                 container.mux(stream.encode(None))
@@ -269,12 +331,13 @@ class _ClipBuilder:
     `trim_end` frames are held back so they can be dropped if the clip ends at a real cut.
     """
 
-    def __init__(self, start_frame: int, start_s: float, rate: Fraction, size: tuple[int, int],
+    def __init__(self, start_frame: int, start_s: float, rate: Fraction, scaler: FrameScaler,
                  stage: "SplitStage"):
         self.start_frame = start_frame
         self.start_s = start_s
         self.rate = rate
-        self.size = size
+        self.scaler = scaler
+        self.size = scaler.size
         self.stage = stage
         self.tail: collections.deque = collections.deque()
         self.count = 0  # frames committed to the encoder
@@ -303,8 +366,9 @@ class _ClipBuilder:
     def _commit(self, bgr: np.ndarray, encodable: av.VideoFrame | None) -> None:
         offset = self.count
         if self._encoder is None:
-            self._encoder = _BackgroundEncoder(self.rate, self.size, self.stage.crf, self.stage.preset)
-        frame = encodable if encodable is not None else av.VideoFrame.from_ndarray(bgr, format="bgr24")
+            self._encoder = _BackgroundEncoder(self.rate, self.size, self.stage.crf, self.stage.preset,
+                                               self.scaler.colour)
+        frame = encodable if encodable is not None else self.scaler.to_yuv(bgr)
         # A decoded frame keeps the source's time base and picture type: reset both, or the
         # encoder rescales our pts and obeys the source's I/P/B decisions.
         frame.pts = offset
@@ -525,7 +589,7 @@ class SplitStage(Stage):
         from scenedetect import FrameTimecode
 
         detectors = [make_detector(spec_at_rate(spec, rate)) for spec in self.detector_specs]
-        reformatter = VideoReformatter()
+        scaler: FrameScaler | None = None
         lag = max(int(math.ceil(self.lag_s * float(rate))),
                   max(getattr(d, "event_buffer_length", 0) for d in detectors) + 2,
                   self.trim_frames + 1)
@@ -560,7 +624,7 @@ class SplitStage(Stage):
                 yield from self._emit(clip, drop_tail=False, stats=stats)  # chunk boundary, not a cut
                 clip = None
             if clip is None:
-                clip = _ClipBuilder(idx, t, rate, size, self)
+                clip = _ClipBuilder(idx, t, rate, scaler, self)
             clip.add(*frame_pair)
             state["clip"] = clip
 
@@ -571,9 +635,10 @@ class SplitStage(Stage):
                     rotation = int(getattr(frame, "rotation", 0) or 0) % 360
                     w, h = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
                     size = output_size(w, h, self.short_side_px)
+                    scaler = FrameScaler(size, rotation, SourceColour.of(frame))
                     small_w = min(self.detect_width_px, size[0])
                     detect_size = (even(small_w), even(small_w * size[1] / size[0]))
-                small, encodable = scaled_frame(frame, size, rotation, reformatter)
+                small, encodable = scaler(frame)
                 t = float(frame.time) if frame.time is not None else index / float(rate)
                 if t0 is None:
                     t0 = t

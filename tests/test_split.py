@@ -318,3 +318,62 @@ def test_failed_sources_leave_no_thread_or_file_open(footage, tmp_path):
             list(stage._segment(frames_then_fail(100), Fraction(25), {}))  # 50 frames encoded
     assert threading.active_count() == threads
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+PATCHES_RGB = [(200, 40, 40), (40, 180, 60), (50, 60, 200), (230, 220, 60), (128, 128, 128), (20, 200, 210)]
+
+
+def write_patches(path, height: int, colorspace: int | None, full_range: bool, tag: bool = True) -> None:
+    """A source of flat colour patches whose YUV was made with `colorspace`'s matrix (FFmpeg
+    numbers: 1 BT.709, 5 BT.601) and range, tagged as such when `tag`."""
+    from fractions import Fraction
+
+    width = height * 16 // 9 // 2 * 2
+    img = np.zeros((height, width, 3), np.uint8)
+    for k, rgb in enumerate(PATCHES_RGB):
+        img[:, k * width // len(PATCHES_RGB):(k + 1) * width // len(PATCHES_RGB)] = rgb
+    pix_fmt = "yuvj420p" if full_range else "yuv420p"
+    rng = "JPEG" if full_range else "MPEG"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(24))
+        s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        s.options = {"crf": "12"}
+        if tag:
+            s.codec_context.colorspace = colorspace
+            s.codec_context.color_range = 2 if full_range else 1
+        for i in range(36):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
+                format=pix_fmt, dst_colorspace=colorspace, dst_color_range=rng)
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+
+
+def patch_colours(bgr: np.ndarray) -> list[tuple[int, ...]]:
+    h, w = bgr.shape[:2]
+    n = len(PATCHES_RGB)
+    return [tuple(int(v) for v in bgr[h // 4:3 * h // 4, (k * w // n) + w // (4 * n):((k + 1) * w // n) - w // (4 * n)]
+                  .reshape(-1, 3).mean(axis=0)[::-1]) for k in range(n)]
+
+
+@pytest.mark.parametrize("height, colorspace, full_range, tag", [
+    (360, 1, False, True),    # BT.709 tagged, limited range (an HD camera's, at a small size)
+    (360, 5, True, True),     # BT.601 full range (yuvj420p, many phones and webcams)
+    (720, 1, False, False),   # untagged HD: read as BT.709, as players do
+])
+def test_colours_of_the_source_survive_in_keyframes_and_clips(tmp_path, height, colorspace, full_range, tag):
+    path = tmp_path / "patches.mp4"
+    write_patches(path, height, colorspace, full_range, tag)
+    (row,) = clips_of(SplitStage(min_duration_s=0.5), path)
+    keyframe = cv2.imdecode(np.frombuffer(row["keyframes"][0], np.uint8), cv2.IMREAD_COLOR)
+    for got, want in zip(patch_colours(keyframe), PATCHES_RGB):
+        assert max(abs(g - w) for g, w in zip(got, want)) <= 8, (got, want)
+    # The clip is tagged with the matrix its YUV is in, limited range, and decodes right.
+    with av.open(io.BytesIO(row["video"])) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.colorspace == colorspace and stream.codec_context.color_range == 1
+        frame = next(c.decode(stream))
+        bgr = frame.reformat(format="bgr24", src_colorspace=colorspace, src_color_range="MPEG",
+                             dst_color_range="JPEG").to_ndarray()
+    for got, want in zip(patch_colours(bgr), PATCHES_RGB):
+        assert max(abs(g - w) for g, w in zip(got, want)) <= 8, (got, want)
