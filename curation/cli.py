@@ -100,6 +100,16 @@ def cmd_refilter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from curation.export import export
+
+    m = export(args.output, args.format, args.to, select=args.select, target_mb=args.target_mb,
+               overwrite=args.overwrite)
+    log.info("export: %d clips as %s in %d pieces -> %s (manifest %s/export.json)", m["clips"], m["format"],
+             len(m["pieces"]), args.to, args.to)
+    return 0
+
+
 def cmd_demo_footage(args: argparse.Namespace) -> int:
     from curation.synth import DEMO_SOURCES, make_demo_footage
 
@@ -147,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KEY: min|max|drop_bottom|drop_top; =null removes; "
                          "e.g. filter.rules.motion_score={drop_bottom: 0.25}")
     rf.set_defaults(func=cmd_refilter)
+
+    ex = sub.add_parser("export", help="the curated clips as WebDataset tars, mp4 files + Open-Sora CSV, "
+                                       "or a Hugging Face dataset (curation/export.py)")
+    ex.add_argument("output", help="a finished curation output (OUT_DIR)")
+    ex.add_argument("--format", required=True, choices=["webdataset", "files", "hf"])
+    ex.add_argument("--to", required=True, metavar="DIR", help="export directory (new, empty, or an "
+                    "earlier export of the same command, which is finished, not redone)")
+    ex.add_argument("--select", default=None, metavar="'{COLUMN: {min: X, max: Y}}'",
+                    help="only clips passing these bounds (the filter's rule form, JSON or YAML)")
+    ex.add_argument("--target-mb", type=float, default=256.0,
+                    help="about this many MB per tar / parquet file / folder of mp4s (default 256)")
+    ex.add_argument("--overwrite", action="store_true", help="discard an earlier export in DIR")
+    ex.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo-footage", help="write deterministic sample footage")
     d.add_argument("dir")
