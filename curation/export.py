@@ -13,7 +13,9 @@
     files       DIR/videos/<piece>/<clip_id>.mp4 and DIR/meta.csv in Open-Sora's column
                 convention (v1.2 tools/datasets/datautil.py TRAIN_COLUMNS: path, text, num_frames,
                 fps, height, width, aspect_ratio = height / width, resolution = height * width;
-                aes and match as its scorers name them), then this project's own columns
+                aes and match as its scorers name them), then this project's own columns; and
+                DIR/meta.json, the same clips as EasyAnimate / VideoX-Fun list them ({file_path
+                relative to DIR, text, type: "video", width, height})
     hf          DIR/data/train-<k>-of-<n>.parquet (every shard column; embeddings list<float32>)
                 and DIR/README.md, a dataset card whose `configs` names the files, so
                 `datasets.load_dataset(DIR)` and `ray.data.read_parquet(DIR/data)` open it as is
@@ -402,19 +404,41 @@ Selection: `{select}`.
 
 
 def finish(root: Path, fmt: str, pieces: list[Piece]) -> None:
-    """What is written once every piece is there: the files table, the dataset card."""
+    """What is written once every piece is there: the files tables, the dataset card."""
     names = [piece_name(fmt, p, len(pieces)) for p in pieces]
     if fmt == "files":
-        path = root / "meta.csv"
-        tmp = tmp_name(path)
-        with open(tmp, "w", encoding="utf-8", newline="") as out:
-            csv.writer(out, lineterminator="\n").writerow(OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS)
-            for name in names:  # streamed part by part: memory is one part
-                with open(root / ".parts" / f"{name}.csv", encoding="utf-8") as part:
-                    shutil.copyfileobj(part, out)
-        fsync_replace(tmp, path)
+        write_files_tables(root, names)
     elif fmt == "hf":
         manifest = json.loads((root / MANIFEST).read_text())
         card = HF_CARD.format(source=manifest["source"], clips=sum(p.rows for p in pieces),
                               select=json.dumps(manifest["select"]))
         write_atomic_bytes(root / "README.md", card.encode("utf-8"))
+
+
+def write_files_tables(root: Path, names: list[str]) -> None:
+    """meta.csv (Open-Sora, absolute paths) and meta.json (EasyAnimate / VideoX-Fun: file_path
+    relative to DIR, its --train_data_dir), streamed from the pieces' parts: memory is one row."""
+    parts = [root / ".parts" / f"{name}.csv" for name in names]
+    path = root / "meta.csv"
+    tmp = tmp_name(path)
+    with open(tmp, "w", encoding="utf-8", newline="") as out:
+        csv.writer(out, lineterminator="\n").writerow(OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS)
+        for part in parts:
+            with open(part, encoding="utf-8") as f:
+                shutil.copyfileobj(f, out)
+    fsync_replace(tmp, path)
+
+    path = root / "meta.json"
+    tmp = tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write("[")
+        first = True
+        for part in parts:
+            with open(part, encoding="utf-8", newline="") as f:
+                for row in csv.DictReader(f, fieldnames=OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS):
+                    entry = {"file_path": os.path.relpath(row["path"], root.resolve()), "text": row["text"],
+                             "type": "video", "width": int(row["width"]), "height": int(row["height"])}
+                    out.write(("\n  " if first else ",\n  ") + json.dumps(entry))
+                    first = False
+        out.write("\n]\n")
+    fsync_replace(tmp, path)

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from curation.cli import main  # noqa: E402
 from curation.config import load_config  # noqa: E402
-from curation.export import export  # noqa: E402
+from curation.export import BATCH_ROWS, export, parse_select, plan_pieces, read_piece  # noqa: E402
 from curation.runner import run_local, run_pipeline  # noqa: E402
 from curation.writer import OutputStore  # noqa: E402
 from training.data import decode_jpeg, decode_video  # noqa: E402
@@ -146,11 +146,31 @@ def test_real_run_files_table_matches_its_files_and_webdataset_videos(curated_ou
         assert float(r["aspect_ratio"]) == pytest.approx(frames.shape[1] / frames.shape[2])
         assert int(r["resolution"]) == frames.shape[1] * frames.shape[2]
 
+    # EasyAnimate's table: the same clips, paths relative to DIR (its --train_data_dir).
+    easy = json.loads((tmp_path / "files" / "meta.json").read_text())
+    assert sorted(str((tmp_path / "files" / e["file_path"]).resolve()) for e in easy) == sorted(on_disk)
+    assert {e["type"] for e in easy} == {"video"}
+
     export(curated_out, "webdataset", tmp_path / "wds")
     samples = wds_samples(tmp_path / "wds")
     assert Counter(s["__key__"] for s in samples) == Counter(list(expected))
     for s in samples:
         assert np.array_equal(decode_video(s["mp4"]), decode_video(expected[s["__key__"]]["video"]))
+
+
+def test_pieces_are_read_a_few_rows_at_a_time_and_cover_the_selection(tmp_path):
+    # One shard of one 40-row row group: a reader of whole row groups would yield 40 rows at once.
+    out = tmp_path / "out"
+    write_synthetic_shards(str(out), num_shards=1, num_clips=40, num_frames=4, size_px=16)
+    shards = OutputStore(out).committed_files("shards")
+    assert pq.ParquetFile(shards[0]).metadata.row_group(0).num_rows == 40 > BATCH_ROWS
+    select = parse_select("{aesthetic_score: {min: 5}}")  # the YAML flow form works too
+    pieces = plan_pieces(shards, select, target_mb=1024)
+    batches = list(read_piece(shards[0].parent, pieces[0], select))
+    assert len(pieces) == 1 and max(b.num_rows for b in batches) <= BATCH_ROWS
+    ids = [i for b in batches for i in b.column("clip_id").to_pylist()]
+    passing = [c for c, r in shard_rows(out).items() if r["aesthetic_score"] >= 5]
+    assert 0 < len(passing) < 40 and sorted(ids) == sorted(passing) and pieces[0].rows == len(passing)
 
 
 def test_killed_export_rerun_finishes_with_every_clip_once(synthetic_out, tmp_path):
