@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
 from collections import Counter
