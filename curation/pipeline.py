@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -308,13 +309,7 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
         else:
             cap = min(int(total_cpus // max(step.ray.num_cpus, 0.01)), memory_cap)
         bounds[step.name] = pool_bounds(step.ray.actors, cap)
-    demand = sum(bounds[s.name][1] * s.ray.num_cpus for s in remote_steps)
-    unit_cpus = unit_task_cpus(config)
-    scale = 1.0
-    if demand and demand > total_cpus - unit_cpus:
-        scale = max(0.01, (total_cpus - unit_cpus) / demand)
-        log.warning("model actors at their largest ask for %.2g CPUs of %.2g; reserving %.0f%% of each "
-                    "ask so that unit tasks can run", demand, total_cpus, 100 * scale)
+    reserved = actor_cpus(remote_steps, bounds, total_cpus, unit_task_cpus(config))
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -326,7 +321,7 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
     pools = ActorPools(dispatcher=dispatcher)
     options = {}
     for step in remote_steps:
-        opts: dict[str, Any] = {"num_cpus": step.ray.num_cpus * scale, "max_restarts": -1,
+        opts: dict[str, Any] = {"num_cpus": reserved[step.name], "max_restarts": -1,
                                 "max_task_retries": 0}
         if step.ray.num_gpus:
             opts["num_gpus"] = step.ray.num_gpus
@@ -348,6 +343,22 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
         sizer.last_grown[step.name] = 0.0
         log.info("step %s: %d to %d actors", step.name, *bounds[step.name])
     return sizer
+
+
+def actor_cpus(steps: list[Step], bounds: dict[str, tuple[int, int]], total_cpus: float,
+               unit_cpus: float) -> dict[str, float]:
+    """The CPUs each model actor reserves: its step's num_cpus, scaled down when the pools at
+    their largest would leave less than one unit task's CPUs free (to 0 when nothing is left,
+    e.g. on one CPU: the actors then run on the CPU the unit tasks lend while they wait).
+    Rounded down to Ray's resolution, so the sum never exceeds what is left."""
+    demand = sum(bounds[s.name][1] * s.ray.num_cpus for s in steps)
+    left = max(0.0, total_cpus - unit_cpus)
+    scale = 1.0
+    if demand > left:
+        scale = left / demand
+        log.warning("model actors at their largest ask for %.2g CPUs of %.2g; reserving %.0f%% of each "
+                    "ask so that unit tasks can run", demand, total_cpus, 100 * scale)
+    return {s.name: math.floor(s.ray.num_cpus * scale * 1000) / 1000 for s in steps}
 
 
 def unit_task_cpus(config: PipelineConfig) -> float:

@@ -136,3 +136,17 @@ def test_pools_grow_while_batches_wait_for_them_and_stop_at_their_maximum():
     assert sizer.actors["ocr"] == ["ocr1", "ocr3", "ocr4"]  # and not past its maximum
     assert sizer.actors["caption"] == ["caption2"]
     assert added == ["ocr1", "caption2", "ocr3", "ocr4"]  # every actor reaches the dispatcher
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8])
+def test_model_actors_always_leave_a_unit_task_its_cpus(cpus):
+    """On one CPU the OCR actor reserved 0.01 and no 1-CPU unit task could ever start."""
+    from curation.pipeline import actor_cpus, unit_task_cpus
+
+    cfg = load_config(REPO / "pipeline.yaml")
+    steps = [s for s in cfg.steps if s.ray.actors is not None]
+    bounds = {s.name: (1, cpus) for s in steps}
+    reserved = actor_cpus(steps, bounds, float(cpus), unit_task_cpus(cfg))
+    at_most = sum(bounds[s.name][1] * reserved[s.name] for s in steps)
+    assert at_most + unit_task_cpus(cfg) <= cpus
+    assert all(0 <= r <= s.ray.num_cpus for s, r in zip(steps, reserved.values()))
