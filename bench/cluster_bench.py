@@ -58,6 +58,9 @@ class RoleCPU:
             self.by_role[role] = self.by_role.get(role, 0.0) + cpu - self.last.get(pid, 0.0)
             self.last[pid] = cpu
 
+    def total(self) -> float:
+        return sum(self.by_role.values())
+
     def table(self, wall_s: float) -> str:
         rows = sorted(self.by_role.items(), key=lambda kv: -kv[1])
         return ", ".join(f"{role} {sec:.0f}s ({sec / max(wall_s, 1e-9):.2f} cores)" for role, sec in rows if sec >= 1)
@@ -93,6 +96,7 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> 
     t_start, (b_start, tot_start) = time.monotonic(), cpu_times()
     phase = None  # (time, cpu) when the first unit was submitted
     hwm = 0.0
+    tree_at_phase = 0.0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         roles = RoleCPU(proc.pid)
@@ -101,6 +105,7 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> 
             roles.sample()
             if phase is None and "running " in log_path.read_text():
                 phase = (time.monotonic(), cpu_times())
+                tree_at_phase = roles.total()
             time.sleep(0.25)
     t_end, (b_end, tot_end) = time.monotonic(), cpu_times()
     if proc.returncode != 0:
@@ -116,6 +121,8 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> 
         "clips_per_s": record["clips"] / max(t_end - t_phase, 1e-9),
         "driver_peak_rss_mb": hwm,
         "cpu_by_role": roles.table(t_end - t_phase),
+        # The run's own processes only (other load on the machine left out).
+        "busy_cores_run_tree": (roles.total() - tree_at_phase) / max(t_end - t_phase, 1e-9),
         "model_sent_bytes_per_clip": record.get("model_sent_bytes_per_clip", {}),
     }
 
@@ -138,7 +145,8 @@ def main() -> None:
         results[f"{cpus}cpu"] = r
         print(f"--num-cpus {cpus}: {r['clips']} clips, wall {r['wall_s']:.0f}s (processing {r['processing_s']:.0f}s), "
               f"cores busy {r['busy_cores_run']:.2f} over the run, {r['busy_cores_processing']:.2f} while "
-              f"processing, {r['clips_per_s']:.3f} clips/s", flush=True)
+              f"processing ({r['busy_cores_run_tree']:.2f} by the run's own processes), "
+              f"{r['clips_per_s']:.3f} clips/s", flush=True)
         print(f"  CPU by role over the processing phase: {r['cpu_by_role']}", flush=True)
         sent = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in r["model_sent_bytes_per_clip"].items())
         print(f"  object-store bytes per clip after motion (rows sent to model actors): {sent or '-'}", flush=True)

@@ -5,6 +5,7 @@
     curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
     curate models check|download [pipeline.yaml]     (curation/models.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
+    curate export OUT --format webdataset|files|hf --to DIR   (curation/export.py)
     curate sample CHECKPOINT --prompt "..."          (training/cli.py)
     curate demo-footage DIR                          (deterministic sample footage)
 
