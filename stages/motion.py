@@ -8,8 +8,8 @@ motion_score unit: percent of the frame's short side moved per second, i.e. the 
 divided by the working short side, times sample_fps, times 100. A shot panning by its full
 height in 4 s scores 25. The unit does not depend on the working size or sample rate
 (`sample_fps` is the rate the samples were really taken at: the source's own rate when it
-is below split's sample_fps). Fast pans are followed up to about 150 %/s: the flow starts
-from the frames' global shift (see `mean_flow_magnitude`).
+is below split's sample_fps). Fast pans are followed up to about 150 %/s: the flow uses the
+frames' global shift where it explains the pixels (see `mean_flow_magnitude`).
 A clip with fewer than two sample frames has no flow pair: NaN and a reason.
 """
 
@@ -51,28 +51,36 @@ def farneback(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
                                         iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
 
 
+SHIFT_BETTER_BY = 4.0  # grey levels a pixel must match better under the global shift to take its flow
+
+
 def mean_flow_magnitude(prev: np.ndarray, nxt: np.ndarray) -> float:
     """Mean Farneback flow magnitude between two grayscale frames, in pixels.
 
     At 2 fps a fast pan moves a frame by a large part of its size between samples, more than
     Farneback's pyramid reaches at a 128 px working size (alone it saturates near 45 %/s and
-    then falls). So the frames' global shift comes first (phase correlation, when its peak is
-    clear): the second frame is moved back by it, Farneback measures what is left per pixel,
-    and the flow is the shift plus that, averaged over the part of the frame both samples
-    show (what the pan brought into view has no flow to measure). Motion inside a still frame
-    is measured as before: its global shift is about 0.
+    then falls). So the frames' global shift is found first (phase correlation, when its peak
+    is clear); the second frame is moved back by it and Farneback measures what is left. Each
+    pixel then takes that flow (shift plus rest) only where the shifted frame matches it
+    clearly better than the unshifted one, and Farneback's own flow elsewhere: a still,
+    textureless background behind a moving object keeps its zero motion even when the object
+    decides the phase correlation peak. The mean is over the part of the frame both samples
+    show (what a pan brought into view has no flow to measure).
     """
+    plain = farneback(prev, nxt)
     dx, dy, response = global_shift(prev, nxt)
-    if response < MIN_SHIFT_RESPONSE or (abs(dx) < 1.0 and abs(dy) < 1.0):
-        return float(np.linalg.norm(farneback(prev, nxt), axis=2).mean())
     h, w = prev.shape
-    if abs(dx) >= w - 8 or abs(dy) >= h - 8:
-        return float(math.hypot(dx, dy))  # almost nothing in common but the shift
+    if (response < MIN_SHIFT_RESPONSE or (abs(dx) < 1.0 and abs(dy) < 1.0)
+            or abs(dx) >= w - 8 or abs(dy) >= h - 8):
+        return float(np.linalg.norm(plain, axis=2).mean())
     shift_back = np.float32([[1, 0, -dx], [0, 1, -dy]])  # aligned(p) = nxt(p + shift)
     aligned = cv2.warpAffine(nxt, shift_back, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    flow = farneback(prev, aligned)
-    flow[..., 0] += dx
-    flow[..., 1] += dy
+    shifted = farneback(prev, aligned)
+    shifted[..., 0] += dx
+    shifted[..., 1] += dy
+    blur = [cv2.GaussianBlur(img, (5, 5), 0).astype(np.float32) for img in (prev, nxt, aligned)]
+    better = np.abs(blur[0] - blur[2]) + SHIFT_BETTER_BY < np.abs(blur[0] - blur[1])
+    flow = np.where(better[..., None], shifted, plain)
     x0, x1 = max(0, int(math.ceil(-dx))), min(w, int(math.floor(w - dx)))
     y0, y1 = max(0, int(math.ceil(-dy))), min(h, int(math.floor(h - dy)))
     return float(np.linalg.norm(flow[y0:y1, x0:x1], axis=2).mean())

@@ -95,3 +95,11 @@ def test_a_source_slower_than_sample_fps_is_scored_at_its_own_rate(tmp_path):
     out = MotionStage()({"sample_frames": [row["sample_frames"]], "sample_fps": [row["sample_fps"]],
                          "split_error": [None]})
     assert out["motion_score"][0] == pytest.approx(10.0, rel=0.15)
+
+
+def test_a_fast_object_does_not_lend_its_motion_to_a_still_smooth_background():
+    """A bright square crossing a still, smooth background can decide the global shift; the
+    background must keep its zero flow, so the clip scores far below the square's own speed."""
+    speed = 4.0  # px per frame at 24 fps over a 180 px short side: the square moves 53 %/s
+    out = score([samples("square", speed)])
+    assert 0.5 < out["motion_score"][0] < 0.25 * speed * 24 / 180 * 100
