@@ -87,10 +87,12 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
-def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path) -> dict:
-    """One `curate run`, watched: CPU over the run and the processing phase, driver peak RSS."""
+def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path, pin: bool = False) -> dict:
+    """One `curate run`, watched: CPU over the run and the processing phase, driver peak RSS.
+    With `pin`, the run (Ray's processes included) is confined to its first num_cpus cores."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "curation.cli", "run", config, "--input", str(inputs), "--output", str(out),
+    pinned = ["taskset", "-c", ",".join(str(c) for c in range(num_cpus))] if pin else []
+    cmd = [*pinned, sys.executable, "-m", "curation.cli", "run", config, "--input", str(inputs), "--output", str(out),
            "--skip-unavailable-models", "--num-cpus", str(num_cpus)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     t_start, (b_start, tot_start) = time.monotonic(), cpu_times()
@@ -133,15 +135,19 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "pipeline.yaml"))
     p.add_argument("--work", default=str(REPO / "bench_out" / "cluster"))
     p.add_argument("--skip-driver-memory", action="store_true")
-    p.add_argument("--cpus", default="2,1", help="the --num-cpus of the default-pipeline runs")
+    p.add_argument("--cpus", default="2,1", help="the --num-cpus of the default-pipeline runs (\"\" for none)")
+    p.add_argument("--pin", action="store_true",
+                   help="also confine each run to that many cores (taskset): --num-cpus only limits Ray's "
+                        "scheduling, and on a 2-core machine a 1-CPU run still spreads over both cores")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     mixed = footage(work / "mixed", args.sources, [(640, 360), (960, 540), (1280, 720)], seed=1)
     print(f"footage: {len(mixed)} sources, 360p to 720p", flush=True)
     results = {}
-    for cpus in [int(c) for c in args.cpus.split(",")]:
-        r = run(args.config, work / "mixed", work / f"out-{cpus}cpu", cpus, work / f"run-{cpus}cpu.log")
+    for cpus in [int(c) for c in args.cpus.split(",") if c]:
+        r = run(args.config, work / "mixed", work / f"out-{cpus}cpu", cpus, work / f"run-{cpus}cpu.log",
+                pin=args.pin and cpus < (os.cpu_count() or 1))
         results[f"{cpus}cpu"] = r
         print(f"--num-cpus {cpus}: {r['clips']} clips, wall {r['wall_s']:.0f}s (processing {r['processing_s']:.0f}s), "
               f"cores busy {r['busy_cores_run']:.2f} over the run, {r['busy_cores_processing']:.2f} while "
