@@ -182,8 +182,8 @@ class Dispatcher:
         import asyncio
 
         queue = self.free.setdefault(name, asyncio.Queue())
-        c = self.counts.setdefault(name, {"actors": 0, "queued": 0, "running": 0, "rows": 0,
-                                          "batches": 0, "failed": 0, "busy_s": 0.0})
+        c = self.counts.setdefault(name, {"actors": 0, "queued": 0, "rows": 0, "batches": 0, "failed": 0,
+                                          "busy_s": 0.0})
         c["actors"] += 1
         for _ in range(calls_per_actor):
             queue.put_nowait(handle)
@@ -197,7 +197,6 @@ class Dispatcher:
         c["queued"] += 1
         actor = await self.free[name].get()
         c["queued"] -= 1
-        c["running"] += 1
         timeout_s = self.timeout_floor_s + self.timeout_per_row_s * rows
         started = time.monotonic()
         self.calls += 1
@@ -216,7 +215,6 @@ class Dispatcher:
             asyncio.get_running_loop().create_task(self.rejoin(name, actor))
             return {"error": actor_failure(exc, timeout_s)}
         finally:
-            c["running"] -= 1
             c["busy_s"] += time.monotonic() - started
             del self.running[name][call]
 
@@ -237,7 +235,9 @@ class Dispatcher:
         """Per step: actors, queued and running batches, rows and batches done, failed calls,
         and busy actor-seconds so far (calls in progress included)."""
         now = time.monotonic()
-        return {name: {**c, "busy_s": c["busy_s"] + sum(now - t for t in self.running.get(name, {}).values())}
+        running = {name: list(self.running.get(name, {}).values()) for name in self.counts}
+        return {name: {**c, "running": len(running[name]),
+                       "busy_s": c["busy_s"] + sum(now - t for t in running[name])}
                 for name, c in self.counts.items()}
 
 
@@ -259,8 +259,8 @@ class PoolSizer:
 
     A pool starts at its minimum and gets one more actor (at most one per `grow_every_s`, up
     to its maximum) when batches have been waiting for a free actor of it at two checks in a
-    row (the dispatcher's queue, read every few seconds). Actors' CPU reservations are scaled
-    down when the pools at their maximum would leave no CPU for the unit tasks (logged).
+    row (the dispatcher's queue, read every few seconds). What each actor reserves is
+    `actor_cpus`'s.
     """
 
     pools: ActorPools

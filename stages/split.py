@@ -249,7 +249,6 @@ class CutMerger:
         self.cuts = cuts
         self.within = round(within_frames * min(1.0, float(rate) / REFERENCE_FPS))
         self.by: dict[int, int] = {}  # pending cut -> the detector that reported it
-        self.merged = 0
 
     def add(self, cut: int, detector: int, pending: collections.deque) -> None:
         for c in [c for c in self.by if c not in self.cuts]:
@@ -259,7 +258,6 @@ class CutMerger:
             self.cuts.add(cut)
             self.by.setdefault(cut, detector)
             return
-        self.merged += 1
         lo, hi = min(near[0], cut), max(near[-1], cut)
         frames = {idx: pair[0] for idx, _, pair in pending if lo - 1 <= idx <= hi}
         scores = {k: float(cv2.absdiff(frames[k - 1], frames[k]).mean())
