@@ -24,6 +24,16 @@ Cuts that two detectors place within `merge_cuts_within_frames` of each other ar
 (CutMerger), so the cascade makes no one-frame fragments.
 The middle keyframe is the sample frame nearest the middle of the clip (at most
 1/(2*sample_fps) s away), which keeps the pass single and the memory bounded.
+
+Fades: a clip never starts or ends on a near-black frame (mean level below
+`trim_dark_below`, the fade detector's own threshold), unless the whole shot is dark; the
+dark frames of a fade are cut from both neighbours and counted in `dark_frames_trimmed`.
+
+Timing follows the frames' timestamps, so variable-frame-rate sources keep theirs:
+`start_s` is the first frame's time, `duration_s` the time to the frame after the clip's
+last one, motion samples are taken every 1/sample_fps seconds (not every n frames), and
+the clip is encoded with its frames' own times. `fps` is the source's average rate.
+A stream whose timestamps jump back (a splice) is cut there.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import av
 import cv2
@@ -259,7 +269,7 @@ class CutMerger:
             self.by.setdefault(cut, detector)
             return
         lo, hi = min(near[0], cut), max(near[-1], cut)
-        frames = {idx: pair[0] for idx, _, pair in pending if lo - 1 <= idx <= hi}
+        frames = {f.index: f.bgr for f in pending if lo - 1 <= f.index <= hi}
         scores = {k: float(cv2.absdiff(frames[k - 1], frames[k]).mean())
                   for k in range(lo, hi + 1) if k in frames and k - 1 in frames}
         owner = self.by[near[0]]
@@ -292,6 +302,7 @@ class _BackgroundEncoder:
                 stream = container.add_stream("libx264", rate=self.rate)
                 stream.width, stream.height = self.size
                 stream.pix_fmt = "yuv420p"
+                stream.codec_context.time_base = CLIP_TIME_BASE
                 stream.options = {"crf": str(self.crf), "preset": self.preset, "threads": "1"}
                 self.colour.label(stream.codec_context)
                 while (frame := self._queue.get()) is not None:
@@ -323,99 +334,153 @@ class _BackgroundEncoder:
             self._thread.join()
 
 
+class _Frame(NamedTuple):
+    """One decoded frame on its way to a clip."""
+
+    index: int  # in the source's decoding order
+    t: float  # seconds since the source's first frame (its timestamp)
+    bgr: np.ndarray  # at the clip size, display orientation
+    encodable: av.VideoFrame | None  # the same frame ready for the encoder, when it can be passed as is
+    dark: bool  # near black (a fade's dark frames): never the first or last frame of a clip
+
+
+CLIP_TIME_BASE = Fraction(1, 90000)  # clips keep their frames' own timing, in MPEG ticks
+
+
 class _ClipBuilder:
     """Accumulates one clip: encodes frames as they come, keeps keyframes and 2 fps samples.
 
-    `trim_end` frames are held back so they can be dropped if the clip ends at a real cut.
+    Frames are held back, not yet encoded, while they may still be dropped: the last
+    `trim_frames` (dropped if the clip ends at a real cut) and a run of dark frames, which
+    stays in the clip only if a frame that is not dark follows it. Dark frames at the start
+    are held until the shot brightens, then dropped (a fade-in's black); if the shot never
+    does, it is a dark shot and is kept whole. Timing comes from the frames' timestamps:
+    the clip is encoded with them (a variable-rate source stays variable), its duration is
+    the time to the frame after its last one, and samples are taken every 1/sample_fps s.
     """
 
-    def __init__(self, start_frame: int, start_s: float, rate: Fraction, scaler: FrameScaler,
-                 stage: "SplitStage"):
-        self.start_frame = start_frame
-        self.start_s = start_s
-        self.rate = rate
-        self.scaler = scaler
-        self.size = scaler.size
-        self.stage = stage
-        self.tail: collections.deque = collections.deque()
+    def __init__(self, rate: Fraction, scaler: FrameScaler, stage: "SplitStage"):
+        self.rate, self.scaler, self.size, self.stage = rate, scaler, scaler.size, stage
+        self.start_frame: int | None = None
+        self.start_s = 0.0
+        self.lead: list[_Frame] = []  # dark frames before the first bright one
+        self.bright = False
+        self.tail: collections.deque[_Frame] = collections.deque()
         self.count = 0  # frames committed to the encoder
+        self.dark_trimmed = 0
+        self.last_ct = -math.inf  # clip time of the last committed frame
         self.first_jpeg: bytes | None = None
         self.last_bgr: np.ndarray | None = None
-        self.samples: list[tuple[int, bytes]] = []  # (offset in clip, JPEG)
-        self._time_base = Fraction(rate.denominator, rate.numerator)
+        self.samples: list[tuple[float, bytes]] = []  # (clip time, JPEG)
+        self._next_sample = 0  # index of the next sample slot (k / sample_fps seconds)
         self._encoder: _BackgroundEncoder | None = None
 
     def abort(self) -> None:
         """Drop the clip and stop its encoder thread (an error or an early exit of the source)."""
         self.tail.clear()
+        self.lead.clear()
         if self._encoder is not None:
             encoder, self._encoder = self._encoder, None
             encoder.abort()
 
     @property
     def length(self) -> int:
-        return self.count + len(self.tail)
+        return self.count + len(self.lead) + len(self.tail)
 
-    def add(self, bgr: np.ndarray, encodable: av.VideoFrame | None) -> None:
-        self.tail.append((bgr, encodable))
-        while len(self.tail) > self.stage.trim_frames:
-            self._commit(*self.tail.popleft())
+    def add(self, frame: _Frame) -> None:
+        if not self.bright:
+            if frame.dark:
+                self.lead.append(frame)
+                return
+            self.bright = True
+            self.dark_trimmed += len(self.lead)
+            self.lead.clear()
+        self.tail.append(frame)
+        while len(self.tail) > self.stage.trim_frames and self._front_stays():
+            self._commit(self.tail.popleft())
 
-    def _commit(self, bgr: np.ndarray, encodable: av.VideoFrame | None) -> None:
-        offset = self.count
+    def _front_stays(self) -> bool:
+        """Whether the oldest held frame is in the clip whatever comes next: it is not dark,
+        or a frame that is not dark follows it outside the last trim_frames."""
+        if not self.tail[0].dark:
+            return True
+        return any(not self.tail[i].dark for i in range(1, len(self.tail) - self.stage.trim_frames))
+
+    def _clip_time(self, frame: _Frame) -> float:
+        # A timestamp that does not advance counts as a quarter of a mean frame interval later.
+        return max(frame.t - self.start_s, self.last_ct + 0.25 / float(self.rate))
+
+    def _commit(self, frame: _Frame) -> None:
         if self._encoder is None:
+            self.start_frame, self.start_s = frame.index, frame.t
             self._encoder = _BackgroundEncoder(self.rate, self.size, self.stage.crf, self.stage.preset,
                                                self.scaler.colour)
-        frame = encodable if encodable is not None else self.scaler.to_yuv(bgr)
-        # A decoded frame keeps the source's time base and picture type: reset both, or the
+        ct = self._clip_time(frame)
+        out = frame.encodable if frame.encodable is not None else self.scaler.to_yuv(frame.bgr)
+        # A decoded frame keeps the source's time base and picture type: set both, or the
         # encoder rescales our pts and obeys the source's I/P/B decisions.
-        frame.pts = offset
-        frame.time_base = self._time_base
-        frame.pict_type = av.video.frame.PictureType.NONE
-        self._encoder.put(frame)
-        if offset == 0:
-            self.first_jpeg = encode_jpeg(bgr, self.stage.jpeg_quality)
-        # Sample k is the frame nearest k / sample_fps seconds into the clip.
-        next_k = len(self.samples)
-        if offset >= round(next_k * float(self.rate) / self.stage.sample_fps):
-            self.samples.append((offset, encode_jpeg(bgr, self.stage.jpeg_quality)))
-        self.last_bgr = bgr
+        out.pts = round(ct / CLIP_TIME_BASE)
+        out.time_base = CLIP_TIME_BASE
+        out.pict_type = av.video.frame.PictureType.NONE
+        self._encoder.put(out)
+        if self.count == 0:
+            self.first_jpeg = encode_jpeg(frame.bgr, self.stage.jpeg_quality)
+        # Sample k is the first frame at least k / sample_fps s into the clip (half a frame early is on time).
+        if ct + 0.5 / float(self.rate) >= self._next_sample / self.stage.sample_fps:
+            self.samples.append((ct, encode_jpeg(frame.bgr, self.stage.jpeg_quality)))
+            self._next_sample = math.floor((ct + 0.5 / float(self.rate)) * self.stage.sample_fps) + 1
+        self.last_bgr, self.last_ct = frame.bgr, ct
         self.count += 1
 
     def sample_rate(self) -> float:
-        """The rate the samples were taken at: sample_fps, or the source's rate when slower
-        (each frame is then a sample), from the samples' real spacing in frames."""
+        """The rate the samples were taken at, from their real spacing in seconds: sample_fps,
+        or the source's rate when slower (each frame is then a sample)."""
         if len(self.samples) < 2:
             return min(self.stage.sample_fps, float(self.rate))
-        spacing = (self.samples[-1][0] - self.samples[0][0]) / (len(self.samples) - 1)
-        return float(self.rate) / spacing
+        return (len(self.samples) - 1) / (self.samples[-1][0] - self.samples[0][0])
 
-    def finish(self, drop_tail: bool) -> dict[str, Any] | None:
-        """Close the clip; None when it is shorter than the minimum (nothing is returned)."""
-        if not drop_tail:
-            while self.tail:
-                self._commit(*self.tail.popleft())
+    def finish(self, drop_tail: bool, next_t: float | None) -> dict[str, Any] | None:
+        """Close the clip; None when it is shorter than the minimum (nothing is returned).
+
+        `drop_tail`: the clip ends at a real cut (its last trim_frames go); `next_t`: the
+        timestamp of the frame after the clip's frames in the source (None at its end).
+        """
+        held = list(self.tail) if self.bright else self.lead  # a dark shot is kept as it is
+        keep = len(held)
+        if self.bright:
+            keep = max(0, keep - (self.stage.trim_frames if drop_tail else 0))
+            before_dark = keep
+            while keep > 0 and held[keep - 1].dark:
+                keep -= 1
+            self.dark_trimmed += before_dark - keep
+        for frame in held[:keep]:
+            self._commit(frame)
+        if keep < len(held):
+            next_t = held[keep].t
         self.tail.clear()
+        self.lead = []
         if self._encoder is None:
             return None
         encoder, self._encoder = self._encoder, None
         video = encoder.close()
         if self.count < self.stage.min_frames(self.rate):
             return None
-        middle = self.count // 2
+        end_ct = self.last_ct + 1.0 / float(self.rate)
+        if next_t is not None and next_t - self.start_s > self.last_ct:
+            end_ct = next_t - self.start_s
+        middle = end_ct / 2
         nearest = min(self.samples, key=lambda s: abs(s[0] - middle))
-        last_jpeg = encode_jpeg(self.last_bgr, self.stage.jpeg_quality)
-        fps = float(self.rate)
         return {
             "start_frame": self.start_frame,
             "end_frame": self.start_frame + self.count,
             "start_s": self.start_s,
-            "duration_s": self.count / fps,
-            "fps": fps,
+            "duration_s": end_ct,
+            "fps": float(self.rate),
             "width": self.size[0],
             "height": self.size[1],
+            "dark_frames_trimmed": self.dark_trimmed,
             "video": video,
-            "keyframes": [self.first_jpeg, nearest[1], last_jpeg],
+            "keyframes": [self.first_jpeg, nearest[1], encode_jpeg(self.last_bgr, self.stage.jpeg_quality)],
             "sample_frames": [jpeg for _, jpeg in self.samples],
             "sample_fps": self.sample_rate(),
         }
@@ -427,7 +492,7 @@ class SplitStage(Stage):
     name = "split"
     fan_out = True
     outputs = ("clip_id", "source_id", "source_path", "unit_id", "start_frame",
-               "end_frame", "start_s", "duration_s", "fps", "width", "height", "split_error",
+               "end_frame", "start_s", "duration_s", "fps", "width", "height", "dark_frames_trimmed", "split_error",
                "source_status",
                "video", "keyframes", "sample_frames", "sample_fps")
 
@@ -451,6 +516,7 @@ class SplitStage(Stage):
         lag_s: float = 2.0,
         decode_threads: int = 0,
         merge_cuts_within_frames: int = 2,
+        trim_dark_below: float = 12.0,
     ):
         if detector not in ("content", "adaptive", "threshold", "cascade"):
             raise ValueError(f"detector={detector!r}; allowed: content, adaptive, threshold, cascade")
@@ -497,6 +563,7 @@ class SplitStage(Stage):
         self.lag_s = lag_s
         self.decode_threads = decode_threads
         self.merge_cuts_within_frames = merge_cuts_within_frames
+        self.trim_dark_below = trim_dark_below
 
     def min_frames(self, rate: Fraction) -> int:
         return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
@@ -584,95 +651,126 @@ class SplitStage(Stage):
             container.close()
 
     def _segment(self, frames, rate: Fraction, stats: dict[str, Any]):
-        from scenedetect import FrameTimecode
-
-        detectors = [make_detector(spec_at_rate(spec, rate)) for spec in self.detector_specs]
-        scaler: FrameScaler | None = None
-        lag = max(int(math.ceil(self.lag_s * float(rate))),
-                  max(getattr(d, "event_buffer_length", 0) for d in detectors) + 2,
-                  self.trim_frames + 1)
-        max_frames = max(1, int(math.floor(self.max_duration_s * float(rate) + 1e-6)))
-        pending: collections.deque = collections.deque()  # (index, seconds, bgr) not yet assigned
-        cuts: set[int] = set()
-        merger = CutMerger(cuts, self.merge_cuts_within_frames, rate)
-        state: dict[str, Any] = {"clip": None, "skip_until": -1, "flushed": -1}
-        size = None
-        t0 = None
-        index = -1
-
-        def flush(entry):
-            idx, t, frame_pair = entry  # (BGR, encoder-ready frame or None)
-            clip = state["clip"]
-            cut_here = [c for c in cuts if c <= idx]
-            if cut_here:
-                late = [c for c in cut_here if c < idx]
-                if late:
-                    log.warning("cut at frame %s reported after frame %d was assigned; "
-                                "raise split.lag_s", late, idx - 1)
-                cuts.difference_update(cut_here)
-                if clip is not None:
-                    yield from self._emit(clip, drop_tail=True, stats=stats)
-                clip = None
-                state["skip_until"] = idx + self.trim_frames  # trim the new shot's first frames
-            state["flushed"] = idx
-            if idx < state["skip_until"]:
-                state["clip"] = clip
-                return
-            if clip is not None and clip.length >= max_frames:
-                yield from self._emit(clip, drop_tail=False, stats=stats)  # chunk boundary, not a cut
-                clip = None
-            if clip is None:
-                clip = _ClipBuilder(idx, t, rate, scaler, self)
-            clip.add(*frame_pair)
-            state["clip"] = clip
-
+        segmenter = _Segmenter(self, rate, stats)
         try:
             for frame in frames:
-                index += 1
-                if size is None:
-                    rotation = int(getattr(frame, "rotation", 0) or 0) % 360
-                    w, h = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
-                    size = output_size(w, h, self.short_side_px)
-                    scaler = FrameScaler(size, rotation, SourceColour.of(frame))
-                    small_w = min(self.detect_width_px, size[0])
-                    detect_size = (even(small_w), even(small_w * size[1] / size[0]))
-                small, encodable = scaler(frame)
-                t = float(frame.time) if frame.time is not None else index / float(rate)
-                if t0 is None:
-                    t0 = t
-                # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
-                detect = cv2.resize(small, detect_size, interpolation=cv2.INTER_LINEAR)
-                timecode = FrameTimecode(index, fps=rate)
-                pending.append((index, t - t0, (small, encodable)))
-                for d, det in enumerate(detectors):
-                    for cut in det.process_frame(timecode, detect):
-                        merger.add(int(cut.frame_num), d, pending)
-                while pending and pending[0][0] <= index - lag:
-                    yield from flush(pending.popleft())
-            if index >= 0:
-                end = FrameTimecode(index, fps=rate)
-                for d, det in enumerate(detectors):
-                    post = getattr(det, "post_process", None)
-                    for cut in (post(end) if post else []) or []:
-                        merger.add(int(cut.frame_num), d, pending)
-            while pending:
-                yield from flush(pending.popleft())
-            if state["clip"] is not None:
-                yield from self._emit(state["clip"], drop_tail=False, stats=stats)
-            if index < 0:
-                raise ValueError("no decodable video frames")
+                yield from segmenter.push(frame)
+            yield from segmenter.end()
         finally:
-            # An error or an abandoned generator must not leave an encoder thread waiting.
-            if state["clip"] is not None:
-                state["clip"].abort()
+            segmenter.abort()
 
-    def _emit(self, clip: _ClipBuilder, drop_tail: bool, stats: dict[str, Any]):
+
+class _Segmenter:
+    """One source's frames into clips: detectors, cut merging, and the assignment of frames
+    to clips once they are `lag` frames behind the decoder (see the module docstring)."""
+
+    def __init__(self, stage: "SplitStage", rate: Fraction, stats: dict[str, Any]):
+        self.stage, self.rate, self.stats = stage, rate, stats
+        self.detectors = [make_detector(spec_at_rate(spec, rate)) for spec in stage.detector_specs]
+        self.lag = max(int(math.ceil(stage.lag_s * float(rate))),
+                       max(getattr(d, "event_buffer_length", 0) for d in self.detectors) + 2,
+                       stage.trim_frames + 1)
+        self.max_frames = max(1, int(math.floor(stage.max_duration_s * float(rate) + 1e-6)))
+        self.pending: collections.deque[_Frame] = collections.deque()  # decoded, not yet assigned
+        self.cuts: set[int] = set()
+        self.merger = CutMerger(self.cuts, stage.merge_cuts_within_frames, rate)
+        self.clip: _ClipBuilder | None = None
+        self.skip_until = -1
+        self.index = -1
+        self.scaler: FrameScaler | None = None
+        self.t0: float | None = None
+        self.shift = 0.0  # added to timestamps after a backward jump, so source time only advances
+        self.last_t = -math.inf
+        from scenedetect import FrameTimecode
+
+        self._timecode = FrameTimecode
+
+    def _start(self, frame: av.VideoFrame) -> None:
+        rotation = int(getattr(frame, "rotation", 0) or 0) % 360
+        w, h = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
+        size = output_size(w, h, self.stage.short_side_px)
+        self.scaler = FrameScaler(size, rotation, SourceColour.of(frame))
+        small_w = min(self.stage.detect_width_px, size[0])
+        self.detect_size = (even(small_w), even(small_w * size[1] / size[0]))
+
+    def _time(self, frame: av.VideoFrame) -> float:
+        """Seconds since the first frame; a jump back (a spliced or broken stream) is a cut,
+        and time goes on from the frame before it."""
+        t = float(frame.time) if frame.time is not None else self.index / float(self.rate)
+        if self.t0 is None:
+            self.t0 = t
+        t = t - self.t0 + self.shift
+        if t < self.last_t - 0.5 / float(self.rate):
+            log.debug("timestamps jump back %.3f s at frame %d: cut there", self.last_t - t, self.index)
+            self.shift += self.last_t + 1.0 / float(self.rate) - t
+            t = self.last_t + 1.0 / float(self.rate)
+            self.cuts.add(self.index)
+        self.last_t = max(self.last_t, t)
+        return t
+
+    def push(self, frame: av.VideoFrame):
+        """Take the next decoded frame; yield the clips it lets finish."""
+        self.index += 1
+        if self.scaler is None:
+            self._start(frame)
+        small, encodable = self.scaler(frame)
+        # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
+        detect = cv2.resize(small, self.detect_size, interpolation=cv2.INTER_LINEAR)
+        dark = float(np.mean(cv2.mean(detect)[:3])) < self.stage.trim_dark_below
+        self.pending.append(_Frame(self.index, self._time(frame), small, encodable, dark))
+        timecode = self._timecode(self.index, fps=self.rate)
+        for d, det in enumerate(self.detectors):
+            for cut in det.process_frame(timecode, detect):
+                self.merger.add(int(cut.frame_num), d, self.pending)
+        while self.pending and self.pending[0].index <= self.index - self.lag:
+            yield from self._assign(self.pending.popleft())
+
+    def end(self):
+        """The source ended: the detectors' last cuts, then every frame still held."""
+        if self.index < 0:
+            raise ValueError("no decodable video frames")
+        end = self._timecode(self.index, fps=self.rate)
+        for d, det in enumerate(self.detectors):
+            post = getattr(det, "post_process", None)
+            for cut in (post(end) if post else []) or []:
+                self.merger.add(int(cut.frame_num), d, self.pending)
+        while self.pending:
+            yield from self._assign(self.pending.popleft())
+        if self.clip is not None:
+            yield from self._emit(drop_tail=False, next_t=None)
+
+    def _assign(self, frame: _Frame):
+        cut_here = [c for c in self.cuts if c <= frame.index]
+        if cut_here:
+            late = [c for c in cut_here if c < frame.index]
+            if late:
+                log.warning("cut at frame %s reported after frame %d was assigned; "
+                            "raise split.lag_s", late, frame.index - 1)
+            self.cuts.difference_update(cut_here)
+            if self.clip is not None:
+                yield from self._emit(drop_tail=True, next_t=frame.t)
+            self.skip_until = frame.index + self.stage.trim_frames  # trim the new shot's first frames
+        if frame.index < self.skip_until:
+            return
+        if self.clip is not None and self.clip.length >= self.max_frames:
+            yield from self._emit(drop_tail=False, next_t=frame.t)  # chunk boundary, not a cut
+        if self.clip is None:
+            self.clip = _ClipBuilder(self.rate, self.scaler, self.stage)
+        self.clip.add(frame)
+
+    def _emit(self, drop_tail: bool, next_t: float | None):
+        clip, self.clip = self.clip, None
         try:
-            row = clip.finish(drop_tail=drop_tail)
+            row = clip.finish(drop_tail=drop_tail, next_t=next_t)
         finally:
-            stats["longest_frames"] = max(stats.get("longest_frames", 0), clip.count)
+            self.stats["longest_frames"] = max(self.stats.get("longest_frames", 0), clip.count)
         if row is not None:
             yield row
+
+    def abort(self) -> None:
+        """An error or an abandoned generator must not leave an encoder thread waiting."""
+        if self.clip is not None:
+            self.clip.abort()
 
 
 def no_clip_row(reason: str, status: str) -> dict[str, Any]:

@@ -377,3 +377,92 @@ def test_colours_of_the_source_survive_in_keyframes_and_clips(tmp_path, height, 
                              dst_color_range="JPEG").to_ndarray()
     for got, want in zip(patch_colours(bgr), PATCHES_RGB):
         assert max(abs(g - w) for g, w in zip(got, want)) <= 8, (got, want)
+
+
+def _mean_level(jpeg: bytes) -> float:
+    return float(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).mean())
+
+
+@pytest.mark.parametrize("detector", ["threshold", "cascade"])
+def test_no_clip_starts_or_ends_on_the_black_of_a_fade(tmp_path, detector):
+    spec = [
+        {"frames": 60, "seed": 31, "motion": "pan", "speed_px_per_frame": 2.0, "fade_out": 15},
+        {"frames": 60, "seed": 32, "fade_in": 15},
+    ]
+    synth.make_video(tmp_path / "fade.mp4", spec, 24, (320, 180))
+    rows = clips_of(SplitStage(detector=detector, min_duration_s=0.5), tmp_path / "fade.mp4")
+    assert len(rows) == 2
+    for row in rows:
+        first, _, last = row["keyframes"]
+        assert _mean_level(first) >= 12 and _mean_level(last) >= 12, row["dark_frames_trimmed"]
+        frames, _ = decode(row["video"])
+        assert len(frames) == row["end_frame"] - row["start_frame"]
+        assert frames[0].mean() >= 10 and frames[-1].mean() >= 10  # the clip itself, not only its keyframes
+    # The dark frames were cut from the end of the first clip and the start of the second.
+    assert rows[0]["dark_frames_trimmed"] > 0 and rows[1]["dark_frames_trimmed"] > 0
+    assert rows[0]["end_frame"] < rows[1]["start_frame"]
+
+
+def test_a_shot_that_is_dark_throughout_is_kept_whole(tmp_path):
+    path = tmp_path / "night.mp4"
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 16, (90, 160, 3), dtype=np.uint8)
+    synth.write_video(path, (np.roll(base, i, axis=1) for i in range(50)), 25)
+    (row,) = clips_of(SplitStage(detector="cascade", min_duration_s=0.5), path)
+    assert (row["start_frame"], row["end_frame"], row["dark_frames_trimmed"]) == (0, 50, 0)
+
+
+def test_a_dark_moment_inside_a_shot_stays(tmp_path):
+    path = tmp_path / "blink.mp4"
+    frames = list(synth.shot_frames(synth.Shot(frames=60, seed=5), (160, 90)))
+    for i in range(20, 24):
+        frames[i] = (frames[i] * 0.02).astype(np.uint8)  # four near-black frames mid-shot
+    synth.write_video(path, iter(frames), 25)
+    # No detector cut here (threshold out of reach): only the trimming of dark ends could act.
+    (row,) = clips_of(SplitStage(detector="content", threshold=255, min_duration_s=0.5), path)
+    assert (row["start_frame"], row["end_frame"], row["dark_frames_trimmed"]) == (0, 60, 0)
+
+
+def _write_timed(path, frames, times_ms):
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(25))
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for img, t_ms in zip(frames, times_ms):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = t_ms, Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+
+
+def test_variable_frame_rate_clips_keep_their_timing_and_their_motion(tmp_path):
+    """Frames dropped from a 25 fps source (a VFR file): durations and samples follow time."""
+    from stages.motion import MotionStage
+
+    shots = [synth.Shot(frames=100, seed=41, motion="pan", speed_px_per_frame=2.0),
+             synth.Shot(frames=100, seed=42, motion="pan", speed_px_per_frame=3.0)]
+    frames = [f for shot in shots for f in synth.shot_frames(shot, (320, 180))]
+    times = [40 * i for i in range(len(frames))]
+    _write_timed(tmp_path / "cfr.mp4", frames, times)
+    # Drop 2 of every 5 frames in the first shot and 1 of 2 in the second: 15 and 12.5 fps there.
+    kept = [i for i in range(len(frames)) if (i < 100 and i % 5 not in (1, 3)) or (i >= 100 and i % 2 == 0)]
+    _write_timed(tmp_path / "vfr.mp4", [frames[i] for i in kept], [times[i] for i in kept])
+    stage = SplitStage(detector="content", min_duration_s=1.0)
+    cfr, vfr = (clips_of(stage, tmp_path / f"{n}.mp4") for n in ("cfr", "vfr"))
+    assert len(vfr) == len(cfr) == 2
+    for a, b in zip(vfr, vfr[1:]):
+        assert a["start_s"] + a["duration_s"] == pytest.approx(b["start_s"], abs=1 / a["fps"])
+    assert vfr[-1]["start_s"] + vfr[-1]["duration_s"] == pytest.approx(8.0, abs=0.1)
+    for row in vfr:  # the clip is encoded with its frames' own times, not retimed
+        with av.open(io.BytesIO(row["video"])) as c:
+            t = [float(f.time) for f in c.decode(video=0)]
+        assert t[-1] - t[0] == pytest.approx(row["duration_s"] - (t[1] - t[0]) if len(t) > 1 else 0, abs=0.1)
+
+    def motion(rows):
+        return MotionStage()({k: [r[k] for r in rows] for k in ("sample_frames", "sample_fps", "split_error")})[
+            "motion_score"]
+
+    for m_vfr, m_cfr in zip(motion(vfr), motion(cfr)):
+        assert m_vfr == pytest.approx(m_cfr, rel=0.10)
