@@ -3,6 +3,7 @@
     curate run pipeline.yaml --input RAW --output OUT [--set step.arg=value] [--ray-address auto]
     curate report OUT                                (OUT/report/index.html + terminal table)
     curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
+    curate dedup OUT [--eps E] [--off]               (near-duplicate removal, curation/dedup.py)
     curate models check|download [pipeline.yaml]     (curation/models.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate export OUT --format webdataset|files|hf --to DIR   (curation/export.py)
@@ -101,6 +102,28 @@ def cmd_refilter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from curation.config import ConfigError
+    from curation.refilter import refilter
+    from curation.writer import OutputStore
+
+    overrides = [f"dedup.{key}={value}" for key, value in (("eps", args.eps), ("embedding", args.embedding),
+                                                           ("keep_by", args.keep_by)) if value is not None]
+    if args.off and overrides:
+        raise ConfigError("curate dedup: --off takes no other option")
+    has_section = (OutputStore(args.output).read_run().get("config") or {}).get("dedup") is not None
+    if not args.off and not overrides and not has_section:
+        overrides = ["dedup.embedding=auto"]  # a dedup section with its defaults
+    r = refilter(args.output, overrides, drop_dedup=args.off)
+    d = r.get("dedup")
+    if d:
+        log.info("dedup: %d duplicates in %d groups (%s vectors, cosine >= %.3g) among %d clips",
+                 d["duplicates"], d["groups"], d["embedding"], d["min_cosine"], d["clips_embedded"])
+    log.info("dedup: kept %s -> %d of %d clips (%d units rewritten); next: curate report %s",
+             r["kept_before"], r["kept"], r["clips"], r["units_rewritten"], args.output)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from curation.export import export
 
@@ -158,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KEY: min|max|drop_bottom|drop_top; =null removes; "
                          "e.g. filter.rules.motion_score={drop_bottom: 0.25}")
     rf.set_defaults(func=cmd_refilter)
+
+    dd = sub.add_parser("dedup", help="near-duplicate removal on a finished output: sets the config's "
+                                      "dedup section and applies it with the rules (no recompute)")
+    dd.add_argument("output")
+    dd.add_argument("--eps", type=float, default=None,
+                    help="near-duplicates: cosine >= 1 - eps (default 0.2 perceptual, 0.05 image_embedding)")
+    dd.add_argument("--embedding", choices=["auto", "image_embedding", "perceptual"], default=None)
+    dd.add_argument("--keep-by", default=None, metavar="[COL, ...]",
+                    help="columns choosing the kept clip of a group, e.g. '[aesthetic_score, motion_score]'")
+    dd.add_argument("--off", action="store_true", help="remove the dedup section (duplicates kept again)")
+    dd.set_defaults(func=cmd_dedup)
 
     ex = sub.add_parser("export", help="the curated clips as WebDataset tars, mp4 files + Open-Sora CSV, "
                                        "or a Hugging Face dataset (curation/export.py)")

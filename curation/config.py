@@ -3,6 +3,8 @@
     run:                      # optional, how outputs are cut and written
       sources_per_unit: 4     # sources per atomically committed work unit
       shard_target_mb: 256    # a unit's kept clips are split into shard files of about this size
+    dedup:                    # optional: near-duplicate removal at the end of the run (curation/dedup.py)
+      eps: 0.2                # near-duplicates: cosine >= 1 - eps (default per embedding)
     steps:                    # ordered; each step is {stage, name?, args?, ray?}
       - stage: split
         args: {min_duration_s: 2.0}
@@ -14,7 +16,8 @@
 hints, then the constructor itself validates the values. `ray` (actors, num_cpus, num_gpus,
 batch_size) is read only by the runners. A step's name defaults to its stage name and must be
 unique; overrides address it: `--set split.min_duration_s=3`, `--set split.ray.num_cpus=2`,
-`--set filter.rules.motion_score.min=0.5`, `--set run.sources_per_unit=2`. Values are YAML
+`--set filter.rules.motion_score.min=0.5`, `--set run.sources_per_unit=2`, `--set dedup.eps=0.1`
+(creates the dedup section when there is none). Values are YAML
 scalars and must match the type of the argument. Every error names the offending key.
 """
 
@@ -71,6 +74,38 @@ EXECUTION_ONLY = ("source_timeout_floor_s", "source_timeout_per_video_s", "model
 
 
 @dataclass
+class DedupOptions:
+    """The `dedup:` section (curation/dedup.py): near-duplicate groups over the whole run."""
+
+    eps: float | None = None  # near-duplicates: cosine >= 1 - eps; null: the embedding's default
+    # image_embedding: the aesthetics stage's CLIP vectors; perceptual: keyframe DCT/colour
+    # vectors that need no weights; auto: image_embedding when the run has them, else perceptual.
+    embedding: Literal["auto", "image_embedding", "perceptual"] = "auto"
+    # The clip kept of a group: passing the other rules first, then the highest value of these
+    # columns in turn (missing values last), then the smallest clip_id.
+    keep_by: list[str] = field(default_factory=lambda: ["aesthetic_score", "motion_score", "duration_s",
+                                                        "height"])
+    bucket_size: int = 1000  # k-means buckets of about this many clips; pairs are compared within
+
+
+def check_dedup(raw: Any) -> DedupOptions | None:
+    """The checked `dedup:` section; null (or absent) means no near-duplicate removal."""
+    if raw is None:
+        return None
+    from curation.rules import NUMERIC_COLUMNS  # noqa: PLC0415
+
+    opts = _check_dataclass(DedupOptions, raw, "dedup")
+    if opts.eps is not None and not 0.0 < opts.eps < 1.0:
+        raise ConfigError(f"dedup.eps: must be strictly between 0 and 1 (cosine >= 1 - eps), got {opts.eps}")
+    bad = [c for c in opts.keep_by if c not in NUMERIC_COLUMNS]
+    if bad:
+        raise ConfigError(f"dedup.keep_by: unknown column {bad[0]!r}; allowed: {', '.join(NUMERIC_COLUMNS)}")
+    if opts.bucket_size < 2:
+        raise ConfigError(f"dedup.bucket_size: must be >= 2, got {opts.bucket_size}")
+    return opts
+
+
+@dataclass
 class Step:
     name: str
     stage: str
@@ -86,13 +121,17 @@ class Step:
 class PipelineConfig:
     steps: list[Step]
     run: RunOptions = field(default_factory=RunOptions)
+    dedup: DedupOptions | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "run": dataclasses.asdict(self.run),
             "steps": [{"name": s.name, "stage": s.stage, "args": s.args,
                        "ray": dataclasses.asdict(s.ray)} for s in self.steps],
         }
+        if self.dedup is not None:  # absent, not null: configs without it keep their fingerprint
+            d["dedup"] = dataclasses.asdict(self.dedup)
+        return d
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (ray resources excluded)."""
@@ -230,10 +269,11 @@ def pool_bounds(actors: int | str | dict[str, int] | None, cluster_cap: int) -> 
 
 def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'steps' (and optional 'run')")
-    unknown = sorted(set(raw) - {"steps", "run"})
+        raise ConfigError(f"{source}: expected a mapping with 'steps' (and optional 'run', 'dedup')")
+    unknown = sorted(set(raw) - {"steps", "run", "dedup"})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown top-level key; allowed: steps, run")
+        raise ConfigError(f"{unknown[0]}: unknown top-level key; allowed: steps, run, dedup")
+    dedup = check_dedup(raw.get("dedup"))
     run = _check_dataclass(RunOptions, raw.get("run"), "run")
     if run.sources_per_unit < 1:
         raise ConfigError("run.sources_per_unit: must be >= 1")
@@ -285,7 +325,7 @@ def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
         steps.append(step)
     if steps[0].stage != "split" or any(s.stage == "split" for s in steps[1:]):
         raise ConfigError("steps: the first step must be the only 'split' step")
-    return PipelineConfig(steps=steps, run=run)
+    return PipelineConfig(steps=steps, run=run, dedup=dedup)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -299,15 +339,16 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"--set {path}: cannot parse value {text!r}: {exc}") from exc
     parts = path.strip().split(".")
     if len(parts) < 2:
-        raise ConfigError(f"--set {path}: expected STEP.ARG or run.KEY")
+        raise ConfigError(f"--set {path}: expected STEP.ARG, run.KEY or dedup.KEY")
     head, rest = parts[0], parts[1:]
-    if head == "run":
-        target = raw.setdefault("run", {}) or {}
-        raw["run"] = target
+    if head in ("run", "dedup"):
+        target = raw.setdefault(head, {}) or {}
+        raw[head] = target
     else:
         names = [s.get("name", s.get("stage")) for s in raw.get("steps", []) if isinstance(s, dict)]
         if head not in names:
-            raise ConfigError(f"--set {path}: unknown step {head!r}; steps: {', '.join(map(str, names))}, run")
+            raise ConfigError(f"--set {path}: unknown step {head!r}; "
+                              f"steps: {', '.join(map(str, names))}, run, dedup")
         step = raw["steps"][names.index(head)]
         if rest[0] == "ray":
             target, rest = step.setdefault("ray", {}) or {}, rest[1:]

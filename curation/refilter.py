@@ -19,6 +19,12 @@ Both rewrite the same things from the same inputs, so they share one function (`
    the next `curate run` with the new rules;
 4. record the resolved thresholds in run.json under "resolved_rules".
 
+With a `dedup:` section in the config, step 2 is followed by near-duplicate removal over all
+units (curation/dedup.py): every clip but one of each near-duplicate group gets the reason
+"duplicate_of:<clip_id>", the kept one chosen among the clips passing the rules. The groups
+are cached under OUT_DIR/dedup/, so a refilter keeps the dedup decisions (recomputed for the
+new rules from the same groups) and `curate dedup` / `--set dedup.eps=...` redoes them.
+
 Nothing is decoded or scored again. Every file is written under a temporary name and renamed.
 The result depends only on the score columns and the rules, never on the keep/reject_reasons
 already stored, so a pass killed part-way and run again gives the same result as one that was
@@ -45,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema
+from curation import dedup
 from curation.config import ConfigError, PipelineConfig, apply_override, parse_config
 from curation.rules import (
     Rules,
@@ -67,7 +74,10 @@ def _config_dict(config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 def needs_final_pass(config: PipelineConfig | dict[str, Any]) -> bool:
-    """True when a filter step has a percentile rule (the filter stage skipped it inline)."""
+    """True when a filter step has a percentile rule (the filter stage skipped it inline) or
+    the config removes near-duplicates (both need every unit's data)."""
+    if _config_dict(config).get("dedup") is not None:
+        return True
     return any(is_percentile(b) for _, rules in filter_steps(_config_dict(config)) for b in rules.values())
 
 
@@ -175,10 +185,10 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
     shard_target_mb = float(cfg.get("run", {}).get("shard_target_mb", 256.0))
 
     # Plan every unit first, so a refilter that cannot be done changes nothing.
-    plans = {}
+    plans = {unit_id: _new_filter_columns(table, effective) for unit_id, table in tables.items()}
+    dedup_summary = dedup.apply_to_plans(store, ledger, cfg.get("dedup"), tables, plans)
     for unit_id, table in tables.items():
-        keep, reasons = _new_filter_columns(table, effective)
-        plans[unit_id] = (keep, reasons)
+        keep, _ = plans[unit_id]
         entry = ledger[unit_id]
         clips_file = store.clips_dir / (entry.get("clips_file") or f"{unit_id}.parquet")
         if not clips_file.exists():
@@ -243,7 +253,8 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
     write_json(store.run_json, run)
     log.info("rules applied to %d clips in %d units (%d rewritten): %d kept, %.1fs",
              clips, len(tables), rewritten, kept_total, time.monotonic() - started)
-    return {"resolved_rules": resolved, "clips": clips, "kept": kept_total, "units_rewritten": rewritten}
+    return {"resolved_rules": resolved, "clips": clips, "kept": kept_total, "units_rewritten": rewritten,
+            "dedup": dedup_summary}
 
 
 # ---- the two entry points -----------------------------------------------------------------------
@@ -254,15 +265,19 @@ def finalize(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) -> di
 
 
 def _rules_override_check(raw: dict[str, Any], override: str) -> None:
-    """Refilter may change only a filter step's rules: anything else needs a new run."""
+    """Refilter may change only a filter step's rules and the dedup section: anything else needs
+    a new run."""
     path = override.partition("=")[0].strip()
     parts = path.split(".")
+    if parts[0] == "dedup":
+        return
     steps = {s.get("name", s.get("stage")): s.get("stage") for s in raw.get("steps", [])}
     filters = [n for n, stage in steps.items() if stage == "filter"]
     if parts[0] in steps and (steps[parts[0]] != "filter" or len(parts) < 3 or parts[1] != "rules") \
             or parts[0] == "run":
         raise ConfigError(f"--set {path}: refilter changes only filter rules "
-                          f"({', '.join(f + '.rules.COLUMN.KEY' for f in filters) or 'no filter step'}); "
+                          f"({', '.join(f + '.rules.COLUMN.KEY' for f in filters) or 'no filter step'}) "
+                          "and dedup.KEY; "
                           "other settings need a new `curate run`")
 
 
@@ -283,12 +298,13 @@ def _prune_nulls(raw: dict[str, Any]) -> None:
                 del rules[column]
 
 
-def refilter(out_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
+def refilter(out_dir: str | Path, overrides: list[str], drop_dedup: bool = False) -> dict[str, Any]:
     """Apply `--set STEP.rules.COLUMN.KEY=VALUE` overrides to a finished run's stored scores.
 
     The config recorded in run.json is updated (with the previous rules in run.json's
     "refilters" history) and its fingerprint too, so resuming with `curate run` and the new
-    rules continues the same output. Returns apply_rules' result plus kept_before and config.
+    rules continues the same output. `drop_dedup` removes the config's dedup section first
+    (`curate dedup --off`). Returns apply_rules' result plus kept_before and config.
     """
     store = OutputStore(out_dir)
     run = store.read_run()
@@ -298,6 +314,8 @@ def refilter(out_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
         raise OutputError(f"{out_dir}: the run is not complete (status {run.get('status')!r}); "
                           "resume it with the same `curate run` command first")
     raw = copy.deepcopy(run["config"])
+    if drop_dedup:
+        raw.pop("dedup", None)
     for override in overrides:
         _rules_override_check(raw, override)
         apply_override(raw, override)
@@ -314,6 +332,7 @@ def refilter(out_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
         "previous_rules": {name: rules for name, rules in filter_steps(run["config"])},
         "previous_fingerprint": run.get("config_fingerprint"),
         "previous_resolved_rules": run.get("resolved_rules", {}),
+        "previous_dedup": run["config"].get("dedup"),
         "kept_before": kept_before,
         "finished": False,
     })

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 QUANTILES = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
 HISTOGRAM_BINS = 40
 MAX_COMBINATIONS = 15
+DUPLICATE_REASON = "duplicate_of"  # reasons "duplicate_of:<clip_id>" (curation/dedup.py)
 
 
 # ---- the short funnel (kept for `curate report` callers and tests) ------------------------------
@@ -248,10 +249,15 @@ def rules_of_run(run: dict[str, Any]) -> list[dict[str, Any]]:
             rules.append(_rule_entry(x["step"], x["column"], x["bounds"], None, False,
                                      x["reason"] or skipped_note.get(x["column"]) or "not applied",
                                      x["column"] in skipped_note))
+    dedup = (run.get("config") or {}).get("dedup")
+    if dedup is not None:  # near-duplicate removal (curation/dedup.py) acts like one more rule
+        entry = _rule_entry("dedup", DUPLICATE_REASON, {}, None, True, "near-duplicate removal", False)
+        entry["threshold"] = f"cosine >= {fmt(1 - (run.get('dedup') or {}).get('eps', dedup.get('eps') or 0))}"
+        rules.append(entry)
     columns = Counter(r["column"] for r in rules)
     for r in rules:
         r["label"] = r["column"] if columns[r["column"]] == 1 else r["id"]
-        r["threshold"] = threshold_text(r)
+        r["threshold"] = r.get("threshold") or threshold_text(r)
     return rules
 
 
@@ -291,7 +297,10 @@ def _membership(clips: pa.Table, rules: list[dict[str, Any]]) -> tuple[np.ndarra
     """(bool matrix clips x rules: the rule rejected the clip, {reason: {total, only_this}})."""
     n = clips.num_rows
     reasons_col = clips.column("reject_reasons").combine_chunks() if n else pa.array([], pa.list_(pa.string()))
-    flat = pc.list_flatten(reasons_col).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(reasons_col)
+    # "duplicate_of:<clip_id>" names a clip: one reason for the counts, not one per kept clip.
+    flat = pc.if_else(pc.starts_with(flat, DUPLICATE_REASON + ":"), pa.scalar(DUPLICATE_REASON),
+                      flat).to_numpy(zero_copy_only=False)
     parents = pc.list_parent_indices(reasons_col).to_numpy(zero_copy_only=False)
     lengths = pc.fill_null(pc.list_value_length(reasons_col), 0).to_numpy(zero_copy_only=False)
     matrix = np.zeros((n, len(rules)), dtype=bool)
@@ -533,6 +542,8 @@ def summarize(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6) ->
     if not store.ledger_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} is not a curation output (no ledger/); run `curate run` first")
     run = store.read_run()
+    if (store.root / "dedup" / "dedup.json").exists():  # near-duplicate removal's record (curation/dedup.py)
+        run["dedup"] = json.loads((store.root / "dedup" / "dedup.json").read_text())
     table = read_scores_with_units(store)
     is_clip = ~(pc.is_valid(table.column("split_error")).to_numpy(zero_copy_only=False)
                 & pc.is_null(table.column("start_frame")).to_numpy(zero_copy_only=False))
@@ -546,7 +557,7 @@ def summarize(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6) ->
         only = matrix[:, i] & single
         values = _floats(clips, r["column"])
         r.update({"rejected": int(matrix[:, i].sum()), "only_this": int(only.sum()),
-                  "missing": int((matrix[:, i] & np.isnan(values)).sum())})
+                  "missing": 0 if r["step"] == "dedup" else int((matrix[:, i] & np.isnan(values)).sum())})
         if r.get("stage_skipped") and r["rejected"] == 0:
             r["applied"] = False
     duration = _floats(clips, "duration_s")
@@ -567,7 +578,8 @@ def summarize(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6) ->
     matrix_all[is_clip] = matrix
     sources = _sources(table, is_clip, keep_all, matrix_all, rules)
 
-    score_columns = list(dict.fromkeys(schema.SCORE_COLUMNS + ["duration_s"] + [r["column"] for r in rules]))
+    score_columns = list(dict.fromkeys(schema.SCORE_COLUMNS + ["duration_s"]
+                                       + [r["column"] for r in rules if r["step"] != "dedup"]))
     scores = {c: _score_stats(c, _floats(clips, c), keep, rules) for c in score_columns}
     galleries = _galleries(clips, matrix, keep, rules, max_gallery, max_strip)
 
@@ -621,6 +633,7 @@ def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6,
                  thumb_height_px: int = 64) -> dict[str, Any]:
     """Write OUT/report/ (index.html, summary.json, sources.csv, plots/*.png); return the summary."""
     from curation import plots
+    from curation.dedup_report import dedup_section, wanted_clips  # noqa: PLC0415
     from curation.report_html import render  # noqa: PLC0415
 
     started = time.monotonic()
@@ -659,6 +672,8 @@ def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6,
         wanted.setdefault(units[row], set()).add(ids[row])
     ledger = store.committed()
     keyframes = _read_payload(store, ledger, wanted, "keyframes")
+    summary["dedup"] = dedup_section(store, store.read_run(), clips)
+    keyframes.update(_read_payload(store, ledger, wanted_clips(summary["dedup"]), "keyframes"))
     thumbs = {}
     for cid, frames in keyframes.items():
         jpeg = thumbnail(frames, thumb_height_px)

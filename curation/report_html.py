@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from curation.dedup_report import render_dedup
 from curation.rules import fmt
 
 
@@ -115,7 +116,8 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
         f"<b class='good'>{t['kept']:,}</b> kept ({_minutes(t['kept_duration_s'])} min, {pct})</p>",
         "<nav><a href='#funnel'>funnel</a><a href='#rules'>rules</a><a href='#errors'>errors</a>"
         "<a href='#sources'>sources</a><a href='#scores'>scores</a><a href='#galleries'>galleries</a>"
-        "<a href='#videos'>kept clips</a></nav>",
+        "<a href='#videos'>kept clips</a>" + ("<a href='#dedup'>near-duplicates</a>" if summary.get("dedup") else "")
+        + "</nav>",
     ]
 
     # Funnel.
@@ -225,6 +227,9 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
         parts.append("</section>")
     if not summary["galleries"]:
         parts.append("<p class='muted'>No rule with a threshold.</p>")
+
+    # Near-duplicates (curation/dedup_report.py).
+    parts.append(render_dedup(summary.get("dedup"), thumbs, fmt))
 
     # Playable kept clips.
     parts.append(f"<h2 id='videos'>Kept clips</h2><p class='muted'>{len(videos)} of {t['kept']:,} kept clips, "

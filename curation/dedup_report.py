@@ -1,0 +1,96 @@
+"""The report's near-duplicate section: counts from OUT/dedup/dedup.json, example pairs from
+OUT/dedup/duplicates.parquet (curation/dedup.py), with keyframe thumbnails and the cosine.
+
+Example pairs: the least similar duplicates first (the borderline decisions a reader should
+check against eps), then the most similar; at most `max_pairs`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.writer import OutputStore
+
+
+def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table, max_pairs: int = 8) -> dict[str, Any] | None:
+    """The section's numbers and example pairs (None when the run has no dedup section)."""
+    if (run.get("config") or {}).get("dedup") is None:
+        return None
+    summary_path, table_path = store.root / "dedup" / "dedup.json", store.root / "dedup" / "duplicates.parquet"
+    if not summary_path.exists() or not table_path.exists():
+        return {"settings": run["config"]["dedup"], "missing": "dedup has not run on this output yet"}
+    section = json.loads(summary_path.read_text())
+    dups = pq.read_table(table_path).sort_by([("similarity", "ascending"), ("clip_id", "ascending")])
+    n = dups.num_rows
+    half = max_pairs // 2
+    picks = list(range(min(n, half))) + list(range(max(half, n - (max_pairs - half)), n))
+    rows = dups.take(pa.array(sorted(set(picks)), pa.int64())).to_pylist() if n else []
+    info = {r["clip_id"]: r for r in clips.select(["clip_id", "unit_id", "source_path", "start_s", "duration_s",
+                                                    "keep"]).to_pylist()}
+    pairs = []
+    for r in rows:
+        a, b = info.get(r["clip_id"], {}), info.get(r["duplicate_of"], {})
+        pairs.append({"duplicate": r["clip_id"], "kept": r["duplicate_of"], "similarity": r["similarity"],
+                      "duplicate_source": Path(a.get("source_path") or "?").name, "duplicate_start_s": a.get("start_s"),
+                      "kept_source": Path(b.get("source_path") or "?").name, "kept_start_s": b.get("start_s"),
+                      "kept_passes": bool(b.get("keep")), "units": [a.get("unit_id"), b.get("unit_id")]})
+    if n:
+        sims = dups.column("similarity").to_numpy()
+        section["similarity"] = {"min": float(sims.min()), "median": float(sorted(sims)[n // 2]),
+                                 "max": float(sims.max())}
+    section["duplicate_minutes"] = float(sum(info.get(c, {}).get("duration_s") or 0.0
+                                             for c in dups.column("clip_id").to_pylist()) / 60)
+    section["pairs"] = pairs
+    return section
+
+
+def wanted_clips(section: dict[str, Any] | None) -> dict[str, set[str]]:
+    """{unit: clip_ids} whose keyframes the example pairs show."""
+    wanted: dict[str, set[str]] = {}
+    for p in (section or {}).get("pairs", []):
+        for cid, unit in zip((p["duplicate"], p["kept"]), p.pop("units")):
+            if unit:
+                wanted.setdefault(unit, set()).add(cid)
+    return wanted
+
+
+def render_dedup(section: dict[str, Any] | None, thumbs: dict[str, str],
+                 fmt: Callable[[float], str] = lambda v: f"{v:.4g}") -> str:
+    """The section's HTML (empty when the run has no dedup section)."""
+    if section is None:
+        return ""
+    out = ["<h2 id='dedup'>Near-duplicates</h2>"]
+    if "missing" in section:
+        return out[0] + f"<p class='muted'>{escape(section['missing'])}</p>"
+    sim = section.get("similarity")
+    out.append(f"<p><b>{section['duplicates']:,}</b> duplicates rejected "
+               f"({section['duplicate_minutes']:.1f} min) in <b>{section['groups']:,}</b> groups of "
+               f"{section['clips_in_groups']:,} clips; {section['clips_embedded']:,} clips compared by "
+               f"<code>{escape(section['embedding'])}</code> vectors, cosine &ge; {fmt(section['min_cosine'])} "
+               f"(eps {fmt(section['eps'])}); kept: passing the rules first, then "
+               f"{escape(', '.join(section['keep_by']) or 'clip_id')}"
+               + (f". Cosine of the duplicates: min {fmt(sim['min'])}, median {fmt(sim['median'])}, "
+                  f"max {fmt(sim['max'])}" if sim else "") + ".</p>")
+    if section["pairs"]:
+        out.append("<p class='muted'>Example pairs, least similar first: duplicate (rejected) | kept.</p>"
+                   "<div class='gallery dedup-pairs'>")
+        for p in section["pairs"]:
+            cards = []
+            for cid, src, start, cls in ((p["duplicate"], p["duplicate_source"], p["duplicate_start_s"], "rej"),
+                                         (p["kept"], p["kept_source"], p["kept_start_s"], "kept")):
+                img = (f"<img src='{thumbs[cid]}' alt='keyframes of {escape(cid)}'>" if cid in thumbs
+                       else "<div class='noimg'>no keyframes stored</div>")
+                cards.append(f"<div class='card {cls}' title='{escape(cid)}'>{img}{escape(src)} @ "
+                             f"{fmt(start or 0.0)}s</div>")
+            out.append(f"<div class='dedup-pair'><b>cosine {fmt(p['similarity'])}</b>"
+                       + ("" if p["kept_passes"] else " <span class='bad'>(kept clip fails other rules)</span>")
+                       + "<div class='gallery'>" + "".join(cards) + "</div></div>")
+        out.append("</div>")
+    return "\n".join(out)

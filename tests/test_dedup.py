@@ -1,0 +1,315 @@
+"""Near-duplicate removal: planted re-uploads in generated footage are found, distinct clips kept.
+
+The corpus: distinct sources (two shots each, own seeds, panning or moving-square content, some
+static) and modified copies of them, re-encoded at another quality, resized, cropped by 3-5%,
+started 0.5-1 s later, or several of these at once (PyAV, the bundled FFmpeg). A clip's true
+identity is (source family, shot of the original it shows), so a duplicate is any other clip
+of the same identity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation import dedup, synth
+from curation.cli import main as curate
+from curation.config import ConfigError, load_config
+from curation.refilter import finalize, refilter
+from curation.report import write_report
+from curation.runner import run_local, run_pipeline
+from curation.writer import OutputStore
+
+REPO = Path(__file__).resolve().parents[1]
+FPS = 24
+SIZE = (192, 108)
+BASE = ["split.min_duration_s=1.0", "split.short_side_px=96", "run.sources_per_unit=4",
+        "dedup.embedding=auto"]  # a dedup section with its defaults (perceptual, eps 0.2)
+MOTIONS = [("pan", 1.5), ("square", 3.0), ("pan", 1.0), ("square", 4.0), ("static", 0.0), ("pan", 2.5)]
+VARIANTS = {  # name: (scale, crop fraction, skip seconds, crf)
+    "reencode": (1.0, 0.0, 0.0, 34),
+    "resize": (0.75, 0.0, 0.0, 23),
+    "crop": (1.0, 0.04, 0.0, 23),
+    "shift": (1.0, 0.0, 0.75, 23),
+    "crop5_shift1": (1.0, 0.05, 1.0, 23),
+    "all": (0.8, 0.03, 0.5, 30),
+}
+FAMILIES = 12
+
+
+def decoded_frames(path: Path):
+    with av.open(str(path)) as container:
+        for frame in container.decode(container.streams.video[0]):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def write_variant(src: Path, dst: Path, scale: float, crop: float, skip_s: float, crf: int) -> None:
+    """A re-upload of src: frames after skip_s, centre-cropped by `crop`, scaled, re-encoded."""
+    def frames():
+        for i, frame in enumerate(decoded_frames(src)):
+            if i < round(skip_s * FPS):
+                continue
+            h, w = frame.shape[:2]
+            dy, dx = round(h * crop / 2), round(w * crop / 2)
+            frame = frame[dy:h - dy, dx:w - dx]
+            size = (2 * round(frame.shape[1] * scale / 2), 2 * round(frame.shape[0] * scale / 2))
+            yield cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    synth.write_video(dst, frames(), FPS, crf=crf)
+
+
+def make_corpus(root: Path) -> dict[str, dict]:
+    """{file stem: {family, skip_s, shots: [(start_s, end_s)]}} of the sources and their copies."""
+    truth = {}
+    names = list(VARIANTS)
+    for f in range(FAMILIES):
+        spec = []
+        for k in range(2):
+            motion, speed = MOTIONS[(2 * f + k) % len(MOTIONS)]
+            spec.append({"frames": 84 + 12 * ((f + k) % 3), "seed": 2 * f + k + 1, "motion": motion,
+                         "speed_px_per_frame": speed})
+        info = synth.make_video(root / f"src{f:02d}.mp4", spec, FPS, SIZE)
+        shots = [(s["start"] / FPS, (s["end"] + 1) / FPS) for s in info["shots"]]
+        truth[f"src{f:02d}"] = {"family": f, "skip_s": 0.0, "shots": shots}
+        for name in (names[f % len(names)], names[(f + 3) % len(names)]):
+            scale, crop, skip_s, crf = VARIANTS[name]
+            write_variant(root / f"src{f:02d}.mp4", root / f"dup{f:02d}_{name}.mp4", scale, crop, skip_s, crf)
+            truth[f"dup{f:02d}_{name}"] = {"family": f, "skip_s": skip_s, "shots": shots}
+    return truth
+
+
+def identity(row: dict, truth: dict[str, dict]) -> tuple[int, int]:
+    """(family, shot of the original) a clip shows: the shot holding its middle in original time."""
+    t = truth[Path(row["source_path"]).stem]
+    middle = row["start_s"] + t["skip_s"] + row["duration_s"] / 2
+    shot = next(k for k, (a, b) in enumerate(t["shots"]) if a <= middle < b)
+    return t["family"], shot
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dedup_raw")
+    truth = make_corpus(root)
+    out = tmp_path_factory.mktemp("dedup") / "out"
+    run_pipeline(load_config(REPO / "configs" / "spine.yaml", BASE), [str(root)], out, run_local)
+    return out, truth
+
+
+def read(out: Path, folder: str) -> dict[str, dict]:
+    files = sorted((out / folder).glob("*.parquet"))
+    return {r["clip_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
+
+
+def duplicate_of(row: dict) -> str | None:
+    found = [r[len(dedup.REASON_PREFIX):] for r in row["reject_reasons"] if r.startswith(dedup.REASON_PREFIX)]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def rule_reasons(row: dict) -> list[str]:
+    return [r for r in row["reject_reasons"] if not r.startswith(dedup.REASON_PREFIX)]
+
+
+def measure(out: Path, truth: dict[str, dict]) -> dict[str, float]:
+    clips = {k: r for k, r in read(out, "scores").items() if r["start_frame"] is not None}
+    ident = {k: identity(r, truth) for k, r in clips.items()}
+    flagged = {k: duplicate_of(r) for k, r in clips.items() if duplicate_of(r)}
+    correct = sum(ident[k] == ident[v] for k, v in flagged.items())
+    members: dict[tuple, list[str]] = {}
+    for k, i in ident.items():
+        members.setdefault(i, []).append(k)
+    expected = sum(len(m) - 1 for m in members.values())
+    one_left = sum(sum(c not in flagged for c in m) == 1 for m in members.values())
+    return {"recall": correct / expected, "precision": correct / max(1, len(flagged)),
+            "distinct_kept": one_left / len(members), "expected": expected, "flagged": len(flagged),
+            "identities": len(members)}
+
+
+def test_planted_duplicates_are_found_and_distinct_clips_kept(corpus):
+    out, truth = corpus
+    m = measure(out, truth)
+    # Every family has copies and every copy has clips: the measurement has something to find.
+    assert m["identities"] >= 2 * FAMILIES - 2 and m["expected"] >= 3 * FAMILIES
+    assert m["recall"] >= 0.95, m
+    assert m["precision"] >= 0.95, m
+    assert m["distinct_kept"] >= 0.95, m
+    scores, shards = read(out, "scores"), read(out, "shards")
+    # Shards hold no duplicate; every kept clip is in them.
+    assert set(shards) == {k for k, r in scores.items() if r["keep"]}
+    assert not any(duplicate_of(r) for r in shards.values())
+    # The similarity is recorded per duplicate, at or above 1 - eps, naming the same clip.
+    table = {r["clip_id"]: r for r in pq.read_table(out / "dedup" / "duplicates.parquet").to_pylist()}
+    assert set(table) == {k for k, r in scores.items() if duplicate_of(r)}
+    for cid, r in table.items():
+        assert r["duplicate_of"] == duplicate_of(scores[cid]) and 0.8 <= r["similarity"] <= 1.0 + 1e-6
+        assert duplicate_of(scores[r["duplicate_of"]]) is None  # the clip named is the one kept
+    recorded = json.loads((out / "dedup" / "dedup.json").read_text())
+    assert recorded["embedding"] == "perceptual" and recorded["eps"] == 0.2  # the defaults
+    assert recorded["duplicates"] == len(table)
+    assert json.loads((out / "run.json").read_text())["kept"] == len(shards)
+    print("dedup on planted re-uploads:", m)
+
+
+def test_kept_clip_is_chosen_among_those_passing_the_rules(corpus):
+    out, _ = corpus
+    scores = read(out, "scores")
+    groups: dict[str, list[str]] = {}
+    for k, r in scores.items():
+        if duplicate_of(r):
+            groups.setdefault(duplicate_of(r), []).append(k)
+    static_groups = 0
+    for kept, dups in groups.items():
+        passing = [d for d in dups if not rule_reasons(scores[d])]
+        if passing:  # a duplicate passed the rules: so did the kept clip, and it ranks first
+            assert not rule_reasons(scores[kept])
+            assert all(scores[kept]["motion_score"] >= scores[d]["motion_score"] for d in passing)
+        static_groups += bool(rule_reasons(scores[kept]))
+    # Static shots fail the motion rule in every copy: still grouped, one of them named.
+    assert static_groups >= 1
+
+
+def test_choose_keeps_leaders_by_priority_and_never_chains():
+    # Unit vectors at 0, 25 and 50 degrees: a~b and b~c (cosine 0.906 >= 0.85), a.c = 0.643,
+    # so c is no duplicate of a and is kept too (no chaining through b).
+    vecs = np.array([[math.cos(math.radians(d)), math.sin(math.radians(d))] for d in (0, 25, 50)])
+    groups = dedup.Groups("perceptual", 0.15, 3, ["a", "b", "c"], np.zeros(3, np.int64), vecs.astype(np.float16))
+    prio = {"a": dedup.priority_of(True, [5.0], "a"), "b": dedup.priority_of(True, [4.0], "b"),
+            "c": dedup.priority_of(True, [3.0], "c")}
+    out = dedup.choose(groups, prio)
+    assert set(out) == {"b"} and out["b"][0] == "a" and abs(out["b"][1] - math.cos(math.radians(25))) < 2e-3
+    # A clip failing the rules is never kept over a passing duplicate, whatever its score.
+    prio["a"] = dedup.priority_of(False, [9.0], "a")
+    out = dedup.choose(groups, prio)
+    assert out.keys() == {"a", "c"} and out["a"][0] == out["c"][0] == "b"
+    # Missing keep_by values rank last.
+    prio = {k: dedup.priority_of(True, [v], k) for k, v in (("a", float("nan")), ("b", 1.0), ("c", 0.5))}
+    assert dedup.choose(groups, prio)["a"][0] == "b"
+
+
+def test_bucketed_components_match_brute_force():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 32))
+    x = centres[rng.integers(0, 40, 3000)] + 0.35 * rng.standard_normal((3000, 32))
+    x[2500:] = x[:500] + 0.06 * rng.standard_normal((500, 32))  # planted near-copies
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    eps = 0.1
+    labels = dedup.near_duplicate_components(x, eps, bucket_size=100)  # 30 buckets, split again
+    xf = x.astype(np.float32)
+    i, j = np.nonzero(np.triu(xf @ xf.T >= 1 - eps, k=1))
+    assert i.size >= 450
+    assert np.mean(labels[i] == labels[j]) >= 0.99  # pairs split by bucket boundaries are rare
+    uf = dedup.UnionFind(len(x))
+    for a, b in zip(i, j):
+        uf.union(int(a), int(b))
+    brute = np.array([uf.find(k) for k in range(len(x))])
+    assert np.all(brute[labels] == brute)  # nothing joined that brute force keeps apart
+
+
+def test_perceptual_embedding_is_robust_and_discriminative():
+    def jpeg(rgb, quality=90):
+        return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+    frames = [synth.background(s, (192, 108)) for s in (5, 6, 7)]
+    v = dedup.perceptual_embedding([jpeg(f) for f in frames])
+    h, w = frames[0].shape[:2]
+    crop = [cv2.resize(f[3:h - 3, 5:w - 5], (160, 90)) for f in frames]  # ~5% crop, resized
+    assert float(v @ dedup.perceptual_embedding([jpeg(f, 40) for f in crop])) >= 0.9
+    others = [dedup.perceptual_embedding([jpeg(synth.background(s, (192, 108)))]) for s in range(20, 40)]
+    assert max(float(v @ o) for o in others) < 0.8
+    assert dedup.perceptual_embedding([b"not a jpeg"]) is None
+
+
+def test_refilter_keeps_the_dedup_decisions(corpus, tmp_path):
+    out = shutil.copytree(corpus[0], tmp_path / "out")
+    groups_file = out / "dedup" / "groups.parquet"
+    before = groups_file.stat().st_mtime_ns
+    refilter(out, ["filter.rules.motion_score.min=3"])
+    assert groups_file.stat().st_mtime_ns == before  # groups reused, not recomputed
+    scores = read(out, "scores")
+    assert any("motion_score<3" in r["reject_reasons"] for r in scores.values())
+    flagged = {k: duplicate_of(r) for k, r in scores.items() if duplicate_of(r)}
+    assert len(flagged) >= 3 * FAMILIES * 0.9
+    for dup, kept in flagged.items():  # still chosen among the clips passing the new rules
+        if not rule_reasons(scores[dup]):
+            assert not rule_reasons(scores[kept])
+    assert set(read(out, "shards")) == {k for k, r in scores.items() if r["keep"]}
+    # The same as computing the groups from scratch with the new rules.
+    fresh = shutil.copytree(out, tmp_path / "fresh")
+    shutil.rmtree(fresh / "dedup")
+    config = load_config(REPO / "configs" / "spine.yaml", BASE + ["filter.rules.motion_score.min=3"])
+    finalize(fresh, config)
+    again = read(fresh, "scores")
+    assert {k: r["reject_reasons"] for k, r in again.items()} == {k: r["reject_reasons"] for k, r in scores.items()}
+
+
+def test_curate_dedup_command_changes_and_removes_dedup(corpus, tmp_path):
+    out = shutil.copytree(corpus[0], tmp_path / "out")
+    n_default = len(pq.read_table(out / "dedup" / "duplicates.parquet"))
+    assert curate(["dedup", str(out), "--eps", "0.002"]) == 0  # only near-identical copies
+    strict = len(pq.read_table(out / "dedup" / "duplicates.parquet"))
+    assert 0 < strict < n_default
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["dedup"]["eps"] == 0.002 and run["refilters"][-1]["finished"] is True
+    assert OutputStore(out).not_ready_reason() is None
+    assert curate(["dedup", str(out), "--off"]) == 0
+    scores = read(out, "scores")
+    assert not any(duplicate_of(r) for r in scores.values())
+    assert not (out / "dedup" / "dedup.json").exists()
+    assert set(read(out, "shards")) == {k for k, r in scores.items() if not r["reject_reasons"]}
+    assert curate(["dedup", str(out), "--eps", "1.5"]) == 2  # bad value: exit 2, nothing changed
+    assert "dedup" not in json.loads((out / "run.json").read_text())["config"]
+
+
+def test_an_interrupted_dedup_pass_is_finished_by_running_it_again(corpus, tmp_path):
+    out = shutil.copytree(corpus[0], tmp_path / "out")
+    expected = read(out, "scores")
+    units = sorted(p.stem for p in (out / "ledger").glob("u*.json"))
+    # Killed part-way: one unit's scores back to the rules alone, another unit's shards gone.
+    victim = out / "scores" / f"{units[0]}.parquet"
+    t = pq.read_table(victim).to_pylist()
+    for r in t:
+        r["reject_reasons"] = rule_reasons(r)
+        r["keep"] = r["start_frame"] is not None and not r["reject_reasons"]
+    pq.write_table(pq.read_table(victim).from_pylist(t, schema=pq.read_table(victim).schema), victim)
+    for shard in (out / "shards").glob(f"{units[1]}-*.parquet"):
+        shard.unlink()
+    finalize(out, load_config(REPO / "configs" / "spine.yaml", BASE))
+    assert {k: r["reject_reasons"] for k, r in read(out, "scores").items()} == \
+           {k: r["reject_reasons"] for k, r in expected.items()}
+    assert set(read(out, "shards")) == {k for k, r in expected.items() if r["keep"]}
+
+
+def test_report_has_a_dedup_section_with_example_pairs(corpus, tmp_path):
+    out = shutil.copytree(corpus[0], tmp_path / "out")
+    summary = write_report(out)
+    section = summary["dedup"]
+    recorded = json.loads((out / "dedup" / "dedup.json").read_text())
+    assert section["duplicates"] == recorded["duplicates"] > 0
+    assert 0 < len(section["pairs"]) <= 8
+    sims = [p["similarity"] for p in section["pairs"]]
+    assert sims[0] == section["similarity"]["min"] and sims[-1] == section["similarity"]["max"]
+    page = (out / "report" / "index.html").read_text()
+    assert "id='dedup'" in page
+    for p in section["pairs"]:
+        assert f"alt='keyframes of {p['duplicate']}'" in page and f"alt='keyframes of {p['kept']}'" in page
+    # In the funnel and rule table duplicates are one rule, not one line per kept clip.
+    dedup_rules = [r for r in summary["rules"] if r["step"] == "dedup"]
+    assert len(dedup_rules) == 1 and dedup_rules[0]["rejected"] == recorded["duplicates"]
+    assert list(summary["reasons"]).count("duplicate_of") == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dedup.eps=1.5", "dedup.eps"),
+    ("dedup.keep_by=[no_such_column]", "dedup.keep_by"),
+    ("dedup.embedding=sift", "dedup.embedding"),
+    ("dedup.bucket=10", "dedup.bucket"),
+])
+def test_bad_dedup_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "configs" / "spine.yaml", [override])
