@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python bench/models_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/train_stream_bench.py
+	$(BIN)/python bench/cut_bench.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_FOOTAGE) bench_out .pytest_cache
