@@ -176,6 +176,12 @@ def zoom_scene(rng: np.random.Generator, frames: int, hue: float) -> Scene:
     return frame
 
 
+def _bounce(position: float, span: float) -> float:
+    """`position` bounced between 0 and `span` (constant speed, reversing at the ends)."""
+    phase = position % (2 * span)
+    return phase if phase <= span else 2 * span - phase
+
+
 def shapes_scene(rng: np.random.Generator, frames: int, hue: float, fast: bool = False) -> Scene:
     """Bouncing shapes on a textured gradient; `fast`: a big object (0.8-1.2 frame heights)
     close to the camera, crossing at 40-140 px/frame (the frame's width in 3.5-12 frames)."""
@@ -193,8 +199,8 @@ def shapes_scene(rng: np.random.Generator, frames: int, hue: float, fast: bool =
     def frame(i: int) -> np.ndarray:
         out = back.copy()
         for k in range(n):
-            x = synth._triangle(start[k, 0] + i * speed[k] * math.cos(angle[k]), w)
-            y = synth._triangle(start[k, 1] + i * speed[k] * math.sin(angle[k]), h)
+            x = _bounce(start[k, 0] + i * speed[k] * math.cos(angle[k]), w)
+            y = _bounce(start[k, 1] + i * speed[k] * math.sin(angle[k]), h)
             r = int(size[k] / 2)
             colour = tuple(float(c) for c in colours[k])
             if square[k]:
@@ -351,9 +357,11 @@ def render_file(path: Path, index: int, fps: int, kinds: list[str]) -> FileTruth
                     acc += s.weight[f - s.start] * scene(f - s.start)
             acc = acc * (1 - white[f]) + 255 * white[f]
             rgb = np.clip(acc, 0, 255).astype(np.uint8)
-            score.append(synth.content_score(previous[0], rgb) if previous else 0.0)
-            level.append(float(rgb.mean()))
-            previous[:] = [rgb]
+            hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+            # ContentDetector's score, as synth.content_score computes it (uint8 |a - b| is exact).
+            score.append(float(np.mean(cv2.mean(cv2.absdiff(previous[0], hsv))[:3])) if previous else 0.0)
+            level.append(float(np.mean(cv2.mean(rgb)[:3])))
+            previous[:] = [hsv]
             yield rgb
 
     previous: list[np.ndarray] = []
