@@ -67,6 +67,7 @@ DEFAULT_EPS = {"perceptual": 0.2, "image_embedding": 0.05}
 REASON_PREFIX = "duplicate_of:"
 MAX_DEPTH = 3
 BLOCK_ROWS = 2048
+BLOCK_COLS = 8192
 
 
 # ---- the perceptual embedding ------------------------------------------------------------------
@@ -198,9 +199,12 @@ def spherical_kmeans(x: np.ndarray, k: int, iters: int = 8, sample: int = 100_00
     centroids = pts[rng.choice(pts.shape[0], size=k, replace=False)].copy()
     for _ in range(iters):
         labels = _nearest(pts, centroids)[0][:, 0]
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, pts)
+        order = np.argsort(labels, kind="stable")
         counts = np.bincount(labels, minlength=k)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sums = np.zeros_like(centroids)
+        full = counts > 0  # sums per cluster over the points sorted by cluster (np.add.at is slow)
+        sums[full] = np.add.reduceat(pts[order], starts[full], axis=0)
         empty = counts == 0  # re-seed empty clusters with random points
         sums[empty] = pts[rng.choice(pts.shape[0], size=int(empty.sum()))]
         centroids = sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-12)
@@ -214,6 +218,10 @@ def _nearest(x: np.ndarray, centroids: np.ndarray, top: int = 1) -> tuple[np.nda
     sim = np.zeros((x.shape[0], top), np.float32)
     for s in range(0, x.shape[0], 8192):
         c = x[s:s + 8192].astype(np.float32) @ centroids.T
+        if top == 1:
+            idx[s:s + 8192, 0] = best = np.argmax(c, axis=1)
+            sim[s:s + 8192, 0] = c[np.arange(c.shape[0]), best]
+            continue
         part = np.argpartition(-c, top - 1, axis=1)[:, :top] if top < c.shape[1] else np.argsort(-c, axis=1)
         vals = np.take_along_axis(c, part, axis=1)
         order = np.argsort(-vals, axis=1)
@@ -254,17 +262,37 @@ class UnionFind:
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
+    def roots(self, idx: np.ndarray) -> np.ndarray:
+        """find() of many nodes at once (pointer jumping), compressing their paths."""
+        r = self.parent[idx]
+        while True:
+            nxt = self.parent[r]
+            if np.array_equal(nxt, r):
+                break
+            r = nxt
+        self.parent[idx] = r
+        return r
+
+    def union_many(self, a: np.ndarray, b: np.ndarray) -> None:
+        """union() of every pair (a[k], b[k]), vectorised: hook the larger root under the smaller
+        until every pair shares a root (several pairs hooking one root: one wins, the rest retry)."""
+        while a.size:
+            ra, rb = self.roots(a), self.roots(b)
+            apart = ra != rb
+            a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+            self.parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
+
 
 def _pairs_in(x: np.ndarray, members: np.ndarray, threshold: float, uf: UnionFind) -> int:
     """Union every pair of `members` with cosine >= threshold; returns the pairs compared."""
     members = np.unique(members)
     vecs = x[members].astype(np.float32)
     for s in range(0, members.size, BLOCK_ROWS):
-        c = vecs[s:s + BLOCK_ROWS] @ vecs[s:].T  # this block against itself and the rest
-        rows, cols = np.nonzero(c >= threshold)
-        for r, q in zip(rows, cols):
-            if q > r:
-                uf.union(int(members[s + r]), int(members[s + q]))
+        for t in range(s, members.size, BLOCK_COLS):  # this block against itself and the rest
+            c = vecs[s:s + BLOCK_ROWS] @ vecs[t:t + BLOCK_COLS].T  # at most 2048 x 8192 cosines
+            rows, cols = np.nonzero(c >= threshold)
+            later = t + cols > s + rows
+            uf.union_many(members[s + rows[later]], members[t + cols[later]])
     return members.size * (members.size - 1) // 2
 
 
@@ -294,7 +322,7 @@ def near_duplicate_components(x: np.ndarray, eps: float, bucket_size: int = 1000
             last = time.monotonic()
             log.info("dedup: grouping, %d clip slots in finished buckets of %d clips, %.0fs",
                      done, n, last - started)
-    labels = np.array([uf.find(i) for i in range(n)], np.int64)
+    labels = uf.roots(np.arange(n)).astype(np.int64)
     log.info("dedup: %d clips, %d pairs compared, %d in groups, %.1fs", n, compared,
              int((np.bincount(labels, minlength=n)[labels] > 1).sum()), time.monotonic() - started)
     return labels

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.writer import OutputStore
 
 
-def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table, max_pairs: int = 8) -> dict[str, Any] | None:
+def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table,
+                  max_pairs: int = 8) -> dict[str, Any] | None:
     """The section's numbers and example pairs (None when the run has no dedup section)."""
     if (run.get("config") or {}).get("dedup") is None:
         return None
@@ -32,8 +34,9 @@ def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table, max_
     half = max_pairs // 2
     picks = list(range(min(n, half))) + list(range(max(half, n - (max_pairs - half)), n))
     rows = dups.take(pa.array(sorted(set(picks)), pa.int64())).to_pylist() if n else []
-    info = {r["clip_id"]: r for r in clips.select(["clip_id", "unit_id", "source_path", "start_s", "duration_s",
-                                                    "keep"]).to_pylist()}
+    shown = pa.array(sorted({r["clip_id"] for r in rows} | {r["duplicate_of"] for r in rows}), pa.string())
+    info = {r["clip_id"]: r for r in clips.filter(pc.is_in(clips.column("clip_id"), shown)).select(
+        ["clip_id", "unit_id", "source_path", "start_s", "keep"]).to_pylist()}
     pairs = []
     for r in rows:
         a, b = info.get(r["clip_id"], {}), info.get(r["duplicate_of"], {})
@@ -45,8 +48,8 @@ def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table, max_
         sims = dups.column("similarity").to_numpy()
         section["similarity"] = {"min": float(sims.min()), "median": float(sorted(sims)[n // 2]),
                                  "max": float(sims.max())}
-    section["duplicate_minutes"] = float(sum(info.get(c, {}).get("duration_s") or 0.0
-                                             for c in dups.column("clip_id").to_pylist()) / 60)
+    is_dup = pc.is_in(clips.column("clip_id"), dups.column("clip_id").combine_chunks())
+    section["duplicate_minutes"] = float(pc.sum(clips.filter(is_dup).column("duration_s")).as_py() or 0.0) / 60
     section["pairs"] = pairs
     return section
 

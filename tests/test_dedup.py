@@ -154,7 +154,17 @@ def test_planted_duplicates_are_found_and_distinct_clips_kept(corpus):
     assert recorded["embedding"] == "perceptual" and recorded["eps"] == 0.2  # the defaults
     assert recorded["duplicates"] == len(table)
     assert json.loads((out / "run.json").read_text())["kept"] == len(shards)
-    print("dedup on planted re-uploads:", m)
+    # The margin: cosines of same-shot pairs against the closest pair of distinct shots.
+    payload = read(out, "clips")
+    ids = sorted(payload)
+    vecs = np.stack([dedup.perceptual_embedding(payload[k]["keyframes"]) for k in ids])
+    same = np.array([[identity(scores[a], truth) == identity(scores[b], truth) for b in ids] for a in ids])
+    cos = vecs @ vecs.T
+    off = ~np.eye(len(ids), dtype=bool)
+    distinct_max, same_min = float(cos[~same].max()), float(cos[same & off].min())
+    assert distinct_max < 0.8
+    print(f"dedup on planted re-uploads: {m}; same-shot cosine min {same_min:.3f}, "
+          f"distinct max {distinct_max:.3f}")
 
 
 def test_kept_clip_is_chosen_among_those_passing_the_rules(corpus):
@@ -214,7 +224,8 @@ def test_bucketed_components_match_brute_force():
 
 def test_perceptual_embedding_is_robust_and_discriminative():
     def jpeg(rgb, quality=90):
-        return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
     frames = [synth.background(s, (192, 108)) for s in (5, 6, 7)]
     v = dedup.perceptual_embedding([jpeg(f) for f in frames])
     h, w = frames[0].shape[:2]
