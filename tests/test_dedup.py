@@ -17,6 +17,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -324,3 +325,26 @@ def test_report_has_a_dedup_section_with_example_pairs(corpus, tmp_path):
 def test_bad_dedup_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(REPO / "configs" / "spine.yaml", [override])
+
+
+def test_image_embeddings_are_used_where_clip_ran(corpus, tmp_path):
+    """auto takes the clips' image_embedding when they have one (the aesthetics stage's CLIP
+    vectors): here random vectors, five pairs planted as near-copies; eps defaults to 0.05."""
+    out = shutil.copytree(corpus[0], tmp_path / "out")
+    rng = np.random.default_rng(7)
+    planted: dict[str, str] = {}
+    for path in sorted((out / "clips").glob("*.parquet")):
+        table = pq.read_table(path)
+        vecs = rng.standard_normal((table.num_rows, 64)).astype(np.float32)
+        for k in range(0, min(4, table.num_rows - 1), 2):  # rows k+1 near-copies of rows k
+            vecs[k + 1] = vecs[k] + 0.05 * np.linalg.norm(vecs[k]) / 8 * rng.standard_normal(64)
+            planted[table.column("clip_id")[k + 1].as_py()] = table.column("clip_id")[k].as_py()
+        column = pa.array([v.tolist() for v in vecs], pa.list_(pa.float32()))
+        pq.write_table(table.set_column(table.column_names.index("image_embedding"), "image_embedding", column),
+                       path, row_group_size=64)
+    assert curate(["dedup", str(out)]) == 0  # the section is there: applied again
+    recorded = json.loads((out / "dedup" / "dedup.json").read_text())
+    assert recorded["embedding"] == "image_embedding" and recorded["eps"] == 0.05
+    flagged = {k: duplicate_of(r) for k, r in read(out, "scores").items() if duplicate_of(r)}
+    assert {frozenset(p) for p in flagged.items()} == {frozenset(p) for p in planted.items()}
+    assert not set(flagged) & set(read(out, "shards"))
