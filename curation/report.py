@@ -10,6 +10,8 @@ reason) as a dict and as text.
     sources.csv   the per-source table in full (the page shows the largest sources)
     plots/*.png   funnel, one histogram per score (kept/rejected, thresholds drawn), overlaps
 `format_summary(summary)` is the headline table for the terminal.
+With a dedup section in the run's config, the page also has a near-duplicates section
+(curation/dedup_report.py) and the reasons "duplicate_of:<clip_id>" count as one rule.
 
 Where the numbers come from:
 - rules: run.json's config (every filter step's args.rules, pipeline order) plus

@@ -37,6 +37,8 @@ th{background:#eceff1}td.l,th.l{text-align:left}
 .card img,.card video{display:block;max-width:100%}
 .card .v{font-weight:bold}.noimg{height:48px;background:#eee;color:#999;text-align:center;line-height:48px}
 .videos .card{width:340px}
+.dedup-pair{display:inline-block;vertical-align:top;margin:4px;padding:4px;border:1px solid #ddd;background:#fff}
+.dedup-pair .card{width:200px}
 code{font-size:.95em}.scroll{overflow-x:auto}.tall{max-height:420px;overflow-y:auto;display:inline-block}
 """
 
