@@ -86,7 +86,7 @@ def funnel(out_dir: str | Path) -> dict[str, Any]:
     by_reason: Counter[str] = Counter()
     alone: Counter[str] = Counter()
     for r in clips:
-        reasons = r["reject_reasons"] or []
+        reasons = [DUPLICATE_REASON if x.startswith(DUPLICATE_REASON + ":") else x for x in r["reject_reasons"] or []]
         by_reason.update(reasons)
         if len(reasons) == 1:
             alone[reasons[0]] += 1

@@ -25,7 +25,7 @@ from curation import dedup, synth
 from curation.cli import main as curate
 from curation.config import ConfigError, load_config
 from curation.refilter import finalize, refilter
-from curation.report import write_report
+from curation.report import funnel, write_report
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore
 
@@ -314,6 +314,7 @@ def test_report_has_a_dedup_section_with_example_pairs(corpus, tmp_path):
     dedup_rules = [r for r in summary["rules"] if r["step"] == "dedup"]
     assert len(dedup_rules) == 1 and dedup_rules[0]["rejected"] == recorded["duplicates"]
     assert list(summary["reasons"]).count("duplicate_of") == 1
+    assert funnel(out)["rejections"]["duplicate_of"]["total"] == recorded["duplicates"]
 
 
 @pytest.mark.parametrize("override, key", [
