@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("output")
     rf.add_argument("--set", action="append", required=True, metavar="STEP.rules.COLUMN.KEY=VALUE",
                     help="KEY: min|max|drop_bottom|drop_top; =null removes; "
-                         "e.g. filter.rules.motion_score={drop_bottom: 0.25}")
+                         "e.g. filter.rules.motion_score={drop_bottom: 0.25}; also dedup.KEY=VALUE "
+                         "(near-duplicate removal, see curate dedup)")
     rf.set_defaults(func=cmd_refilter)
 
     dd = sub.add_parser("dedup", help="near-duplicate removal on a finished output: sets the config's "
