@@ -24,9 +24,11 @@ Groups (`near_duplicate_pairs`, scaling to 1M clips): spherical k-means on a sam
 about n / bucket_size centroids; every clip goes to its nearest centroid and also to its
 second nearest when that is within `margin` of the first (pairs near a bucket boundary are
 then still compared); a bucket larger than 4 x bucket_size is split again by k-means; within
-each bucket all pairs are compared by cosine, block by block. Pairs with cosine >= 1 - eps
-join connected components (union-find). Memory: the n x d float16 vectors plus one bucket's
-block of cosines.
+each bucket all pairs are compared by cosine, block by block. Two such bucketings (k-means
+from other seeds) are unioned, so a pair split by one's boundaries is usually found by the
+other (bench/dedup_bench.py measures how often). Pairs with cosine >= 1 - eps join connected
+components (union-find). Memory: the n x d float16 vectors plus a block of 2048 x 8192 cosines.
+Runs of n <= 4 x bucket_size are compared exhaustively.
 
 Decisions (`choose`): within a component, clips are taken in priority order (passing the
 other rules first, then `keep_by` columns, highest first, missing last, then clip_id); a clip
