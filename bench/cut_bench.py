@@ -401,7 +401,7 @@ class _RecordingMerger(split.CutMerger):
         self.ever |= self.cuts
 
     def applied(self) -> list[int]:
-        return sorted(self.ever - self.merged)
+        return sorted(self.ever - self.merged - set(self.flashes))
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import logging
 import math
 import os
@@ -259,6 +260,7 @@ class CutMerger:
         self.cuts = cuts
         self.within = round(within_frames * min(1.0, float(rate) / REFERENCE_FPS))
         self.by: dict[int, int] = {}  # pending cut -> the detector that reported it
+        self.flashes: list[int] = []  # cuts dropped when applied: flashes (_Segmenter._is_flash)
 
     def add(self, cut: int, detector: int, pending: collections.deque) -> None:
         for c in [c for c in self.by if c not in self.cuts]:
@@ -660,6 +662,29 @@ class SplitStage(Stage):
             segmenter.abort()
 
 
+# Flash filter: detectors cut at a flash (its first frame differs from the shot as much as a
+# new shot does). A cut is dropped when one of the FLASH_MAX_FRAMES frames before it and one
+# of the FLASH_MAX_FRAMES from it on differ by less than FLASH_MATCH_SHARE of the jump across
+# the cut, which must be at least FLASH_MIN_JUMP, and by less than FLASH_MAX_MATCH (mean
+# absolute difference of 0-255 grey thumbnails; two different shots differ by more): the
+# picture came back, so the shot goes on.
+FLASH_MAX_FRAMES = 6
+FLASH_MATCH_SHARE = 0.35
+FLASH_MIN_JUMP = 10.0
+FLASH_MAX_MATCH = 8.0
+
+
+def thumbnail(bgr: np.ndarray) -> np.ndarray:
+    """A 64 px wide grey copy for comparing frames."""
+    h, w = bgr.shape[:2]
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(grey, (64, max(1, round(64 * h / w))), interpolation=cv2.INTER_AREA)
+
+
+def frame_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(cv2.absdiff(a, b).mean())
+
+
 class _Segmenter:
     """One source's frames into clips: detectors, cut merging, and the assignment of frames
     to clips once they are `lag` frames behind the decoder (see the module docstring)."""
@@ -681,6 +706,7 @@ class _Segmenter:
         self.t0: float | None = None
         self.shift = 0.0  # added to timestamps after a backward jump, so source time only advances
         self.last_t = -math.inf
+        self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=FLASH_MAX_FRAMES)  # last assigned frames' BGR
         from scenedetect import FrameTimecode
 
         self._timecode = FrameTimecode
@@ -739,14 +765,33 @@ class _Segmenter:
         if self.clip is not None:
             yield from self._emit(drop_tail=False, next_t=None)
 
+    def _is_flash(self, frame: _Frame) -> bool:
+        """Whether a cut at `frame` is a flash (a camera flash, a white frame or two, a brief
+        insert): some frame of the few before the cut matches some frame of the few after it
+        far better than the frames on each side of the cut match each other."""
+        if not self.recent:
+            return False
+        after = [thumbnail(f.bgr) for f in itertools.islice(self.pending, FLASH_MAX_FRAMES)]
+        across = frame_distance(thumbnail(self.recent[-1]), thumbnail(frame.bgr))
+        if across < FLASH_MIN_JUMP or not after:
+            return False
+        before = [thumbnail(b) for b in self.recent]
+        best = min(frame_distance(a, b) for a in before for b in after)
+        return best < min(FLASH_MATCH_SHARE * across, FLASH_MAX_MATCH)
+
     def _assign(self, frame: _Frame):
         cut_here = [c for c in self.cuts if c <= frame.index]
+        self.cuts.difference_update(cut_here)
+        if cut_here and self._is_flash(frame):
+            log.debug("cut at frame %d is a flash: the shot goes on after it", frame.index)
+            self.merger.flashes.append(frame.index)
+            cut_here = []
+        self.recent.append(frame.bgr)
         if cut_here:
             late = [c for c in cut_here if c < frame.index]
             if late:
                 log.warning("cut at frame %s reported after frame %d was assigned; "
                             "raise split.lag_s", late, frame.index - 1)
-            self.cuts.difference_update(cut_here)
             if self.clip is not None:
                 yield from self._emit(drop_tail=True, next_t=frame.t)
             self.skip_until = frame.index + self.stage.trim_frames  # trim the new shot's first frames

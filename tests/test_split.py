@@ -466,3 +466,20 @@ def test_variable_frame_rate_clips_keep_their_timing_and_their_motion(tmp_path):
 
     for m_vfr, m_cfr in zip(motion(vfr), motion(cfr)):
         assert m_vfr == pytest.approx(m_cfr, rel=0.10)
+
+
+def test_a_flash_inside_a_shot_is_not_a_cut_and_a_cut_after_a_flash_is(tmp_path):
+    """A two-frame white flash in the middle of a shot: the detectors cut at it, the flash
+    filter keeps the shot whole; a flash that leads into a new shot stays a cut."""
+    size = (320, 180)
+    shot = list(synth.shot_frames(synth.Shot(frames=100, seed=7, motion="pan", speed_px_per_frame=1.0), size))
+    other = list(synth.shot_frames(synth.Shot(frames=60, seed=8, motion="pan", speed_px_per_frame=1.0), size))
+    white = np.full_like(shot[0], 250)
+    flashed = shot[:50] + [white, white] + shot[52:]
+    synth.write_video(tmp_path / "flash.mp4", iter(flashed), 25)
+    synth.write_video(tmp_path / "flash_cut.mp4", iter(shot[:50] + [white, white] + other), 25)
+    stage = SplitStage(detector="cascade", min_duration_s=0.5)
+    (row,) = clips_of(stage, tmp_path / "flash.mp4")
+    assert (row["start_frame"], row["end_frame"]) == (0, 100)
+    rows = clips_of(stage, tmp_path / "flash_cut.mp4")
+    assert len(rows) == 2 and rows[0]["end_frame"] in (50, 51, 52) and rows[1]["start_frame"] in (50, 51, 52)
