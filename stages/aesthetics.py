@@ -1,8 +1,10 @@
 """aesthetics: CLIP image embeddings of the keyframes -> LAION aesthetic predictor score.
 
 Reads `keyframes` (JPEG: first, middle, last); adds
-  aesthetic_score   mean over the keyframes of the aesthetic head's output, on the LAION
-                    aesthetic scale (about 1..10; LAION-Aesthetics "6+" means > 6)
+  aesthetic_score   mean over the keyframes of the aesthetic head's output: a 1..10 rating,
+                    on the scale of the head used (the V1 linear heads score higher than the
+                    V2 MLP head that LAION-Aesthetics V2's "4.5+"/"6+" subsets are cut on;
+                    pipeline.yaml's filter says where its default comes from)
   image_embedding   float32, the L2-normalised mean of the keyframes' L2-normalised CLIP
                     image embeddings (embedding width of the CLIP model)
   aesthetics_error  why a clip has no score (null when it worked)
