@@ -67,18 +67,20 @@ DetectorName = Literal["content", "adaptive", "threshold", "cascade"]
 DECODE_PASSES: collections.Counter[str] = collections.Counter()
 
 # The SVD-style cascade: the union of the cuts of several detectors, so that hard cuts
-# (content), cuts during camera motion (adaptive) and fades through black (threshold)
-# are all caught.
+# (content), cuts during camera motion (adaptive), fades through black (threshold) and
+# cross-fades (dissolve, stages/dissolve.py) are all caught.
 DEFAULT_CASCADE: list[dict[str, Any]] = [
     {"detector": "content", "threshold": 27.0},
     {"detector": "adaptive", "adaptive_threshold": 3.0},
     {"detector": "threshold", "threshold": 12.0},
+    {"detector": "dissolve"},
 ]
 
 _DETECTOR_ARGS = {
     "content": {"threshold", "min_scene_len"},
     "adaptive": {"adaptive_threshold", "min_scene_len", "window_width", "min_content_val"},
     "threshold": {"threshold", "min_scene_len", "fade_bias"},
+    "dissolve": {"window", "min_change", "max_residual", "min_level", "max_correlation", "min_scene_len"},
 }
 
 
@@ -94,7 +96,10 @@ def make_detector(spec: dict[str, Any]):
     if unknown:
         raise ValueError(f"cascade entry for {kind!r} has unknown keys {unknown}; "
                          f"allowed: {sorted(_DETECTOR_ARGS[kind])}")
-    cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector}[kind]
+    from stages.dissolve import DissolveDetector
+
+    cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector,
+           "dissolve": DissolveDetector}[kind]
     return cls(**spec)
 
 

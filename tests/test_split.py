@@ -483,3 +483,38 @@ def test_a_flash_inside_a_shot_is_not_a_cut_and_a_cut_after_a_flash_is(tmp_path)
     assert (row["start_frame"], row["end_frame"]) == (0, 100)
     rows = clips_of(stage, tmp_path / "flash_cut.mp4")
     assert len(rows) == 2 and rows[0]["end_frame"] in (50, 51, 52) and rows[1]["start_frame"] in (50, 51, 52)
+
+
+def _dissolve(a: list, b: list, frames: int) -> list:
+    """a's frames, then a cross-fade of `frames` frames into b's, then the rest of b."""
+    mix = [np.round(a[len(a) - frames + i] * (1 - (i + 1) / (frames + 1)) + b[i] * ((i + 1) / (frames + 1)))
+           .astype(np.uint8) for i in range(frames)]
+    return a[:len(a) - frames] + mix + b[frames:]
+
+
+def test_a_dissolve_is_cut_in_its_middle_and_no_clip_spans_it(tmp_path):
+    size = (320, 180)
+    a = list(synth.shot_frames(synth.Shot(frames=80, seed=21, motion="pan", speed_px_per_frame=1.0), size))
+    b = list(synth.shot_frames(synth.Shot(frames=80, seed=22, motion="pan", speed_px_per_frame=1.0), size))
+    synth.write_video(tmp_path / "dissolve.mp4", iter(_dissolve(a, b, 16)), 25)
+    middle = 80 - 16 + 8  # the 50/50 frame
+    # PySceneDetect's own detectors see no cut in a slow cross-fade (each frame changes little).
+    plain = SplitStage(detector="cascade", min_duration_s=0.5, cascade=[
+        {"detector": "content"}, {"detector": "adaptive"}, {"detector": "threshold"}])
+    assert len(clips_of(plain, tmp_path / "dissolve.mp4")) == 1
+    rows = clips_of(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "dissolve.mp4")
+    assert len(rows) == 2
+    assert abs(rows[1]["start_frame"] - middle) <= 2 and rows[0]["end_frame"] <= rows[1]["start_frame"]
+
+
+def test_the_dissolve_detector_leaves_fades_and_fast_motion_alone(tmp_path):
+    size = (320, 180)
+    fade = [{"frames": 60, "seed": 23, "motion": "pan", "speed_px_per_frame": 1.0, "fade_out": 15},
+            {"frames": 60, "seed": 24, "fade_in": 15}]
+    synth.make_video(tmp_path / "fade.mp4", fade, 25, size)
+    fast = synth.Shot(frames=90, seed=25, motion="pan", speed_px_per_frame=12.0)
+    synth.write_video(tmp_path / "fast.mp4", synth.shot_frames(fast, size), 25)
+    only = SplitStage(detector="cascade", min_duration_s=0.5, cascade=[{"detector": "dissolve"}])
+    for name in ("fade.mp4", "fast.mp4"):
+        (row,) = only.split_source(str(tmp_path / name), "s")
+        assert row["split_error"] is None and row["start_frame"] is not None, name
