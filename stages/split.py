@@ -667,6 +667,27 @@ class SplitStage(Stage):
             segmenter.abort()
 
 
+def share_content_scores(detectors: list) -> list[int]:
+    """Let adaptive detectors reuse a content detector's frame score; return the order to feed them.
+
+    AdaptiveDetector computes ContentDetector's HSV frame score and then compares it with its
+    neighbours'; in the cascade both run on the same frames, so with the same score weights
+    and edge settings the score is computed once (by the content detector, fed first) and
+    read by the adaptive one. Detectors without those internals are left as they are.
+    """
+    from scenedetect import AdaptiveDetector, ContentDetector
+
+    def key(det):
+        return repr((getattr(det, "_weights", None), getattr(det, "_kernel", None), getattr(det, "_luma_only", None)))
+
+    content = [i for i, d in enumerate(detectors) if type(d) is ContentDetector and hasattr(d, "_frame_score")]
+    for i, det in enumerate(detectors):
+        source = next((detectors[c] for c in content if key(detectors[c]) == key(det)), None)
+        if type(det) is AdaptiveDetector and source is not None and hasattr(det, "_calculate_frame_score"):
+            det._calculate_frame_score = lambda timecode, frame_img, source=source: source._frame_score
+    return content + [i for i in range(len(detectors)) if i not in content]
+
+
 # Flash filter: detectors cut at a flash (its first frame differs from the shot as much as a
 # new shot does). A cut is dropped when one of the FLASH_MAX_FRAMES frames before it and one
 # of the FLASH_MAX_FRAMES from it on differ by less than FLASH_MATCH_SHARE of the jump across
@@ -697,6 +718,7 @@ class _Segmenter:
     def __init__(self, stage: "SplitStage", rate: Fraction, stats: dict[str, Any]):
         self.stage, self.rate, self.stats = stage, rate, stats
         self.detectors = [make_detector(spec_at_rate(spec, rate)) for spec in stage.detector_specs]
+        self.order = share_content_scores(self.detectors)
         self.lag = max(int(math.ceil(stage.lag_s * float(rate))),
                        max(getattr(d, "event_buffer_length", 0) for d in self.detectors) + 2,
                        stage.trim_frames + 1)
@@ -750,8 +772,8 @@ class _Segmenter:
         dark = float(np.mean(cv2.mean(detect)[:3])) < self.stage.trim_dark_below
         self.pending.append(_Frame(self.index, self._time(frame), small, encodable, dark))
         timecode = self._timecode(self.index, fps=self.rate)
-        for d, det in enumerate(self.detectors):
-            for cut in det.process_frame(timecode, detect):
+        for d in self.order:
+            for cut in self.detectors[d].process_frame(timecode, detect):
                 self.merger.add(int(cut.frame_num), d, self.pending)
         while self.pending and self.pending[0].index <= self.index - self.lag:
             yield from self._assign(self.pending.popleft())

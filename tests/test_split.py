@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 
 import av
@@ -518,3 +519,28 @@ def test_the_dissolve_detector_leaves_fades_and_fast_motion_alone(tmp_path):
     for name in ("fade.mp4", "fast.mp4"):
         (row,) = only.split_source(str(tmp_path / name), "s")
         assert row["split_error"] is None and row["start_frame"] is not None, name
+
+
+def test_adaptive_reuses_the_content_score_and_cuts_the_same(footage, monkeypatch):
+    """The cascade computes ContentDetector's frame score once for content and adaptive; the
+    cuts are those of the detectors each computing its own."""
+    import scenedetect
+    from stages import split
+
+    root, _ = footage
+    stage = SplitStage(detector="cascade", min_duration_s=0.5)
+    calls = collections.Counter()
+    original = scenedetect.ContentDetector._calculate_frame_score
+
+    def counted(self, timecode, frame_img):
+        calls[type(self).__name__] += 1
+        return original(self, timecode, frame_img)
+
+    monkeypatch.setattr(scenedetect.ContentDetector, "_calculate_frame_score", counted)
+    shared = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
+    assert calls["AdaptiveDetector"] == 0 and calls["ContentDetector"] > 0
+    monkeypatch.setattr(split, "share_content_scores", lambda detectors: list(range(len(detectors))))
+    calls.clear()
+    separate = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
+    assert calls["AdaptiveDetector"] == calls["ContentDetector"] > 0
+    assert shared == separate and len(shared) > 1
