@@ -8,8 +8,8 @@ the two ends differ like two shots, and the frame half way is their blend,
 which a hard cut (the middle is one of the ends), fast motion (the middle is a third
 picture) and a static shot (the ends do not differ) are not. Frames are compared as small
 colour thumbnails. Windows that pass come in a run around the dissolve; the cut goes to the
-middle of the run (which is symmetric about the dissolve's middle), reported when the run
-ends, so `event_buffer_length` frames after the dissolve. Fades through black are
+score-weighted centre of the run (which is about symmetric around the dissolve's middle),
+reported when the run ends, so `event_buffer_length` frames after the dissolve. Fades through black are
 left to the fade detector: windows whose first or last frame is dark do not count.
 """
 
@@ -84,8 +84,10 @@ class DissolveDetector:
     def _end_run(self, timecode) -> list:
         if not self._run:
             return []
-        # The run of passing windows is symmetric about a dissolve's middle.
-        cut = (self._run[0][1] + self._run[-1][1]) // 2
+        # The run of passing windows is about symmetric around a dissolve's middle, and the
+        # windows nearest it score best (largest change, least residual): a weighted centre.
+        weights = np.array([max(score, 1e-6) for score, _ in self._run])
+        cut = int(round(float(np.dot(weights, [m for _, m in self._run]) / weights.sum())))
         self._run = []
         if self._last_cut is not None and cut - self._last_cut < self.min_scene_len:
             return []
