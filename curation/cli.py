@@ -8,6 +8,7 @@
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate export OUT --format webdataset|files|hf --to DIR   (curation/export.py)
     curate sample CHECKPOINT --prompt "..."          (training/cli.py)
+    curate ablate OUT [--leave-one-out all] [--sweep COLUMN]  (proxy-model study, training/study.py)
     curate demo-footage DIR                          (deterministic sample footage)
 
 Exit codes: 0 the run finished (sources that could not be read are recorded as error rows
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="check|download: the model weights a config needs (curate models -h)")
     sub.add_parser("train", help="train the SVD-style model on OUT/shards (curate train -h)")
     sub.add_parser("sample", help="generate clips from a trained checkpoint (curate sample -h)")
+    sub.add_parser("ablate", help="does curation help? proxy models on curated vs uncurated subsets, "
+                                  "threshold sweeps (curate ablate -h)")
     return p
 
 
@@ -229,6 +232,10 @@ def _delegated(command: str):
         from training import cli as training_cli
 
         return training_cli.train_command if command == "train" else training_cli.sample_command
+    if command == "ablate":
+        from training.study import ablate_command
+
+        return ablate_command
     return None
 
 

@@ -723,6 +723,8 @@ def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6,
     all_sources = summary["sources"]["rows"]
     summary["sources"]["rows"] = all_sources[:max_source_rows]
     summary["sources"]["csv"] = "sources.csv"
+    # Proxy-model studies of this output (`curate ablate`, training/study.py), linked from the page.
+    summary["studies"] = sorted(p.parent.name for p in (store.root / "study").glob("*/index.html"))
     page = render(summary, images={k: data_url("image/png", v) for k, v in images.items()},
                   thumbs=thumbs, videos=videos, captions=captions)
     write_atomic_bytes(report_dir / "index.html", page.encode("utf-8"))

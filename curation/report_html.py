@@ -120,6 +120,9 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
         "<a href='#sources'>sources</a><a href='#scores'>scores</a><a href='#galleries'>galleries</a>"
         "<a href='#videos'>kept clips</a>" + ("<a href='#dedup'>near-duplicates</a>" if summary.get("dedup") else "")
         + "</nav>",
+        ("<p>Does curation help? Proxy-model studies (<code>curate ablate</code>): " + ", ".join(
+            f"<a href='../study/{e(n)}/index.html'>{e(n)}</a>" for n in summary["studies"]) + "</p>"
+         if summary.get("studies") else ""),
     ]
 
     # Funnel.

@@ -120,9 +120,9 @@ class OutputStore:
     def prepare(self, fingerprint: str, overwrite: bool) -> None:
         """Make the folders; refuse to mix configs; delete leftovers of uncommitted units."""
         if overwrite:
-            # Reports and trained models describe the old shards: they go too.
+            # Reports, trained models and studies describe the old shards: they go too.
             for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir,
-                      self.root / "report", self.root / "train"):
+                      self.root / "report", self.root / "train", self.root / "study"):
                 shutil.rmtree(d, ignore_errors=True)
             self.run_json.unlink(missing_ok=True)
         elif self.run_json.exists():

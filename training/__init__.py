@@ -9,4 +9,6 @@ ray_train.py  the same loop on Ray Train workers (DDP)
 sample.py     sampling a checkpoint to mp4 + GIF
 cli.py        `curate train` and `curate sample`
 synthetic.py  small synthetic shards for tests, the bench and smoke runs
+study.py      `curate ablate`: proxy models on curated / uncurated / ablated subsets, held-out loss
+study_report.py  the study's page (tables and plots)
 """

@@ -1,0 +1,387 @@
+"""The proxy-model study (training/study.py, `curate ablate`): the machinery, not the sign of any result.
+
+One curated output of the shared synthetic footage (configs/spine.yaml, --runner local) feeds
+every test; runs use a very small model and a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from curation.config import load_config
+from curation.rules import resolve_percentile
+from curation.runner import run_local, run_pipeline
+from curation.writer import OutputStore
+from training import study
+from training.data import encode_mp4
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["split.min_duration_s=1.0", "run.sources_per_unit=2"]
+MICRO = ("resolution_px=16", "model_channels=8", "context_dim=16", "channel_mult=1,2", "attention_levels=1",
+         "num_heads=2", "log_every_steps=1000", "image.total_steps=4", "video.total_steps=3",
+         "video.num_frames=2", "warmup_steps=2")
+
+
+def small_spec(**kw) -> study.StudySpec:
+    args = dict(name="t", overrides=MICRO, seeds=(0, 1), eval_windows=2, eval_sigmas=3, bootstrap=200,
+                holdout_fraction=0.34)
+    args.update(kw)
+    return study.StudySpec(**args)
+
+
+@pytest.fixture(scope="module")
+def curated(footage, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "out"
+    run_pipeline(load_config(REPO / "configs" / "spine.yaml", BASE), [str(footage[0])], out, run_local)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(curated):
+    return study.load_corpus(str(curated))
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("study"))
+    return dst
+
+
+def sources_of(corpus, ids) -> set[str]:
+    by_id = dict(zip(corpus.ids, corpus.sources))
+    return {by_id[c] for c in ids}
+
+
+# ---- data: split, arms, matching -----------------------------------------------------------
+
+def test_the_fixture_has_kept_and_rejected_clips_from_several_sources(corpus):
+    assert corpus.decodable.sum() >= 6
+    assert 0 < corpus.stored_keep.sum() < corpus.decodable.sum()
+    assert len(set(corpus.sources[corpus.decodable])) >= 3
+    # The rules re-evaluated from run.json give the stored keep.
+    assert (study.keep_under(corpus, study.effective_steps(corpus)) == corpus.stored_keep).all()
+
+
+def test_split_is_by_source_and_no_arm_trains_on_a_heldout_source(curated, corpus):
+    rec = study.prepare_study(str(curated), small_spec(leave_one_out=("all",), sweep_column="motion_score",
+                                                       sweep_percentiles=(0.0, 0.25)), corpus)
+    held = set(rec["split"]["heldout_sources"])
+    assert held and not held & set(rec["split"]["train_sources"])
+    for arm in rec["arms"]:
+        for d in arm["data"].values():
+            assert not sources_of(corpus, d["clip_ids"]) & held, arm["name"]
+    for e in rec["eval"]["sets"].values():
+        assert sources_of(corpus, e["clip_ids"]) <= held
+    # heldout_all: every decodable clip of those sources; heldout_kept: those the rules keep.
+    all_ids = {c for c, s, d in zip(corpus.ids, corpus.sources, corpus.decodable) if s in held and d}
+    assert set(rec["eval"]["sets"]["heldout_all"]["clip_ids"]) == all_ids
+    kept = {c for c, k in zip(corpus.ids, corpus.stored_keep) if k}
+    assert set(rec["eval"]["sets"]["heldout_kept"]["clip_ids"]) == all_ids & kept
+
+
+def test_split_is_stratified_deterministic_and_honours_explicit_sources():
+    sources = [f"s{i}" for i in range(8)]
+    has_kept = {s: i < 4 for i, s in enumerate(sources)}
+    train, held = study.split_sources(sources, has_kept, 0.25, seed=3)
+    assert (train, held) == study.split_sources(sources, has_kept, 0.25, seed=3)
+    assert sum(has_kept[s] for s in held) == 1 and sum(not has_kept[s] for s in held) == 1
+    assert study.split_sources(sources, has_kept, 0.25, seed=4) != (train, held) or True  # another draw
+    assert study.split_sources(sources, has_kept, 0.25, 0, explicit=("s7",))[1] == ["s7"]
+    with pytest.raises(study.StudyError):
+        study.split_sources(["only"], {}, 0.25, 0)
+
+
+def test_uncurated_arm_matches_the_curated_size_and_frames(curated, corpus):
+    rec = study.prepare_study(str(curated), small_spec(seeds=(0, 1, 2)), corpus)
+    arms = {a["name"]: a for a in rec["arms"]}
+    frames = dict(zip(corpus.ids, corpus.frames))
+    keep = dict(zip(corpus.ids, corpus.stored_keep))
+    cur = arms["curated"]["data"]["0"]["clip_ids"]
+    assert all(keep[c] for c in cur)
+    target = sum(frames[c] for c in cur)
+    draws = [arms["uncurated"]["data"][str(s)]["clip_ids"] for s in (0, 1, 2)]
+    for ids in draws:
+        assert len(ids) == len(cur) and len(set(ids)) == len(ids)
+        assert abs(sum(frames[c] for c in ids) - target) <= max(study.FRAME_TOLERANCE * target,
+                                                                 min(frames.values()) / 2)
+    held = set(rec["split"]["heldout_sources"])
+    pool = {c for c, s, d in zip(corpus.ids, corpus.sources, corpus.decodable) if d and s not in held}
+    assert set().union(*map(set, draws)) <= pool
+
+
+def test_matched_sample_hits_count_and_frames_and_is_seeded():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(40, 300, size=200)
+    ids = [f"c{i}" for i in range(200)]
+    target = int(frames[:30].sum())
+    a = study.matched_sample(ids, frames, 30, target, [0, 1])
+    assert a == study.matched_sample(ids, frames, 30, target, [0, 1])
+    assert a != study.matched_sample(ids, frames, 30, target, [0, 2])
+    total = sum(frames[int(c[1:])] for c in a)
+    assert len(a) == 30 and abs(total - target) <= 0.005 * target
+    with pytest.raises(study.StudyError):
+        study.matched_sample(ids[:5], frames[:5], 6, 100, [0])
+
+
+def test_leave_one_out_and_sweep_sets(curated, corpus):
+    spec = small_spec(leave_one_out=("all",), sweep_column="motion_score", sweep_percentiles=(0.0, 0.25, 0.5))
+    rec = study.prepare_study(str(curated), spec, corpus)
+    arms = {a["name"]: a for a in rec["arms"]}
+    ids = lambda name: set(arms[name]["data"]["0"]["clip_ids"])  # noqa: E731
+    assert ids("curated") <= ids("without_motion_score") and ids("curated") <= ids("without_duration_s")
+    # Percentile 0 is no rule on the column: the leave-one-out set; stricter percentiles keep fewer clips.
+    assert ids("sweep_motion_score_0") == ids("without_motion_score")
+    assert ids("sweep_motion_score_0.5") <= ids("sweep_motion_score_0.25") <= ids("sweep_motion_score_0")
+    m = arms["sweep_motion_score_0.25"]["meta"]
+    assert m["side"] == "drop_bottom" and m["step"] == "filter"
+    assert m["threshold"] == resolve_percentile(corpus.column("motion_score"), {"drop_bottom": 0.25})["min"]
+    # An arm with another arm's clips and stages is not trained twice.
+    assert arms["sweep_motion_score_0"]["same_as"] == "without_motion_score"
+    assert not any(t["arm"] == "sweep_motion_score_0" for t in rec["tasks"])
+    with pytest.raises(study.StudyError, match="not a rule"):
+        study.prepare_study(str(curated), small_spec(leave_one_out=("aesthetic_score",)), corpus)
+
+
+def test_a_rejection_that_is_no_rules_stays_under_other_rules(curated, corpus):
+    # A clip the output rejects for something other than a rule (a near-duplicate) is left out
+    # of the leave-one-out and sweep arms too, and drawn only by the uncurated arm.
+    i = int(np.flatnonzero(corpus.stored_keep)[0])
+    reasons = corpus.clips.column("reject_reasons").to_pylist()
+    keep = corpus.clips.column("keep").to_pylist()
+    reasons[i], keep[i] = ["duplicate_of:abc"], False
+    clips = corpus.clips.set_column(corpus.clips.column_names.index("reject_reasons"), "reject_reasons",
+                                    pa.array(reasons, pa.list_(pa.string())))
+    clips = clips.set_column(clips.column_names.index("keep"), "keep", pa.array(keep, pa.bool_()))
+    dup = replace(corpus, clips=clips)
+    assert not study.keep_under(dup, study.without_rule(study.effective_steps(dup), "motion_score"))[i]
+    assert (study.keep_under(dup, study.effective_steps(dup)) == dup.stored_keep).all()
+
+
+def test_undecodable_clips_are_in_no_arm(curated, tmp_path):
+    out = copy_of(curated, tmp_path / "out")
+    store = OutputStore(out)
+    path = store.committed_files("clips")[0]
+    table = pq.read_table(path)
+    victim = table.column("clip_id")[0].as_py()
+    videos = table.column("video").to_pylist()
+    videos[0] = videos[0][:60]
+    table = table.set_column(table.column_names.index("video"), "video", pa.array(videos, pa.binary()))
+    pq.write_table(table, path)
+    corpus = study.load_corpus(str(out))
+    assert victim in corpus.decode_errors
+    rec = study.prepare_study(str(out), small_spec(leave_one_out=("all",)), corpus)
+    for arm in rec["arms"]:
+        for d in arm["data"].values():
+            assert victim not in d["clip_ids"]
+    assert all(victim not in e["clip_ids"] for e in rec["eval"]["sets"].values())
+    assert victim in rec["corpus"]["not_decodable"]
+
+
+def test_data_files_are_in_the_shard_schema_with_the_arm_clips(curated, corpus, tmp_path):
+    from curation.schema import SHARDS_SCHEMA
+
+    ids = corpus.ids[:3]
+    path = str(tmp_path / "x.parquet")
+    study.write_clip_files(corpus, {path: ids})
+    t = pq.read_table(path)
+    assert t.schema.names == SHARDS_SCHEMA.names
+    assert sorted(t.column("clip_id").to_pylist()) == sorted(ids)
+    assert all(v for v in t.column("video").to_pylist()) and all(t.column("fps_id").to_pylist())
+
+
+# ---- runs and evaluation -------------------------------------------------------------------
+
+def _eval_file(curated, corpus, tmp_path) -> tuple[str, dict]:
+    rec = study.prepare_study(str(curated), small_spec(), corpus)
+    path = str(tmp_path / "eval.parquet")
+    study.write_clip_files(corpus, {path: rec["eval"]["sets"]["heldout_all"]["clip_ids"]})
+    return path, rec
+
+
+def _task(spec, stages, seed, data, run_dir, eval_path, sigmas) -> dict:
+    return {"arm": "x", "seed": seed, "data": data, "configs": study.stage_configs(spec, stages, seed),
+            "run_dir": str(run_dir), "eval": {"sigmas": sigmas, "windows": 2, "seed": 7, "batch": 8},
+            "eval_paths": {"e": eval_path}, "threads": 1, "data_file": Path(data).name,
+            "eval_files": {"e": Path(eval_path).name}}
+
+
+def _mean(result) -> float:
+    return float(np.mean(result["eval"]["e"]["losses"]))
+
+
+def test_two_identical_arms_with_the_same_seed_give_identical_numbers(curated, corpus, tmp_path):
+    eval_path, rec = _eval_file(curated, corpus, tmp_path)
+    spec = small_spec()
+    a = study.run_task(_task(spec, ("image", "video"), 0, eval_path, tmp_path / "a", eval_path, [0.2, 1.0, 5.0]))
+    b = study.run_task(_task(spec, ("image", "video"), 0, eval_path, tmp_path / "b", eval_path, [0.2, 1.0, 5.0]))
+    assert a["eval"]["e"]["losses"] == b["eval"]["e"]["losses"]
+    c = study.run_task(_task(spec, ("image", "video"), 1, eval_path, tmp_path / "c", eval_path, [0.2, 1.0, 5.0]))
+    assert c["eval"]["e"]["losses"] != a["eval"]["e"]["losses"]  # another seed trains another model
+    # Evaluation alone is deterministic, and a finished run is not trained again.
+    ckpt = a["stages"]["video"]["checkpoint"]
+    ev = {"sigmas": [0.2, 1.0, 5.0], "windows": 2, "seed": 7, "batch": 8}  # the batch is recorded: it
+    assert study.evaluate_checkpoint(ckpt, eval_path, ev) == study.evaluate_checkpoint(ckpt, eval_path, ev)
+    assert study.evaluate_checkpoint(ckpt, eval_path, ev)["losses"] == a["eval"]["e"]["losses"]  # moves the last bits
+    again = study.run_task(_task(spec, ("image", "video"), 0, eval_path, tmp_path / "a", eval_path, [0.2, 1.0, 5.0]))
+    assert again == json.loads((tmp_path / "a" / "eval.json").read_text())
+
+
+def _noise_shards(eval_path: str, out: str) -> str:
+    """The eval clips with their frames replaced by uniform noise (same metadata)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    t = pq.read_table(eval_path)
+    rng = np.random.default_rng(0)
+    videos, keyframes = [], []
+    for _ in range(t.num_rows):
+        frames = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+        videos.append(encode_mp4(frames, 24.0))
+        kf = []
+        for f in frames[:3]:
+            buf = BytesIO()
+            Image.fromarray(f).save(buf, format="JPEG")
+            kf.append(buf.getvalue())
+        keyframes.append(kf)
+    t = t.set_column(t.column_names.index("video"), "video", pa.array(videos, pa.binary()))
+    t = t.set_column(t.column_names.index("keyframes"), "keyframes", pa.array(keyframes, pa.list_(pa.binary())))
+    pq.write_table(t, out)
+    return out
+
+
+def test_an_arm_trained_on_the_eval_clips_beats_an_arm_trained_on_noise(curated, corpus, tmp_path):
+    eval_path, _ = _eval_file(curated, corpus, tmp_path)
+    noise = _noise_shards(eval_path, str(tmp_path / "noise.parquet"))
+    spec = small_spec(overrides=MICRO + ("image.total_steps=40", "lr=5e-3", "warmup_steps=5"))
+    sigmas = study.sigma_grid(study.stage_configs(spec, ("image",), 0)[-1], 6)
+    on_eval = study.run_task(_task(spec, ("image",), 0, eval_path, tmp_path / "eval", eval_path, sigmas))
+    on_noise = study.run_task(_task(spec, ("image",), 0, noise, tmp_path / "noise", eval_path, sigmas))
+    assert _mean(on_eval) < 0.9 * _mean(on_noise), (_mean(on_eval), _mean(on_noise))
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+def _fake_eval(losses: np.ndarray, clips: list[str], sources: list[str]) -> dict:
+    return {"clip_ids": clips, "source_ids": sources, "windows": [0] * len(clips), "losses": losses.tolist()}
+
+
+def test_summary_of_identical_and_shifted_arms():
+    rng = np.random.default_rng(0)
+    clips = [f"c{i}" for i in range(12)]
+    sources = [f"s{i // 2}" for i in range(12)]
+    base = {s: rng.uniform(0.5, 1.5, size=(12, 4)) for s in (0, 1, 2)}
+    per_run = {"a": {s: _fake_eval(base[s], clips, sources) for s in base},
+               "b": {s: _fake_eval(base[s], clips, sources) for s in base},
+               "c": {s: _fake_eval(base[s] + 0.25, clips, sources) for s in base}}
+    out = study.summarize(per_run, ["a", "b", "c"], [0, 1, 2], [("a", "b", "same"), ("c", "a", "shift")], 500, 0)
+    same, shift = out["comparisons"]
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
+    assert shift["difference"] == pytest.approx(0.25) and shift["ci95"] == pytest.approx([0.25, 0.25])
+    assert shift["verdict"] == "b lower"
+    a = out["arms"]["a"]
+    assert a["ci95"][0] <= a["mean"] <= a["ci95"][1]
+    assert a["mean"] == pytest.approx(np.mean([base[s].mean() for s in base]))
+    assert out["bootstrap_unit"] == "source" and out["units"] == 6  # 6 sources >= MIN_SOURCE_UNITS
+    assert out == study.summarize(per_run, ["a", "b", "c"], [0, 1, 2], [("a", "b", "same"), ("c", "a", "shift")],
+                                  500, 0)
+    few = {k: {s: _fake_eval(base[s][:4], clips[:4], sources[:4]) for s in base} for k in ("a",)}
+    assert study.summarize(few, ["a"], [0, 1, 2], [], 200, 0)["bootstrap_unit"] == "clip"
+
+
+def test_sigma_grid_is_the_stage_quantiles():
+    grid = study.sigma_grid({"p_mean": -0.4, "p_std": 1.4}, 8)
+    assert len(grid) == 8 and grid == sorted(grid)
+    assert np.exp(np.mean(np.log(grid))) == pytest.approx(np.exp(-0.4))
+
+
+# ---- the whole study ---------------------------------------------------------------------------
+
+def test_study_end_to_end_resumes_and_reruns_bit_for_bit(curated, corpus, tmp_path):
+    out = copy_of(curated, tmp_path / "out")
+    spec = small_spec(sweep_column="motion_score", sweep_percentiles=(0.0, 0.5), seeds=(0, 1))
+    res = study.run_study(str(out), spec, corpus=study.load_corpus(str(out)))
+    root = out / "study" / "t"
+    for name in ("index.html", "results.json", "study.json", "plots/arms_heldout_all.png", "plots/sweep.png"):
+        assert (root / name).exists(), name
+    page = (root / "index.html").read_text()
+    assert "curated - uncurated" in page and "Threshold sweep" in page
+    s = res["eval_sets"]["heldout_all"]
+    assert set(s["arms"]) >= {"curated", "uncurated", "curated_no_image_pretraining"}
+    for a in s["arms"].values():
+        assert a["ci95"][0] <= a["mean"] <= a["ci95"][1] and len(a["per_seed"]) == 2
+    assert res["sweep"]["best"]["override"].startswith("filter.rules.motion_score=")
+    record = json.loads((root / "study.json").read_text())
+    assert all(len(t["configs"]) >= 1 and "seed" in t for t in record["tasks"])
+    assert {c["seed"] for t in record["tasks"] for c in t["configs"]} == {0, 1}
+    # Only each stage's last checkpoint is kept.
+    assert len(list((root / "runs" / "curated" / "seed0" / "image").glob("checkpoint-*.pt"))) == 1
+
+    # The main report links the study page.
+    from curation.report import write_report
+
+    write_report(str(out))
+    assert "../study/t/index.html" in (out / "report" / "index.html").read_text()
+
+    # The same command again: nothing is trained, the same numbers.
+    again = study.run_study(str(out), spec)
+    assert again["eval_sets"] == res["eval_sets"]
+    # Another spec under the same name is refused.
+    with pytest.raises(study.StudyError, match="another spec"):
+        study.run_study(str(out), replace(spec, seeds=(0,)))
+    # A rerun from study.json alone trains everything again and gives the same numbers, bit for bit.
+    rerun = study.rerun_study(str(root / "study.json"), "t2")
+    assert rerun["eval_sets"] == res["eval_sets"]
+    assert (out / "study" / "t2" / "runs" / "curated" / "seed0" / "eval.json").exists()
+
+    # Write-back: the sweep's best setting becomes the rule (a refilter of the output).
+    study.write_back(str(out), "t")
+    run = OutputStore(out).read_run()
+    rules = run["config"]["steps"][[s["stage"] for s in run["config"]["steps"]].index("filter")]["args"]["rules"]
+    best = res["sweep"]["best"]
+    if best["percentile"] == 0:
+        assert "motion_score" not in rules
+    else:
+        assert rules["motion_score"] == {"drop_bottom": best["percentile"]}
+    assert run["refilters"][-1]["finished"]
+
+
+def test_curate_ablate_command(curated, tmp_path, capsys):
+    from curation.cli import main
+
+    out = copy_of(curated, tmp_path / "out")
+    args = ["ablate", str(out), "--name", "cli", "--seeds", "1", "--eval-windows", "1", "--eval-sigmas", "2",
+            "--bootstrap", "100", "--holdout-fraction", "0.34", "--no-pretrain-compare", "--stages", "image"]
+    for item in MICRO:
+        args += ["--set", item]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "curated - uncurated" in printed and "index.html" in printed
+    assert main(["ablate", str(out), "--name", "bad", "--leave-one-out", "aesthetic_score"]) == 2
+    assert "not a rule" in capsys.readouterr().err
+
+
+def test_ray_runner_gives_the_local_numbers(curated, corpus, tmp_path, ray_tmp):
+    import ray
+
+    from curation.pipeline import init_ray
+
+    eval_path, _ = _eval_file(curated, corpus, tmp_path)
+    spec = small_spec()
+    tasks = [_task(spec, ("image",), s, eval_path, tmp_path / f"ray{s}", eval_path, [0.5, 2.0]) for s in (0, 1)]
+    local = [study.run_task({**t, "run_dir": str(tmp_path / f"local{t['seed']}")}) for t in tasks]
+    init_ray(None, num_cpus=2, temp_dir=ray_tmp)
+    try:
+        remote = study.run_tasks(tasks, "ray", cpus_per_task=1)
+    finally:
+        ray.shutdown()
+    assert [r["eval"] for r in remote] == [r["eval"] for r in local]
