@@ -23,6 +23,13 @@ import numpy as np
 THUMB_WIDTH = 64
 
 
+def thumbnail(bgr: np.ndarray, grey: bool = False) -> np.ndarray:
+    """A THUMB_WIDTH px wide copy (aspect kept) for comparing frames; grey or colour."""
+    h, w = bgr.shape[:2]
+    img = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) if grey else bgr
+    return cv2.resize(img, (THUMB_WIDTH, max(1, round(THUMB_WIDTH * h / w))), interpolation=cv2.INTER_AREA)
+
+
 class DissolveDetector:
     """Cuts in the middle of cross-fades; see the module docstring.
 
@@ -66,9 +73,7 @@ class DissolveDetector:
         return change - 2.0 * residual
 
     def process_frame(self, timecode, frame_img: np.ndarray) -> list:
-        h, w = frame_img.shape[:2]
-        thumb = cv2.resize(frame_img, (THUMB_WIDTH, max(1, round(THUMB_WIDTH * h / w))), interpolation=cv2.INTER_AREA)
-        self._thumbs.append(thumb.astype(np.float32))
+        self._thumbs.append(thumbnail(frame_img).astype(np.float32))
         index = timecode.frame_num
         if len(self._thumbs) <= self.window:
             return []

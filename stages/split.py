@@ -58,6 +58,7 @@ import numpy as np
 
 from curation.schema import clip_id_for
 from stages.base import Batch, Stage
+from stages.dissolve import DissolveDetector, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def make_detector(spec: dict[str, Any]):
     if unknown:
         raise ValueError(f"cascade entry for {kind!r} has unknown keys {unknown}; "
                          f"allowed: {sorted(_DETECTOR_ARGS[kind])}")
-    from stages.dissolve import DissolveDetector
-
     cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector,
            "dissolve": DissolveDetector}[kind]
     return cls(**spec)
@@ -700,13 +699,6 @@ FLASH_MIN_JUMP = 10.0
 FLASH_MAX_MATCH = 8.0
 
 
-def thumbnail(bgr: np.ndarray) -> np.ndarray:
-    """A 64 px wide grey copy for comparing frames."""
-    h, w = bgr.shape[:2]
-    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    return cv2.resize(grey, (64, max(1, round(64 * h / w))), interpolation=cv2.INTER_AREA)
-
-
 def frame_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(cv2.absdiff(a, b).mean())
 
@@ -798,11 +790,11 @@ class _Segmenter:
         far better than the frames on each side of the cut match each other."""
         if not self.recent:
             return False
-        after = [thumbnail(f.bgr) for f in itertools.islice(self.pending, FLASH_MAX_FRAMES)]
-        across = frame_distance(thumbnail(self.recent[-1]), thumbnail(frame.bgr))
+        before = [thumbnail(b, grey=True) for b in self.recent]
+        after = [thumbnail(f.bgr, grey=True) for f in itertools.islice(self.pending, FLASH_MAX_FRAMES)]
+        across = frame_distance(before[-1], thumbnail(frame.bgr, grey=True))
         if across < FLASH_MIN_JUMP or not after:
             return False
-        before = [thumbnail(b) for b in self.recent]
         best = min(frame_distance(a, b) for a in before for b in after)
         return best < min(FLASH_MATCH_SHARE * across, FLASH_MAX_MATCH)
 
