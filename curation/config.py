@@ -35,7 +35,9 @@ from typing import Any, Literal
 
 import yaml
 
+from curation.schema import NUMERIC_COLUMNS
 from stages import STAGES
+from stages.rules import validate_rules
 
 
 class ConfigError(ValueError):
@@ -92,8 +94,6 @@ def check_dedup(raw: Any) -> DedupOptions | None:
     """The checked `dedup:` section; null (or absent) means no near-duplicate removal."""
     if raw is None:
         return None
-    from curation.rules import NUMERIC_COLUMNS  # noqa: PLC0415
-
     opts = _check_dataclass(DedupOptions, raw, "dedup")
     if opts.eps is not None and not 0.0 < opts.eps < 1.0:
         raise ConfigError(f"dedup.eps: must be strictly between 0 and 1 (cosine >= 1 - eps), got {opts.eps}")
@@ -320,6 +320,8 @@ def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
         step = Step(name=name, stage=stage, args=checked, ray=ray_opts)
         try:
             step.build()  # the constructor validates values (cheap: no models are loaded)
+            if stage == "filter":  # which columns exist is the data contract's, not the stage's
+                validate_rules(checked.get("rules") or {}, NUMERIC_COLUMNS)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         steps.append(step)

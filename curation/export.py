@@ -54,7 +54,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import rules, schema
+from curation import schema
+from stages import rules
 from curation.writer import OutputError, OutputStore, tmp_name, write_atomic_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def parse_select(select: Any) -> rules.Rules:
         except yaml.YAMLError as exc:
             raise ExportError(f"--select is not JSON/YAML {{column: {{min, max}}}}: {exc}") from None
     try:
-        checked = rules.validate_rules(select)
+        checked = rules.validate_rules(select, schema.NUMERIC_COLUMNS)
     except ValueError as exc:
         raise ExportError(f"--select: {str(exc).removeprefix('rules.')}") from None
     percentile = rules.percentile_rules(checked)

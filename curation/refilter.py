@@ -3,7 +3,7 @@
 Both rewrite the same things from the same inputs, so they share one function (`apply_rules`):
 
 1. resolve every percentile rule ({drop_bottom: q} / {drop_top: q}) over the non-missing
-   values of every committed clip (convention in curation/rules.py: drop_bottom 0.25 ->
+   values of every committed clip (convention in stages/rules.py: drop_bottom 0.25 ->
    min = the value with 25% of the clips below it; values below min are rejected);
 2. evaluate every rule of every filter step, in pipeline order, on every row of scores/
    (absolute rules and resolved ones alike) -> keep and reject_reasons, exactly as the filter
@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from curation import schema
 from curation import dedup
 from curation.config import ConfigError, PipelineConfig, apply_override, parse_config
-from curation.rules import (
+from stages.rules import (
     Rules,
     effective_bounds,
     evaluate_rows,

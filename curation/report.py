@@ -53,7 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema
-from curation.rules import (
+from stages.rules import (
     ABSOLUTE_KEYS,
     effective_bounds,
     fmt,
@@ -224,7 +224,7 @@ def rules_of_run(run: dict[str, Any]) -> list[dict[str, Any]]:
     matched: set[int] = set()
     for step, raw in raw_steps:
         try:
-            checked = validate_rules(raw)
+            checked = validate_rules(raw, schema.NUMERIC_COLUMNS)
         except ValueError as exc:  # a run.json written by another version: show, do not fail
             log.warning("filter step %s: %s", step, exc)
             checked = {c: dict(b) for c, b in raw.items() if isinstance(b, dict)}

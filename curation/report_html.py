@@ -12,7 +12,7 @@ import html
 from typing import Any
 
 from curation.dedup_report import render_dedup
-from curation.rules import fmt
+from stages.rules import fmt
 
 
 def format_outcomes(outcomes: dict[str, int]) -> str:

@@ -21,26 +21,13 @@ same fps and motion_score the filter read:
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pyarrow as pa
 
-# ---- identity ---------------------------------------------------------------------------
-
-def source_id_for(path: str) -> str:
-    """Deterministic id of a source: a hash of its absolute path."""
-    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
-
-
-def clip_id_for(source_id: str, start_frame: int | None, end_frame: int | None) -> str:
-    """Deterministic id of a clip: source and frame range [start_frame, end_frame).
-
-    A source that could not be split gets one error row with start/end None.
-    """
-    key = f"{source_id}:{start_frame}:{end_frame}"
-    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
-
+# The ids are minted on the stages' floor (split names each clip); they are part of this
+# contract all the same, so they are re-exported here.
+from stages.base import clip_id_for, source_id_for  # noqa: F401
 
 # ---- micro-conditioning -----------------------------------------------------------------
 
@@ -128,6 +115,11 @@ SCORES_SCHEMA = pa.schema(
     + FILTER_FIELDS
 )
 SHARDS_SCHEMA = pa.schema(list(SCORES_SCHEMA) + PAYLOAD_FIELDS + MICRO_CONDITIONING_FIELDS)
+# Numeric scores columns: what a filter rule or dedup.keep_by may name (stages/rules.py).
+NUMERIC_COLUMNS = sorted(
+    f.name for f in SCORES_SCHEMA
+    if str(f.type) in ("double", "float", "int32", "int64") and f.name not in ("start_frame", "end_frame")
+)
 # OUT/clips/: the payload of every clip, kept or not (what refilter needs to rebuild shards).
 CLIPS_SCHEMA = pa.schema([IDENTITY_FIELDS[0]] + PAYLOAD_FIELDS)
 

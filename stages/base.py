@@ -9,9 +9,27 @@ A "fan-out" stage (split) turns each input row into zero or more new rows instea
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 Batch = dict[str, list]
+
+
+# ---- identity (re-exported by curation/schema.py, the data contract) ----------------------
+
+def source_id_for(path: str) -> str:
+    """Deterministic id of a source: a hash of its absolute path."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+
+
+def clip_id_for(source_id: str, start_frame: int | None, end_frame: int | None) -> str:
+    """Deterministic id of a clip: source and frame range [start_frame, end_frame).
+
+    A source that could not be split gets one error row with start/end None.
+    """
+    key = f"{source_id}:{start_frame}:{end_frame}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
+
 
 
 class Stage:

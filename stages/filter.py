@@ -7,9 +7,9 @@ row and every failed rule is recorded:
   "split_error"           the source could not be split (an error row, not a clip)
 Reasons already present (from an earlier filter step) are kept, so a cheap filter early in
 the pipeline and a final filter at the end accumulate; keep = no reasons at all. Within a
-step, rules are evaluated in column-name order (curation/rules.py says why).
+step, rules are evaluated in column-name order (stages/rules.py says why).
 
-Percentile rules ({drop_bottom: 0.25} / {drop_top: 0.25}, curation/rules.py) need the whole
+Percentile rules ({drop_bottom: 0.25} / {drop_top: 0.25}, stages/rules.py) need the whole
 run's values, which one batch does not have: this stage skips them, and
 `curation.refilter.finalize` resolves them after the last unit is committed and evaluates
 every rule of every filter step again over the stored scores.
@@ -17,8 +17,7 @@ every rule of every filter step again over the stored scores.
 
 from __future__ import annotations
 
-from curation.rules import (  # noqa: F401  (re-exported: the rule language lives in curation.rules)
-    NUMERIC_COLUMNS,
+from stages.rules import (  # noqa: F401  (re-exported: the rule language lives in stages.rules)
     Rules,
     absolute_rules,
     fmt,
@@ -29,6 +28,14 @@ from curation.rules import (  # noqa: F401  (re-exported: the rule language live
 from stages.base import Batch, Stage
 
 
+def produced_columns() -> list[str]:
+    """Columns some stage produces: what a rule can name here. The config check narrows this
+    to the numeric scores columns of the data contract (curation.schema.NUMERIC_COLUMNS)."""
+    from stages import STAGES  # noqa: PLC0415  (stages/__init__ imports this module)
+
+    return sorted({c for stage in STAGES.values() for c in stage.outputs} - set(FilterStage.outputs))
+
+
 class FilterStage(Stage):
     """Evaluate every absolute rule on every row; record keep and all reasons."""
 
@@ -36,7 +43,7 @@ class FilterStage(Stage):
     outputs = ("keep", "reject_reasons")
 
     def __init__(self, rules: dict[str, dict[str, float]] | None = None):
-        self.rules = validate_rules(rules or {})
+        self.rules = validate_rules(rules or {}, produced_columns())
         self.inline_rules = absolute_rules(self.rules)
 
     @property

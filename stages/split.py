@@ -56,8 +56,7 @@ import cv2
 from av.video.reformatter import VideoReformatter
 import numpy as np
 
-from curation.schema import clip_id_for
-from stages.base import Batch, Stage
+from stages.base import Batch, Stage, clip_id_for
 from stages.dissolve import DissolveDetector, thumbnail
 
 log = logging.getLogger(__name__)

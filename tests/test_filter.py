@@ -73,7 +73,7 @@ def test_bad_percentile_rules_name_the_key(rules, key):
 
 
 def test_percentile_resolution_drops_the_asked_fraction():
-    from curation.rules import resolve_percentile
+    from stages.rules import resolve_percentile
 
     values = [float(v) for v in range(100)] + [None, math.nan]  # missing values are not ranked
     r = resolve_percentile(values, {"drop_bottom": 0.25, "drop_top": 0.1})

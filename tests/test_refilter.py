@@ -13,7 +13,7 @@ import pytest
 
 from curation.config import ConfigError, load_config
 from curation.refilter import finalize, needs_final_pass, refilter
-from curation.rules import fmt
+from stages.rules import fmt
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputError, OutputStore
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from curation.config import load_config
-from curation.rules import resolve_percentile
+from stages.rules import resolve_percentile
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore
 from training import study

@@ -74,7 +74,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import schema
-from curation.rules import (Rules, effective_bounds, evaluate_rows, filter_steps, float_values, fmt,
+from stages.rules import (Rules, effective_bounds, evaluate_rows, filter_steps, float_values, fmt,
                             is_percentile, reason_column, resolve_percentile)
 from curation.writer import OutputStore, write_json
 
@@ -295,7 +295,7 @@ def with_percentile(corpus: Corpus, column: str, side: str, q: float) -> tuple[l
     """The rules with `column`'s rule set to drop the `q` share at `side` (q = 0: no rule on it).
 
     The threshold is resolved over every clip row, as the run's end-of-run pass would resolve
-    {side: q} (curation/rules.py), so writing it back gives exactly this arm's rule.
+    {side: q} (stages/rules.py), so writing it back gives exactly this arm's rule.
     """
     steps = without_rule(effective_steps(corpus), column)
     if q == 0:
