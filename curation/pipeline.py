@@ -257,10 +257,12 @@ def actor_failure(exc: BaseException, timeout_s: float) -> str:
 class PoolSizer:
     """The driver's side of the model pools: each step's bounds, its actors, and growth.
 
-    A pool starts at its minimum and gets one more actor (at most one per `grow_every_s`, up
-    to its maximum) when batches have been waiting for a free actor of it at two checks in a
-    row (the dispatcher's queue, read every few seconds). What each actor reserves is
-    `actor_cpus`'s.
+    A pool starts with one actor per unit task that can run at once, within its bounds
+    (`starting_size`: a run with work for every actor loads them all at the start, in
+    parallel, instead of one at a time as batches pile up; a one-source run loads one). It
+    gets one more actor (at most one per `grow_every_s`, up to its maximum) when batches have
+    been waiting for a free actor of it at two checks in a row (the dispatcher's queue, read
+    every few seconds). What each actor reserves is `actor_cpus`'s.
     """
 
     pools: ActorPools
@@ -293,8 +295,15 @@ class PoolSizer:
             self.queued_before[name] = queued
 
 
-def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> PoolSizer:
-    """The run's Dispatcher and each model step's pool at its minimum size (see PoolSizer)."""
+def starting_size(bounds: tuple[int, int], busy_units: int) -> int:
+    """Actors a pool starts with: one per unit task running at once, within its bounds."""
+    lo, hi = bounds
+    return min(hi, max(lo, busy_units))
+
+
+def start_actor_pools(config: PipelineConfig, resources: dict[str, float], busy_units: int = 1) -> PoolSizer:
+    """The run's Dispatcher and each model step's pool at its starting size (see PoolSizer);
+    `busy_units` is how many unit tasks will run at once."""
     total_cpus = float(resources.get("CPU", 1.0))
     total_gpus = float(resources.get("GPU", 0.0))
     remote_steps = [s for s in config.steps if is_model_step(s)]
@@ -338,10 +347,11 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float]) -> Po
 
     sizer = PoolSizer(pools, bounds, make_actor, add_to_dispatcher)
     for step in remote_steps:
-        for _ in range(bounds[step.name][0]):
+        start = starting_size(bounds[step.name], busy_units)
+        for _ in range(start):
             sizer.add_actor(step.name)
         sizer.last_grown[step.name] = 0.0
-        log.info("step %s: %d to %d actors", step.name, *bounds[step.name])
+        log.info("step %s: %d to %d actors, starting with %d", step.name, *bounds[step.name], start)
     return sizer
 
 
@@ -622,11 +632,11 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
     init_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=temp_dir)
     resources = ray.cluster_resources()
     total_cpus = float(resources.get("CPU", 1.0))
-    sizer = start_actor_pools(config, resources)
+    slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
+    sizer = start_actor_pools(config, resources, busy_units=min(len(units), slots))
     try:
         for handles in sizer.actors.values():
             ray.get([h.ready.remote() for h in handles])  # models load before units wait on them
-        slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
         log.info("running %d units on %g CPUs, up to %d at a time; %d model step(s) on actors",
                  len(units), total_cpus, 2 * slots, len(sizer.actors))
         yield from UnitScheduler(config, units, store, sizer, slots).run()

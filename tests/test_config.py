@@ -138,6 +138,15 @@ def test_pools_grow_while_batches_wait_for_them_and_stop_at_their_maximum():
     assert added == ["ocr1", "caption2", "ocr3", "ocr4"]  # every actor reaches the dispatcher
 
 
+def test_pools_start_with_an_actor_per_unit_running_at_once_within_their_bounds():
+    from curation.pipeline import starting_size
+
+    assert starting_size((1, 4), busy_units=1) == 1  # a one-source run loads one model
+    assert starting_size((1, 4), busy_units=2) == 2  # two units at once: both actors load now
+    assert starting_size((1, 4), busy_units=50) == 4  # never past the maximum
+    assert starting_size((3, 4), busy_units=1) == 3  # nor below the minimum
+
+
 @pytest.mark.parametrize("cpus", [1, 2, 3, 8])
 def test_model_actors_always_leave_a_unit_task_its_cpus(cpus):
     """On one CPU the OCR actor reserved 0.01 and no 1-CPU unit task could ever start."""
