@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.config import PipelineConfig
-from curation.refilter import finalize, needs_final_pass
+from curation.finalize import finalize, needs_final_pass
 from curation.sources import Unit, discover, plan_units
 from curation.unit import UnitWorker
 from curation.writer import OutputStore, write_json

@@ -15,9 +15,10 @@ would silently fight a hand-written one). Fractions are strictly between 0 and 1
 drop_bottom + drop_top < 1.
 
 Percentile rules cannot be evaluated on one batch: they need every committed clip's value, so
-the filter stage skips them inline and `curation.refilter.finalize` resolves them at the end
-of the run (`resolve_percentile`) and evaluates every rule again over the stored scores
-(`evaluate_rows`). The resolution convention, over the n non-missing values of clip rows
+the filter stage skips them inline and `curation.finalize.finalize` resolves them at the end
+of the run (`resolve_steps`, one `resolve_percentile` per rule) and evaluates every rule again
+over the stored scores (`effective_steps`, then `evaluate_rows`). This module holds that logic;
+curation/finalize.py only reads the stored scores and writes the results. The resolution convention, over the n non-missing values of clip rows
 (source-error rows are not clips), sorted ascending as s[0..n-1], with k = floor(q * n):
 
     drop_bottom q -> min = s[k]          values < min are rejected
@@ -35,7 +36,7 @@ records the resolved numbers under "resolved_rules".
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,6 +214,27 @@ def effective_bounds(bounds: dict[str, float], resolved: dict[str, Any] | None) 
         return dict(bounds)
     resolved = resolved or {}
     return {k: resolved[k] for k in ABSOLUTE_KEYS if resolved.get(k) is not None}
+
+
+def resolve_steps(steps: Sequence[tuple[str, Rules]],
+                  values: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """{step: {column: resolved}} for every percentile rule of every filter step.
+
+    values: each ruled column's values over the run's clip rows (source-error rows are not
+    clips), NaN where missing; a column absent from it has no value to rank.
+    """
+    resolved: dict[str, dict[str, Any]] = {}
+    for step_name, rules in steps:
+        for column, bounds in percentile_rules(rules).items():
+            resolved.setdefault(step_name, {})[column] = resolve_percentile(values.get(column, np.zeros(0)), bounds)
+    return resolved
+
+
+def effective_steps(steps: Sequence[tuple[str, Rules]], resolved: Mapping[str, dict[str, Any]]) -> list[Rules]:
+    """Every filter step's rules as absolute min/max (what `evaluate_rows` takes): percentile
+    rules replaced by their resolution, in the same step and column order."""
+    return [{c: effective_bounds(b, resolved.get(name, {}).get(c)) for c, b in rules.items()}
+            for name, rules in steps]
 
 
 def reason_column(reason: str) -> str:

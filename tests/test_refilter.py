@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import ConfigError, load_config
-from curation.refilter import finalize, needs_final_pass, refilter
+from curation.finalize import finalize, needs_final_pass
+from curation.refilter import refilter
 from stages.rules import fmt
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputError, OutputStore
