@@ -1,7 +1,7 @@
 """The built-in three-stage SVD-style trainer on curated shards (DESIGN.md section 4).
 
 diffusion.py  EDM preconditioning (v-prediction scalings), loss, noise levels, Heun sampler, guidance
-model.py      the space-time U-Net (spatial blocks + zero-initialised temporal blocks, image mode)
+unet.py       the space-time U-Net (spatial blocks + zero-initialised temporal blocks, image mode)
 data.py       shard reading, mp4 decoding, frame sampling, the hq predicate, latent cache
 config.py     TrainConfig, the image/video/hq presets, key=value overrides
 loop.py       the training loop of one stage: EMA, checkpoints, exact resume, metrics

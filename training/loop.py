@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from training import diffusion
 from training.config import MODEL_FIELDS, TrainConfig, from_dict, to_dict
 from training.data import autoencoder_factor, load_autoencoder
-from training.model import VideoUNet, extend_to_video
+from training.unet import VideoUNet, extend_to_video
 from training.stream import DataPlan, StreamDataset, plan_data
 
 log = logging.getLogger(__name__)

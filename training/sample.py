@@ -21,7 +21,7 @@ from training import diffusion
 from training.config import TrainConfig, from_dict
 from training.data import DEFAULT_FPS_ID, encode_mp4, load_autoencoder
 from training.loop import load_checkpoint, model_from_config
-from training.model import VideoUNet
+from training.unet import VideoUNet
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""Tests of training/model.py: shapes, image mode, temporal path, extension from an image model."""
+"""Tests of training/unet.py: shapes, image mode, temporal path, extension from an image model."""
 
 import pytest
 import torch
 
-from training.model import VideoUNet, extend_to_video, is_temporal_key
+from training.unet import VideoUNet, extend_to_video, is_temporal_key
 
 torch.set_num_threads(1)  # robust on a shared 2-core machine (no spinning OMP threads)
 KW = dict(in_channels=3, model_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_heads=2,
