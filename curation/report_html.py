@@ -1,4 +1,4 @@
-"""The report page: one self-contained HTML file built from the summary (curation/report.py).
+"""The report page: one self-contained HTML file built from the summary (curation/report_summary.py).
 
 Everything the page shows is inline: plots and thumbnails as data:image URLs, kept clips as
 data:video/mp4 URLs (H.264, which Chromium and Firefox play). No script, font or style is
@@ -12,12 +12,8 @@ import html
 from typing import Any
 
 from curation.dedup_report import render_dedup
+from curation.report_summary import format_outcomes
 from stages.rules import fmt
-
-
-def format_outcomes(outcomes: dict[str, int]) -> str:
-    """'2 unreadable, 1 no_clips': sources without clips by status (empty when there are none)."""
-    return ", ".join(f"{n} {status}" for status, n in outcomes.items())
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;
@@ -95,10 +91,24 @@ def _card(item: dict[str, Any], caption: dict[str, Any] | None, thumb: str | Non
 
 def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, str],
            videos: dict[str, str], captions: dict[str, dict[str, Any]]) -> str:
+    """The page: a header, then one section per part of the summary, in the order of the nav."""
+    parts = _header(summary)
+    parts += _funnel_section(summary, images)
+    parts += _rules_section(summary, images)
+    parts += _errors_section(summary)
+    parts += _sources_section(summary)
+    parts += _scores_section(summary, images)
+    parts += _galleries_section(summary, thumbs, captions)
+    parts.append(render_dedup(summary.get("dedup"), thumbs, fmt))  # curation/dedup_report.py
+    parts += _videos_section(summary, videos, captions)
+    return "\n".join(parts)
+
+
+def _header(summary: dict[str, Any]) -> list[str]:
+    """Head, title line, an unfinished refilter's warning, the headline numbers, nav, studies."""
     t = summary["totals"]
     pct = f"{100 * t['kept'] / t['clips']:.1f}%" if t["clips"] else "-"
-    rules = summary["rules"]
-    parts = [
+    return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         "<link rel='icon' href='data:,'>",  # no favicon request to the file system
@@ -125,16 +135,22 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
          if summary.get("studies") else ""),
     ]
 
-    # Funnel.
-    parts.append("<h2 id='funnel'>Funnel (pipeline order)</h2>")
-    parts.append(_table(["step", "removed", "removed min", "clips left", "min left"], [
-        [row["label"], row["removed"] if row["rule"] else "",
-         _minutes(row["removed_duration_s"]) if row["rule"] else "",
-         row["remaining"], _minutes(row["remaining_duration_s"])] for row in summary["funnel"]]))
-    parts.append(f"<div class='plots'><img id='plot-funnel' class='plot' src='{images['funnel']}' alt='funnel'></div>")
 
-    # Rules and overlaps.
-    parts.append("<h2 id='rules'>Rules</h2>")
+def _funnel_section(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
+    return [
+        "<h2 id='funnel'>Funnel (pipeline order)</h2>",
+        _table(["step", "removed", "removed min", "clips left", "min left"], [
+            [row["label"], row["removed"] if row["rule"] else "",
+             _minutes(row["removed_duration_s"]) if row["rule"] else "",
+             row["remaining"], _minutes(row["remaining_duration_s"])] for row in summary["funnel"]]),
+        f"<div class='plots'><img id='plot-funnel' class='plot' src='{images['funnel']}' alt='funnel'></div>",
+    ]
+
+
+def _rules_section(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
+    """The rules table, overlaps, frequent combinations, reasons as stored, what was not applied."""
+    rules = summary["rules"]
+    parts = ["<h2 id='rules'>Rules</h2>"]
     rows = []
     for r in rules:
         status = "applied" if r["applied"] else "<span class='bad'>not applied</span>"
@@ -161,41 +177,54 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
         parts.append("<h3>Reasons as stored</h3>")
         parts.append(_table(["reason", "clips", "only this reason"],
                             [[k, v["total"], v["only_this"]] for k, v in summary["reasons"].items()]))
-    if summary["skipped_steps"] or summary["rules_not_applied"]:
-        parts.append("<h3>Not applied</h3><ul>")
-        for s in summary["skipped_steps"]:
-            parts.append(f"<li>step <b>{e(s.get('step'))}</b> skipped; columns not computed: "
-                         f"{e(', '.join(s.get('columns') or []))}"
-                         f"<pre class='muted'>{e(s.get('reason', ''))}</pre></li>")
-        for r in rules:
-            if not r["applied"]:
-                parts.append(f"<li>rule not applied: <b>{e(r['label'])}</b> {e(r['threshold'])}"
-                             f" (step {e(r['step'])}): {e(r['note'] or '')}</li>")
-        parts.append("</ul>")
+    return parts + _not_applied(summary)
 
-    # Errors.
-    parts.append("<h2 id='errors'>Errors by stage</h2>")
+
+def _not_applied(summary: dict[str, Any]) -> list[str]:
+    """Skipped steps (with preflight's reason) and every rule not applied."""
+    if not (summary["skipped_steps"] or summary["rules_not_applied"]):
+        return []
+    parts = ["<h3>Not applied</h3><ul>"]
+    for s in summary["skipped_steps"]:
+        parts.append(f"<li>step <b>{e(s.get('step'))}</b> skipped; columns not computed: "
+                     f"{e(', '.join(s.get('columns') or []))}"
+                     f"<pre class='muted'>{e(s.get('reason', ''))}</pre></li>")
+    for r in summary["rules"]:
+        if not r["applied"]:
+            parts.append(f"<li>rule not applied: <b>{e(r['label'])}</b> {e(r['threshold'])}"
+                         f" (step {e(r['step'])}): {e(r['note'] or '')}</li>")
+    parts.append("</ul>")
+    return parts
+
+
+def _errors_section(summary: dict[str, Any]) -> list[str]:
+    parts = ["<h2 id='errors'>Errors by stage</h2>"]
     if summary["errors"]:
         rows = [[stage, x["reason"], x["count"], x["example"]] for stage, err in summary["errors"].items()
                 for x in err["reasons"]]
         parts.append(_table(["stage", "reason", "rows", "example"], rows, left={0, 1, 3}))
     else:
         parts.append("<p class='muted'>No errors.</p>")
+    return parts
 
-    # Sources.
+
+def _sources_section(summary: dict[str, Any]) -> list[str]:
     src = summary["sources"]
-    parts.append(f"<h2 id='sources'>Sources</h2><p class='muted'>{len(src['rows'])} of {src['total']} sources "
-                 f"(most clips first); all in <a href='{e(src.get('csv', 'sources.csv'))}'>sources.csv</a></p>")
-    parts.append("<div class='tall'>")
-    parts.append(_table(["source", "clips", "kept", "clip min", "top rejection", "error"], [
-        [s["source_path"], s["clips"], s["kept"], f"{s['clip_minutes']:.1f}",
-         f"{s['top_rejection']['rule']} ({s['top_rejection']['clips']})" if s["top_rejection"] else "",
-         RawHtml(f"<span class='bad'>{e(s['error'][:120])}</span>") if s["error"] else ""]
-        for s in src["rows"]], left={0, 4, 5}))
-    parts.append("</div>")
+    return [
+        f"<h2 id='sources'>Sources</h2><p class='muted'>{len(src['rows'])} of {src['total']} sources "
+        f"(most clips first); all in <a href='{e(src.get('csv', 'sources.csv'))}'>sources.csv</a></p>",
+        "<div class='tall'>",
+        _table(["source", "clips", "kept", "clip min", "top rejection", "error"], [
+            [s["source_path"], s["clips"], s["kept"], f"{s['clip_minutes']:.1f}",
+             f"{s['top_rejection']['rule']} ({s['top_rejection']['clips']})" if s["top_rejection"] else "",
+             RawHtml(f"<span class='bad'>{e(s['error'][:120])}</span>") if s["error"] else ""]
+            for s in src["rows"]], left={0, 4, 5}),
+        "</div>",
+    ]
 
-    # Scores.
-    parts.append("<h2 id='scores'>Scores</h2>")
+
+def _scores_section(summary: dict[str, Any], images: dict[str, str]) -> list[str]:
+    """Quantiles of every score, then its histogram (kept/rejected, thresholds drawn)."""
     qnames = ["p0", "p1", "p5", "p10", "p25", "p50", "p75", "p90", "p95", "p99", "p100"]
     qrows = []
     for column, st in summary["scores"].items():
@@ -204,19 +233,23 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
         else:
             qrows.append([column, 0, st["missing"], RawHtml("<span class='muted'>not computed</span>")]
                          + [""] * len(qnames))
-    parts.append(_table(["score", "values", "missing", "mean"] + qnames, qrows))
-    parts.append("<div class='plots'>")
-    for column, st in summary["scores"].items():
+    parts = ["<h2 id='scores'>Scores</h2>", _table(["score", "values", "missing", "mean"] + qnames, qrows),
+             "<div class='plots'>"]
+    for column in summary["scores"]:
         key = f"score_{column}"
         if key in images:
             parts.append(f"<img class='plot' id='plot-{e(column)}' src='{images[key]}' alt='histogram of {e(column)}'>")
     parts.append("</div>")
+    return parts
 
-    # Galleries.
-    parts.append("<h2 id='galleries'>Rejection galleries</h2><p class='muted'>Per rule: rejected clips "
-                 "ordered by distance to the threshold, borderline first (the closest, then a spread of the "
-                 "rest), and the kept clips just inside the threshold. Keyframes: first, middle, last.</p>")
-    by_id = {r["id"]: r for r in rules}
+
+def _galleries_section(summary: dict[str, Any], thumbs: dict[str, str],
+                       captions: dict[str, dict[str, Any]]) -> list[str]:
+    """Per rule: rejected clips, borderline first, and the kept clips just inside the threshold."""
+    parts = ["<h2 id='galleries'>Rejection galleries</h2><p class='muted'>Per rule: rejected clips "
+             "ordered by distance to the threshold, borderline first (the closest, then a spread of the "
+             "rest), and the kept clips just inside the threshold. Keyframes: first, middle, last.</p>"]
+    by_id = {r["id"]: r for r in summary["rules"]}
     for rule_id, g in summary["galleries"].items():
         r = by_id[rule_id]
         parts.append(f"<section class='rule-gallery' data-rule='{e(rule_id)}'><h3>{e(r['label'])}: "
@@ -232,13 +265,15 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
         parts.append("</section>")
     if not summary["galleries"]:
         parts.append("<p class='muted'>No rule with a threshold.</p>")
+    return parts
 
-    # Near-duplicates (curation/dedup_report.py).
-    parts.append(render_dedup(summary.get("dedup"), thumbs, fmt))
 
-    # Playable kept clips.
-    parts.append(f"<h2 id='videos'>Kept clips</h2><p class='muted'>{len(videos)} of {t['kept']:,} kept clips, "
-                 "playable (borderline kept clips first, then a spread over the run).</p><div class='gallery videos'>")
+def _videos_section(summary: dict[str, Any], videos: dict[str, str],
+                    captions: dict[str, dict[str, Any]]) -> list[str]:
+    """Playable kept clips, with their source, start and scores; the page's end."""
+    parts = [f"<h2 id='videos'>Kept clips</h2><p class='muted'>{len(videos)} of {summary['totals']['kept']:,} "
+             "kept clips, playable (borderline kept clips first, then a spread over the run).</p>"
+             "<div class='gallery videos'>"]
     for cid, url in videos.items():
         c = captions.get(cid) or {}
         scores = ", ".join(f"{e(k)} {v:.4g}" if isinstance(v, float) else f"{e(k)} {e(v)}"
@@ -247,4 +282,4 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
                      f"preload='auto' src='{url}'></video>{e(c.get('source', ''))} @ "
                      f"{fmt(c.get('start_s') or 0.0)}s<br>{scores}</div>")
     parts.append("</div></body></html>")
-    return "\n".join(parts)
+    return parts

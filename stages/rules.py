@@ -18,8 +18,9 @@ Percentile rules cannot be evaluated on one batch: they need every committed cli
 the filter stage skips them inline and `curation.finalize.finalize` resolves them at the end
 of the run (`resolve_steps`, one `resolve_percentile` per rule) and evaluates every rule again
 over the stored scores (`effective_steps`, then `evaluate_rows`). This module holds that logic;
-curation/finalize.py only reads the stored scores and writes the results. The resolution convention, over the n non-missing values of clip rows
-(source-error rows are not clips), sorted ascending as s[0..n-1], with k = floor(q * n):
+curation/finalize.py only reads the stored scores and writes the results. The resolution
+convention, over the n non-missing values of clip rows (source-error rows are not clips),
+sorted ascending as s[0..n-1], with k = floor(q * n):
 
     drop_bottom q -> min = s[k]          values < min are rejected
     drop_top q    -> max = s[n - 1 - k]  values > max are rejected
