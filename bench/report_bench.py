@@ -8,7 +8,7 @@ ledger/, run.json) from random scores: no video is decoded, keyframes are tiny J
 one clip in `--video-every` carries a (tiny, real H.264) video. The rules are the SVD paper's
 percentile calibration (drop the 25% most static, the 25% with most text, the bottom 25%
 aesthetics, the bottom 50% caption similarity) plus an absolute duration rule, in two filter
-steps. keep/reject_reasons and shards come from `curation.refilter.apply_rules`, the same code
+steps. keep/reject_reasons and shards come from `curation.finalize.apply_rules`, the same code
 as the end-of-run pass. Prints the time of that pass, of the report, and the page's size.
 """
 
@@ -85,7 +85,7 @@ def make_synthetic_run(out_dir: Path, n_clips: int, seed: int = 0, clips_per_sou
                        sources_per_unit: int = 50, video_every: int = 5,
                        config: dict | None = None) -> dict:
     """Write a complete synthetic OUT_DIR with about n_clips clips; returns the config dict."""
-    from curation.refilter import apply_rules
+    from curation.finalize import apply_rules
 
     config = config or SVD_RULES_CONFIG
     rng = np.random.default_rng(seed)
@@ -158,7 +158,7 @@ def main() -> int:
     p.add_argument("--video-every", type=int, default=5)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from curation.refilter import apply_rules
+    from curation.finalize import apply_rules
     from curation.report import format_summary, write_report
 
     tmp = None

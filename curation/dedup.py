@@ -2,7 +2,7 @@
 
 Re-uploads are everywhere in web video: the same footage re-encoded, resized, cropped a little
 or started a second later. This module finds such clips across every committed unit and keeps
-one of each group; `curation.refilter.apply_rules` applies the decisions with the filter rules
+one of each group; `curation.finalize.apply_rules` applies the decisions with the filter rules
 (at the end of `curate run`, in `curate refilter` and in `curate dedup`), so they are written
 to scores/ and shards/ by the same crash-safe pass.
 

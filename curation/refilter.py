@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.config import ConfigError, apply_override, parse_config
-# The pass lives in curation/finalize.py; re-exported for the callers that import it from here.
-from curation.finalize import apply_rules, finalize, needs_final_pass, shard_version  # noqa: F401
+from curation.finalize import apply_rules
 from curation.writer import OutputError, OutputStore, write_json
 from stages.rules import filter_steps
 

@@ -11,7 +11,7 @@ step, rules are evaluated in column-name order (stages/rules.py says why).
 
 Percentile rules ({drop_bottom: 0.25} / {drop_top: 0.25}, stages/rules.py) need the whole
 run's values, which one batch does not have: this stage skips them, and
-`curation.refilter.finalize` resolves them after the last unit is committed and evaluates
+`curation.finalize.finalize` resolves them after the last unit is committed and evaluates
 every rule of every filter step again over the stored scores.
 """
 

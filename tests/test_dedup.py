@@ -24,7 +24,8 @@ import pytest
 from curation import dedup, synth
 from curation.cli import main as curate
 from curation.config import ConfigError, load_config
-from curation.refilter import finalize, refilter
+from curation.finalize import finalize
+from curation.refilter import refilter
 from curation.report import funnel, write_report
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore

@@ -54,7 +54,7 @@ def test_percentile_rules_are_skipped_inline_and_exposed():
     f = FilterStage(rules={"motion_score": {"drop_bottom": 0.25}, "duration_s": {"min": 2}})
     assert f.percentile_rules == {"motion_score": {"drop_bottom": 0.25}}
     out = f(batch(motion_score=[0.0, 9.0, math.nan], duration_s=[3.0, 1.0, 3.0]))
-    # Resolved over the whole run at its end (curation/refilter.py): nothing from it here,
+    # Resolved over the whole run at its end (curation/finalize.py): nothing from it here,
     # not even for a missing value.
     assert out["reject_reasons"] == [[], ["duration_s<2"], []]
     assert FilterStage(rules={"motion_score": {"min": 1}}).percentile_rules == {}
