@@ -365,14 +365,47 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
             b_ema.copy_(b_net)
 
 
-def _global_loss_and_bad_rows(weighted: torch.Tensor, batch: dict, world: int) -> tuple[float, int, int]:
-    """(mean loss over the global batch's good rows, good rows, bad rows) summed over ranks."""
+def _optimizer_step(net, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    batch: dict, cfg: TrainConfig, step: int, decay: float,
+                    device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step: forward and backward at this step's learning rate, clip, AdamW, EMA.
+
+    Returns (lr, this rank's sum of weighted per-row losses, sigmas, gradient norm).
+    """
+    lr = diffusion.lr_at_step(step, cfg.lr, cfg.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, weighted, sigma = _loss(net, batch, cfg, step, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    optimizer.step()
+    _update_ema(ema, model, decay, step)
+    return lr, weighted, sigma, grad_norm
+
+
+def _step_loss(result: TrainResult, weighted: torch.Tensor, batch: dict, cfg: TrainConfig, step: int,
+               world: int) -> float:
+    """The mean loss over the global batch's good rows (sums over ranks); the batch's bad rows, all
+    ranks, are added to result.bad_rows and capped (BadRowsError)."""
     totals = torch.stack([weighted.cpu().double(), batch["weight"].sum().double(),
                           torch.tensor(float(len(batch["bad_rows"])), dtype=torch.float64)])
     if world > 1:
         dist.all_reduce(totals)
     loss_sum, good, bad = totals.tolist()
-    return loss_sum / max(good, 1.0), int(good), int(bad)
+    loss_f = loss_sum / max(good, 1.0)
+    if not math.isfinite(loss_f):
+        raise FloatingPointError(f"loss is {loss_f} at step {step} of the {cfg.stage} stage")
+    result.bad_rows += int(bad)
+    _check_bad_rows(result, step, cfg, batch)
+    return loss_f
+
+
+def _note_reads(result: TrainResult, batch: dict) -> None:
+    """Count the (epoch, piece) pairs this rank read in the batch; keep the first PIECES_READ_KEPT."""
+    result.num_pieces_read += len(batch["reads"])
+    room = PIECES_READ_KEPT - len(result.pieces_read)
+    result.pieces_read.extend(map(tuple, batch["reads"][:room].tolist()))
 
 
 def _check_bad_rows(result: TrainResult, step: int, cfg: TrainConfig, batch: dict) -> None:
@@ -459,30 +492,14 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
             # Wait for data (the time a step spends blocked on reading and decoding).
             t_data = time.perf_counter()
             data_wait_s = t_data - t_prev
-            result.num_pieces_read += len(batch["reads"])
-            room = PIECES_READ_KEPT - len(result.pieces_read)
-            result.pieces_read.extend(map(tuple, batch["reads"][:room].tolist()))
+            _note_reads(result, batch)
             torch.manual_seed(_stream_generator(cfg.seed, step, 1_000 + rank).initial_seed())  # dropout
 
-            # Forward and backward at this step's learning rate; clip and step.
-            lr = diffusion.lr_at_step(step, cfg.lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, weighted, sigma = _loss(net, batch, cfg, step, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            optimizer.step()
-
-            # EMA.
-            _update_ema(ema, model, decay, step)
+            # Forward and backward at this step's learning rate; clip, AdamW step, EMA.
+            lr, weighted, sigma, grad_norm = _optimizer_step(net, model, ema, optimizer, batch, cfg, step, decay, device)
 
             # Metrics: the loss over the global batch's good rows, bad rows counted and capped.
-            loss_f, _, bad = _global_loss_and_bad_rows(weighted, batch, world)
-            if not math.isfinite(loss_f):
-                raise FloatingPointError(f"loss is {loss_f} at step {step} of the {cfg.stage} stage")
-            result.bad_rows += bad
-            _check_bad_rows(result, step, cfg, batch)
+            loss_f = _step_loss(result, weighted, batch, cfg, step, world)
             t_prev = time.perf_counter()
             step_s = t_prev - t_data + data_wait_s
             result.losses[step] = loss_f
