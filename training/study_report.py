@@ -141,11 +141,11 @@ def _ci(a: dict[str, Any], signed: bool = False) -> str:
     return f"[{f.format(a['ci95'][0])}, {f.format(a['ci95'][1])}]"
 
 
-def render(record: dict[str, Any], results: dict[str, Any], images: dict[str, str]) -> str:
+def _head(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """The page's head, title, what was compared and how, and the held-out sources."""
     spec = results["spec"]
     split = results["split"]
-    arms = {a["name"]: a for a in results["arms"]}
-    parts = [
+    return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'><link rel='icon' href='data:,'>",
         f"<title>curation study {e(results['study'])}</title><style>{CSS}</style></head><body>",
@@ -163,6 +163,10 @@ def render(record: dict[str, Any], results: dict[str, Any], images: dict[str, st
         f"<p>{split['train_sources']} training sources, {split['heldout_sources']} held out: "
         + e(", ".join(os.path.basename(p or s) for s, p in split["heldout_source_paths"].items())) + "</p>",
     ]
+
+
+def _arms_section(results: dict[str, Any]) -> list[str]:
+    """The table of arms (training clips, stages, clip and frame counts), and how the uncurated arm was drawn."""
     rows = []
     for a in results["arms"]:
         m = a["meta"]
@@ -172,9 +176,9 @@ def render(record: dict[str, Any], results: dict[str, Any], images: dict[str, st
         rows.append([a["name"], a["description"], " → ".join(a["stages"]),
                      "/".join(map(str, counts)), frames,
                      a["same_as"] and f"same clips as {a['same_as']}: its numbers" or ""])
-    parts += ["<h2 id='arms'>Arms</h2>",
-              _table(["arm", "training clips", "stages", "clips", "frames", "note"], rows, left={0, 1, 2, 5})]
-    unc = arms.get("uncurated")
+    parts = ["<h2 id='arms'>Arms</h2>",
+             _table(["arm", "training clips", "stages", "clips", "frames", "note"], rows, left={0, 1, 2, 5})]
+    unc = {a["name"]: a for a in results["arms"]}.get("uncurated")
     if unc:
         fps = unc["meta"].get("frames_per_seed", {})
         shares = unc["meta"].get("kept_share_per_seed", {})
@@ -183,55 +187,79 @@ def render(record: dict[str, Any], results: dict[str, Any], images: dict[str, st
                      + e(", ".join(f"{s}: {v}" for s, v in fps.items()))
                      + "; share of the draw the rules keep "
                      + e(", ".join(f"{s}: {v:.0%}" for s, v in shares.items())) + ".</p>")
-    for set_name, s in results["eval_sets"].items():
-        parts.append(f"<h2 id='{e(set_name)}'>{e(set_name)}</h2>")
-        parts.append(f"<p>{s['clips']} clips from {s['sources']} held-out sources, {s['samples']} samples "
-                     f"({spec['eval_windows']} frame windows per clip); intervals cover {e(s['interval_covers'])}"
-                     f" ({s['units']} bootstrap units).</p>")
-        arm_rows = [[arm, a["mean"], RawHtml(e(_ci(a))), RawHtml(e(", ".join(f"{v:.4f}" for v in a["per_seed"])))]
-                    for arm, a in ((n, s["arms"][n]) for n in arm_order(results, s))]
-        parts += [f"<p class='bad'>{e(n)}</p>" for n in s.get("notes", [])]
-        parts.append(_table(["arm", "mean loss", "95% interval", "per seed"], arm_rows, left={0, 3}))
-        parts.append("<p class='muted'>Every arm is scored on the same held-out samples and noise, so most of "
-                     "an arm's interval is the spread of those samples, shared by all arms: compare arms by the "
-                     "paired differences below, not by overlapping intervals.</p>")
-        cmp_rows = [[c["label"], RawHtml(f"{c['difference']:+.4f}"), RawHtml(e(_ci(c, True))),
-                     f"{100 * c['share_a_lower']:.0f}%", c["verdict"]] for c in s["comparisons"]]
-        if cmp_rows:
-            parts.append(_table(["difference", "value", "95% interval", "bootstrap draws with a < b", "reading"],
-                                cmp_rows, left={0, 4}))
-        parts.append("<div class='plots'>" + "".join(
-            f"<img src='{images[k]}' alt='{e(k)}'>" for k in (f"arms_{set_name}", f"differences_{set_name}",
-                                                               f"sigma_{set_name}") if k in images) + "</div>")
-    if "sweep" in results:
-        sw = results["sweep"]
-        b = sw["best"]
-        parts.append("<h2 id='sweep'>Threshold sweep</h2>")
-        parts.append(f"<p>One proxy per setting of the <b>{e(sw['column'])}</b> rule ({e(sw['side'])}; the "
-                     f"other rules as the run has them), judged on {e(sw['metric'])}. Lowest loss: "
-                     f"{e(sw['side'])} {b['percentile']:g}"
-                     + (f" (threshold {e(fmt(b['threshold']))})" if b["threshold"] is not None else " (no rule)")
-                     + f". Write it back as the rule with <code>{e(b['refilter'])}</code> (or "
-                     f"<code>curate ablate {e(results['out_dir'])} --name {e(results['study'])} --write-back</code>). "
-                     "Check the intervals first: overlapping ones do not pick a winner.</p>")
-        rows = [[f"{r['percentile']:g}", "no rule" if r["threshold"] is None else fmt(r["threshold"]), r["clips"],
-                 r["mean"], RawHtml(e(_ci(r)))] for r in sorted(sw["settings"], key=lambda r: r["percentile"])]
-        parts.append(_table(["share dropped", "threshold", "training clips", "mean loss", "95% interval"], rows,
-                            left=0))
-        if "sweep" in images:
-            parts.append(f"<div class='plots'><img src='{images['sweep']}' alt='sweep'></div>")
-    if "curves" in images:
-        parts.append("<h2 id='training'>Training</h2>"
-                     f"<div class='plots'><img src='{images['curves']}' alt='curves'></div>")
+    return parts
+
+
+def _eval_set_section(set_name: str, s: dict[str, Any], results: dict[str, Any],
+                      images: dict[str, str]) -> list[str]:
+    """One eval set: each arm's loss and interval, the paired differences, and the set's plots."""
+    parts = [f"<h2 id='{e(set_name)}'>{e(set_name)}</h2>",
+             f"<p>{s['clips']} clips from {s['sources']} held-out sources, {s['samples']} samples "
+             f"({results['spec']['eval_windows']} frame windows per clip); intervals cover "
+             f"{e(s['interval_covers'])} ({s['units']} bootstrap units).</p>"]
+    arm_rows = [[arm, a["mean"], RawHtml(e(_ci(a))), RawHtml(e(", ".join(f"{v:.4f}" for v in a["per_seed"])))]
+                for arm, a in ((n, s["arms"][n]) for n in arm_order(results, s))]
+    parts += [f"<p class='bad'>{e(n)}</p>" for n in s.get("notes", [])]
+    parts.append(_table(["arm", "mean loss", "95% interval", "per seed"], arm_rows, left={0, 3}))
+    parts.append("<p class='muted'>Every arm is scored on the same held-out samples and noise, so most of "
+                 "an arm's interval is the spread of those samples, shared by all arms: compare arms by the "
+                 "paired differences below, not by overlapping intervals.</p>")
+    cmp_rows = [[c["label"], RawHtml(f"{c['difference']:+.4f}"), RawHtml(e(_ci(c, True))),
+                 f"{100 * c['share_a_lower']:.0f}%", c["verdict"]] for c in s["comparisons"]]
+    if cmp_rows:
+        parts.append(_table(["difference", "value", "95% interval", "bootstrap draws with a < b", "reading"],
+                            cmp_rows, left={0, 4}))
+    parts.append("<div class='plots'>" + "".join(
+        f"<img src='{images[k]}' alt='{e(k)}'>" for k in (f"arms_{set_name}", f"differences_{set_name}",
+                                                           f"sigma_{set_name}") if k in images) + "</div>")
+    return parts
+
+
+def _sweep_section(results: dict[str, Any], images: dict[str, str]) -> list[str]:
+    """The threshold sweep: the lowest-loss setting, how to write it back, every setting's loss."""
+    sw = results["sweep"]
+    b = sw["best"]
+    parts = ["<h2 id='sweep'>Threshold sweep</h2>",
+             f"<p>One proxy per setting of the <b>{e(sw['column'])}</b> rule ({e(sw['side'])}; the "
+             f"other rules as the run has them), judged on {e(sw['metric'])}. Lowest loss: "
+             f"{e(sw['side'])} {b['percentile']:g}"
+             + (f" (threshold {e(fmt(b['threshold']))})" if b["threshold"] is not None else " (no rule)")
+             + f". Write it back as the rule with <code>{e(b['refilter'])}</code> (or "
+             f"<code>curate ablate {e(results['out_dir'])} --name {e(results['study'])} --write-back</code>). "
+             "Check the intervals first: overlapping ones do not pick a winner.</p>"]
+    rows = [[f"{r['percentile']:g}", "no rule" if r["threshold"] is None else fmt(r["threshold"]), r["clips"],
+             r["mean"], RawHtml(e(_ci(r)))] for r in sorted(sw["settings"], key=lambda r: r["percentile"])]
+    parts.append(_table(["share dropped", "threshold", "training clips", "mean loss", "95% interval"], rows,
+                        left=0))
+    if "sweep" in images:
+        parts.append(f"<div class='plots'><img src='{images['sweep']}' alt='sweep'></div>")
+    return parts
+
+
+def _runs_section(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """Every run's time per stage, how to rerun the study, the library versions; closes the page."""
     runs = [[r["arm"], r["seed"], f"{r['seconds']:.0f}",
              ", ".join(f"{k} {v['steps']} steps {v['seconds']:.0f}s" for k, v in r["stages"].items())]
             for r in results["runs"]]
-    parts += ["<h2 id='runs'>Runs</h2>", _table(["arm", "seed", "seconds", "stages"], runs, left={0, 3}),
-              "<h2 id='rerun'>Rerun</h2><p>Every arm's clip ids, each run's resolved trainer configs and "
-              "seeds, the split, the noise grid and the library versions are in <code>study.json</code>. "
-              f"<code>curate ablate {e(results['out_dir'])} --rerun {e(record['root'])}/study.json --name NEW</code> "
-              "trains the same runs again from that file (same machine and versions: the same numbers, on CPU).</p>",
-              f"<p class='muted'>versions: {e(results['versions'])}</p></body></html>"]
+    return ["<h2 id='runs'>Runs</h2>", _table(["arm", "seed", "seconds", "stages"], runs, left={0, 3}),
+            "<h2 id='rerun'>Rerun</h2><p>Every arm's clip ids, each run's resolved trainer configs and "
+            "seeds, the split, the noise grid and the library versions are in <code>study.json</code>. "
+            f"<code>curate ablate {e(results['out_dir'])} --rerun {e(record['root'])}/study.json --name NEW</code> "
+            "trains the same runs again from that file (same machine and versions: the same numbers, on CPU).</p>",
+            f"<p class='muted'>versions: {e(results['versions'])}</p></body></html>"]
+
+
+def render(record: dict[str, Any], results: dict[str, Any], images: dict[str, str]) -> str:
+    """The study's page: head, arms, one section per eval set, the sweep, training curves, runs."""
+    parts = _head(record, results) + _arms_section(results)
+    for set_name, s in results["eval_sets"].items():
+        parts += _eval_set_section(set_name, s, results, images)
+    if "sweep" in results:
+        parts += _sweep_section(results, images)
+    if "curves" in images:
+        parts.append("<h2 id='training'>Training</h2>"
+                     f"<div class='plots'><img src='{images['curves']}' alt='curves'></div>")
+    parts += _runs_section(record, results)
     return "\n".join(parts)
 
 
