@@ -2,7 +2,9 @@
 
 diffusion.py  EDM preconditioning (v-prediction scalings), loss, noise levels, Heun sampler, guidance
 unet.py       the space-time U-Net (spatial blocks + zero-initialised temporal blocks, image mode)
-data.py       shard reading, mp4 decoding, frame sampling, the hq predicate, latent cache
+data.py       shard rows -> training samples: mp4 decoding, frame sampling, the hq predicate
+stream.py     the data stream: shard row groups in seeded, resumable order, bounded memory
+latents.py    latent mode: the autoencoder's latents of every row group, cached as parquet
 config.py     TrainConfig, the image/video/hq presets, key=value overrides
 loop.py       the training loop of one stage: EMA, checkpoints, exact resume, metrics
 ray_train.py  the same loop on Ray Train workers (DDP)

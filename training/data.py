@@ -316,7 +316,7 @@ def row_sample(row: dict, cfg: TrainConfig, caption_dim: int, rng: np.random.Gen
 
 
 class ShardDataset(Dataset):
-    """Samples of an in-memory shard table, indexed by (step, row): for evaluation and tests.
+    """Samples of an in-memory shard table, indexed by (step, row): for the tests.
 
     Training streams the shards instead (training/stream.py); both build samples with `row_sample`.
     """

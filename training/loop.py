@@ -2,8 +2,9 @@
 
 Writes into run_dir (OUT_DIR/train/<stage>/):
     checkpoint-<step>.pt  {"model", "ema", "optimizer": state dicts, "config": resolved config,
-                           "step", "rng": torch RNG states, "in_channels", "data": stream counters,
-                           "format"} (no pickled modules); written to a temporary file, fsynced, renamed
+                           "step", "rng": torch RNG states (recorded, not restored: every step
+                           reseeds), "in_channels", "data": stream counters, "format"} (no pickled
+                           modules); written to a temporary file, fsynced, renamed
     metrics.csv           one row per step: step, loss, lr, grad_norm, sigma_median, step_s, data_wait_s,
                           bad_rows (undecodable rows skipped so far, all ranks)
     loss.png              loss per step (and its running mean)

@@ -1,8 +1,9 @@
 """The page of a proxy-model study: OUT_DIR/study/<name>/index.html and plots/*.png.
 
-Built from results.json and study.json only (training/study.py writes both), so it can be
-rebuilt without training: `write_page(root, record, results)`. One self-contained file, in
-the main report's style (curation/report_html.py): plots inline as data: URLs, no script.
+Built from results.json and study.json (training/study.py writes both) and, for the training
+curves, the runs' metrics.csv files, so it can be rebuilt without training:
+`write_page(root, record, results)`. One self-contained file, in the main report's style
+(curation/report_html.py): plots inline as data: URLs, no script.
 """
 
 from __future__ import annotations
