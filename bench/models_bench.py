@@ -11,9 +11,9 @@ the timings are those of the real models; the scores are meaningless and are not
 The endpoint backend is timed against a local server that answers after a fixed latency,
 which shows what max_concurrency buys.
 
-Reported per stage: time to first result (setup = model load, plus the first batch),
-MODEL_LOADS (must be 1: one load per actor), and per batch size clips/s, images/s and
-the per-image speed-up over batch size 1.
+Reported per stage: time to first result (setup = model load, plus the first batch), the
+model loads counted by stages/instrument.py (must be 1: one load per actor), and per batch
+size clips/s, images/s and the per-image speed-up over batch size 1.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import curation  # noqa: E402,F401 - torchvision import hook before open_clip/easyocr
-from curation import models, synth  # noqa: E402
+from curation import synth  # noqa: E402
+from stages import instrument  # noqa: E402
 
 log = logging.getLogger("models_bench")
 
@@ -84,7 +85,7 @@ def random_head(folder: Path, dim: int) -> str:
 
 
 def time_stage(name: str, stage, clips, batch_sizes, images_per_clip: int, captions=None) -> dict:
-    loads_before = models.MODEL_LOADS[stage.name]
+    loads_before = instrument.counts("model_load")[stage.name]
     started = time.perf_counter()
     stage.setup()
     load_s = time.perf_counter() - started
@@ -103,7 +104,7 @@ def time_stage(name: str, stage, clips, batch_sizes, images_per_clip: int, capti
     for r in rows:
         r["speedup_vs_bs1"] = r["images_per_s"] / base
     result = {"stage": name, "load_s": load_s, "first_result_s": first_s,
-              "model_loads": models.MODEL_LOADS[stage.name] - loads_before, "rows": rows}
+              "model_loads": instrument.counts("model_load")[stage.name] - loads_before, "rows": rows}
     log.info("%s: load %.1fs, first result %.1fs, loads %d", name, load_s, first_s, result["model_loads"])
     for r in rows:
         log.info("  batch %3d: %6.2f clips/s %7.2f images/s (x%.2f per image vs batch 1)",

@@ -4,7 +4,7 @@
     curate report OUT                                (OUT/report/index.html + terminal table)
     curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
     curate dedup OUT [--eps E] [--off]               (near-duplicate removal, curation/dedup.py)
-    curate models check|download [pipeline.yaml]     (curation/models.py)
+    curate models check|download [pipeline.yaml]     (curation/weights_command.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate export OUT --format webdataset|files|hf --to DIR   (curation/export.py)
     curate sample CHECKPOINT --prompt "..."          (training/cli.py)
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _delegated(command: str):
     """The entry point of a subcommand that parses its own arguments, or None."""
     if command == "models":
-        from curation.models import models_command
+        from curation.weights_command import models_command
 
         return models_command
     if command in ("train", "sample"):

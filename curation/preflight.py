@@ -1,6 +1,6 @@
 """Before Ray starts: check that every model weight the config needs is there.
 
-A model stage lists the weight files it needs with `weights(step_name)` (curation/models.py
+A model stage lists the weight files it needs with `weights(step_name)` (stages/weights.py
 WeightRequirement: config key, description, location, available) without loading anything.
 A missing weight is a `ConfigError` naming the file and the config key that points at it,
 never a silent fallback to random weights.

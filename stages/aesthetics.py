@@ -31,10 +31,13 @@ from typing import Literal
 
 import numpy as np
 
-from curation import models
-from curation.models import WeightRequirement
+from stages import instrument
 from stages.base import Batch, Stage
-from stages.clip_models import OpenClipWeights, decode_rgb, l2_normalize, preprocess_batch
+from stages.model_batch import error_text, forward_keyframes, is_clip_row, is_kept, nan_list
+from stages.open_clip_loader import OpenClipWeights, decode_rgb, l2_normalize, preprocess_batch
+from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
+from stages.weights import (AESTHETIC_HEADS, DEFAULT_HEAD_FOR_MODEL, WeightRequirement, aesthetic_head_path,
+                            download_url)
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +110,14 @@ class AestheticsStage(Stage):
     ):
         self.clip = OpenClipWeights(model, pretrained, model_config, cache_dir)
         self.clip.validate()
-        models.validate_common(device, torch_threads)
+        validate_device_args(device, torch_threads)
         if reduction not in ("mean", "min", "max", "median"):
             raise ValueError(f"reduction must be mean, min, max or median, got {reduction!r}")
-        if head_path is None and model not in models.DEFAULT_HEAD_FOR_MODEL:
+        if head_path is None and model not in DEFAULT_HEAD_FOR_MODEL:
             raise ValueError(f"head_path: no published aesthetic head is known for model {model!r}; "
-                             f"give a head file (known defaults: {', '.join(models.DEFAULT_HEAD_FOR_MODEL)})")
+                             f"give a head file (known defaults: {', '.join(DEFAULT_HEAD_FOR_MODEL)})")
         if head_path is None:
-            head = models.AESTHETIC_HEADS[models.DEFAULT_HEAD_FOR_MODEL[model]]
+            head = AESTHETIC_HEADS[DEFAULT_HEAD_FOR_MODEL[model]]
             if pretrained != head.clip_pretrained:
                 # Same width, different embedding space: the score would look valid and be wrong.
                 raise ValueError(f"head_path: the default head for {model} ({head.filename}) was trained on "
@@ -135,8 +138,8 @@ class AestheticsStage(Stage):
 
         if self.head_path is not None:
             return str(Path(self.head_path).expanduser()), "local file"
-        name = models.DEFAULT_HEAD_FOR_MODEL[self.clip.model]
-        return str(models.aesthetic_head_path(name)), f"{name} from {models.AESTHETIC_HEADS[name].url}"
+        name = DEFAULT_HEAD_FOR_MODEL[self.clip.model]
+        return str(aesthetic_head_path(name)), f"{name} from {AESTHETIC_HEADS[name].url}"
 
     def weights(self, step: str | None = None) -> list[WeightRequirement]:
         import os
@@ -155,14 +158,14 @@ class AestheticsStage(Stage):
 
         errors = self.clip.download_errors(step or self.name, timeout_s)  # then the head
         if self.head_path is None:
-            name = models.DEFAULT_HEAD_FOR_MODEL[self.clip.model]
+            name = DEFAULT_HEAD_FOR_MODEL[self.clip.model]
             target = Path(self.head_file()[0])
             if not target.is_file():
                 try:
-                    models.download_url(models.AESTHETIC_HEADS[name].url, target, timeout_s)
+                    download_url(AESTHETIC_HEADS[name].url, target, timeout_s)
                 except Exception as exc:  # noqa: BLE001
-                    errors.append(f"{step or self.name}.head_path: {models.AESTHETIC_HEADS[name].url}: "
-                                  f"{models.error_text(exc)}")
+                    errors.append(f"{step or self.name}.head_path: {AESTHETIC_HEADS[name].url}: "
+                                  f"{error_text(exc)}")
         return errors
 
     # ---- setup and scoring ---------------------------------------------------------------
@@ -171,8 +174,8 @@ class AestheticsStage(Stage):
         import torch
 
         started = time.perf_counter()
-        self.device_used = models.resolve_device(self.device)
-        self.threads = models.set_torch_threads(self.torch_threads)
+        self.device_used = resolve_device(self.device)
+        self.threads = set_torch_threads(self.torch_threads)
         self._model, self._preprocess, _ = self.clip.load(self.device_used, self.name)
         path, _ = self.head_file()
         try:
@@ -184,7 +187,7 @@ class AestheticsStage(Stage):
         if in_features(self._head) != embed_dim:
             raise ValueError(f"{self.name}.head_path: head reads {in_features(self._head)}-d embeddings but "
                              f"{self.clip.describe()} gives {embed_dim}-d; use the head trained on this CLIP")
-        models.MODEL_LOADS[self.name] += 1
+        instrument.count("model_load", self.name)
         self.load_seconds = time.perf_counter() - started
         log.info("aesthetics: %s + head %s on %s (%d threads) loaded in %.1fs",
                  self.clip.describe(), path, self.device_used, self.threads, self.load_seconds)
@@ -215,30 +218,24 @@ class AestheticsStage(Stage):
         if self._model is None:
             self.setup()
         n = len(batch["clip_id"])
-        scores: list[float] = models.nan_list(n)
+        scores: list[float] = nan_list(n)
         embeddings: list[list[float] | None] = [None] * n
         errors: list[str | None] = [None] * n
-        # Decode every keyframe of every clip to score; a bad clip fails alone.
-        todo = [i for i in range(n) if models.is_clip_row(batch, i)
-                and (not self.only_kept or models.is_kept(batch, i))]
-        images, owner, _ = models.decode_rows(batch, todo, decode_rgb, errors)
-        if images:
-            try:
-                emb = self.embed(images)  # (N_images, D)
-                per_image = self.score(emb)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: every clip of the batch failed
-                log.exception("aesthetics forward pass failed for %d images", len(images))
-                for i in set(owner):
-                    errors[i] = models.error_text(exc)
-            else:
-                owner_arr = np.asarray(owner)
-                for i in sorted(set(owner)):
-                    rows = owner_arr == i
-                    value = reduce_scores(per_image[rows], self.reduction)
-                    scores[i] = value if math.isfinite(value) else math.nan
-                    if not math.isfinite(value):
-                        errors[i] = "aesthetic head gave a non-finite score"
-                    embeddings[i] = l2_normalize(emb[rows].mean(axis=0)).astype(np.float32).tolist()
+        todo = [i for i in range(n) if is_clip_row(batch, i) and (not self.only_kept or is_kept(batch, i))]
+
+        def forward(keyframes):
+            emb = self.embed(keyframes.images)  # (N_images, D)
+            return emb, self.score(emb)
+
+        done = forward_keyframes(batch, todo, decode_rgb, forward, errors, "aesthetics forward pass")
+        if done is not None:
+            keyframes, (emb, per_image) = done
+            for _, i, mine in keyframes.by_clip():
+                value = reduce_scores(per_image[mine], self.reduction)
+                scores[i] = value if math.isfinite(value) else math.nan
+                if not math.isfinite(value):
+                    errors[i] = "aesthetic head gave a non-finite score"
+                embeddings[i] = l2_normalize(emb[mine].mean(axis=0)).astype(np.float32).tolist()
         return {**batch, "aesthetic_score": scores, "image_embedding": embeddings, "aesthetics_error": errors}
 
 

@@ -41,10 +41,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from curation import models
-from curation.models import WeightRequirement
+from stages import instrument
 from stages.base import Batch, Stage
-from stages.clip_models import OpenClipWeights, decode_rgb, preprocess_batch
+from stages.model_batch import error_text, is_clip_row, is_kept
+from stages.open_clip_loader import OpenClipWeights, decode_rgb, preprocess_batch
+from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
+from stages.weights import WeightRequirement
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +209,7 @@ class CaptionStage(Stage):
             raise ValueError(f"backend must be 'coca' or 'endpoint', got {backend!r}")
         if frames not in ("middle", "all"):
             raise ValueError(f"frames must be 'middle' or 'all', got {frames!r}")
-        models.validate_common(device, torch_threads)
+        validate_device_args(device, torch_threads)
         self.clip = OpenClipWeights(model, pretrained, model_config, cache_dir) if backend == "coca" else None
         if self.clip is not None:
             self.clip.validate()
@@ -271,12 +273,12 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         started = time.perf_counter()
         if self.clip is not None:
-            self.device_used = models.resolve_device(self.device)
-            self.threads = models.set_torch_threads(self.torch_threads)
+            self.device_used = resolve_device(self.device)
+            self.threads = set_torch_threads(self.torch_threads)
             self._model, self._preprocess, self._tokenizer = self.clip.load(self.device_used, self.name)
             if not hasattr(self._model, "text_decoder"):
                 raise ValueError(f"{self.name}.model: {self.clip.model} is not a CoCa model (no text decoder)")
-            models.MODEL_LOADS[self.name] += 1
+            instrument.count("model_load", self.name)
         if self.uses_endpoint:
             api_key = None
             if self.api_key_env:
@@ -339,7 +341,7 @@ class CaptionStage(Stage):
         sources: list[str | None] = [None] * n
         errors: list[str | None] = [None] * n
         # Rejected clips and source-error rows are not captioned at all.
-        todo = [i for i in range(n) if models.is_clip_row(batch, i) and models.is_kept(batch, i)]
+        todo = [i for i in range(n) if is_clip_row(batch, i) and is_kept(batch, i)]
         todo_frames = {}
         for i in todo:
             frames = batch["keyframes"][i] or []
@@ -357,7 +359,7 @@ class CaptionStage(Stage):
                 results = [exc] * len(rows)
             for i, result in zip(rows, results):
                 if isinstance(result, Exception):
-                    errors[i] = models.error_text(result)
+                    errors[i] = error_text(result)
                     del todo_frames[i]
                 else:
                     frame_captions[i] = result
@@ -371,5 +373,5 @@ class CaptionStage(Stage):
                     try:
                         captions[i], sources[i], errors[i] = future.result()
                     except Exception as exc:  # noqa: BLE001 - EndpointError or a bug: per clip
-                        errors[i] = models.error_text(exc)
+                        errors[i] = error_text(exc)
         return {**batch, "caption": captions, "caption_source": sources, "caption_error": errors}

@@ -24,10 +24,12 @@ from typing import Literal
 
 import numpy as np
 
-from curation import models
-from curation.models import WeightRequirement
+from stages import instrument
 from stages.base import Batch, Stage
-from stages.clip_models import OpenClipWeights, decode_rgb, l2_normalize, preprocess_batch
+from stages.model_batch import forward_keyframes, is_clip_row, is_kept, nan_list
+from stages.open_clip_loader import OpenClipWeights, decode_rgb, l2_normalize, preprocess_batch
+from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
+from stages.weights import WeightRequirement
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class ClipSimilarityStage(Stage):
         self.clip.validate()
         if reduction not in ("mean", "max", "min"):
             raise ValueError(f"reduction must be mean, max or min, got {reduction!r}")
-        models.validate_common(device, torch_threads)
+        validate_device_args(device, torch_threads)
         self.reduction = reduction
         self.device, self.torch_threads = device, torch_threads
         self._model = None
@@ -66,10 +68,10 @@ class ClipSimilarityStage(Stage):
 
     def setup(self) -> None:
         started = time.perf_counter()
-        self.device_used = models.resolve_device(self.device)
-        self.threads = models.set_torch_threads(self.torch_threads)
+        self.device_used = resolve_device(self.device)
+        self.threads = set_torch_threads(self.torch_threads)
         self._model, self._preprocess, self._tokenizer = self.clip.load(self.device_used, self.name)
-        models.MODEL_LOADS[self.name] += 1
+        instrument.count("model_load", self.name)
         self.load_seconds = time.perf_counter() - started
         log.info("clip_similarity: %s on %s (%d threads) loaded in %.1fs", self.clip.describe(),
                  self.device_used, self.threads, self.load_seconds)
@@ -92,34 +94,30 @@ class ClipSimilarityStage(Stage):
         if self._model is None:
             self.setup()
         n = len(batch["clip_id"])
-        scores: list[float] = models.nan_list(n)
+        scores: list[float] = nan_list(n)
         text_embeddings: list[list[float] | None] = [None] * n
         errors: list[str | None] = [None] * n
         captions = batch.get("caption") or [None] * n
         captioned = []
         for i in range(n):
-            if not models.is_clip_row(batch, i) or not models.is_kept(batch, i):
+            if not is_clip_row(batch, i) or not is_kept(batch, i):
                 continue  # rejected clips have no caption by design: nothing failed
             if not captions[i]:
                 errors[i] = "no caption to compare" + ("" if "caption" in batch else
                                                        " (no caption step before clip_similarity)")
                 continue
             captioned.append(i)
-        images, owner, rows = models.decode_rows(batch, captioned, decode_rgb, errors)
-        if rows:
-            try:
-                text = self.encode_texts([captions[i] for i in rows])  # (R, D)
-                image = self.encode_images(images)  # (N_images, D)
-            except Exception as exc:  # noqa: BLE001 - the batch's forward pass failed
-                log.exception("clip_similarity forward pass failed for %d clips", len(rows))
-                for i in rows:
-                    errors[i] = models.error_text(exc)
-            else:
-                owner_arr = np.asarray(owner)
-                for r, i in enumerate(rows):
-                    cosines = image[owner_arr == i] @ text[r]
-                    value = float(getattr(np, self.reduction)(cosines))
-                    scores[i] = value if math.isfinite(value) else math.nan
-                    text_embeddings[i] = text[r].tolist()
+        done = forward_keyframes(
+            batch, captioned, decode_rgb,
+            lambda keyframes: (self.encode_texts([captions[i] for i in keyframes.rows]),  # (R, D)
+                               self.encode_images(keyframes.images)),  # (N_images, D)
+            errors, "clip_similarity forward pass")
+        if done is not None:
+            keyframes, (text, image) = done
+            for r, i, mine in keyframes.by_clip():
+                cosines = image[mine] @ text[r]
+                value = float(getattr(np, self.reduction)(cosines))
+                scores[i] = value if math.isfinite(value) else math.nan
+                text_embeddings[i] = text[r].tolist()
         return {**batch, "clip_similarity": scores, "caption_embedding": text_embeddings,
                 "clip_similarity_error": errors}

@@ -29,7 +29,6 @@ Keyframes of one working size go through the detector in one batch.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Literal
@@ -37,9 +36,11 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from curation import models
-from curation.models import WeightRequirement
+from stages import instrument
 from stages.base import Batch, Stage
+from stages.model_batch import error_text, forward_keyframes, is_clip_row, is_kept, nan_list
+from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
+from stages.weights import WeightRequirement, missing_weights_message
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class OcrStage(Stage):
         if not 0.0 < low_text < 1.0 or not 0.0 <= add_margin <= 1.0 or min_size_px < 0:
             raise ValueError(f"low_text must be in (0, 1), add_margin in [0, 1] and min_size_px >= 0, "
                              f"got {low_text}, {add_margin}, {min_size_px}")
-        models.validate_common(device, torch_threads)
+        validate_device_args(device, torch_threads)
         self.detect_args = {"text_threshold": text_threshold, "low_text": low_text,
                             "add_margin": add_margin, "min_size": min_size_px}
         self.min_confidence = min_confidence
@@ -167,7 +168,7 @@ class OcrStage(Stage):
             try:
                 filename = recognition_file(self.languages)
             except Exception as exc:  # noqa: BLE001 - an unknown language is a missing model
-                filename = f"<no recogniser: {models.error_text(exc)}>"
+                filename = f"<no recogniser: {error_text(exc)}>"
             path = os.path.join(folder, filename)
             reqs.append(WeightRequirement(
                 f"{step}.model_dir", f"easyocr recogniser for {self.languages} ({source}; "
@@ -178,19 +179,20 @@ class OcrStage(Stage):
 
     def setup(self) -> None:
         started = time.perf_counter()
-        self.device_used = models.resolve_device(self.device)
-        self.threads = models.set_torch_threads(self.torch_threads)
+        self.device_used = resolve_device(self.device)
+        self.threads = set_torch_threads(self.torch_threads)
         missing = [r for r in self.weights() if not r.available]
         if missing:
-            raise FileNotFoundError(models.missing_weights_message(missing))
+            raise FileNotFoundError(missing_weights_message(missing))
         import easyocr
 
-        # The recogniser is always built by easyocr.Reader; with min_confidence 0 it is unused.
+        # The recogniser is loaded only when boxes are read (min_confidence > 0); the ratio needs
+        # only the detector, and weights() asks for the recogniser file only in that case.
         self._reader = easyocr.Reader(self.languages, gpu=self.device_used == "cuda",
                                       model_storage_directory=self.weights_dir(),
                                       download_enabled=False, verbose=False,
                                       recognizer=self.min_confidence > 0)
-        models.MODEL_LOADS[self.name] += 1
+        instrument.count("model_load", self.name)
         self.load_seconds = time.perf_counter() - started
         log.info("ocr: easyocr %s on %s (%d threads) loaded in %.1fs",
                  self.languages, self.device_used, self.threads, self.load_seconds)
@@ -218,22 +220,14 @@ class OcrStage(Stage):
         if self._reader is None:
             self.setup()
         n = len(batch["clip_id"])
-        ratios: list[float] = models.nan_list(n)
+        ratios: list[float] = nan_list(n)
         errors: list[str | None] = [None] * n
-        todo = [i for i in range(n) if models.is_clip_row(batch, i)
-                and (not self.only_kept or models.is_kept(batch, i))]
-        frames, owner, _ = models.decode_rows(
-            batch, todo, lambda j: decode_working(j, self.working_short_side_px), errors)
-        if frames:
-            try:
-                polygons = self.boxes(frames)
-            except Exception as exc:  # noqa: BLE001 - the detector failed for the whole batch
-                log.exception("ocr detection failed for %d frames", len(frames))
-                for i in set(owner):
-                    errors[i] = models.error_text(exc)
-            else:
-                per_frame = np.array([union_area_ratio(f.shape[:2], p) for f, p in zip(frames, polygons)])
-                owner_arr = np.asarray(owner)
-                for i in sorted(set(owner)):
-                    ratios[i] = float(getattr(np, self.reduction)(per_frame[owner_arr == i]))
+        todo = [i for i in range(n) if is_clip_row(batch, i) and (not self.only_kept or is_kept(batch, i))]
+        done = forward_keyframes(batch, todo, lambda j: decode_working(j, self.working_short_side_px),
+                                 lambda keyframes: self.boxes(keyframes.images), errors, "ocr detection")
+        if done is not None:
+            keyframes, polygons = done
+            per_frame = np.array([union_area_ratio(f.shape[:2], p) for f, p in zip(keyframes.images, polygons)])
+            for _, i, mine in keyframes.by_clip():
+                ratios[i] = float(getattr(np, self.reduction)(per_frame[mine]))
         return {**batch, "text_area_ratio": ratios, "ocr_error": errors}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model_fixtures as mf
-from curation import models
+from stages import instrument
 from stages.aesthetics import AestheticsStage
 
 torch.set_num_threads(1)
@@ -94,11 +94,11 @@ def test_head_for_another_clip_width_is_refused(tiny):
 
 
 def test_model_loads_once_per_setup(tiny):
-    before = models.MODEL_LOADS["aesthetics"]
+    before = instrument.counts("model_load")["aesthetics"]
     s = stage(tiny, tiny["linear"])
     for seed in (1, 2, 3):
         s(mf.clip_batch([mf.keyframes(seed)]))
-    assert models.MODEL_LOADS["aesthetics"] == before + 1
+    assert instrument.counts("model_load")["aesthetics"] == before + 1
 
 
 def test_weights_report_missing_files_with_their_keys(tiny, tmp_path, monkeypatch):

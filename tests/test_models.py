@@ -1,5 +1,6 @@
 """Weight requirements, `curate models check|download`, and open_clip weight resolution
-(curation/models.py and the shared loader stages/clip_models.py)."""
+(stages/weights.py, curation/weights_command.py, stages/torch_setup.py and the shared loader
+stages/open_clip_loader.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 import yaml
 
 import model_fixtures as mf
-from curation import models
 from curation.config import load_config
-from stages.clip_models import OpenClipWeights
+from curation.weights_command import config_weights, models_command
+from stages.open_clip_loader import OpenClipWeights
+from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
+from stages.weights import WeightRequirement, check_reachable, download_url, missing_weights_message
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def write_pipeline(path: Path, tiny: dict, head: str | None = None) -> Path:
 
 def test_config_weights_list_every_model_with_its_step_key(tiny, tmp_path):
     config = load_config(write_pipeline(tmp_path / "p.yaml", tiny))
-    keys = [(step.name, req.key, req.available) for step, req in models.config_weights(config)]
+    keys = [(step.name, req.key, req.available) for step, req in config_weights(config)]
     assert keys == [
         ("ocr", "ocr.model_dir", True),
         ("aesthetics", "aesthetics.model_config", True), ("aesthetics", "aesthetics.pretrained", True),
@@ -54,27 +57,27 @@ def test_config_weights_list_every_model_with_its_step_key(tiny, tmp_path):
 
 def test_check_exits_0_when_all_present_and_1_naming_the_missing_file(tiny, tmp_path, capsys):
     good = write_pipeline(tmp_path / "good.yaml", tiny)
-    assert models.models_command(["check", str(good)]) == 0
+    assert models_command(["check", str(good)]) == 0
     assert "MISSING" not in capsys.readouterr().out
     absent = tmp_path / "absent_head.pth"
     bad = write_pipeline(tmp_path / "bad.yaml", tiny, head=str(absent))
-    assert models.models_command(["check", str(bad)]) == 1
+    assert models_command(["check", str(bad)]) == 1
     captured = capsys.readouterr()
     assert f"MISSING: {absent}" in captured.out
     assert "aesthetics.head_path" in captured.err and str(absent) in captured.err
     # --set overrides apply as for `curate run`.
-    assert models.models_command(["check", str(bad), "--set", f"aesthetics.head_path={tiny['head']}"]) == 0
+    assert models_command(["check", str(bad), "--set", f"aesthetics.head_path={tiny['head']}"]) == 0
 
 
 def test_check_on_a_bad_config_is_a_usage_error(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"steps": [{"stage": "split"}, {"stage": "aesthetics", "args": {"bogus": 1}}]}))
-    assert models.models_command(["check", str(path)]) == 2
+    assert models_command(["check", str(path)]) == 2
 
 
 def test_missing_message_names_key_and_file():
-    text = models.missing_weights_message([models.WeightRequirement("aes.head_path", "aesthetic head",
-                                                                    "/nowhere/h.pth", False)])
+    text = missing_weights_message([WeightRequirement("aes.head_path", "aesthetic head",
+                                                      "/nowhere/h.pth", False)])
     assert "aes.head_path" in text and "/nowhere/h.pth" in text and "curate models download" in text
 
 
@@ -135,32 +138,32 @@ def test_download_url_is_atomic_and_times_out(tmp_path, delay_s):
         if delay_s:
             started = time.monotonic()
             with pytest.raises(OSError):  # TimeoutError / URLError: never a hang
-                models.download_url(url, target, timeout_s=0.3)
+                download_url(url, target, timeout_s=0.3)
             assert time.monotonic() - started < 1.5
             assert not target.exists() and not list(target.parent.glob("*.part"))
         else:
-            assert models.download_url(url, target, timeout_s=5).read_bytes() == b"head!"
+            assert download_url(url, target, timeout_s=5).read_bytes() == b"head!"
     finally:
         server.shutdown()
         server.server_close()
 
 
 def test_download_with_nothing_to_fetch_succeeds(tiny, tmp_path):
-    assert models.models_command(["download", str(write_pipeline(tmp_path / "p.yaml", tiny))]) == 0
+    assert models_command(["download", str(write_pipeline(tmp_path / "p.yaml", tiny))]) == 0
 
 
 def test_device_and_threads_helpers():
-    assert models.resolve_device("cpu") == "cpu"
-    assert models.resolve_device("auto") in ("cpu", "cuda")
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
     import torch
 
     before = torch.get_num_threads()
     try:
-        assert models.set_torch_threads(1) == 1
+        assert set_torch_threads(1) == 1
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="device"):
-        models.validate_common("gpu", None)
+        validate_device_args("gpu", None)
 
 
 def test_unreachable_host_fails_fast_not_after_minutes_of_retries(monkeypatch):
@@ -174,5 +177,5 @@ def test_unreachable_host_fails_fast_not_after_minutes_of_retries(monkeypatch):
     sock.close()
     started = time.monotonic()
     with pytest.raises(ConnectionError, match="needs a machine with internet access"):
-        models.check_reachable(f"https://127.0.0.1:{port}/x.pth", timeout_s=2)
+        check_reachable(f"https://127.0.0.1:{port}/x.pth", timeout_s=2)
     assert time.monotonic() - started < 2.5

@@ -16,7 +16,8 @@ import model_fixtures as mf
 import cv2
 import numpy as np
 
-from curation import models, synth
+from curation import synth
+from stages import instrument
 from stages.ocr import OcrStage, union_area_ratio
 
 torch.set_num_threads(1)
@@ -45,7 +46,7 @@ def test_text_area_ratio_matches_drawn_text(ocr):
     subtitle = mf.keyframes(43, SIZE, "a small subtitle line", 0.15)
     plain = mf.keyframes(42, SIZE)
     middle_only = [plain[0], big[1], plain[2]]
-    before = models.MODEL_LOADS["ocr"]
+    before = instrument.counts("model_load")["ocr"]
     out = ocr(mf.clip_batch([big, subtitle, plain, middle_only, [b"junk"] * 3, None]))
     ratio = out["text_area_ratio"]
     for i, (text, frac) in enumerate([("BIG TEXT OVERLAY", 0.3), ("a small subtitle line", 0.15)]):
@@ -60,7 +61,7 @@ def test_text_area_ratio_matches_drawn_text(ocr):
     # Batched detection gives what one clip alone gives.
     (alone,) = ocr(mf.clip_batch([subtitle]))["text_area_ratio"]
     assert alone == pytest.approx(ratio[1], abs=1e-6)
-    assert models.MODEL_LOADS["ocr"] == before  # no reload per batch
+    assert instrument.counts("model_load")["ocr"] == before  # no reload per batch
 
 
 def test_mean_reduction_and_only_kept():

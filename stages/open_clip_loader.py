@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.models import WeightRequirement
+from stages.model_batch import error_text
+from stages.weights import WeightRequirement, check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class OpenClipWeights:
         cfg = self.tag_config()
         if not cfg:
             raise ValueError(f"unknown pretrained tag {self.pretrained!r} for {self.model}")
-        from curation.models import check_reachable
-
         if cfg.get("hf_hub") and oc_pretrained.has_hf_hub():
             from huggingface_hub import constants
 
@@ -178,8 +177,6 @@ class OpenClipWeights:
 
     def download_errors(self, step: str, timeout_s: float) -> list[str]:
         """download(), with a failure reported as "<step>.pretrained: <error>" instead of raised."""
-        from curation.models import error_text
-
         try:
             self.download(timeout_s)
         except Exception as exc:  # noqa: BLE001 - `curate models download` reports every failure
