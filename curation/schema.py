@@ -104,7 +104,8 @@ INTERNAL_FIELDS: list[pa.Field] = [
     pa.field("unit_id", pa.string()),
     pa.field("sample_frames", pa.list_(pa.binary())),  # JPEG frames at sample_fps for motion
     pa.field("sample_fps", pa.float64()),
-    pa.field("stage_seconds", pa.map_(pa.string(), pa.float64())),  # busy time per step, per row
+    # (and "seconds_<step>", float: busy time per step per row, added in curation/unit.py; the
+    # writer sums them into the ledger entry's "stage_seconds": curation/writer.py)
 ]
 
 SCORES_SCHEMA = pa.schema(
