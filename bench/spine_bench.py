@@ -3,11 +3,14 @@
     python bench/spine_bench.py                      # demo footage + a generated 1080p source
     python bench/spine_bench.py --input DIR_OR_FILE  # your footage (repeatable)
     python bench/spine_bench.py --long-seconds 0     # skip the generated 1080p source
+    python bench/spine_bench.py --set split.preset=ultrafast   # the spine with config overrides
 
 Prints, per footage set:
 - wall time of a PyAV decode-only pass over the files (every frame decoded, nothing else);
 - wall time of the spine on the same files, in-process (one process, like the decode pass);
 - their ratio (target: spine <= 2.5x decode-only), decodes per source (target: exactly 1);
+- the CPU time of each (all threads): on a machine whose cores decoding alone keeps busy, the
+  spine's CPU over the decode pass's bounds the ratio from below;
 - peak RSS of the process doing each (target: bounded regardless of video length; the
   generated long 1080p source is run at two lengths to show it does not grow).
 Optionally (--ray) the same spine on the embedded Ray cluster, wall time including start-up.
@@ -50,7 +53,7 @@ def _peak_rss_mb() -> float:
 def decode_only(paths: list[str]) -> dict:
     import av
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     frames = 0
     for path in paths:
         try:
@@ -61,15 +64,16 @@ def decode_only(paths: list[str]) -> dict:
                     frames += 1
         except Exception:  # noqa: BLE001 - unreadable files count as decoded (the spine records them)
             pass
-    return {"wall_s": time.perf_counter() - started, "frames": frames, "peak_rss_mb": _peak_rss_mb()}
+    return {"wall_s": time.perf_counter() - started, "frames": frames, "peak_rss_mb": _peak_rss_mb(),
+            "cpu_s": time.process_time() - cpu0}
 
 
-def spine(paths: list[str], out_dir: str, executor_name: str = "local") -> dict:
+def spine(paths: list[str], out_dir: str, executor_name: str = "local", overrides: list[str] | None = None) -> dict:
     from curation.config import load_config
     from curation.runner import run_local, run_pipeline
-    from stages import split
+    from stages import instrument
 
-    config = load_config(REPO / "configs" / "spine.yaml")
+    config = load_config(REPO / "configs" / "spine.yaml", overrides or [])
     if executor_name == "ray":
         from curation.pipeline import run_ray
 
@@ -77,14 +81,15 @@ def spine(paths: list[str], out_dir: str, executor_name: str = "local") -> dict:
             return run_ray(cfg, units, store, num_cpus=2, object_store_mb=500)
     else:
         executor = run_local
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     record = run_pipeline(config, paths, out_dir, executor, overwrite=True)
     wall = time.perf_counter() - started
-    passes = [split.DECODE_PASSES[p] for p in split.DECODE_PASSES]
+    passes = list(instrument.counts("decode_pass").values())
     return {"wall_s": wall, "clips": record["clips"], "kept": record["kept"],
             "decodes_per_source": (sum(passes) / len(passes)) if passes else None,
             "max_decodes_of_a_source": max(passes) if passes else None,
-            "stage_busy_s": record["stage_busy_seconds"], "peak_rss_mb": _peak_rss_mb()}
+            "stage_busy_s": record["stage_busy_seconds"], "peak_rss_mb": _peak_rss_mb(),
+            "cpu_s": time.process_time() - cpu0}
 
 
 def _child(fn, args, queue):
@@ -112,19 +117,21 @@ def make_long_source(path: Path, seconds: float) -> dict:
                                     "speed_px_per_frame": 2.0}], fps, (1920, 1080))
 
 
-def measure(name: str, paths: list[str], work: Path, with_ray: bool) -> None:
+def measure(name: str, paths: list[str], work: Path, with_ray: bool, overrides: list[str]) -> None:
     dec = in_child(decode_only, paths)
-    sp = in_child(spine, paths, str(work / f"out-{name}"))
+    sp = in_child(spine, paths, str(work / f"out-{name}"), "local", overrides)
     print(f"\n== {name}: {len(paths)} files, {dec['frames']} frames decoded")
     print(f"decode-only        {dec['wall_s']:8.2f} s   peak RSS {dec['peak_rss_mb']:7.0f} MB")
     print(f"spine (in-process) {sp['wall_s']:8.2f} s   peak RSS {sp['peak_rss_mb']:7.0f} MB   "
           f"clips {sp['clips']} kept {sp['kept']}")
     print(f"ratio spine/decode {sp['wall_s'] / dec['wall_s']:8.2f} x   (target <= 2.5)")
+    print(f"CPU decode / spine {dec['cpu_s']:8.2f} s / {sp['cpu_s']:.2f} s = {sp['cpu_s'] / dec['cpu_s']:.2f}x "
+          f"(all threads; overrides: {' '.join(overrides) or 'none'})")
     print(f"decodes per source {sp['decodes_per_source']:8.2f}     (max {sp['max_decodes_of_a_source']}, target 1)")
     busy = ", ".join(f"{k} {v:.1f}s" for k, v in sp["stage_busy_s"].items())
     print(f"stage busy time    {busy}")
     if with_ray:
-        ray_run = in_child(spine, paths, str(work / f"out-{name}-ray"), "ray")
+        ray_run = in_child(spine, paths, str(work / f"out-{name}-ray"), "ray", overrides)
         print(f"spine on Ray (2 CPUs, incl. start-up) {ray_run['wall_s']:.2f} s")
 
 
@@ -136,6 +143,8 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also time the spine on the embedded Ray cluster")
     parser.add_argument("--work-dir", default=None, help="where footage and outputs go (default: a temp dir)")
     parser.add_argument("--skip-demo", action="store_true", help="only the generated 1080p source")
+    parser.add_argument("--set", action="append", default=[], metavar="STEP.ARG=VALUE",
+                        help="config override for the spine (repeatable), as for curate run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -148,7 +157,7 @@ def main() -> None:
     elif args.input:
         from curation.sources import discover
 
-        measure("your footage", [s.path for s in discover(args.input)], work, args.ray)
+        measure("your footage", [s.path for s in discover(args.input)], work, args.ray, args.set)
     else:
         from curation import synth
         from curation.sources import discover
@@ -156,7 +165,7 @@ def main() -> None:
         demo = work / "demo"
         if not demo.is_dir():
             synth.make_demo_footage(demo)
-        measure("demo footage", [s.path for s in discover([str(demo)])], work, args.ray)
+        measure("demo footage", [s.path for s in discover([str(demo)])], work, args.ray, args.set)
     if args.long_seconds > 0:
         for seconds in (args.long_seconds / 3, args.long_seconds):
             path = work / f"long_1080p_{seconds:.0f}s.mp4"
@@ -166,7 +175,7 @@ def main() -> None:
                 tmp = path.with_name(f".tmp-{path.name}")
                 in_child(make_long_source, tmp, seconds)
                 tmp.rename(path)
-            measure(f"1080p single shot, {seconds:.0f} s", [str(path)], work, False)
+            measure(f"1080p single shot, {seconds:.0f} s", [str(path)], work, False, args.set)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Video curation: raw footage -> single-shot clips -> scores -> filtered training shards."""
 
-from curation import compat as _compat
-
-# torchvision (pulled in by open_clip and easyocr) needs its ops defined before import on
-# CPU torch; the hook does that on first import of torchvision, and costs nothing otherwise.
-_compat.install_import_hook()
+# Importing the stages installs the torchvision compatibility hook (stages/compat.py) before
+# anything here can import torchvision.
+import stages  # noqa: F401

@@ -1,7 +1,8 @@
 """The Ray executor: a Ray task per work unit, model steps on actor pools, the driver commits.
 
-Ray's APIs are used here and in training/ray_train.py only (their arguments change between
-releases, so each use lives in one place).
+Ray's APIs are used here, in training/ray_train.py (Ray Train) and in training/study.py's
+Ray runner (plain tasks); each use lives in one place, since their arguments change between
+releases.
 
 - Each unit runs as one task (curation/unit.py's UnitWorker): split and the CPU steps source
   by source, then the unit's rows through the later steps, then the unit's data files are
@@ -26,7 +27,7 @@ releases, so each use lives in one place).
 
 Without an address Ray starts an embedded local cluster; with one (`auto`, `ray://...` or
 `host:port`) the same pipeline runs on an existing cluster. Every worker installs the
-torchvision compatibility hook (curation.compat.worker_setup) before running anything.
+torchvision compatibility hook (stages.compat.worker_setup) before running anything.
 """
 
 from __future__ import annotations
@@ -449,7 +450,7 @@ def init_ray(address: str | None, num_cpus: int | None = None,
 
     if ray.is_initialized():
         return
-    runtime_env = {"worker_process_setup_hook": "curation.compat.worker_setup"}
+    runtime_env = {"worker_process_setup_hook": "stages.compat.worker_setup"}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING,
                               "log_to_driver": True}
     if address is None:

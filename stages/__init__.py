@@ -1,13 +1,19 @@
 """Pipeline stages. STAGES is the one table from pipeline.yaml stage names to classes."""
 
-from stages.aesthetics import AestheticsStage
-from stages.caption import CaptionStage
-from stages.clip_similarity import ClipSimilarityStage
-from stages.fault import FaultStage
-from stages.filter import FilterStage
-from stages.motion import MotionStage
-from stages.ocr import OcrStage
-from stages.split import SplitStage
+from stages import compat as _compat
+
+# torchvision (pulled in by open_clip and easyocr) needs its ops defined before import on
+# CPU torch; the hook does that on first import of torchvision, and costs nothing otherwise.
+_compat.install_import_hook()
+
+from stages.aesthetics import AestheticsStage  # noqa: E402  (after the hook, like every stage)
+from stages.caption import CaptionStage  # noqa: E402
+from stages.clip_similarity import ClipSimilarityStage  # noqa: E402
+from stages.fault import FaultStage  # noqa: E402
+from stages.filter import FilterStage  # noqa: E402
+from stages.motion import MotionStage  # noqa: E402
+from stages.ocr import OcrStage  # noqa: E402
+from stages.split import SplitStage  # noqa: E402
 
 STAGES = {
     "split": SplitStage,

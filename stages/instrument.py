@@ -8,6 +8,7 @@ or the actor itself).
 
 Events counted now:
   model_load    key: the stage name; one per model loaded in setup()
+  decode_pass   key: the source path; one per decode pass split opens
 """
 
 from __future__ import annotations

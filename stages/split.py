@@ -56,6 +56,7 @@ import cv2
 from av.video.reformatter import VideoReformatter
 import numpy as np
 
+from stages import instrument
 from stages.base import Batch, Stage, clip_id_for
 from stages.dissolve import DissolveDetector, thumbnail
 
@@ -63,8 +64,6 @@ log = logging.getLogger(__name__)
 
 DetectorName = Literal["content", "adaptive", "threshold", "cascade"]
 
-# Decode passes opened per source path in this process (read by bench/spine_bench.py).
-DECODE_PASSES: collections.Counter[str] = collections.Counter()
 
 # The SVD-style cascade: the union of the cuts of several detectors, so that hard cuts
 # (content), cuts during camera motion (adaptive), fades through black (threshold) and
@@ -349,6 +348,67 @@ class _Frame(NamedTuple):
     dark: bool  # near black (a fade's dark frames): never the first or last frame of a clip
 
 
+class _Scaled(NamedTuple):
+    """A decoded frame after the work that needs no other frame (FrameScaler, detector copy)."""
+
+    time: float | None  # the frame's timestamp in seconds, as decoded
+    bgr: np.ndarray
+    encodable: av.VideoFrame | None
+    detect: np.ndarray  # the small copy the detectors read
+    dark: bool
+
+
+class _DecodeAhead:
+    """Decode and scale up to `depth` frames ahead in a thread, while the caller runs the
+    detectors and cuts clips: decoding, swscale and cv2 release the GIL, so on a second core
+    they overlap the detectors' Python. Frames come out in order; an exception in the thread
+    is raised in the caller, at the point the stream reached. depth 0 does it all inline."""
+
+    _END = object()
+
+    def __init__(self, frames, prepare, depth: int):
+        self._frames, self._prepare, self._depth = frames, prepare, depth
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="split-decode", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for frame in self._frames:
+                if self._stop.is_set():
+                    return
+                self._queue.put(self._prepare(frame))
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer, raised there)
+            self._queue.put(exc)
+        finally:
+            self._queue.put(self._END)
+
+    def __iter__(self):
+        if self._thread is None:
+            yield from map(self._prepare, self._frames)
+            return
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it must not touch the container once it closes)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                while True:
+                    self._queue.get_nowait()  # unblock a put()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.01)
+
+
 CLIP_TIME_BASE = Fraction(1, 90000)  # clips keep their frames' own timing, in MPEG ticks
 
 
@@ -522,6 +582,7 @@ class SplitStage(Stage):
         decode_threads: int = 0,
         merge_cuts_within_frames: int = 2,
         trim_dark_below: float = 12.0,
+        decode_ahead_frames: int = 8,
     ):
         if detector not in ("content", "adaptive", "threshold", "cascade"):
             raise ValueError(f"detector={detector!r}; allowed: content, adaptive, threshold, cascade")
@@ -537,9 +598,10 @@ class SplitStage(Stage):
             raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in 0..51, got {crf}")
-        if trim_frames < 0 or min_scene_len_frames < 1 or decode_threads < 0 or merge_cuts_within_frames < 0:
-            raise ValueError("trim_frames, decode_threads and merge_cuts_within_frames must be >= 0, "
-                             "min_scene_len_frames >= 1")
+        if min(trim_frames, decode_threads, merge_cuts_within_frames, decode_ahead_frames) < 0 \
+                or min_scene_len_frames < 1:
+            raise ValueError("trim_frames, decode_threads, merge_cuts_within_frames and decode_ahead_frames "
+                             "must be >= 0, min_scene_len_frames >= 1")
         if detector == "cascade":
             specs = cascade if cascade is not None else DEFAULT_CASCADE
             if not specs:
@@ -569,6 +631,7 @@ class SplitStage(Stage):
         self.decode_threads = decode_threads
         self.merge_cuts_within_frames = merge_cuts_within_frames
         self.trim_dark_below = trim_dark_below
+        self.decode_ahead_frames = decode_ahead_frames
 
     def min_frames(self, rate: Fraction) -> int:
         return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
@@ -620,7 +683,7 @@ class SplitStage(Stage):
         `stats` (if given) receives frames decoded, the longest shot in frames and the rate.
         """
         stats = {} if stats is None else stats
-        DECODE_PASSES[path] += 1
+        instrument.count("decode_pass", path)
         if os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
         container = av.open(path)
@@ -657,11 +720,13 @@ class SplitStage(Stage):
 
     def _segment(self, frames, rate: Fraction, stats: dict[str, Any]):
         segmenter = _Segmenter(self, rate, stats)
+        ahead = _DecodeAhead(frames, segmenter.prepare, self.decode_ahead_frames)
         try:
-            for frame in frames:
+            for frame in ahead:
                 yield from segmenter.push(frame)
             yield from segmenter.end()
         finally:
+            ahead.close()  # before the caller closes the container: the thread may be decoding
             segmenter.abort()
 
 
@@ -737,10 +802,10 @@ class _Segmenter:
         small_w = min(self.stage.detect_width_px, size[0])
         self.detect_size = (even(small_w), even(small_w * size[1] / size[0]))
 
-    def _time(self, frame: av.VideoFrame) -> float:
-        """Seconds since the first frame; a jump back (a spliced or broken stream) is a cut,
-        and time goes on from the frame before it."""
-        t = float(frame.time) if frame.time is not None else self.index / float(self.rate)
+    def _time(self, time: float | None) -> float:
+        """Seconds since the first frame, from a frame's timestamp `time`; a jump back (a
+        spliced or broken stream) is a cut, and time goes on from the frame before it."""
+        t = float(time) if time is not None else self.index / float(self.rate)
         if self.t0 is None:
             self.t0 = t
         t = t - self.t0 + self.shift
@@ -752,16 +817,21 @@ class _Segmenter:
         self.last_t = max(self.last_t, t)
         return t
 
-    def push(self, frame: av.VideoFrame):
-        """Take the next decoded frame; yield the clips it lets finish."""
-        self.index += 1
+    def prepare(self, frame: av.VideoFrame) -> _Scaled:
+        """The per-frame work that needs no other frame (run ahead, in the decoding thread)."""
         if self.scaler is None:
             self._start(frame)
         small, encodable = self.scaler(frame)
         # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
         detect = cv2.resize(small, self.detect_size, interpolation=cv2.INTER_LINEAR)
         dark = float(np.mean(cv2.mean(detect)[:3])) < self.stage.trim_dark_below
-        self.pending.append(_Frame(self.index, self._time(frame), small, encodable, dark))
+        return _Scaled(frame.time, small, encodable, detect, dark)
+
+    def push(self, scaled: _Scaled):
+        """Take the next prepared frame; yield the clips it lets finish."""
+        self.index += 1
+        small, encodable, detect, dark = scaled.bgr, scaled.encodable, scaled.detect, scaled.dark
+        self.pending.append(_Frame(self.index, self._time(scaled.time), small, encodable, dark))
         timecode = self._timecode(self.index, fps=self.rate)
         for d in self.order:
             for cut in self.detectors[d].process_frame(timecode, detect):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from curation.compat import nms_reference
+from stages.compat import nms_reference
 
 
 def brute_force_nms(boxes, scores, iou_threshold):

@@ -10,7 +10,7 @@ exist", because ``torchvision/_meta_registrations.py`` registers fake kernels fo
 two operators in the ``torchvision`` namespace with a pure-torch implementation, so the
 import succeeds and ``torch.ops.torchvision.nms`` computes real non-maximum suppression.
 It must run before torchvision is imported. ``install_import_hook()`` (called by
-``curation/__init__.py``) arranges that at no cost: a meta-path finder runs ``install()``
+``stages/__init__.py``) arranges that at no cost: a meta-path finder runs ``install()``
 the first time anything imports torchvision, so processes that never touch torch do not
 pay for importing it. The Ray runner passes ``worker_setup`` as the
 ``worker_process_setup_hook``, so every Ray worker does the same.
