@@ -45,6 +45,17 @@ class Stage:
         raise NotImplementedError
 
 
+def produced_columns() -> set[str]:
+    """Every column some stage class declares in `outputs` (each defined stage, so every
+    stage of the STAGES table once `stages` is imported)."""
+    columns, todo = set(), list(Stage.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        columns.update(cls.outputs)
+        todo.extend(cls.__subclasses__())
+    return columns
+
+
 def batch_len(batch: Batch) -> int:
     for values in batch.values():
         return len(values)

@@ -25,15 +25,7 @@ from stages.rules import (  # noqa: F401  (re-exported: the rule language lives 
     rule_reasons,
     validate_rules,
 )
-from stages.base import Batch, Stage
-
-
-def produced_columns() -> list[str]:
-    """Columns some stage produces: what a rule can name here. The config check narrows this
-    to the numeric scores columns of the data contract (curation.schema.NUMERIC_COLUMNS)."""
-    from stages import STAGES  # noqa: PLC0415  (stages/__init__ imports this module)
-
-    return sorted({c for stage in STAGES.values() for c in stage.outputs} - set(FilterStage.outputs))
+from stages.base import Batch, Stage, produced_columns
 
 
 class FilterStage(Stage):
@@ -43,7 +35,9 @@ class FilterStage(Stage):
     outputs = ("keep", "reject_reasons")
 
     def __init__(self, rules: dict[str, dict[str, float]] | None = None):
-        self.rules = validate_rules(rules or {}, produced_columns())
+        # Any column some stage produces; the config check narrows this to the numeric scores
+        # columns of the data contract (curation.schema.NUMERIC_COLUMNS).
+        self.rules = validate_rules(rules or {}, sorted(produced_columns() - set(self.outputs)))
         self.inline_rules = absolute_rules(self.rules)
 
     @property

@@ -544,3 +544,33 @@ def test_adaptive_reuses_the_content_score_and_cuts_the_same(footage, monkeypatc
     separate = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
     assert calls["AdaptiveDetector"] == calls["ContentDetector"] > 0
     assert shared == separate and len(shared) > 1
+
+
+def test_decoding_ahead_in_a_thread_gives_the_same_clips_and_errors(footage, tmp_path):
+    """decode_ahead_frames moves decoding and scaling to a thread: the clips are the same as
+    decoding inline (every column; the encoded video decodes to the same pictures, its bytes
+    are not repeatable even between two inline runs), and a decode error is still recorded."""
+    import threading
+
+    root, _ = footage
+    threads = threading.active_count()
+    inline, ahead = (SplitStage(detector="cascade", min_duration_s=0.5, decode_ahead_frames=d) for d in (0, 4))
+    for name in ("cuts.mp4", "pan.mp4"):
+        a, b = clips_of(inline, root / name), clips_of(ahead, root / name)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert {k: v for k, v in x.items() if k != "video"} == {k: v for k, v in y.items() if k != "video"}
+            fx, fy = decode(x["video"])[0], decode(y["video"])[0]
+            assert len(fx) == len(fy) == x["end_frame"] - x["start_frame"]
+            assert max(np.abs(u.astype(int) - v.astype(int)).mean() for u, v in zip(fx, fy)) < 2.0
+    bad = tmp_path / "garbage.mp4"
+    synth.write_corrupt_video(bad, root / "cuts.mp4", mode="garbage")
+    a, b = inline.split_source(str(bad), "g"), ahead.split_source(str(bad), "g")
+    assert a == b and "decoding stopped after" in b[-1]["split_error"]
+    # The decoding runs on its own thread, and a consumer that stops early (here after the
+    # first clip) stops it.
+    clips = ahead.iter_clips(str(root / "cuts.mp4"))
+    next(clips)
+    assert "split-decode" in [t.name for t in threading.enumerate()]
+    clips.close()
+    assert threading.active_count() == threads

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from training.config import TrainConfig
 from training.data import decode_jpeg, decode_video, load_autoencoder, resize_center_crop
-from training.stream import DataPlan, read_row_group
+from training.stream import DataPlan, latent_file, read_row_group
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,6 @@ def latent_dir_for(cfg: TrainConfig, cache_dir: str) -> str:
     key = json.dumps([os.path.abspath(cfg.latent_autoencoder), cfg.resolution_px, cfg.is_video,
                       cfg.num_frames, cfg.frame_stride])
     return os.path.join(cache_dir, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
-
-
-def latent_file(latent_dir: str, path: str, row_group: int) -> str:
-    key = f"{os.path.abspath(path)}:{os.path.getsize(path)}:{row_group}"
-    return os.path.join(latent_dir, f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet")
-
-
-def read_latents(latent_dir: str, path: str, row_group: int) -> pa.Table:
-    return pq.read_table(latent_file(latent_dir, path, row_group))
 
 
 def latent_frames(row: dict, cfg: TrainConfig) -> tuple[np.ndarray, int]:

@@ -27,6 +27,7 @@ caption size) gets weight 0 in its slot and is reported with the batch; the loop
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -156,14 +157,18 @@ def read_row_group(path: str, row_group: int, columns: list[str]) -> pa.Table:
     return conform(table, pa.schema([SHARDS_SCHEMA.field(c) for c in columns]))
 
 
+def latent_file(latent_dir: str, path: str, row_group: int) -> str:
+    """Where the latent cache (training/latents.py writes it) keeps one row group's latents."""
+    key = f"{os.path.abspath(path)}:{os.path.getsize(path)}:{row_group}"
+    return os.path.join(latent_dir, f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet")
+
+
 def read_piece(piece: Piece, columns: list[str], select: dict, latent_dir: str = "") -> pa.Table:
     """A piece's rows: its row group, filtered by `select`, sliced to [lo, hi); plus latents in latent mode."""
     read = list(dict.fromkeys(list(columns) + list(select)))
     table = read_row_group(piece.path, piece.row_group, read)
     if latent_dir:
-        from training.latents import read_latents
-
-        latents = read_latents(latent_dir, piece.path, piece.row_group)
+        latents = pq.read_table(latent_file(latent_dir, piece.path, piece.row_group))
         for name in latents.column_names:
             table = table.append_column(name, latents.column(name))
     if select:
