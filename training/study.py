@@ -74,9 +74,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import schema
-from stages.rules import (Rules, effective_bounds, evaluate_rows, filter_steps, float_values, fmt,
-                            is_percentile, reason_column, resolve_percentile)
 from curation.writer import OutputStore, write_json
+from stages.rules import (Rules, evaluate_rows, filter_steps, float_values, fmt, is_percentile, reason_column,
+                          resolve_percentile)
+from stages.rules import effective_steps as rules_effective_steps
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,8 @@ def load_corpus(out_dir: str) -> Corpus:
 
 def effective_steps(corpus: Corpus) -> list[tuple[str, Rules]]:
     """The run's rules with percentile rules replaced by their resolved min/max."""
-    return [(name, {c: effective_bounds(b, (corpus.resolved.get(name) or {}).get(c)) for c, b in rules.items()})
-            for name, rules in corpus.steps]
+    resolved = {name: r or {} for name, r in (corpus.resolved or {}).items()}
+    return [(name, rules) for (name, _), rules in zip(corpus.steps, rules_effective_steps(corpus.steps, resolved))]
 
 
 def keep_under(corpus: Corpus, steps: list[tuple[str, Rules]]) -> np.ndarray:
