@@ -367,7 +367,7 @@ class _DecodeAhead:
     _END = object()
 
     def __init__(self, frames, prepare, depth: int):
-        self._frames, self._prepare, self._depth = frames, prepare, depth
+        self._frames, self._prepare = frames, prepare
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if depth > 0:
