@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     log.info("logging to %s", log_to_file(out / "logs"))
     if args.runner == "local":
-        executor = run_local
+        def executor(cfg, units, store):
+            return run_local(cfg, units, store, workers=args.num_cpus)
     else:
         from curation.pipeline import run_ray
 
@@ -162,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", default=None,
                    help="run on an existing Ray cluster (e.g. auto); default: embedded local cluster")
     r.add_argument("--runner", choices=["ray", "local"], default="ray",
-                   help="local: run the same stages in-process without Ray (debugging)")
-    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray cluster")
+                   help="local: run the same stages in-process without Ray (one machine, debugging)")
+    r.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the embedded Ray cluster; with --runner local, its threads (default: all cores)")
     r.add_argument("--object-store-mb", type=int, default=None,
                    help="object store size of the embedded Ray cluster")
     r.add_argument("--overwrite", action="store_true", help="discard earlier results in OUTPUT")

@@ -1,7 +1,7 @@
 """Drive a run: discover sources, plan units, execute them, commit units, record the run.
 
 Two executors run the same stage objects through curation/unit.py's UnitWorker:
-- `run_local` (in-process, one unit after another): tests, debugging, small jobs;
+- `run_local` (in-process, a thread per core): tests, debugging, one machine;
 - `curation.pipeline.run_ray` (a Ray task per unit, model steps on actor pools): the default.
 Each writes a unit's data files where it ran and yields the unit's ledger entry (a small
 record); the driver writes that entry last, which commits the unit (`OutputStore.write_ledger`).
@@ -10,13 +10,17 @@ Units commit as they finish, so a kill loses at most the units in flight.
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
+import itertools
+import os
 import logging
 import platform
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +48,44 @@ def package_versions() -> dict[str, str | None]:
 
 # ---- the in-process executor ---------------------------------------------------------------
 
-def run_local(config: PipelineConfig, units: list[Unit], store: OutputStore) -> Iterator[dict[str, Any]]:
-    """The in-process executor: the same stage objects, no Ray, one unit after another.
+def run_local(config: PipelineConfig, units: list[Unit], store: OutputStore,
+              workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """The in-process executor: the same stage objects, no Ray.
 
-    It writes each unit's data files and yields its ledger entry for the driver to commit.
-    A source that crashes or hangs the process takes the run with it here (no guard: it would
-    end this process); the Ray runner contains such sources.
+    `workers` threads (default: one per core) split sources and run the CPU steps after split,
+    so one process keeps every core busy: decoding, swscale, x264, OpenCV and numpy release
+    the GIL. Up to `workers` units are open at once; their sources share the threads. A model
+    step runs for one unit at a time (its model is loaded once and is not shared between
+    threads). Each unit's data files are written where it finished, and the ledger entries
+    are yielded in unit order for the driver to commit, so the outputs are those of one
+    unit after another. A source that crashes or hangs the process takes the run with it
+    here (no guard: it would end this process); the Ray runner contains such sources.
     """
+    workers = max(1, workers or os.cpu_count() or 1)
     stages = {step.name: step.build() for step in config.steps}
     for stage in stages.values():
         stage.setup()
-    worker = UnitWorker(config, lambda step: stages[step.name])
-    for unit in units:
-        yield worker.run(unit, store)
+    if workers == 1 or not units:
+        worker = UnitWorker(config, lambda step: stages[step.name])
+        for unit in units:
+            yield worker.run(unit, store)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="source") as source_pool, \
+            ThreadPoolExecutor(workers, thread_name_prefix="unit") as unit_pool:
+        worker = UnitWorker(config, lambda step: stages[step.name], source_pool=source_pool)
+        open_units: collections.deque[Future] = collections.deque()
+        todo = iter(units)
+        try:
+            for unit in itertools.islice(todo, workers):
+                open_units.append(unit_pool.submit(worker.run, unit, store))
+            while open_units:
+                entry = open_units.popleft().result()
+                for unit in itertools.islice(todo, 1):
+                    open_units.append(unit_pool.submit(worker.run, unit, store))
+                yield entry
+        finally:
+            for future in open_units:
+                future.cancel()
 
 
 # ---- progress -------------------------------------------------------------------------------

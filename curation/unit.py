@@ -17,12 +17,14 @@ each gets one row saying why (source_status worker_died / timed_out).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +172,15 @@ class UnitWorker:
     """Runs units through the steps of a config (see the module docstring)."""
 
     def __init__(self, config: PipelineConfig, stage_for: Callable[[Step], Stage],
-                 remote: RemoteCall | None = None):
+                 remote: RemoteCall | None = None, source_pool: Executor | None = None):
+        """`source_pool`: threads that run the per-source steps of a unit's sources at once
+        (the in-process runner); the model steps then run for one caller at a time."""
         self.config = config
         self.stage_for = stage_for
         self.remote = remote
         self.n_per_source = per_source_steps(config)
+        self.source_pool = source_pool
+        self._model_locks = {step.name: threading.Lock() for step in config.steps if is_model_step(step)}
 
     def run_step(self, step: Step, batch: Batch) -> Batch:
         if not batch_len(batch):
@@ -182,7 +188,9 @@ class UnitWorker:
         if self.remote is not None and is_model_step(step):
             return self.remote(step, batch)
         stage = self.stage_for(step)
-        return concat_batches([apply_step(step, stage, part) for part in slices(batch, step.ray.batch_size)])
+        lock = self._model_locks.get(step.name) if self.source_pool is not None else None
+        with lock or contextlib.nullcontext():
+            return concat_batches([apply_step(step, stage, part) for part in slices(batch, step.ray.batch_size)])
 
     def run_source(self, unit: Unit, source: Source) -> Batch:
         batch = source_rows(unit.unit_id, [source])
@@ -193,17 +201,22 @@ class UnitWorker:
     def run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None = None,
             failed: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
         failed = failed or {}
-        parts = []
-        for source in unit.sources:
-            if source.source_id in failed:
-                parts.append(failure_row(source, unit.unit_id, *failed[source.source_id]))
-                continue
-            if guard is not None:
-                guard.enter(source, guard.floor_s)  # the probe itself may hang
-                guard.enter(source, guard.limit_for(probe_duration(source.path)))
-            parts.append(self.run_source(unit, source))
-            if guard is not None:
-                guard.leave()
+        if self.source_pool is not None and guard is None:
+            parts = list(self.source_pool.map(
+                lambda s: failure_row(s, unit.unit_id, *failed[s.source_id]) if s.source_id in failed
+                else self.run_source(unit, s), unit.sources))
+        else:
+            parts = []
+            for source in unit.sources:
+                if source.source_id in failed:
+                    parts.append(failure_row(source, unit.unit_id, *failed[source.source_id]))
+                    continue
+                if guard is not None:
+                    guard.enter(source, guard.floor_s)  # the probe itself may hang
+                    guard.enter(source, guard.limit_for(probe_duration(source.path)))
+                parts.append(self.run_source(unit, source))
+                if guard is not None:
+                    guard.leave()
         if guard is not None:
             guard.unit_phase()
         batch = concat_batches(parts)

@@ -13,16 +13,20 @@ Events counted now:
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
 
 _counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+_lock = threading.Lock()  # the in-process runner's threads count at once
 
 
 def count(event: str, key: str, n: int = 1) -> None:
     """Record that `event` happened `n` times for `key` (a stage name, a source path)."""
-    _counts[event][key] += n
+    with _lock:
+        _counts[event][key] += n
 
 
 def counts(event: str) -> Counter[str]:
     """A copy of the counts of `event` so far, by key (empty when it never happened)."""
-    return Counter(_counts.get(event, {}))
+    with _lock:
+        return Counter(_counts.get(event, {}))

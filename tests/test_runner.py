@@ -241,8 +241,76 @@ def test_a_sigkilled_driver_leaves_no_process_running(footage, tmp_path, ray_tmp
         proc.wait()
         deadline = time.monotonic() + 30
         while alive(noted) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(linger_s)
         assert not alive(noted), sorted(alive(noted))
     finally:
         for pid in alive(noted):
             os.kill(pid, signal.SIGKILL)
+
+
+def _comparable(out: Path) -> list[dict]:
+    """Scores rows without timings (which differ from run to run)."""
+    import math
+
+    rows = OutputStore(out).read_scores().to_pylist()
+    return sorted(({k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()
+                    if not k.startswith(STAGE_SECONDS_PREFIX)} for r in rows), key=lambda r: r["clip_id"])
+
+
+def _concurrency(monkeypatch, cls, method: str, linger_s: float) -> dict:
+    """Wrap cls.method to record how many threads are inside it at once (each stays linger_s longer)."""
+    import threading
+
+    seen = {"now": 0, "max": 0}
+    lock = threading.Lock()
+    original = getattr(cls, method)
+
+    def wrapped(self, *args, **kwargs):
+        with lock:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+        try:
+            time.sleep(linger_s)
+            return original(self, *args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(cls, method, wrapped)
+    return seen
+
+
+def test_local_threads_split_sources_at_once_with_the_outputs_of_one_thread(footage, local_run, tmp_path,
+                                                                            monkeypatch):
+    """`run_local` with 2 workers has two sources in split at once, runs a model step for one
+    unit at a time, and writes what one unit after another writes, ledger order included."""
+    import functools
+
+    from stages.fault import FaultStage
+    from stages.split import SplitStage
+
+    root, _ = footage
+    one_out, _ = local_run
+    split_seen = _concurrency(monkeypatch, SplitStage, "split_source", 0.2)
+    # The fault stage (with no faults) as a stand-in model step: ray.actors makes it one. It
+    # lingers long enough for the next unit's sources to reach it while one unit is inside.
+    model_seen = _concurrency(monkeypatch, FaultStage, "__call__", 1.5)
+    import yaml
+
+    from curation.config import apply_override, parse_config
+
+    raw = yaml.safe_load((REPO / "configs" / "spine.yaml").read_text())
+    raw["steps"].append({"stage": "fault", "ray": {"actors": 1}})
+    for override in OVERRIDES:
+        apply_override(raw, override)
+    cfg = parse_config(raw)
+    out = tmp_path / "two"
+    run_pipeline(cfg, [str(root)], out, functools.partial(run_local, workers=2))
+    assert split_seen["max"] == 2
+    assert model_seen["max"] == 1
+    one, two = _comparable(one_out), _comparable(out)
+    assert [r["clip_id"] for r in one] == [r["clip_id"] for r in two]
+    for a, b in zip(one, two):
+        b.pop("fault_error", None)
+        assert {k: v for k, v in a.items() if k != "video"} == {k: v for k, v in b.items() if k != "video"}
+    assert list(OutputStore(one_out).committed()) == list(OutputStore(out).committed())
