@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import importlib.metadata
 import itertools
-import os
 import logging
+import os
 import platform
 import sys
 import time

@@ -1,8 +1,9 @@
 """One work unit, start to finish, in one worker process (shared by both runners).
 
 `UnitWorker.run(unit, store)`:
-1. each source, one at a time, through split and the steps after it up to the first model
-   step (in the default recipe: split, motion). Under a `SourceGuard` (the Ray runner) the
+1. each source through split and the steps after it up to the first model step (in the
+   default recipe: split, motion): one at a time, or on the in-process runner's threads
+   (`source_pool`) several at once. Under a `SourceGuard` (the Ray runner) the
    source runs with a time limit that scales with its duration, and the unit's in-flight
    marker names it, so the driver can pin a crash, an OOM kill or a hang on that source;
 2. the unit's rows, in batches of each step's batch_size, through the remaining steps. A
