@@ -241,7 +241,7 @@ def test_a_sigkilled_driver_leaves_no_process_running(footage, tmp_path, ray_tmp
         proc.wait()
         deadline = time.monotonic() + 30
         while alive(noted) and time.monotonic() < deadline:
-            time.sleep(linger_s)
+            time.sleep(0.2)
         assert not alive(noted), sorted(alive(noted))
     finally:
         for pid in alive(noted):
