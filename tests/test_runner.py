@@ -131,11 +131,15 @@ def comparable_scores(out: Path) -> list[dict]:
 def test_curate_run_on_a_two_node_cluster_uses_both_nodes_and_matches_the_embedded_run(footage, tmp_path,
                                                                                        ray_tmp):
     """`curate run --ray-address` on a real two-node cluster (two raylets on this machine)."""
+    import ray._private.utils
     from ray.cluster_utils import Cluster
 
     root, _ = footage
     cmd, env = cli_run(root, tmp_path / "embedded", ray_tmp)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    # Cluster() writes the head's address to /tmp/ray/ray_current_cluster whatever temp_dir
+    # says, and fails where nothing has made /tmp/ray yet (a fresh machine, this test alone).
+    Path(ray._private.utils.get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 80 * 1024**2, "temp_dir": ray_tmp,
         "include_dashboard": False})
