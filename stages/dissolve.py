@@ -48,7 +48,7 @@ class DissolveDetector:
                              "min_scene_len >= 1")
         self.window, self.min_change, self.max_residual = window, min_change, max_residual
         self.min_level, self.max_correlation, self.min_scene_len = min_level, max_correlation, min_scene_len
-        self._thumbs: collections.deque[np.ndarray] = collections.deque(maxlen=window + 1)
+        self._thumbs: collections.deque[tuple[np.ndarray, np.float32]] = collections.deque(maxlen=window + 1)
         self._run: list[tuple[float, int]] = []  # (score, middle frame) of consecutive passing windows
         self._last_cut: int | None = None
 
@@ -57,8 +57,9 @@ class DissolveDetector:
         return 2 * self.window
 
     def _window_score(self) -> float | None:
-        first, middle, last = self._thumbs[0], self._thumbs[self.window // 2], self._thumbs[-1]
-        if min(first.mean(), last.mean()) < self.min_level:
+        (first, first_mean), (middle, _), (last, last_mean) = (
+            self._thumbs[0], self._thumbs[self.window // 2], self._thumbs[-1])
+        if min(first_mean, last_mean) < self.min_level:
             return None
         change = float(np.abs(first - last).mean())
         if change < self.min_change:
@@ -67,13 +68,14 @@ class DissolveDetector:
         if residual > self.max_residual * change:
             return None
         # A fade (or a change of exposure) scales one picture: its ends are the same picture.
-        a, b = first - first.mean(), last - last.mean()
+        a, b = first - first_mean, last - last_mean
         if float((a * b).sum()) > self.max_correlation * float(np.sqrt((a * a).sum() * (b * b).sum())) + 1e-9:
             return None
         return change - 2.0 * residual
 
     def process_frame(self, timecode, frame_img: np.ndarray) -> list:
-        self._thumbs.append(thumbnail(frame_img).astype(np.float32))
+        thumb = thumbnail(frame_img).astype(np.float32)
+        self._thumbs.append((thumb, thumb.mean()))  # each thumbnail's mean is read in up to 2 windows
         index = timecode.frame_num
         if len(self._thumbs) <= self.window:
             return []

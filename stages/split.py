@@ -84,8 +84,11 @@ _DETECTOR_ARGS = {
 
 
 def make_detector(spec: dict[str, Any]):
-    """A PySceneDetect detector from {"detector": name, **its keyword arguments}."""
-    from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
+    """A PySceneDetect detector from {"detector": name, **its keyword arguments}.
+
+    Content, adaptive and threshold are PySceneDetect's, with their frame scores computed by
+    OpenCV (stages/scene_scores.py: the same numbers, at less cost)."""
+    from stages.scene_scores import FastAdaptiveDetector, FastContentDetector, FastThresholdDetector
 
     spec = dict(spec)
     kind = spec.pop("detector", None)
@@ -95,7 +98,7 @@ def make_detector(spec: dict[str, Any]):
     if unknown:
         raise ValueError(f"cascade entry for {kind!r} has unknown keys {unknown}; "
                          f"allowed: {sorted(_DETECTOR_ARGS[kind])}")
-    cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector,
+    cls = {"content": FastContentDetector, "adaptive": FastAdaptiveDetector, "threshold": FastThresholdDetector,
            "dissolve": DissolveDetector}[kind]
     return cls(**spec)
 
@@ -283,6 +286,48 @@ class CutMerger:
         self.by[best] = owner
 
 
+# x264 options on top of the preset: veryfast's rate control (mb-tree over a 10-frame
+# lookahead), superfast's analysis (diamond motion search, intra partitions only, SAD mode
+# decision). Measured on bench/spine_bench.py's footage at 569x320, crf 21-25: 35% less encoder
+# CPU than veryfast alone (x264 is about a quarter of the spine's CPU), for 6% more bytes at
+# the same SSIM on web-like footage and 21% on smooth generated shots (5-9% larger files at
+# the same crf). "me=dia:partitions=i8x8,i4x4" alone: 10-15% less CPU for 0-2.5% more bytes;
+# "" is plain veryfast.
+DEFAULT_X264_PARAMS = "me=dia:partitions=i8x8,i4x4:subme=1"
+
+
+def encoder_options(crf: int, preset: str, x264_params: str) -> dict[str, str]:
+    """libx264's options for the clip encoder: one thread (the encoder has its own thread, and
+    sources run in parallel), the preset and crf, and extra x264 options ("key=value:...")."""
+    options = {"crf": str(crf), "preset": preset, "threads": "1"}
+    if x264_params:
+        options["x264-params"] = x264_params
+    return options
+
+
+def check_encoder(crf: int, preset: str, x264_params: str) -> None:
+    """Open a libx264 encoder with these options and encode one frame; ValueError if x264
+    refuses them (a misspelt preset or option would otherwise fail every source)."""
+    import av.logging
+
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.WARNING)  # FFmpeg only warns of an x264 option it cannot parse
+    try:
+        with av.logging.Capture() as logs, av.open(io.BytesIO(), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+            stream.options = encoder_options(crf, preset, x264_params)
+            container.mux(stream.encode(av.VideoFrame(64, 64, "yuv420p")))
+            container.mux(stream.encode(None))
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"libx264 refused preset={preset!r} x264_params={x264_params!r}: {exc}") from None
+    finally:
+        av.logging.set_level(level)
+    refused = [message.strip() for _, name, message in logs if name == "libx264" and "Error parsing" in message]
+    if refused:
+        raise ValueError(f"split.x264_params={x264_params!r}: libx264 says {'; '.join(refused)}")
+
+
 class _BackgroundEncoder:
     """An H.264 mp4 built in memory on a worker thread.
 
@@ -291,9 +336,10 @@ class _BackgroundEncoder:
     frames wait in the queue, so memory stays bounded when the encoder is the slow part.
     """
 
-    def __init__(self, rate: Fraction, size: tuple[int, int], crf: int, preset: str,
+    def __init__(self, rate: Fraction, size: tuple[int, int], crf: int, preset: str, x264_params: str,
                  colour: SourceColour, max_pending: int = 16):
-        self.rate, self.size, self.crf, self.preset, self.colour = rate, size, crf, preset, colour
+        self.rate, self.size, self.colour = rate, size, colour
+        self.options = encoder_options(crf, preset, x264_params)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._buf = io.BytesIO()
         self._error: BaseException | None = None
@@ -307,7 +353,7 @@ class _BackgroundEncoder:
                 stream.width, stream.height = self.size
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.time_base = CLIP_TIME_BASE
-                stream.options = {"crf": str(self.crf), "preset": self.preset, "threads": "1"}
+                stream.options = self.options
                 self.colour.label(stream.codec_context)
                 while (frame := self._queue.get()) is not None:
                     container.mux(stream.encode(frame))
@@ -479,7 +525,7 @@ class _ClipBuilder:
         if self._encoder is None:
             self.start_frame, self.start_s = frame.index, frame.t
             self._encoder = _BackgroundEncoder(self.rate, self.size, self.stage.crf, self.stage.preset,
-                                               self.scaler.colour)
+                                               self.stage.x264_params, self.scaler.colour)
         ct = self._clip_time(frame)
         out = frame.encodable if frame.encodable is not None else self.scaler.to_yuv(frame.bgr)
         # A decoded frame keeps the source's time base and picture type: set both, or the
@@ -551,6 +597,36 @@ class _ClipBuilder:
         }
 
 
+class _Splitting:
+    """How many sources this process is decoding at once (the in-process runner splits one
+    per core on threads; a Ray worker one at a time)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.active = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def threads_each(self) -> int:
+        """Decoder threads for a source opened now (split.decode_threads 0): FFmpeg's choice
+        (0, about one per core) when it is the only one, else the cores shared between the
+        sources. Frame threading costs about 12% more CPU per frame (bench/spine_bench.py's
+        decode pass on 360p-720p H.264: 4.2 s against 3.7 s on one thread), which buys
+        nothing when the other cores are decoding other sources."""
+        with self._lock:
+            active = self.active
+        return 0 if active <= 1 else max(1, (os.cpu_count() or 1) // active)
+
+
+_SPLITTING = _Splitting()
+
+
 class SplitStage(Stage):
     """Cut sources into single-shot clips (see the module docstring)."""
 
@@ -578,6 +654,7 @@ class SplitStage(Stage):
         jpeg_quality: int = 90,
         crf: int = 23,
         preset: str = "veryfast",
+        x264_params: str = DEFAULT_X264_PARAMS,
         lag_s: float = 2.0,
         decode_threads: int = 0,
         merge_cuts_within_frames: int = 2,
@@ -627,6 +704,8 @@ class SplitStage(Stage):
         self.jpeg_quality = jpeg_quality
         self.crf = crf
         self.preset = preset
+        self.x264_params = x264_params
+        check_encoder(crf, preset, x264_params)  # a bad preset or x264 option fails now, not per source
         self.lag_s = lag_s
         self.decode_threads = decode_threads
         self.merge_cuts_within_frames = merge_cuts_within_frames
@@ -687,6 +766,7 @@ class SplitStage(Stage):
         if os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
         container = av.open(path)
+        _SPLITTING.enter()
         try:
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams})
@@ -697,8 +777,7 @@ class SplitStage(Stage):
                 raise ValueError("no usable frame rate in the container")
             stats["rate"] = rate
             stream.thread_type = "AUTO"
-            if self.decode_threads:
-                stream.thread_count = self.decode_threads
+            stream.thread_count = self.decode_threads or _SPLITTING.threads_each()
             failure: list[Exception] = []
             decoded = [0]
 
@@ -716,6 +795,7 @@ class SplitStage(Stage):
                 raise RuntimeError(f"decoding stopped after {decoded[0]} frames: "
                                    f"{type(failure[0]).__name__}: {failure[0]}")
         finally:
+            _SPLITTING.leave()
             container.close()
 
     def _segment(self, frames, rate: Fraction, stats: dict[str, Any]):
@@ -743,10 +823,13 @@ def share_content_scores(detectors: list) -> list[int]:
     def key(det):
         return repr((getattr(det, "_weights", None), getattr(det, "_kernel", None), getattr(det, "_luma_only", None)))
 
-    content = [i for i, d in enumerate(detectors) if type(d) is ContentDetector and hasattr(d, "_frame_score")]
+    def is_content(det):
+        return isinstance(det, ContentDetector) and not isinstance(det, AdaptiveDetector)
+
+    content = [i for i, d in enumerate(detectors) if is_content(d) and hasattr(d, "_frame_score")]
     for i, det in enumerate(detectors):
         source = next((detectors[c] for c in content if key(detectors[c]) == key(det)), None)
-        if type(det) is AdaptiveDetector and source is not None and hasattr(det, "_calculate_frame_score"):
+        if isinstance(det, AdaptiveDetector) and source is not None and hasattr(det, "_calculate_frame_score"):
             det._calculate_frame_score = lambda timecode, frame_img, source=source: source._frame_score
     return content + [i for i in range(len(detectors)) if i not in content]
 

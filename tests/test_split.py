@@ -159,6 +159,9 @@ def test_fan_out_batch_carries_source_columns(footage):
     ({"min_duration_s": 5, "max_duration_s": 2}, "max_duration_s"),
     ({"detector": "cascade", "cascade": [{"detector": "content", "thresh": 3}]}, "thresh"),
     ({"crf": 99}, "crf"),
+    ({"preset": "veryfst"}, "preset='veryfst'"),  # x264 itself refuses these: checked at construction
+    ({"x264_params": "me=diamond"}, "x264_params='me=diamond': libx264 says Error parsing option 'me = diamond'"),
+    ({"x264_params": "nosuch=1"}, "nosuch = 1"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -524,25 +527,24 @@ def test_the_dissolve_detector_leaves_fades_and_fast_motion_alone(tmp_path):
 def test_adaptive_reuses_the_content_score_and_cuts_the_same(footage, monkeypatch):
     """The cascade computes ContentDetector's frame score once for content and adaptive; the
     cuts are those of the detectors each computing its own."""
-    import scenedetect
-    from stages import split
+    from stages import scene_scores, split
 
     root, _ = footage
     stage = SplitStage(detector="cascade", min_duration_s=0.5)
     calls = collections.Counter()
-    original = scenedetect.ContentDetector._calculate_frame_score
+    original = scene_scores._HSVScore._calculate_frame_score
 
     def counted(self, timecode, frame_img):
         calls[type(self).__name__] += 1
         return original(self, timecode, frame_img)
 
-    monkeypatch.setattr(scenedetect.ContentDetector, "_calculate_frame_score", counted)
+    monkeypatch.setattr(scene_scores._HSVScore, "_calculate_frame_score", counted)
     shared = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
-    assert calls["AdaptiveDetector"] == 0 and calls["ContentDetector"] > 0
+    assert calls["FastAdaptiveDetector"] == 0 and calls["FastContentDetector"] > 0
     monkeypatch.setattr(split, "share_content_scores", lambda detectors: list(range(len(detectors))))
     calls.clear()
     separate = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
-    assert calls["AdaptiveDetector"] == calls["ContentDetector"] > 0
+    assert calls["FastAdaptiveDetector"] == calls["FastContentDetector"] > 0
     assert shared == separate and len(shared) > 1
 
 
