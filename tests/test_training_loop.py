@@ -1,11 +1,13 @@
 """Tests of training/loop.py and training/cli.py train: loss falls per stage, exact resume, checkpoints."""
 
+import contextlib
 import csv
 import glob
 import os
 import shutil
 from dataclasses import replace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -182,51 +184,100 @@ def test_train_command_runs_all_stages_in_order(out_dir, tmp_path, capsys):
         train_command([str(out), "--stage", "image", "--set", "no_such_key=1"])
 
 
-DDP_CFG = ["total_steps=5", "checkpoint_every_steps=2", "batch_size=4", "data_streams=2",
+DDP_CFG = ["device=cpu", "total_steps=5", "checkpoint_every_steps=2", "batch_size=4", "data_streams=2",
            "shuffle_buffer_rows=2", "warmup_steps=2"]
 
 
+# The DDP comparison's tolerances, from float64 rounding. A gradient element is a sum of a few
+# thousand products; summed in another order it moves by at most ~1e3 * 1.1e-16 of the sum of
+# their magnitudes (< 1 here), so by < 1e-13. AdamW's update moves by at most lr / eps times a
+# gradient error (its slope in g is below 1 / eps, eps = 1e-8): 5e-4 / 1e-8 * 1e-13 = 5e-9 a step,
+# < 3e-8 over 5 steps. Losses and gradient norms are sums of positive terms: relative 1e-13.
+# The faults the test is there to catch move these by orders of magnitude more: a rank reading the
+# other's rows changes the loss by ~10%, a loss scaled by the world size doubles the gradient norm.
+DDP_TOLERANCE = {"weight_abs": 1e-7, "loss_rel": 1e-10, "grad_norm_rel": 1e-10}
+
+
+@contextlib.contextmanager
+def _float64_one_thread():
+    """Train in float64 on one thread (in float32 AdamW turns rounding into visible weight changes)."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
+
+
 def _ddp_rank(rank: int, world: int, init_file: str, paths: list, root: str) -> None:
-    """One gloo rank: an uninterrupted run, then a run killed after step 3 and resumed."""
+    """One gloo rank: an uninterrupted run, then a run killed after step 3 and resumed.
+
+    The row groups read for training (those with the video column) are counted at the Parquet reader.
+    """
     import curation  # noqa: F401
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    reads, parquet_file = [], pq.ParquetFile
+
+    class CountingParquetFile(parquet_file):
+        def __init__(self, source, *args, **kw):
+            super().__init__(source, *args, **kw)
+            self.counted_source = str(source)
+
+        def read_row_group(self, i, columns=None, **kw):
+            if columns is not None and "video" in columns:
+                reads.append((self.counted_source, i))
+            return super().read_row_group(i, columns=columns, **kw)
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        cfg = config("video", *DDP_CFG)
-        full = train(cfg, paths, os.path.join(root, "full"))
-        train(cfg, paths, os.path.join(root, "resumed"), stop_after_step=3)
-        resumed = train(cfg, paths, os.path.join(root, "resumed"))
+        with _float64_one_thread():
+            cfg = config("video", *DDP_CFG)
+            pq.ParquetFile = CountingParquetFile
+            try:
+                full = train(cfg, paths, os.path.join(root, "full"))
+            finally:
+                pq.ParquetFile = parquet_file
+            train(cfg, paths, os.path.join(root, "resumed"), stop_after_step=3)
+            resumed = train(cfg, paths, os.path.join(root, "resumed"))
         torch.save({"full": full.losses, "resumed": resumed.losses, "resumed_from": resumed.resumed_from_step,
-                    "model": full.model.state_dict(), "reads": sorted(set(full.pieces_read))},
+                    "model": full.model.state_dict(), "parquet_reads": reads},
                    os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ddp_ranks_match_one_process_on_the_same_global_batch_and_resume_exactly(out_dir, tmp_path):
+    # Both sides run in float64 on one thread each (see DDP_TOLERANCE). What is left between them
+    # is the order of the gradient sums (per rank, then all-reduced, against one sum over the batch).
     import torch.multiprocessing as mp
 
     paths = shard_paths(out_dir)
     mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), paths, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    single = train(config("video", *DDP_CFG), paths, str(tmp_path / "single"))
+    with _float64_one_thread():
+        single = train(config("video", *DDP_CFG), paths, str(tmp_path / "single"))
 
-    # Same global batch (2 streams: rank r holds stream r), same loss and weights to rounding.
+    # Same global batch (2 streams: rank r holds stream r): the same per-step loss as one process.
     for step in range(5):
         assert ranks[0]["full"][step] == ranks[1]["full"][step]  # the all-reduced loss
-        assert abs(ranks[0]["full"][step] - single.losses[step]) < 1e-4 * abs(single.losses[step])
-    for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(ranks[0]["model"][k], v, atol=1e-5, rtol=1e-4)
+        assert ranks[0]["full"][step] == pytest.approx(single.losses[step], rel=DDP_TOLERANCE["loss_rel"])
     # The gradient is the global batch mean's (AdamW alone would hide a wrong scale): same norms.
     norms = []
     for run in ("full", "single"):
         with open(tmp_path / run / "metrics.csv") as f:
             norms.append([float(r["grad_norm"]) for r in csv.DictReader(f)])
-    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
-    # Each rank read its own pieces only.
-    assert ranks[0]["reads"] and ranks[1]["reads"] and not set(ranks[0]["reads"]) & set(ranks[1]["reads"])
+    assert norms[0] == pytest.approx(norms[1], rel=DDP_TOLERANCE["grad_norm_rel"])
+    # Same weights after 5 AdamW steps.
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["model"][k], v, atol=DDP_TOLERANCE["weight_abs"], rtol=0)
+    # Each rank read its own row groups only (counted at the Parquet reader), and together all of them.
+    groups = [{(os.path.basename(p), g) for p, g in ranks[r]["parquet_reads"]} for r in (0, 1)]
+    assert groups[0] and groups[1] and not groups[0] & groups[1]
+    every = {(os.path.basename(p), g) for p in paths for g in range(pq.ParquetFile(p).num_row_groups)}
+    assert groups[0] | groups[1] == every
     # Killed after step 3, resumed from the step-2 checkpoint: the uninterrupted losses, exactly.
     assert ranks[0]["resumed_from"] == 2
     assert [ranks[0]["resumed"][s] for s in range(2, 5)] == [ranks[0]["full"][s] for s in range(2, 5)]

@@ -100,7 +100,8 @@ def edm_loss(net: Network, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.T
              sigma_data: float, **cond) -> torch.Tensor:
     """Per-sample weighted loss lambda(sigma) * mean ||D(x0 + sigma noise; sigma) - x0||^2, shape (B,)."""
     denoised = denoise(net, add_noise(x0, noise, sigma), sigma, sigma_data, **cond)
-    per_sample = (denoised.float() - x0.float()).pow(2).flatten(1).mean(1)
+    dtype = torch.promote_types(denoised.dtype, torch.float32)  # bf16 (autocast) up, float64 kept
+    per_sample = (denoised.to(dtype) - x0.to(dtype)).pow(2).flatten(1).mean(1)
     return loss_weight(sigma, sigma_data) * per_sample
 
 
