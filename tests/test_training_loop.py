@@ -40,19 +40,20 @@ def fixed_eval_loss(model, cfg, table) -> float:
     """Loss on fixed samples, noise levels and noise, so runs are compared on the same terms."""
     from training.data import ShardDataset
 
+    device = next(model.parameters()).device  # the model's: CUDA where the run trained there
     ds = ShardDataset(table, cfg, 8)
     batch = [ds[(10_000, i)] for i in range(len(ds))]
-    x = torch.stack([b["x"] for b in batch])
-    cap = torch.stack([b["caption"] for b in batch])
-    g = torch.Generator().manual_seed(123)
+    x = torch.stack([b["x"] for b in batch]).to(device)
+    cond = {"caption": torch.stack([b["caption"] for b in batch]).to(device),
+            "fps_id": torch.stack([b["fps_id"] for b in batch]).to(device),
+            "motion_bucket_id": torch.stack([b["motion_bucket_id"] for b in batch]).to(device)}
+    g = torch.Generator().manual_seed(123)  # noise drawn on the CPU: the same on every device
     losses = []
     with torch.no_grad():
         for sigma in (0.1, 0.3, 1.0, 3.0):
-            noise = torch.randn(x.shape, generator=g)
-            losses.append(diffusion.edm_loss(model, x, torch.full((len(x),), sigma), noise, cfg.sigma_data,
-                                             caption=cap, fps_id=torch.stack([b["fps_id"] for b in batch]),
-                                             motion_bucket_id=torch.stack([b["motion_bucket_id"] for b in batch])
-                                             ).mean().item())
+            noise = torch.randn(x.shape, generator=g).to(device)
+            losses.append(diffusion.edm_loss(model, x, torch.full((len(x),), sigma, device=device), noise,
+                                             cfg.sigma_data, **cond).mean().item())
     return sum(losses) / len(losses)
 
 
@@ -77,10 +78,11 @@ def test_loss_falls_in_each_stage(out_dir, tmp_path, stage, steps):
 
 def test_stage_chain_starts_from_previous_weights(out_dir, tmp_path):
     # The video stage starts as the image stage's EMA model (temporal layers at zero): its
-    # first-step loss on the same data equals the image model's loss frame by frame.
-    image_cfg = config("image", "total_steps=6")
+    # first-step loss on the same data equals the image model's loss frame by frame. On the CPU:
+    # the comparison is at float32 rounding (CUDA convolutions may run in TF32).
+    image_cfg = config("image", "total_steps=6", "device=cpu")
     image = train(image_cfg, shard_paths(out_dir), str(tmp_path / "image"))
-    video_cfg = config("video", "total_steps=3", "lr=0.0")  # lr 0: the weights stay the starting ones
+    video_cfg = config("video", "total_steps=3", "lr=0.0", "device=cpu")  # lr 0: the weights stay the starting ones
     video = train(video_cfg, shard_paths(out_dir), str(tmp_path / "video"), init_checkpoint=image.last_checkpoint)
     x = torch.randn(2, 3, 4, 16, 16)
     c_noise = torch.tensor([0.1, -0.3])
@@ -91,8 +93,9 @@ def test_stage_chain_starts_from_previous_weights(out_dir, tmp_path):
 
 def test_resumed_run_reproduces_the_uninterrupted_losses(out_dir, tmp_path):
     # 8 rows in 2 pieces, windows of one piece, batch 2: step 6 starts mid-way through the second
-    # epoch's second window, so the resumed stream seeks across epochs and windows.
-    cfg = config("video", "total_steps=8", "checkpoint_every_steps=3", "warmup_steps=3", "batch_size=2",
+    # epoch's second window, so the resumed stream seeks across epochs and windows. On the CPU, whose
+    # kernels are deterministic (CUDA's convolution backward by default is not), so losses are equal bit for bit.
+    cfg = config("video", "device=cpu", "total_steps=8", "checkpoint_every_steps=3", "warmup_steps=3", "batch_size=2",
                  "shuffle_buffer_rows=2")
     paths = shard_paths(out_dir)
     full = train(cfg, paths, str(tmp_path / "full"))
@@ -113,7 +116,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(out_dir, tmp_path):
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(out_dir, tmp_path):
-    cfg = config("image", "total_steps=6", "checkpoint_every_steps=3", "batch_size=2")
+    cfg = config("image", "device=cpu", "total_steps=6", "checkpoint_every_steps=3", "batch_size=2")  # exact: CPU
     full = train(cfg, shard_paths(out_dir), str(tmp_path))
     last = latest_checkpoint(str(tmp_path))
     assert os.path.basename(last) == "checkpoint-0000006.pt" and not glob.glob(str(tmp_path / "*.tmp"))

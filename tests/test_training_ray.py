@@ -28,11 +28,12 @@ def test_two_ddp_workers_train_and_agree_on_parameters(ray_local, tmp_path):
 
     paths = write_synthetic_shards(str(tmp_path), num_shards=4, num_clips=8, num_frames=6, size_px=16,
                                    caption_dim=8)
-    cfg = apply_overrides(preset("image", "tiny"), ["model_channels=8", "context_dim=16", "num_heads=2",
+    # Gloo on the CPU (the test is about the CPU path: a GPU machine would otherwise pick NCCL and CUDA).
+    cfg = apply_overrides(preset("image", "tiny"), ["device=cpu", "model_channels=8", "context_dim=16", "num_heads=2",
                                                     "total_steps=2", "batch_size=4", "warmup_steps=1",
                                                     "shuffle_buffer_rows=2"])
     run_dir = str(tmp_path / "train" / "image")
-    report = train_distributed(cfg, paths, run_dir, num_workers=2)
+    report = train_distributed(cfg, paths, run_dir, num_workers=2, use_gpu=False)
 
     # No table went through the object store: each worker read its own pieces (4 files, 2 each per epoch).
     reads = [set(map(tuple, r)) for r in report["pieces_read"]]

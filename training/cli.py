@@ -132,6 +132,8 @@ def sample_command(argv: list[str]) -> int:
     parser.add_argument("--motion-bucket-id", type=int, default=127)
     parser.add_argument("--out", default="sample.mp4", help="output path; .mp4 and .gif are written")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the network runs (auto: CUDA where torch sees a GPU)")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -151,7 +153,7 @@ def sample_command(argv: list[str]) -> int:
             from training.loop import latest_checkpoint
 
             checkpoint = latest_checkpoint(checkpoint) or parser.error(f"no checkpoint-*.pt in {checkpoint}")
-        model, cfg, in_channels = load_for_sampling(checkpoint)
+        model, cfg, in_channels = load_for_sampling(checkpoint, args.device)
         caption = embed_prompt(args.prompt, cfg, args.prompt_embedding, args.open_clip_model,
                                args.open_clip_pretrained)
         frames = args.frames or cfg.num_frames

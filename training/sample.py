@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -20,18 +21,22 @@ from PIL import Image
 from training import diffusion
 from training.config import TrainConfig, from_dict
 from training.data import DEFAULT_FPS_ID, encode_mp4, load_autoencoder
-from training.loop import load_checkpoint, model_from_config
+from training.loop import load_checkpoint, model_from_config, resolve_device
 from training.unet import VideoUNet
 
 log = logging.getLogger(__name__)
 
 
-def load_for_sampling(path: str) -> tuple[VideoUNet, TrainConfig, int]:
-    """(EMA network in eval mode, resolved config, input channels) from a checkpoint file."""
+def load_for_sampling(path: str, device: str = "cpu") -> tuple[VideoUNet, TrainConfig, int]:
+    """(EMA network in eval mode on `device`, resolved config, input channels) from a checkpoint file.
+
+    device: "cpu", "cuda" or "auto" (CUDA where torch sees a GPU).
+    """
     ckpt = load_checkpoint(path)
     cfg = from_dict(ckpt["config"])
     model = model_from_config(cfg, int(ckpt["in_channels"]))
     model.load_state_dict(ckpt["ema"])
+    model = model.to(resolve_device(replace(cfg, device=device)))
     return model.eval().requires_grad_(False), cfg, int(ckpt["in_channels"])
 
 
@@ -78,17 +83,20 @@ def generate(model: VideoUNet, cfg: TrainConfig, in_channels: int, caption: np.n
              fps_id: int = DEFAULT_FPS_ID, motion_bucket_id: int = 127, num_samples: int = 1,
              sigma_max: float = 80.0, sigma_min: float = 0.002,
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Samples in [-1, 1], (N, 3, T, H, W). Deterministic: the noise comes from a generator seeded by `seed`."""
+    """Samples in [-1, 1], (N, 3, T, H, W), on the CPU. Deterministic: the noise comes from a CPU
+    generator seeded by `seed` (the same noise on every device); the network runs on its own device."""
     if num_frames > 1 and not cfg.is_video:
         raise ValueError(f"the checkpoint is from the {cfg.stage} stage (images): use --frames 1")
     size = cfg.resolution_px
     if cfg.latent_autoencoder:
         size //= _latent_factor(cfg)
     shape = (num_samples, in_channels, num_frames, size, size) if cfg.is_video else (num_samples, in_channels, size, size)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     b = num_samples
-    micro = {"fps_id": torch.full((b,), fps_id), "motion_bucket_id": torch.full((b,), motion_bucket_id)}
-    cap = None if caption is None else torch.from_numpy(caption)[None].expand(b, -1)
+    micro = {"fps_id": torch.full((b,), fps_id, device=device),
+             "motion_bucket_id": torch.full((b,), motion_bucket_id, device=device)}
+    cap = None if caption is None else torch.from_numpy(caption).to(device)[None].expand(b, -1)
 
     def cond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return diffusion.denoise(model, x, sigma, cfg.sigma_data, caption=cap, **micro)
@@ -97,13 +105,13 @@ def generate(model: VideoUNet, cfg: TrainConfig, in_channels: int, caption: np.n
         return diffusion.denoise(model, x, sigma, cfg.sigma_data, caption=None, **micro)
 
     denoiser = cond if cap is None else diffusion.guided(cond, uncond, guidance_scale)
-    sigmas = diffusion.karras_sigmas(num_steps, sigma_min, sigma_max)
+    sigmas = diffusion.karras_sigmas(num_steps, sigma_min, sigma_max).to(device)
     out = diffusion.heun_sample(denoiser, noise, sigmas)
     if not cfg.is_video:
         out = out[:, :, None]
     if decode is not None:
         out = decode(out)
-    return out.clamp(-1, 1)
+    return out.clamp(-1, 1).cpu()
 
 
 def _latent_factor(cfg: TrainConfig) -> int:
@@ -114,12 +122,13 @@ def _latent_factor(cfg: TrainConfig) -> int:
 
 
 def latent_decoder(cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Latents (N, C, T, h, w) -> pixels (N, 3, T, H, W) through the frozen autoencoder."""
+    """Latents (N, C, T, h, w) -> pixels (N, 3, T, H, W) through the frozen autoencoder, on the latents' device."""
     vae = load_autoencoder(cfg.latent_autoencoder)
     scale = float(getattr(vae.config, "scaling_factor", 1.0))
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         n, _, t = z.shape[:3]
+        vae.to(z.device)
         frames = z.permute(0, 2, 1, 3, 4).flatten(0, 1) / scale  # (N*T, C, h, w)
         pix = vae.decode(frames).sample
         return pix.reshape(n, t, *pix.shape[1:]).permute(0, 2, 1, 3, 4)
