@@ -83,11 +83,16 @@ def test_bad_config_names_the_key(mutate, key):
         parse_config(raw)
 
 
-def test_fingerprint_ignores_ray_resources_but_not_args(tmp_path):
+def test_fingerprint_ignores_ray_resources_and_time_limits_but_not_args(tmp_path):
     path = write(tmp_path, BASE)
     base = load_config(path).fingerprint()
-    assert load_config(path, ["split.ray.num_cpus=2"]).fingerprint() == base
-    assert load_config(path, ["split.min_duration_s=2"]).fingerprint() != base
+    # The README's execution settings: a run can be resumed with other resources and time limits.
+    for setting in ("split.ray.num_cpus=2", "run.source_timeout_floor_s=7", "run.source_timeout_per_video_s=3",
+                    "run.model_timeout_per_row_s=9", "run.max_source_attempts=5"):
+        assert load_config(path, [setting]).fingerprint() == base, setting
+    # What changes results, or how sources form units (resume needs the same units), does not.
+    for setting in ("split.min_duration_s=2", "run.sources_per_unit=7"):
+        assert load_config(path, [setting]).fingerprint() != base, setting
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, footage, capsys):
