@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from curation import synth
 from curation.config import load_config, parse_config
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore
@@ -53,38 +55,116 @@ def corpus(footage, tmp_path_factory):
     return folder, rows_by_source(reference)
 
 
-def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, tmp_path, ray_tmp):
+# How long after its limit a hung source's death may reach the driver: SIGALRM ends the worker
+# at the limit, Ray reports the dead worker to the driver, whose loop waits at most 1 s for
+# it. A few seconds even on a loaded 2-core machine; 15 s is generous, and still half the
+# driver's default backstop (DRIVER_GRACE_S, 30 s), so no backstop ending passes for the timer.
+DEATH_NOTICED_WITHIN_S = 15.0
+DEATH_LINE = re.compile(r"unit (\S+) attempt (\d+): (.*) on (\S+) \(\d+ of \d+ attempts\)$")
+
+
+def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, footage, tmp_path, ray_tmp,
+                                                                         caplog):
+    """Each hung attempt ends at its source's own limit, by the worker's own timer: the driver's
+    backstop is put out of reach, and the in-flight markers give when each attempt began."""
     import ray
 
-    from curation.pipeline import run_ray
+    from curation.pipeline import init_ray, run_ray
 
     folder, reference = corpus
-    cfg = spine_config({"segfault_me": "segfault", "kill_me": "kill", "hang_me": "hang"},
-                       {"source_timeout_floor_s": 12.0, "source_timeout_per_video_s": 0.5,
+    _, truth = footage
+    floor_s, per_video_s = 12.0, 1.0
+    # hang_me.mp4 is a copy of pan.mp4 (6 s): its limit is the floor. stall_me.mp4 (16 s) gets
+    # per_video_s x its duration, above the floor.
+    pan_s = truth["pan.mp4"]["frames"] / truth["pan.mp4"]["fps"]
+    extra = tmp_path / "long"
+    extra.mkdir()
+    frames, fps = 160, 10
+    synth.make_video(extra / "stall_me.mp4", [{"frames": frames, "seed": 31, "motion": "pan",
+                                               "speed_px_per_frame": 2.0}], fps, (160, 90))
+    limits = {"hang_me.mp4": floor_s, "stall_me.mp4": per_video_s * frames / fps}
+    assert per_video_s * pan_s < floor_s < limits["stall_me.mp4"]
+    faulty = ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4", "stall_me.mp4")
+    cfg = spine_config({"segfault_me": "segfault", "kill_me": "kill", "hang_me": "hang", "stall_me": "hang"},
+                       {"source_timeout_floor_s": floor_s, "source_timeout_per_video_s": per_video_s,
                         "max_source_attempts": 2})
     out = tmp_path / "out"
-    started = time.monotonic()
+    caplog.set_level(logging.WARNING, logger="curation.pipeline")
+    result: dict = {}
+
+    def drive():
+        try:
+            # The driver's backstop would cancel a hung task an hour past its limit: never here.
+            result["record"] = run_pipeline(cfg, [str(folder), str(extra)], out, lambda c, u, s: run_ray(
+                c, u, s, driver_grace_s=3600.0))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    def deaths() -> list[tuple[str, int, str, str, float]]:
+        """(unit, attempt, reason, source file, when the driver logged it) of each death."""
+        found = []
+        for r in list(caplog.records):
+            m = DEATH_LINE.match(r.getMessage()) if r.name == "curation.pipeline" else None
+            if m:
+                found.append((m[1], int(m[2]), m[3], Path(m[4]).name, r.created))
+        return found
+
+    markers: dict[tuple[str, int, str], dict] = {}  # (unit, attempt, source file) -> its last marker
+    init_ray(None, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp)  # on the main thread
+    thread = threading.Thread(target=drive)
     try:
-        record = run_pipeline(cfg, [str(folder)], out, lambda c, u, s: run_ray(
-            c, u, s, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
+        thread.start()
+        deadline = time.monotonic() + 300
+        while thread.is_alive():
+            assert time.monotonic() < deadline, "the run did not finish in 300 s"
+            ended = {(u, a) for u, a, *_ in deaths()}
+            now = time.time()
+            for path in out.glob("inflight/u*.json"):  # not a temp file (renamed at any time)
+                try:
+                    m = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if m.get("phase") != "source":
+                    continue
+                markers[m["unit_id"], m["attempt"], Path(m["source_path"]).name] = m
+                past = now - m["started_at"] - m["limit_s"]
+                assert (m["unit_id"], m["attempt"]) in ended or past < DEATH_NOTICED_WITHIN_S, (
+                    f"{m['source_path']} is {past:.0f} s past its {m['limit_s']:.0f} s limit and its "
+                    "worker still runs: the worker's own timer did not end it")
+            thread.join(0.05)
     finally:
         ray.shutdown()
-    wall = time.monotonic() - started
-    assert record["status"] == "complete" and record["sources"] == {"total": 9, "committed": 9}
+        thread.join(60)
+    assert "error" not in result, result.get("error")
+    record = result["record"]
+    assert record["status"] == "complete" and record["sources"] == {"total": 10, "committed": 10}
+    # Each hung attempt ended at its own limit (measured from when its marker armed the timer),
+    # not before, and not at a backstop.
+    hung = [d for d in deaths() if "timed out" in d[2]]
+    assert sorted(d[3] for d in hung) == ["hang_me.mp4"] * 2 + ["stall_me.mp4"] * 2, deaths()
+    for unit, attempt, reason, name, noticed in hung:
+        m = markers[unit, attempt, name]
+        assert m["limit_s"] == limits[name] and reason == f"timed out after {limits[name]:.0f} s", (m, reason)
+        lasted = noticed - m["started_at"]
+        assert limits[name] - 0.5 <= lasted < limits[name] + DEATH_NOTICED_WITHIN_S, (name, attempt, lasted)
     rows = rows_by_source(out)
     for name, status, reason in (("segfault_me.mp4", "worker_died", "worker died"),
                                  ("kill_me.mp4", "worker_died", "worker died"),
-                                 ("hang_me.mp4", "timed_out", "timed out after 12 s")):
+                                 ("hang_me.mp4", "timed_out", f"timed out after {floor_s:.0f} s"),
+                                 ("stall_me.mp4", "timed_out", f"timed out after {limits['stall_me.mp4']:.0f} s")):
         [row] = rows[name]
         assert row["source_status"] == status and reason in row["split_error"], row
         assert "2 attempts" in row["split_error"] and not row["keep"]
     # Every other source: exactly the clips of an in-process run without faults.
-    good = [n for n in reference if n not in ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4")]
+    good = [n for n in reference if n not in faulty]
     assert clip_ids(rows, good) == clip_ids(reference, good)
-    assert record["source_outcomes"] == {"unreadable": 3, "worker_died": 2, "timed_out": 1}
-    assert record["units_retried"] >= 2
-    # The hang cost two time limits, not forever.
-    assert wall < 240
+    assert record["source_outcomes"] == {"unreadable": 3, "worker_died": 2, "timed_out": 2}
+    # Each faulty source cost its unit two attempts (max_source_attempts), no more, no fewer.
+    faulty_ids = {rows[name][0]["source_id"] for name in faulty}
+    entries = OutputStore(out).committed().values()
+    for e in entries:
+        assert e["attempts"] == 1 + 2 * len(faulty_ids & set(e["source_ids"])), e
+    assert record["units_retried"] == sum(1 for e in entries if faulty_ids & set(e["source_ids"]))
     assert not list((out / "inflight").iterdir())
 
 

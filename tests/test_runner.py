@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from curation import schema
 from curation.config import load_config
 from curation.report import funnel
 from curation.runner import run_local, run_pipeline
+from curation.sources import discover, plan_units
 from curation.writer import STAGE_SECONDS_PREFIX, OutputError, OutputStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +41,33 @@ def cli_run(root: Path, out: Path, ray_tmp: str) -> tuple[list[str], dict[str, s
 
 def clip_ids(out: Path) -> list[str]:
     return sorted(OutputStore(out).read_scores().column("clip_id").to_pylist())
+
+
+def file_state(path: Path) -> tuple[str, int, int]:
+    """The content (a hash), inode and mtime of a file: a rewrite changes the inode (files are
+    written under a temporary name and renamed over the old one)."""
+    st = path.stat()
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_ino, st.st_mtime_ns
+
+
+def committed_data_files(out: Path) -> list[Path]:
+    store = OutputStore(out)
+    return [p for kind in ("scores", "shards", "clips") for p in store.committed_files(kind)]
+
+
+def assert_only_committed_files(out: Path) -> None:
+    """scores/, shards/ and clips/ hold exactly the files the ledger lists (no orphan, no
+    temporary file, none missing), and ledger/ only the entries of committed units."""
+    store = OutputStore(out)
+    for kind in ("scores", "shards", "clips"):
+        on_disk = sorted(p.name for p in (out / kind).iterdir())
+        assert on_disk == sorted(p.name for p in store.committed_files(kind)), kind
+    assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(f"{u}.json" for u in store.committed())
+
+
+def shard_clip_ids(out: Path) -> list[str]:
+    return [c for p in committed_data_files(out) if p.parent.name == "shards"
+            for c in pq.read_table(p, columns=["clip_id"]).column("clip_id").to_pylist()]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +109,7 @@ def test_local_run_writes_the_contract(local_run, footage):
     assert run["status"] == "complete" and run["clips"] == len(clips)
     assert set(run["stage_busy_seconds"]) == {"split", "motion", "filter"}
     assert run["versions"]["pyarrow"] and run["config"]["steps"][0]["stage"] == "split"
-    assert list((out / "logs").glob("*.log")) or True  # logs are written by the CLI, not the API
+    # (Log files are written by the CLI, not by this API: test_sigkill_then_same_command_... checks them.)
 
 
 def test_report_funnel_counts(local_run):
@@ -112,10 +142,24 @@ def test_leftovers_of_uncommitted_units_are_removed(local_run, footage, tmp_path
     unit = victim.stem
     victim.unlink()
     (copy / "scores" / ".tmp-zzz.parquet").write_bytes(b"partial")
+    # Files under the writer's names that no unit of this run writes again, so only the clean-up
+    # can remove them: a unit id that no unit of these sources hashes to, a shard number beyond
+    # any the victim's redo writes, and a temporary shard of the victim.
+    orphan = "u" + "0" * 16
+    planted = [copy / "scores" / f"{orphan}.parquet", copy / "clips" / f"{orphan}.parquet",
+               copy / "shards" / f"{orphan}-0000.parquet", copy / "shards" / f"{unit}-0099.parquet",
+               copy / "shards" / f".tmp-123-abcdef12-{unit}-0000.parquet"]
+    assert orphan not in {u.unit_id for u in plan_units(discover([str(root)]), config().run.sources_per_unit)}
+    some_scores = (copy / "scores" / f"{unit}.parquet").read_bytes()
+    for path in planted:
+        assert not path.exists()
+        path.write_bytes(some_scores)
     run_pipeline(config(), [str(root)], copy, run_local)
     assert clip_ids(copy) == clip_ids(out)
-    assert not list((copy / "scores").glob(".tmp-*"))
     assert (copy / "ledger" / f"{unit}.json").exists()
+    assert not list((copy / "scores").glob(".tmp-*"))
+    assert_only_committed_files(copy)
+    assert not [p for p in planted if p.exists()]
 
 
 def comparable_scores(out: Path) -> list[dict]:
@@ -184,15 +228,39 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
             break
         time.sleep(0.02)
     proc.wait()
+    killed_at = time.time()
     assert killed_part_way, "the run finished or stalled before it could be killed part-way"
-    n_before = len(list((out / "ledger").glob("u*.json")))
+    # What the killed run committed: its ledger entries and the data files they list.
+    before = OutputStore(out).committed()
+    n_before = len(before)
     assert 1 <= n_before < 6
+    kept = [out / "ledger" / f"{u}.json" for u in before] + committed_data_files(out)
+    states = {p: file_state(p) for p in kept}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # (1) Not one committed file was rewritten (a new version would be a new inode).
+    assert {p: file_state(p) for p in kept} == states
+    # (2) The restart planned, ran and committed exactly the units the killed run had not.
+    units = {u.unit_id for u in plan_units(discover([str(root)]), 1)}  # one source per unit
+    assert len(units) == 6
+    record = json.loads((out / "run.json").read_text())
+    assert [a["units"] for a in record["attempts"]] == [6, 6 - n_before]
+    resumed = f"resuming: {n_before} of 6 sources already committed, {6 - n_before} units to do"
+    assert resumed in done.stderr
+    # The CLI also logs each run to a file of its own in OUT_DIR/logs, DEBUG lines included.
+    log_file = Path(re.search(r"logging to (\S+)", done.stderr)[1])
+    assert log_file.parent == out / "logs" and resumed in log_file.read_text()
+    after = OutputStore(out).committed()
+    assert set(after) == units and record["units"] == 6
+    assert all(after[u]["committed_at"] > killed_at for u in units - set(before))
+    # (3) On disk: exactly the committed files, and every clip once.
+    assert_only_committed_files(out)
     ids = clip_ids(out)
     assert len(ids) == len(set(ids))
     assert ids == clip_ids(out_local)
-    assert "resuming" in done.stderr
+    shard_ids = shard_clip_ids(out)
+    assert len(shard_ids) == len(set(shard_ids))
+    assert sorted(shard_ids) == sorted(shard_clip_ids(out_local))
 
 
 def test_sources_without_clips_commit_and_are_counted_apart(footage, tmp_path):
