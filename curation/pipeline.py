@@ -40,7 +40,7 @@ import pickle
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from curation.unit import (
     slices,
 )
 from curation.writer import OutputStore
+from stages import instrument
 from stages.base import Batch, batch_len
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class StageActor:
 
     def ready(self) -> bool:
         return True
+
+    def model_loads(self) -> int:
+        """Models this actor's process has loaded (stages/instrument; one per set-up)."""
+        return int(instrument.counts("model_load")[self.step.name])
 
 
 @dataclass
@@ -623,11 +628,31 @@ class StepMonitor:
         log.info("steps: %s | %d units running | bottleneck: %s", "; ".join(parts), running, worst)
 
 
+def pool_summary(sizer: PoolSizer, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """Per model step at the end of an attempt: actors started, models their processes loaded
+    (null where an actor does not answer), batches and rows done, failed calls (run.json)."""
+    import ray
+
+    stats = ray.get(sizer.pools.dispatcher.stats.remote()) if sizer.pools.dispatcher is not None else {}
+    summary = {}
+    for name, handles in sizer.actors.items():
+        try:
+            loads: int | None = sum(ray.get([h.model_loads.remote() for h in handles], timeout=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a dead or hung actor: the count is unknown
+            log.warning("step %s: could not read its actors' model loads (%s)", name, exc)
+            loads = None
+        c = stats.get(name, {})
+        summary[name] = {"actors": len(handles), "model_loads": loads, "batches": int(c.get("batches", 0)),
+                         "rows": int(c.get("rows", 0)), "failed_calls": int(c.get("failed", 0))}
+    return summary
+
+
 def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, address: str | None = None,
             num_cpus: int | None = None, object_store_mb: int | None = None,
             temp_dir: str | None = None,
-            driver_grace_s: float = DRIVER_GRACE_S) -> Iterator[dict[str, Any]]:
-    """Run every unit on Ray and yield each unit's ledger entry as it finishes (module docstring).
+            driver_grace_s: float = DRIVER_GRACE_S) -> Generator[dict[str, Any], None, dict[str, Any]]:
+    """Run every unit on Ray and yield each unit's ledger entry as it finishes (module docstring);
+    returns what the attempt's record keeps of it (`pool_summary`).
 
     `driver_grace_s`: how long past a source's limit the driver waits before it cancels a task
     whose own timer missed (a backstop; an execution setting, not in the config fingerprint).
@@ -647,6 +672,7 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
         log.info("running %d units on %g CPUs, up to %d at a time; %d model step(s) on actors",
                  len(units), total_cpus, 2 * slots, len(sizer.actors))
         yield from UnitScheduler(config, units, store, sizer, slots, driver_grace_s).run()
+        return {"model_pools": pool_summary(sizer)}
     finally:
         for handles in sizer.actors.values():
             for h in handles:

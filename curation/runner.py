@@ -193,7 +193,13 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     started = time.monotonic()
     progress = Progress(units)
     by_id = {u.unit_id: u for u in units}
-    for entry in executor(config, units, store):
+    entries = executor(config, units, store)
+    while True:
+        try:
+            entry = next(entries)
+        except StopIteration as done:  # an executor may return what the attempt's record keeps
+            attempt.update(done.value or {})
+            break
         store.write_ledger(entry)
         progress.unit_done(by_id[entry["unit_id"]], entry)
     missing = sorted(set(by_id) - set(store.committed()))

@@ -33,10 +33,15 @@ def test_aesthetics_actor_in_ray_matches_in_process(footage, tmp_path, ray_tmp):
     local_out, ray_out = tmp_path / "local", tmp_path / "ray"
     run_pipeline(config, [str(root)], local_out, run_local)
     try:
-        run_pipeline(config, [str(root)], ray_out,
-                     lambda c, u, s: run_ray(c, u, s, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
+        record = run_pipeline(config, [str(root)], ray_out,
+                              lambda c, u, s: run_ray(c, u, s, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
     finally:
         ray.shutdown()
+    # One actor, set up once, served every batch: the model loads its process counted, per actor.
+    pool = record["attempts"][-1]["model_pools"]["aesthetics"]
+    clips_n = sum(1 for r in OutputStore(ray_out).read_scores().to_pylist() if r["start_frame"] is not None)
+    assert pool["actors"] == 1 and pool["model_loads"] == 1 and pool["failed_calls"] == 0
+    assert pool["batches"] >= math.ceil(clips_n / 4) >= 2 and pool["rows"] >= clips_n
     local = {r["clip_id"]: r for r in OutputStore(local_out).read_scores().to_pylist()}
     remote = {r["clip_id"]: r for r in OutputStore(ray_out).read_scores().to_pylist()}
     assert local.keys() == remote.keys()
