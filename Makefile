@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/spine_bench.py
 	$(BIN)/python bench/report_bench.py
 	$(BIN)/python bench/models_bench.py
+	$(BIN)/python bench/ocr_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/train_stream_bench.py
 	$(BIN)/python bench/cut_bench.py

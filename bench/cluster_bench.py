@@ -6,7 +6,7 @@
    filters) on generated 360p-720p footage, on the embedded cluster with --num-cpus 2 and
    then 1. Prints the cores kept busy (sampled from /proc/stat, over the whole run and over
    the processing phase, from the first unit submitted to the end) and clips/s, and the
-   ratio of the two runs' clips/s.
+   ratio of the two runs' clips/s, and each model actor's RSS over its life (flat after the load?).
 2. The spine (configs/spine.yaml) over 50 and then 500 small generated sources: the
    driver's peak RSS (VmHWM) for both, and the throughput.
 
@@ -34,6 +34,7 @@ from curation import synth  # noqa: E402
 from curation.reaper import descendants  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 class RoleCPU:
@@ -44,6 +45,7 @@ class RoleCPU:
         self.root = root
         self.last: dict[int, float] = {}
         self.by_role: dict[str, float] = {}
+        self.actor_rss: dict[int, list[float]] = {}  # model actor pid -> its RSS (MB) at each sample
 
     def sample(self) -> None:
         for pid in [self.root, *descendants(self.root)]:
@@ -57,9 +59,20 @@ class RoleCPU:
                 else Path(title.split()[0]).name if title else "?"
             self.by_role[role] = self.by_role.get(role, 0.0) + cpu - self.last.get(pid, 0.0)
             self.last[pid] = cpu
+            if role.startswith("ray::StageActor"):
+                self.actor_rss.setdefault(pid, []).append(int(fields[21]) * PAGE_BYTES / 2**20)  # rss pages
 
     def total(self) -> float:
         return sum(self.by_role.values())
+
+    def actor_memory(self) -> str:
+        """Each model actor's RSS at a quarter, half, three quarters and the end of its life, and its peak:
+        flat when the figures level off after the model's load."""
+        rows = []
+        for pid, rss in sorted(self.actor_rss.items()):
+            at = [rss[min(len(rss) - 1, len(rss) * k // 4)] for k in (1, 2, 3)] + [rss[-1]]
+            rows.append(f"pid {pid}: {' / '.join(f'{v:.0f}' for v in at)} MB (peak {max(rss):.0f} MB)")
+        return "; ".join(rows) or "no model actors"
 
     def table(self, wall_s: float) -> str:
         rows = sorted(self.by_role.items(), key=lambda kv: -kv[1])
@@ -123,6 +136,7 @@ def run(config: str, inputs: Path, out: Path, num_cpus: int, log_path: Path, pin
         "clips_per_s": record["clips"] / max(t_end - t_phase, 1e-9),
         "driver_peak_rss_mb": hwm,
         "cpu_by_role": roles.table(t_end - t_phase),
+        "model_actor_rss": roles.actor_memory(),
         # The run's own processes only (other load on the machine left out).
         "busy_cores_run_tree": (roles.total() - tree_at_phase) / max(t_end - t_phase, 1e-9),
         "model_sent_bytes_per_clip": record.get("model_sent_bytes_per_clip", {}),
@@ -154,6 +168,7 @@ def main() -> None:
               f"processing ({r['busy_cores_run_tree']:.2f} by the run's own processes), "
               f"{r['clips_per_s']:.3f} clips/s", flush=True)
         print(f"  CPU by role over the processing phase: {r['cpu_by_role']}", flush=True)
+        print(f"  model actors' RSS: {r['model_actor_rss']}", flush=True)
         sent = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in r["model_sent_bytes_per_clip"].items())
         print(f"  object-store bytes per clip after motion (rows sent to model actors): {sent or '-'}", flush=True)
     if "2cpu" in results and "1cpu" in results:

@@ -24,12 +24,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from curation import synth
 from stages import instrument
-from stages.ocr import OcrStage, union_area_ratio
+from stages.ocr import OcrStage, decode_working, horizontal_to_polygon, trim_edges, union_area_ratio
 
 torch.set_num_threads(1)
 SIZE = (320, 180)
 TOLERANCE = 0.20  # the stage's calibration: |ratio / true area - 1| <= 20% (README.md, stages/ocr.py)
 SVD_CUT = 0.07  # SVD rejected clips whose text area ratio is above this
+# What the detector's speed paths (stages/text_detector.py: bf16, padding) may change a ratio by,
+# against easyocr's own float32 detector: a 15th of SVD's cut, a box edge moved by a pixel or so.
+MAX_RATIO_CHANGE = 0.005
 
 
 def text_area(text: str, height_frac: float) -> float:
@@ -102,6 +105,40 @@ def test_min_confidence_reads_the_text_and_drops_unsure_boxes():
     assert dropped == 0.0
 
 
+def easyocr_reference_boxes(stage: OcrStage, frames: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """The stage's polygons as it found them before stages/text_detector.py: easyocr's own
+    Reader.detect, every frame of one size in one float32 batch, the same trim."""
+    result = [[] for _ in frames]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, f in enumerate(frames):
+        by_shape.setdefault(f.shape, []).append(i)
+    for indices in by_shape.values():
+        horizontal, free = stage._reader.detect(np.stack([frames[i] for i in indices]), reformat=False,
+                                                **stage.detect_args)
+        for i, h, f in zip(indices, horizontal, free):
+            polys = [horizontal_to_polygon(b) for b in h] + [np.asarray(q, np.float32) for q in f]
+            result[i] = [trim_edges(q, stage.edge_trim_px) for q in polys]
+    return result
+
+
+def test_float32_detection_gives_easyocr_own_boxes():
+    # A frame a pass, channels-last, padded to 64 px: the same boxes as easyocr's one batch per
+    # size, on frames of 4 sizes (one of them not a multiple of 32, one portrait).
+    stage = OcrStage(device="cpu", torch_threads=1, working_short_side_px=320, precision="fp32")
+    stage.setup()
+    frames = [decode_working(mf.keyframes(s, size, text, 0.12)[0], 320) for s, size, text in
+              [(1, (640, 360), "SOME TEXT HERE"), (2, (480, 360), "news at nine"), (3, (360, 640), "GOAL"),
+               (4, (500, 333), "a subtitle line"), (5, (640, 360), "SOME TEXT HERE")]]
+    assert len({f.shape for f in frames}) == 4
+    expected = easyocr_reference_boxes(stage, frames)
+    assert all(expected)  # every frame has text boxes to compare
+    for per_pass in (1, 3):
+        stage._detector.frames_per_pass = per_pass
+        got = stage.boxes(frames)
+        for g, e in zip(got, expected):
+            assert len(g) == len(e) and all(np.array_equal(a, b) for a, b in zip(g, e)), (g, e)
+
+
 def test_union_counts_overlaps_once():
     import numpy as np
 
@@ -126,7 +163,9 @@ def test_weights_come_from_the_package_or_name_the_key(tmp_path):
 def test_constructor_validates_arguments():
     for kwargs, name in [({"min_confidence": 1.5}, "min_confidence"), ({"languages": []}, "languages"),
                          ({"working_short_side_px": 8}, "working_short_side_px"),
-                         ({"reduction": "sum"}, "reduction"), ({"device": "gpu"}, "device")]:
+                         ({"reduction": "sum"}, "reduction"), ({"device": "gpu"}, "device"),
+                         ({"precision": "fp16"}, "precision"), ({"frames_per_pass": 0}, "frames_per_pass"),
+                         ({"pad_multiple_px": 48}, "pad_multiple_px")]:
         with pytest.raises(ValueError, match=name):
             OcrStage(**kwargs)
 
@@ -217,7 +256,15 @@ def area_errors(stage, texts: list[str], sizes: tuple[int, ...], line_counts: tu
         truths.append(truth)
     ratios = stage(mf.clip_batch(frames))["text_area_ratio"]
     errors = [r / t - 1 for r, t in zip(ratios, truths)]
-    return errors, truths, frames, [(c, round(t, 4), round(e, 2)) for c, t, e in zip(cases, truths, errors)]
+    return errors, truths, frames, [(c, round(t, 4), round(e, 2)) for c, t, e in zip(cases, truths, errors)], ratios
+
+
+def assert_easyocr_ratios(stage: OcrStage, frames: list[list[bytes]], ratios: list[float]) -> None:
+    """The ratios equal easyocr's own float32 detector's within MAX_RATIO_CHANGE on every case."""
+    decoded = [decode_working(jpegs[0], stage.working_short_side_px) for jpegs in frames]
+    reference = [union_area_ratio(f.shape[:2], p) for f, p in zip(decoded, easyocr_reference_boxes(stage, decoded))]
+    changes = [abs(a - b) for a, b in zip(ratios, reference)]
+    assert max(changes) <= MAX_RATIO_CHANGE, (stage.precision_used, list(zip(ratios, reference)))
 
 
 def test_text_area_ratio_is_the_area_of_the_text_within_20_percent():
@@ -226,7 +273,7 @@ def test_text_area_ratio_is_the_area_of_the_text_within_20_percent():
     sizes, layouts and a font the calibration never saw mostly do too."""
     stage = OcrStage(device="cpu", torch_threads=1, working_short_side_px=320)
     stage.setup()
-    errors, truths, frames, table = area_errors(stage, CALIBRATION_TEXTS, (12, 18, 28, 44, 70), (1, 2), 100)
+    errors, truths, frames, table, ratios = area_errors(stage, CALIBRATION_TEXTS, (12, 18, 28, 44, 70), (1, 2), 100)
     assert min(truths) < 0.02 and max(truths) > 0.3  # the cases span SVD's 7% cut
     # Measured: mean |error| 0.077, worst 0.19 (with easyocr's word gaps, width_ths 0.5, and no
     # edge trim: 18 of 20 within 20%, worst 0.24; with the wider gaps alone: 16 of 20).
@@ -235,12 +282,17 @@ def test_text_area_ratio_is_the_area_of_the_text_within_20_percent():
     # within 20%, mean 0.070, worst -0.203 (a 14 px outlined subtitle); with width_ths 0.5 and no
     # trim, 22 of 24, mean 0.096, worst -0.29. The same cases in the calibration's Hershey font:
     # 18 of 24, mean 0.125, worst -0.37 (CRAFT misses its "(c)").
-    held, _, _, held_table = area_errors(stage, HELD_OUT_TEXTS, (14, 22, 35, 55), (1, 2, 3), 300, HELD_OUT_FONT)
+    held, _, held_frames, held_table, held_ratios = area_errors(stage, HELD_OUT_TEXTS, (14, 22, 35, 55), (1, 2, 3),
+                                                                300, HELD_OUT_FONT)
     assert sum(abs(e) <= 0.20 for e in held) >= 23 and np.mean(np.abs(held)) <= 0.08, held_table
     assert max(abs(e) for e in held) <= 0.25, held_table
+    # Whichever path this CPU takes (bf16 where it computes bf16 natively, else float32), every
+    # case measures what easyocr's own float32 detector measures, within MAX_RATIO_CHANGE.
+    assert_easyocr_ratios(stage, frames, ratios)
+    assert_easyocr_ratios(stage, held_frames, held_ratios)
     # easyocr's own defaults (box margin, low_text 0.4, word gaps) measure the same text about 1.5x too large.
     inflated = OcrStage(device="cpu", torch_threads=1, working_short_side_px=320, add_margin=0.1, low_text=0.4,
                         line_gap=0.5, edge_trim_px=0)
-    inflated._reader = stage._reader
+    inflated._reader, inflated._detector = stage._reader, stage._detector
     before = inflated(mf.clip_batch(frames))["text_area_ratio"]
     assert np.median([b / t for b, t in zip(before, truths)]) > 1.3
