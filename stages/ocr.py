@@ -51,7 +51,7 @@ import numpy as np
 
 from stages import instrument
 from stages.base import Batch, Stage
-from stages.text_detector import Precision, TextDetector, resolve_precision
+from stages.text_detector import Precision, TextDetector, passes, resolve_precision
 from stages.model_batch import error_text, forward_keyframes, is_clip_row, is_kept, nan_list
 from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
 from stages.weights import WeightRequirement, missing_weights_message
@@ -258,16 +258,11 @@ class OcrStage(Stage):
         """Boxes read with a confidence of at least min_confidence (easyocr's detector and recogniser);
         frames of one shape go through easyocr a few at a time."""
         result: list[list[np.ndarray]] = [[] for _ in frames]
-        by_shape: dict[tuple, list[int]] = {}
-        for i, f in enumerate(frames):
-            by_shape.setdefault(f.shape, []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self._detector.frames_per_pass):
-                part = indices[start:start + self._detector.frames_per_pass]
-                found = self._reader.readtext_batched(np.stack([frames[i] for i in part]), **self.detect_args)
-                for i, detections in zip(part, found):
-                    result[i] = [trim_edges(np.asarray(box, np.float32), self.edge_trim_px)
-                                 for box, _, conf in detections if conf >= self.min_confidence]
+        for part in passes([f.shape for f in frames], self._detector.frames_per_pass):
+            found = self._reader.readtext_batched(np.stack([frames[i] for i in part]), **self.detect_args)
+            for i, detections in zip(part, found):
+                result[i] = [trim_edges(np.asarray(box, np.float32), self.edge_trim_px)
+                             for box, _, conf in detections if conf >= self.min_confidence]
         return result
 
     def __call__(self, batch: Batch) -> Batch:
