@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))
 from curation import synth  # noqa: E402
 from curation.config import load_config  # noqa: E402
 import stages.split as split  # noqa: E402
+import stages.split.segment as split_segment  # noqa: E402  (where _Segmenter builds its CutMerger)
 
 SIZE = (480, 270)  # (width, height)
 FILE_FPS = (25, 25, 30, 25, 30, 25)
@@ -406,12 +407,12 @@ class _RecordingMerger(split.CutMerger):
 
 @contextlib.contextmanager
 def recording_merger():
-    saved = split.CutMerger
-    split.CutMerger = _RecordingMerger
+    saved = split_segment.CutMerger
+    split_segment.CutMerger = _RecordingMerger
     try:
         yield
     finally:
-        split.CutMerger = saved
+        split_segment.CutMerger = saved
 
 
 def split_args(config: Path, overrides: list[str], detector: str | None) -> dict[str, Any]:
@@ -432,7 +433,7 @@ def run_split(args: dict[str, Any], path: Path) -> dict[str, Any]:
     with recording_merger():
         rows = stage.split_source(str(path), path.stem)
     if len(_RecordingMerger.live) != 1:
-        raise RuntimeError("split.py no longer builds one CutMerger per source; update bench/cut_bench.py")
+        raise RuntimeError("stages/split/segment.py no longer builds one CutMerger per source; update bench/cut_bench.py")
     merger = _RecordingMerger.live[0]
     errors = [r["split_error"] for r in rows if r["split_error"]]
     if errors:

@@ -4,7 +4,7 @@ Inputs may be files, directories (searched recursively for video extensions), gl
 (`footage/**/*.mp4`) or list files (`@list.txt`, or any .txt/.list/.lst file: one path per
 line, relative to the list file, `#` comments). Files named explicitly or by a glob or a
 list are taken whatever their content: a file that is not a video becomes an error row of
-the split stage, not a crash. Probing and decoding happen on the workers (stages/split.py);
+the split stage, not a crash. Probing and decoding happen on the workers (stages/split/);
 here only names and sizes are read, so discovery stays fast on large trees.
 """
 

@@ -204,7 +204,7 @@ def test_near_coincident_cuts_of_two_detectors_make_one_cut(footage, monkeypatch
     no one-frame fragment between them silently dropped."""
     import types
 
-    import stages.split as split
+    import stages.split.segment as segment  # where _Segmenter looks make_detector up
 
     root, truth = footage
     true_cuts = truth["cuts.mp4"]["cut_frames"]
@@ -225,7 +225,7 @@ def test_near_coincident_cuts_of_two_detectors_make_one_cut(footage, monkeypatch
     def cut_clips(**kwargs):
         stage = SplitStage(detector="cascade", min_duration_s=0.5, cascade=[
             {"detector": "content"}, {"detector": "adaptive"}], **kwargs)
-        monkeypatch.setattr(split, "make_detector", fake_detector)
+        monkeypatch.setattr(segment, "make_detector", fake_detector)
         try:
             return clips_of(stage, root / "cuts.mp4")
         finally:
@@ -527,7 +527,8 @@ def test_the_dissolve_detector_leaves_fades_and_fast_motion_alone(tmp_path):
 def test_adaptive_reuses_the_content_score_and_cuts_the_same(footage, monkeypatch):
     """The cascade computes ContentDetector's frame score once for content and adaptive; the
     cuts are those of the detectors each computing its own."""
-    from stages import scene_scores, split
+    from stages import scene_scores
+    from stages.split import segment  # where _Segmenter looks share_content_scores up
 
     root, _ = footage
     stage = SplitStage(detector="cascade", min_duration_s=0.5)
@@ -541,7 +542,7 @@ def test_adaptive_reuses_the_content_score_and_cuts_the_same(footage, monkeypatc
     monkeypatch.setattr(scene_scores._HSVScore, "_calculate_frame_score", counted)
     shared = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
     assert calls["FastAdaptiveDetector"] == 0 and calls["FastContentDetector"] > 0
-    monkeypatch.setattr(split, "share_content_scores", lambda detectors: list(range(len(detectors))))
+    monkeypatch.setattr(segment, "share_content_scores", lambda detectors: list(range(len(detectors))))
     calls.clear()
     separate = [(r["start_frame"], r["end_frame"]) for r in clips_of(stage, root / "cuts.mp4")]
     assert calls["FastAdaptiveDetector"] == calls["FastContentDetector"] > 0

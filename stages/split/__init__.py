@@ -1,0 +1,77 @@
+"""split: one decode pass per source -> single-shot clips with their encoded video and frames.
+
+For each source row (source_path, source_id, unit_id) this stage opens the file with PyAV,
+decodes it once, runs PySceneDetect detectors on small copies of the frames, and cuts the
+stream into clips. In the same pass it produces, per clip:
+  video          H.264 mp4 bytes at `short_side_px` (aspect kept), at the source frame rate
+  keyframes      JPEG bytes of the first, middle and last frame
+  sample_frames  JPEG frames sampled at `sample_fps` (2 fps), read by the motion stage
+and the identity columns of curation/schema.py. Every source ends as at least one row: a
+source that cannot be opened or decoded becomes one row with `split_error` set and
+`source_status` "unreadable"; one that decodes but has no shot of at least `min_duration_s`
+becomes one "no_clips" row saying so (e.g. "no shot of at least 2.0 s (longest 1.4 s)"); one
+that breaks part-way keeps the clips finished before the break and adds a "decode_error" row.
+
+Memory is bounded regardless of video length: only the last `lag_s` seconds of small frames
+are held (the detectors' decision latency), clips are encoded as frames arrive, and a scene
+longer than `max_duration_s` is cut into chunks.
+
+Frame accuracy: detectors report a cut at the first frame of the new shot. Frames are
+assigned to a clip only once they are `lag_s` behind the decoder, so every cut a detector
+reports (ContentDetector at once, AdaptiveDetector `window_width` frames late, the fade
+detector at the end of a fade) is known before the frames around it are assigned.
+Cuts that two detectors place within `merge_cuts_within_frames` of each other are one cut
+(CutMerger), so the cascade makes no one-frame fragments.
+The middle keyframe is the sample frame nearest the middle of the clip (at most
+1/(2*sample_fps) s away), which keeps the pass single and the memory bounded.
+
+Fades: a clip never starts or ends on a near-black frame (mean level below
+`trim_dark_below`, the fade detector's own threshold), unless the whole shot is dark; the
+dark frames of a fade are cut from both neighbours and counted in `dark_frames_trimmed`.
+
+Timing follows the frames' timestamps, so variable-frame-rate sources keep theirs:
+`start_s` is the first frame's time, `duration_s` the time to the frame after the clip's
+last one, motion samples are taken every 1/sample_fps seconds (not every n frames), and
+the clip is encoded with its frames' own times. `fps` is the source's average rate.
+A stream whose timestamps jump back (a splice) is cut there.
+
+The package: stage.py drives the rest, listed in the order a frame meets them.
+  stage.py    SplitStage (its options, one source to its rows) and no_clip_row
+  decode.py   probe(), the source's frame rate, _DecodeAhead (decoding and scaling in a thread)
+  scale.py    output_size(), SourceColour and FrameScaler (source frames to the clip size, BGR
+              and yuv420p, read in the source's own colour)
+  segment.py  _Segmenter: one source's frames through the detectors, cuts applied, frames
+              assigned to clips `lag_s` behind the decoder
+  cuts.py     the detector cascade (make_detector, spec_at_rate), CutMerger,
+              share_content_scores and the flash filter's constants
+  clip.py     _ClipBuilder: one clip's frames held, trimmed, encoded, sampled
+  encode.py   the x264 options, _BackgroundEncoder (H.264 on its own thread), encode_jpeg
+This module re-exports the public names; to monkeypatch one, patch it in the module that
+uses it (e.g. stages.split.segment.make_detector), not here.
+"""
+
+from stages.split.cuts import (
+    DEFAULT_CASCADE,
+    FLASH_MATCH_SHARE,
+    FLASH_MAX_FRAMES,
+    FLASH_MAX_MATCH,
+    FLASH_MIN_JUMP,
+    REFERENCE_FPS,
+    CutMerger,
+    frame_distance,
+    make_detector,
+    share_content_scores,
+    spec_at_rate,
+)
+from stages.split.decode import probe, source_frame_rate
+from stages.split.encode import CLIP_TIME_BASE, DEFAULT_X264_PARAMS, check_encoder, encode_jpeg, encoder_options
+from stages.split.scale import HD_MIN_HEIGHT, FrameScaler, SourceColour, even, output_size
+from stages.split.stage import DetectorName, SplitStage, no_clip_row
+
+__all__ = [
+    "CLIP_TIME_BASE", "DEFAULT_CASCADE", "DEFAULT_X264_PARAMS", "FLASH_MATCH_SHARE", "FLASH_MAX_FRAMES",
+    "FLASH_MAX_MATCH", "FLASH_MIN_JUMP", "HD_MIN_HEIGHT", "REFERENCE_FPS", "CutMerger", "DetectorName",
+    "FrameScaler", "SourceColour", "SplitStage", "check_encoder", "encode_jpeg", "encoder_options", "even",
+    "frame_distance", "make_detector", "no_clip_row", "output_size", "probe", "share_content_scores",
+    "source_frame_rate", "spec_at_rate",
+]
