@@ -110,6 +110,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from curation.writer import OutputStore
 
     overrides = [f"dedup.{key}={value}" for key, value in (("eps", args.eps), ("embedding", args.embedding),
+                                                           ("min_match", args.min_match),
+                                                           ("max_shift_s", args.max_shift_s),
                                                            ("keep_by", args.keep_by)) if value is not None]
     if args.off and overrides:
         raise ConfigError("curate dedup: --off takes no other option")
@@ -119,8 +121,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     r = refilter(args.output, overrides, drop_dedup=args.off)
     d = r.get("dedup")
     if d:
-        log.info("dedup: %d duplicates in %d groups (%s vectors, cosine >= %.3g) among %d clips",
-                 d["duplicates"], d["groups"], d["embedding"], d["min_cosine"], d["clips_embedded"])
+        log.info("dedup: %d duplicates in %d groups (candidates: %s vectors at cosine >= %.3g; matching "
+                 "in time at >= %.3g) among %d clips", d["duplicates"], d["groups"], d["embedding"],
+                 d["min_cosine"], d["min_match"], d["clips_embedded"])
     log.info("dedup: kept %s -> %d of %d clips (%d units rewritten); next: curate report %s",
              r["kept_before"], r["kept"], r["clips"], r["units_rewritten"], args.output)
     return 0
@@ -190,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "dedup section and applies it with the rules (no recompute)")
     dd.add_argument("output")
     dd.add_argument("--eps", type=float, default=None,
-                    help="near-duplicates: cosine >= 1 - eps (default 0.2 perceptual, 0.05 image_embedding)")
+                    help="candidates: vector cosine >= 1 - eps (default 0.3 perceptual, 0.1 image_embedding)")
+    dd.add_argument("--min-match", type=float, default=None,
+                    help="duplicates: candidates whose temporal signatures match at least this (default 0.8)")
+    dd.add_argument("--max-shift-s", type=float, default=None,
+                    help="the largest time shift between a clip and its copy searched (default 2 s)")
     dd.add_argument("--embedding", choices=["auto", "image_embedding", "perceptual"], default=None)
     dd.add_argument("--keep-by", default=None, metavar="[COL, ...]",
                     help="columns choosing the kept clip of a group, e.g. '[aesthetic_score, motion_score]'")

@@ -79,7 +79,13 @@ EXECUTION_ONLY = ("source_timeout_floor_s", "source_timeout_per_video_s", "model
 class DedupOptions:
     """The `dedup:` section (curation/dedup.py): near-duplicate groups over the whole run."""
 
-    eps: float | None = None  # near-duplicates: cosine >= 1 - eps; null: the embedding's default
+    # Candidates: clips whose vectors are at cosine >= 1 - eps; null: the embedding's default
+    # (0.3 perceptual, 0.1 image_embedding). A candidate pair is a duplicate when the clips'
+    # temporal signatures match (stages/signature.py): score >= min_match at a time shift of at
+    # most max_shift_s.
+    eps: float | None = None
+    min_match: float = 0.8
+    max_shift_s: float = 2.0
     # image_embedding: the aesthetics stage's CLIP vectors; perceptual: keyframe DCT/colour
     # vectors that need no weights; auto: image_embedding when the run has them, else perceptual.
     embedding: Literal["auto", "image_embedding", "perceptual"] = "auto"
@@ -97,6 +103,10 @@ def check_dedup(raw: Any) -> DedupOptions | None:
     opts = _check_dataclass(DedupOptions, raw, "dedup")
     if opts.eps is not None and not 0.0 < opts.eps < 1.0:
         raise ConfigError(f"dedup.eps: must be strictly between 0 and 1 (cosine >= 1 - eps), got {opts.eps}")
+    if not 0.0 < opts.min_match <= 1.0:
+        raise ConfigError(f"dedup.min_match: must be in (0, 1] (a temporal match score), got {opts.min_match}")
+    if not 0.0 <= opts.max_shift_s <= 30.0:
+        raise ConfigError(f"dedup.max_shift_s: must be within 0-30 s, got {opts.max_shift_s}")
     bad = [c for c in opts.keep_by if c not in NUMERIC_COLUMNS]
     if bad:
         raise ConfigError(f"dedup.keep_by: unknown column {bad[0]!r}; allowed: {', '.join(NUMERIC_COLUMNS)}")

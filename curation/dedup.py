@@ -1,45 +1,55 @@
-"""Near-duplicate removal over a whole run: embeddings, groups, and which clip of a group is kept.
+"""Near-duplicate removal over a whole run: candidates by vector, duplicates by their time course.
 
 Re-uploads are everywhere in web video: the same footage re-encoded, resized, cropped a little
-or started a second later. This module finds such clips across every committed unit and keeps
-one of each group; `curation.finalize.apply_rules` applies the decisions with the filter rules
-(at the end of `curate run`, in `curate refilter` and in `curate dedup`), so they are written
-to scores/ and shards/ by the same crash-safe pass.
+or started a second later. A re-upload is the same footage over the same time, not the same
+scene: two 10 s chunks of one static camera share their layout and colours, but not the people
+walking through. So this module decides in two steps, across every committed unit, and keeps
+one clip of each group; `curation.finalize.apply_rules` applies the decisions with the filter
+rules (at the end of `curate run`, in `curate refilter` and in `curate dedup`), so they are
+written to scores/ and shards/ by the same crash-safe pass.
 
-Embeddings (one unit vector per clip):
+1. Candidates (one unit vector per clip; pairs at cosine >= 1 - eps):
 - `image_embedding`: the aesthetics stage's CLIP vector (mean over the keyframes), read from
   clips/ (or the unit's shards when clips/ is not stored);
 - `perceptual` (no weights): per keyframe, the 8x8 lowest 2-D DCT coefficients of a 32x32 grey
   thumbnail (DC left out; layout, robust to re-encoding and resizing), the Cr/Cb planes at 4x4
   (where the colours are) and a 12 hue x 4 saturation histogram (colour content, blind to
   crops and motion), each part normalised; the clip's vector is the normalised mean over its
-  first/middle/last keyframes. The mean, not the concatenation: a clip of a re-upload started
-  later has other first and middle keyframes (the last one, at the same cut, is the same), and
-  the mean changes less than the concatenation. Computed once per unit and cached in
+  first/middle/last keyframes. Computed once per unit and cached in
   dedup/perceptual/<unit>.parquet (float16).
 - `auto`: image_embedding when the run has any, else perceptual. Clips without a vector (a
   failed aesthetics stage, no keyframes) are never grouped.
+eps is loose (0.3 perceptual, 0.1 CLIP): it only has to let every copy through.
 
-Groups (`near_duplicate_pairs`, scaling to 1M clips): spherical k-means on a sample gives
+2. Duplicates: a candidate pair is a duplicate pair when the clips' temporal signatures (4 grey
+8x8 thumbnails a second, the split stage's `temporal_signature` column; stages/signature.py)
+match at >= min_match (0.8) at some time shift of at most max_shift_s (2 s): the same picture
+and the same changes at the same times. Chunks of one static camera do not match (other
+passers-by), a copy of chunk k matches chunk k, and two clips of one source match only when the
+footage repeats (a loop, a replay). Outputs written before the column existed get signatures
+decoded from the clips' video, cached in dedup/temporal/<unit>.parquet.
+
+Candidates (`candidate_pairs`, scaling to 1M clips): spherical k-means on a sample gives
 about n / bucket_size centroids; every clip goes to its nearest centroid and also to its
 second nearest when that is within `margin` of the first (pairs near a bucket boundary are
 then still compared); a bucket larger than 4 x bucket_size is split again by k-means; within
 each bucket all pairs are compared by cosine, block by block. Two such bucketings (k-means
 from other seeds) are unioned, so a pair split by one's boundaries is usually found by the
-other (bench/dedup_bench.py measures how often). Pairs with cosine >= 1 - eps join connected
-components (union-find). Memory: the n x d float16 vectors plus a block of 2048 x 8192 cosines.
-Runs of n <= 4 x bucket_size are compared exhaustively.
+other (bench/dedup_bench.py measures how often). Memory: the n x d float16 vectors plus a block
+of 2048 x 8192 cosines, the candidate pairs and the signatures of the clips in them. Runs of
+n <= 4 x bucket_size are compared exhaustively. Groups are the connected components of the
+duplicate pairs (union-find).
 
-Decisions (`choose`): within a component, clips are taken in priority order (passing the
-other rules first, then `keep_by` columns, highest first, missing last, then clip_id); a clip
-within 1 - eps of a clip already kept is a duplicate of the most similar one, else it is kept.
-So every duplicate has cosine >= 1 - eps with the clip it names (chains A~B~C do not reject C
-when C is not itself close to A), a clip that failed other rules is never kept over a
-duplicate that passed, and decisions change with the rules without recomputing the groups.
-A duplicate gets the reject reason "duplicate_of:<clip_id>" (after its rules' reasons); its
-cosine and group go to dedup/duplicates.parquet, counts and settings to dedup/dedup.json.
-The groups are cached in dedup/groups.parquet, keyed by the embedding, eps, bucket size and
-the committed units, so a refilter with new rules reuses them.
+Decisions (`choose`): within a group, clips are taken in priority order (passing the other
+rules first, then `keep_by` columns, highest first, missing last, then clip_id); a clip that
+matches a clip already kept is a duplicate of the best-matching one, else it is kept. So every
+duplicate matches the clip it names (chains A~B~C do not reject C when C does not itself match
+A), a clip that failed other rules is never kept over a duplicate that passed, and decisions
+change with the rules without recomputing the groups. A duplicate gets the reject reason
+"duplicate_of:<clip_id>" (after its rules' reasons); its match score, shift and group go to
+dedup/duplicates.parquet, counts and settings to dedup/dedup.json. The groups and matching
+pairs are cached in dedup/groups.parquet and dedup/pairs.parquet, keyed by the embedding, the
+settings and the committed units, so a refilter with new rules reuses them.
 """
 
 from __future__ import annotations
@@ -59,13 +69,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.writer import OutputStore, write_json, write_parquet_atomic
+from stages import signature
 
 log = logging.getLogger(__name__)
 
 PERCEPTUAL_VERSION = "dct8-crcb4-hs12x4-v1"
 # Defaults of eps per embedding: perceptual measured on generated re-uploads (README), CLIP's
 # the usual near-duplicate cut for normalised CLIP image vectors.
-DEFAULT_EPS = {"perceptual": 0.2, "image_embedding": 0.05}
+DEFAULT_EPS = {"perceptual": 0.3, "image_embedding": 0.1}
+DEFAULT_MIN_MATCH = 0.8
+DEFAULT_MAX_SHIFT_S = 2.0
 REASON_PREFIX = "duplicate_of:"
 MAX_DEPTH = 3
 BLOCK_ROWS = 2048
@@ -168,14 +181,17 @@ def resolve_embedding(kind: str, store: OutputStore, ledger: dict[str, dict[str,
 
 
 def collect_embeddings(store: OutputStore, ledger: dict[str, dict[str, Any]],
-                       kind: str) -> tuple[list[str], np.ndarray]:
-    """(clip_ids, (n, d) float16 unit vectors) of every committed clip that has one."""
+                       kind: str) -> tuple[list[str], np.ndarray, list[tuple[str, int, int]]]:
+    """(clip_ids, (n, d) float16 unit vectors, [(unit_id, first row, end row)]) of every
+    committed clip that has a vector."""
     read = _perceptual_unit if kind == "perceptual" else _clip_unit
     ids: list[str] = []
     parts: list[np.ndarray] = []
+    spans: list[tuple[str, int, int]] = []
     started = last = time.monotonic()
     for k, (unit_id, entry) in enumerate(ledger.items()):
         unit_ids, vecs = read(store, unit_id, entry)
+        spans.append((unit_id, len(ids), len(ids) + len(unit_ids)))
         ids += unit_ids
         if len(unit_ids):
             parts.append(vecs)
@@ -186,7 +202,84 @@ def collect_embeddings(store: OutputStore, ledger: dict[str, dict[str, Any]],
     dims = {p.shape[1] for p in parts}
     if len(dims) > 1:
         raise ValueError(f"dedup: {kind} vectors of different sizes {sorted(dims)} in one run")
-    return ids, np.concatenate(parts) if parts else np.zeros((0, 1), np.float16)
+    return ids, np.concatenate(parts) if parts else np.zeros((0, 1), np.float16), spans
+
+
+# ---- temporal signatures: the verification of candidate pairs ----------------------------------
+
+def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
+                     wanted: set[str]) -> dict[str, bytes]:
+    """{clip_id: temporal signature} of the `wanted` clips of a unit: the split stage's
+    `temporal_signature` column, else (outputs written before it) computed from the clip's
+    video and cached in dedup/temporal/<unit>.parquet."""
+    paths = _payload_source(store, unit_id, entry)
+    found: dict[str, bytes] = {}
+    for path in paths:
+        f = pq.ParquetFile(path)
+        if signature.COLUMN not in f.schema_arrow.names:
+            continue
+        for g in range(f.num_row_groups):
+            t = f.read_row_group(g, columns=["clip_id", signature.COLUMN])
+            for cid, sig in zip(t.column("clip_id").to_pylist(), t.column(signature.COLUMN).to_pylist()):
+                if sig and cid in wanted:
+                    found[cid] = sig
+    missing = wanted - found.keys()
+    if not missing:
+        return found
+    cache = store.root / "dedup" / "temporal" / f"{unit_id}.parquet"
+    stamp = f"{signature.SIGNATURE_VERSION}:{entry.get('committed_at')}".encode()
+    cached: dict[str, bytes | None] = {}
+    if cache.exists():
+        t = pq.read_table(cache)
+        if (t.schema.metadata or {}).get(b"stamp") == stamp:
+            cached = dict(zip(t.column("clip_id").to_pylist(), t.column(signature.COLUMN).to_pylist()))
+    todo = missing - cached.keys()
+    if todo:
+        for cid, video in _read_column(paths, "video"):
+            if cid in todo:
+                cached[cid] = signature.from_video(video) if video else None
+        table = pa.table({"clip_id": pa.array(list(cached), pa.string()),
+                          signature.COLUMN: pa.array(list(cached.values()), pa.binary())})
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(cache, table.replace_schema_metadata({"stamp": stamp}))
+    found.update({cid: cached[cid] for cid in missing if cached.get(cid)})
+    return found
+
+
+def collect_signatures(store: OutputStore, ledger: dict[str, dict[str, Any]], ids: list[str],
+                       spans: list[tuple[str, int, int]], rows: np.ndarray) -> dict[int, bytes]:
+    """{row: temporal signature} of the given rows of `ids` (row spans per unit as
+    collect_embeddings gives them), read unit by unit; rows without one are left out."""
+    out: dict[int, bytes] = {}
+    rows = np.unique(rows)
+    for unit_id, start, end in spans:
+        mine = rows[(rows >= start) & (rows < end)]
+        if mine.size == 0:
+            continue
+        wanted = {ids[i]: int(i) for i in mine}
+        for cid, sig in _signatures_unit(store, unit_id, ledger[unit_id], set(wanted)).items():
+            out[wanted[cid]] = sig
+    return out
+
+
+def verify_pairs(a: np.ndarray, b: np.ndarray, sigs: dict[int, bytes], min_match: float,
+                 max_shift_s: float) -> list[tuple[int, int, float, float]]:
+    """[(a, b, match score, shift s)] of the candidate pairs whose signatures match at
+    min_match or better (stages/signature.py); pairs without both signatures are dropped."""
+    kept = []
+    started = last = time.monotonic()
+    for k, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
+        if i in sigs and j in sigs:
+            score, shift = signature.match(sigs[i], sigs[j], max_shift_s)
+            if score >= min_match:
+                kept.append((i, j, score, shift))
+        if time.monotonic() - last > 10:
+            last = time.monotonic()
+            log.info("dedup: verified %d/%d candidate pairs in time (%d match), %.0fs", k + 1, a.size,
+                     len(kept), last - started)
+    log.info("dedup: %d of %d candidate pairs match in time (score >= %.3g, shift <= %gs), %.1fs",
+             len(kept), a.size, min_match, max_shift_s, time.monotonic() - started)
+    return kept
 
 
 # ---- grouping: buckets, then pairs within buckets ----------------------------------------------
@@ -285,8 +378,8 @@ class UnionFind:
             self.parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
 
 
-def _pairs_in(x: np.ndarray, members: np.ndarray, threshold: float, uf: UnionFind) -> int:
-    """Union every pair of `members` with cosine >= threshold; returns the pairs compared."""
+def _pairs_in(x: np.ndarray, members: np.ndarray, threshold: float, sink) -> int:
+    """sink(a, b) with every pair of `members` at cosine >= threshold (a < b); returns the pairs compared."""
     members = np.unique(members)
     vecs = x[members].astype(np.float32)
     for s in range(0, members.size, BLOCK_ROWS):
@@ -294,20 +387,16 @@ def _pairs_in(x: np.ndarray, members: np.ndarray, threshold: float, uf: UnionFin
             c = vecs[s:s + BLOCK_ROWS] @ vecs[t:t + BLOCK_COLS].T  # at most 2048 x 8192 cosines
             rows, cols = np.nonzero(c >= threshold)
             later = t + cols > s + rows
-            uf.union_many(members[s + rows[later]], members[t + cols[later]])
+            sink(members[s + rows[later]], members[t + cols[later]])
     return members.size * (members.size - 1) // 2
 
 
-def near_duplicate_components(x: np.ndarray, eps: float, bucket_size: int = 1000, margin: float = 0.1,
-                              rounds: int = 2, seed: int = 0) -> np.ndarray:
-    """A component label per row of x (unit vectors): rows joined by cosine >= 1 - eps pairs.
-
-    `rounds` independent bucketings (k-means from other seeds) are unioned: a pair split by
-    one round's boundaries is found by another. Returns int64 labels (the smallest row index
-    of the component); singletons label themselves.
-    """
+def _bucketed_pairs(x: np.ndarray, eps: float, bucket_size: int, margin: float, rounds: int, seed: int,
+                    sink) -> None:
+    """Hand every pair of rows of x (unit vectors) at cosine >= 1 - eps that shares a bucket to
+    sink(a, b): `rounds` independent bucketings (k-means from other seeds), so a pair split by
+    one round's boundaries is found by another; a pair may come more than once."""
     n = x.shape[0]
-    uf = UnionFind(n)
     threshold = 1.0 - eps
     exhaustive = n <= 4 * bucket_size
     todo = [(np.arange(n), 0, seed + 101 * r) for r in range(1 if exhaustive else rounds)]
@@ -316,7 +405,7 @@ def near_duplicate_components(x: np.ndarray, eps: float, bucket_size: int = 1000
     while todo:
         members, depth, s = todo.pop()
         if members.size <= 4 * bucket_size or depth >= MAX_DEPTH:
-            compared += _pairs_in(x, members, threshold, uf)
+            compared += _pairs_in(x, members, threshold, sink)
             done += members.size
         else:
             todo += [(b, depth + 1, s + 1) for b in buckets(x, members, bucket_size, margin, s)]
@@ -324,68 +413,129 @@ def near_duplicate_components(x: np.ndarray, eps: float, bucket_size: int = 1000
             last = time.monotonic()
             log.info("dedup: grouping, %d clip slots in finished buckets of %d clips, %.0fs",
                      done, n, last - started)
+    log.info("dedup: %d clips, %d pairs compared by cosine, %.1fs", n, compared, time.monotonic() - started)
+
+
+def near_duplicate_components(x: np.ndarray, eps: float, bucket_size: int = 1000, margin: float = 0.1,
+                              rounds: int = 2, seed: int = 0) -> np.ndarray:
+    """A component label per row of x (unit vectors): rows joined by cosine >= 1 - eps pairs
+    found in shared buckets (`_bucketed_pairs`). Returns int64 labels (the smallest row index
+    of the component); singletons label themselves."""
+    n = x.shape[0]
+    uf = UnionFind(n)
+    _bucketed_pairs(x, eps, bucket_size, margin, rounds, seed, uf.union_many)
     labels = uf.roots(np.arange(n)).astype(np.int64)
-    log.info("dedup: %d clips, %d pairs compared, %d in groups, %.1fs", n, compared,
-             int((np.bincount(labels, minlength=n)[labels] > 1).sum()), time.monotonic() - started)
+    log.info("dedup: %d clips, %d in groups", n, int((np.bincount(labels, minlength=n)[labels] > 1).sum()))
     return labels
+
+
+def candidate_pairs(x: np.ndarray, eps: float, bucket_size: int = 1000, margin: float = 0.1,
+                    rounds: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs (a, b), a < b, of rows of x at cosine >= 1 - eps sharing a bucket."""
+    n = max(1, x.shape[0])
+    keys: list[np.ndarray] = []
+    _bucketed_pairs(x, eps, bucket_size, margin, rounds, seed,
+                    lambda a, b: keys.append(a.astype(np.int64) * n + b.astype(np.int64)))
+    k = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    return k // n, k % n
 
 
 # ---- groups of a run, cached -------------------------------------------------------------------
 
 @dataclass
 class Groups:
-    """The clips in near-duplicate components of two or more clips."""
+    """The clips in near-duplicate components of two or more clips, and their matching pairs."""
 
     embedding: str
-    eps: float
+    eps: float  # candidates: vector cosine >= 1 - eps
+    min_match: float  # duplicates: temporal match score >= min_match
     clips_embedded: int
     ids: list[str]
     group: np.ndarray  # (m,) component label
-    vectors: np.ndarray  # (m, d) float16 unit vectors
+    pairs: dict[tuple[int, int], tuple[float, float]]  # (i, j), i < j rows of ids: (score, shift s)
+    without_signature: int = 0  # candidate clips that had no temporal signature (never grouped)
 
 
-def _groups_key(kind: str, eps: float, bucket_size: int, ledger: dict[str, dict[str, Any]]) -> str:
+def _groups_key(opts: tuple, ledger: dict[str, dict[str, Any]]) -> str:
     units = [(u, e.get("committed_at"), e.get("clips_file")) for u, e in sorted(ledger.items())]
-    key = json.dumps([PERCEPTUAL_VERSION, kind, eps, bucket_size, units], default=str)
+    key = json.dumps([PERCEPTUAL_VERSION, signature.SIGNATURE_VERSION, *opts, units], default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def settings(kind: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The dedup section's values with their defaults filled in (for the resolved embedding)."""
+    return {"embedding": kind, "eps": float(opts.get("eps") or DEFAULT_EPS[kind]),
+            "min_match": float(opts.get("min_match") or DEFAULT_MIN_MATCH),
+            "max_shift_s": float(opts["max_shift_s"] if opts.get("max_shift_s") is not None
+                                 else DEFAULT_MAX_SHIFT_S),
+            "bucket_size": int(opts.get("bucket_size", 1000))}
+
+
+def _read_groups(cache: Path, pairs_file: Path, key: str, s: dict[str, Any]) -> Groups | None:
+    if not (cache.exists() and pairs_file.exists()):
+        return None
+    t, p = pq.read_table(cache), pq.read_table(pairs_file)
+    meta = t.schema.metadata or {}
+    if meta.get(b"key") != key.encode() or (p.schema.metadata or {}).get(b"key") != key.encode():
+        return None
+    ids = t.column("clip_id").to_pylist()
+    row = {c: i for i, c in enumerate(ids)}
+    pairs = {(row[x], row[y]): (sc, sh) for x, y, sc, sh in zip(*(p.column(c).to_pylist() for c in
+                                                                 ("clip_a", "clip_b", "score", "shift_s")))}
+    log.info("dedup: groups of %s (eps %g, match %g) reused from %s", s["embedding"], s["eps"],
+             s["min_match"], cache)
+    return Groups(s["embedding"], s["eps"], s["min_match"], int(meta[b"clips_embedded"]), ids,
+                  t.column("group").to_numpy(), pairs, int(meta.get(b"without_signature", b"0")))
 
 
 def run_groups(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict[str, Any]) -> Groups:
     """The run's near-duplicate groups under `opts` (the config's dedup section), from
-    dedup/groups.parquet when it was computed for the same settings and committed units."""
-    kind = resolve_embedding(opts.get("embedding", "auto"), store, ledger)
-    eps = float(opts.get("eps") or DEFAULT_EPS[kind])
-    bucket_size = int(opts.get("bucket_size", 1000))
-    key = _groups_key(kind, eps, bucket_size, ledger)
-    cache = store.root / "dedup" / "groups.parquet"
-    if cache.exists():
-        t = pq.read_table(cache)
-        meta = t.schema.metadata or {}
-        if meta.get(b"key") == key.encode():
-            vecs = np.frombuffer(b"".join(t.column("vector").to_pylist()), np.float16).reshape(t.num_rows, -1)
-            log.info("dedup: groups of %s (eps %g) reused from %s", kind, eps, cache)
-            return Groups(kind, eps, int(meta[b"clips_embedded"]), t.column("clip_id").to_pylist(),
-                          t.column("group").to_numpy(), vecs)
-    ids, x = collect_embeddings(store, ledger, kind)
-    labels = near_duplicate_components(x, eps, bucket_size) if len(ids) else np.zeros(0, np.int64)
+    dedup/groups.parquet and pairs.parquet when computed for the same settings and units.
+
+    Candidates are the pairs of clips whose vectors are within eps (bucketed, as in
+    near_duplicate_components); a candidate is a duplicate pair when the clips' temporal
+    signatures match (stages/signature.py); groups are the components of those pairs."""
+    s = settings(resolve_embedding(opts.get("embedding", "auto"), store, ledger), opts)
+    key = _groups_key((s["embedding"], s["eps"], s["bucket_size"], s["min_match"], s["max_shift_s"]), ledger)
+    cache, pairs_file = store.root / "dedup" / "groups.parquet", store.root / "dedup" / "pairs.parquet"
+    cached = _read_groups(cache, pairs_file, key, s)
+    if cached is not None:
+        return cached
+    ids, x, spans = collect_embeddings(store, ledger, s["embedding"])
+    a, b = candidate_pairs(x, s["eps"], s["bucket_size"]) if len(ids) else (np.zeros(0, np.int64),) * 2
+    sigs = collect_signatures(store, ledger, ids, spans, np.concatenate([a, b]))
+    without = len(set(np.concatenate([a, b]).tolist()) - sigs.keys())
+    if without:
+        log.warning("dedup: %d candidate clips have no temporal signature (no decodable video); "
+                    "they are never marked duplicates", without)
+    matched = verify_pairs(a, b, sigs, s["min_match"], s["max_shift_s"])
+    uf = UnionFind(len(ids))
+    for i, j, _, _ in matched:
+        uf.union(i, j)
+    labels = uf.roots(np.arange(len(ids))).astype(np.int64)
     grouped = np.flatnonzero(np.bincount(labels, minlength=len(ids))[labels] > 1) if len(ids) else labels
-    groups = Groups(kind, eps, len(ids), [ids[i] for i in grouped], labels[grouped], x[grouped])
+    local = {int(r): k for k, r in enumerate(grouped)}
+    groups = Groups(s["embedding"], s["eps"], s["min_match"], len(ids), [ids[i] for i in grouped],
+                    labels[grouped], {(local[i], local[j]): (sc, sh) for i, j, sc, sh in matched}, without)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"clip_id": pa.array(groups.ids, pa.string()), "group": pa.array(groups.group, pa.int64()),
-                      "vector": pa.array([v.tobytes() for v in groups.vectors], pa.binary())})
-    write_parquet_atomic(cache, table.replace_schema_metadata(
-        {"key": key, "embedding": kind, "eps": str(eps), "clips_embedded": str(len(ids))}))
+    meta = {"key": key, "clips_embedded": str(len(ids)), "without_signature": str(without)}
+    pairs_table = pa.table({"clip_a": pa.array([ids[i] for i, *_ in matched], pa.string()),
+                            "clip_b": pa.array([ids[j] for _, j, *_ in matched], pa.string()),
+                            "score": pa.array([m[2] for m in matched], pa.float64()),
+                            "shift_s": pa.array([m[3] for m in matched], pa.float64())})
+    write_parquet_atomic(pairs_file, pairs_table.replace_schema_metadata(meta))
+    table = pa.table({"clip_id": pa.array(groups.ids, pa.string()), "group": pa.array(groups.group, pa.int64())})
+    write_parquet_atomic(cache, table.replace_schema_metadata({**meta, "embedding": s["embedding"]}))
     return groups
 
 
 # ---- which clip of a group is kept --------------------------------------------------------------
 
 def choose(groups: Groups, priority: dict[str, tuple]) -> dict[str, tuple[str, float]]:
-    """{duplicate clip_id: (kept clip_id, cosine)} (see the module docstring).
+    """{duplicate clip_id: (kept clip_id, match score)} (see the module docstring).
 
     `priority[clip_id]` sorts ascending, best first (clips absent from it go last).
     """
-    threshold = 1.0 - groups.eps
     out: dict[str, tuple[str, float]] = {}
     order = np.argsort(groups.group, kind="stable")
     bounds = np.flatnonzero(np.diff(groups.group[order])) + 1
@@ -394,11 +544,12 @@ def choose(groups: Groups, priority: dict[str, tuple]) -> dict[str, tuple[str, f
         members = sorted(members, key=lambda i: (priority.get(groups.ids[i], worst), groups.ids[i]))
         leaders: list[int] = []
         for i in members:
-            if leaders:
-                sims = groups.vectors[leaders].astype(np.float32) @ groups.vectors[i].astype(np.float32)
-                best = int(np.argmax(sims))
-                if sims[best] >= threshold:
-                    out[groups.ids[i]] = (groups.ids[leaders[best]], float(sims[best]))
+            found = [(groups.pairs[(min(i, k), max(i, k))][0], k) for k in leaders
+                     if (min(i, k), max(i, k)) in groups.pairs]
+            if found:
+                score, k = max(found, key=lambda f: (f[0], -f[1]))
+                if score >= groups.min_match:
+                    out[groups.ids[i]] = (groups.ids[k], float(score))
                     continue
             leaders.append(i)
     return out
@@ -414,18 +565,29 @@ def record(store: OutputStore, groups: Groups, decisions: dict[str, tuple[str, f
            opts: dict[str, Any]) -> dict[str, Any]:
     """Write dedup/duplicates.parquet (one row per duplicate) and dedup/dedup.json; return the latter."""
     group_of = dict(zip(groups.ids, groups.group.tolist()))
+    row = {c: i for i, c in enumerate(groups.ids)}
     dups = sorted(decisions)
+
+    def shift(dup: str) -> float:  # the kept clip's time against the duplicate's, in seconds
+        i, k = row[dup], row[decisions[dup][0]]
+        value = groups.pairs[(min(i, k), max(i, k))][1]
+        return value if k > i else -value
+
     table = pa.table({
         "clip_id": pa.array(dups, pa.string()),
         "duplicate_of": pa.array([decisions[c][0] for c in dups], pa.string()),
         "similarity": pa.array([decisions[c][1] for c in dups], pa.float64()),
+        "shift_s": pa.array([shift(c) for c in dups], pa.float64()),
         "group": pa.array([group_of[c] for c in dups], pa.int64()),
     })
     write_parquet_atomic(store.root / "dedup" / "duplicates.parquet", table)
+    s = settings(groups.embedding, opts)
     summary = {
         "embedding": groups.embedding, "eps": groups.eps, "min_cosine": 1.0 - groups.eps,
-        "keep_by": list(opts.get("keep_by") or []), "bucket_size": int(opts.get("bucket_size", 1000)),
+        "min_match": groups.min_match, "max_shift_s": s["max_shift_s"],
+        "keep_by": list(opts.get("keep_by") or []), "bucket_size": s["bucket_size"],
         "clips_embedded": groups.clips_embedded, "clips_in_groups": len(groups.ids),
+        "candidate_pairs_matched": len(groups.pairs), "without_signature": groups.without_signature,
         "groups": int(np.unique(groups.group).size), "duplicates": len(dups),
     }
     write_json(store.root / "dedup" / "dedup.json", summary)
@@ -465,7 +627,7 @@ def apply_to_plans(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: 
                 keep[i] = False
                 reasons[i] = reasons[i] + [REASON_PREFIX + decisions[cid][0]]
     summary = record(store, groups, decisions, opts)
-    log.info("dedup: %d duplicates in %d groups (%s, cosine >= %.3g) among %d clips, %.1fs",
-             summary["duplicates"], summary["groups"], groups.embedding, 1 - groups.eps,
-             groups.clips_embedded, time.monotonic() - started)
+    log.info("dedup: %d duplicates in %d groups (%s candidates at cosine >= %.3g, matching in time "
+             "at >= %.3g) among %d clips, %.1fs", summary["duplicates"], summary["groups"], groups.embedding,
+             1 - groups.eps, groups.min_match, groups.clips_embedded, time.monotonic() - started)
     return summary

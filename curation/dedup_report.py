@@ -1,8 +1,9 @@
 """The report's near-duplicate section: counts from OUT/dedup/dedup.json, example pairs from
-OUT/dedup/duplicates.parquet (curation/dedup.py), with keyframe thumbnails and the cosine.
+OUT/dedup/duplicates.parquet (curation/dedup.py), with keyframe thumbnails, the temporal match
+score and the time shift at which the clips matched.
 
 Example pairs: the least similar duplicates first (the borderline decisions a reader should
-check against eps), then the most similar; at most `max_pairs`.
+check against min_match), then the most similar; at most `max_pairs`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table,
     for r in rows:
         a, b = info.get(r["clip_id"], {}), info.get(r["duplicate_of"], {})
         pairs.append({"duplicate": r["clip_id"], "kept": r["duplicate_of"], "similarity": r["similarity"],
+                      "shift_s": r.get("shift_s"),
                       "duplicate_source": Path(a.get("source_path") or "?").name, "duplicate_start_s": a.get("start_s"),
                       "kept_source": Path(b.get("source_path") or "?").name, "kept_start_s": b.get("start_s"),
                       "kept_passes": bool(b.get("keep")), "units": [a.get("unit_id"), b.get("unit_id")]})
@@ -75,11 +77,13 @@ def render_dedup(section: dict[str, Any] | None, thumbs: dict[str, str],
     sim = section.get("similarity")
     out.append(f"<p><b>{section['duplicates']:,}</b> duplicates rejected "
                f"({section['duplicate_minutes']:.1f} min) in <b>{section['groups']:,}</b> groups of "
-               f"{section['clips_in_groups']:,} clips; {section['clips_embedded']:,} clips compared by "
-               f"<code>{escape(section['embedding'])}</code> vectors, cosine &ge; {fmt(section['min_cosine'])} "
-               f"(eps {fmt(section['eps'])}); kept: passing the rules first, then "
+               f"{section['clips_in_groups']:,} clips; {section['clips_embedded']:,} clips compared: "
+               f"candidates by <code>{escape(section['embedding'])}</code> vectors, cosine &ge; "
+               f"{fmt(section['min_cosine'])} (eps {fmt(section['eps'])}), duplicates when their temporal "
+               f"signatures match at &ge; {fmt(section.get('min_match', 0.0))} within a shift of "
+               f"{fmt(section.get('max_shift_s', 0.0))} s; kept: passing the rules first, then "
                f"{escape(', '.join(section['keep_by']) or 'clip_id')}"
-               + (f". Cosine of the duplicates: min {fmt(sim['min'])}, median {fmt(sim['median'])}, "
+               + (f". Match score of the duplicates: min {fmt(sim['min'])}, median {fmt(sim['median'])}, "
                   f"max {fmt(sim['max'])}" if sim else "") + ".</p>")
     if section["pairs"]:
         out.append("<p class='muted'>Example pairs, least similar first: duplicate (rejected) | kept.</p>"
@@ -92,7 +96,8 @@ def render_dedup(section: dict[str, Any] | None, thumbs: dict[str, str],
                        else "<div class='noimg'>no keyframes stored</div>")
                 cards.append(f"<div class='card {cls}' title='{escape(cid)}'>{img}{escape(src)} @ "
                              f"{fmt(start or 0.0)}s</div>")
-            out.append(f"<div class='dedup-pair'><b>cosine {fmt(p['similarity'])}</b>"
+            shift = "" if p.get("shift_s") is None else f", shift {fmt(p['shift_s'])} s"
+            out.append(f"<div class='dedup-pair'><b>match {fmt(p['similarity'])}{shift}</b>"
                        + ("" if p["kept_passes"] else " <span class='bad'>(kept clip fails other rules)</span>")
                        + "<div class='gallery'>" + "".join(cards) + "</div></div>")
         out.append("</div>")

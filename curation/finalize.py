@@ -141,16 +141,22 @@ def _new_filter_columns(table: pa.Table, steps: list[Rules]) -> tuple[list[bool]
 
 
 def _payload(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> pa.Table:
-    """clip_id + payload columns of a unit: clips/ (every clip), else its current shards."""
+    """clip_id + payload columns of a unit: clips/ (every clip), else its current shards.
+    A column an older output lacks (e.g. temporal_signature) comes back as nulls."""
+    target = pa.schema([schema.CLIPS_SCHEMA.field("clip_id")] + schema.PAYLOAD_FIELDS)
+
+    def read(path: Path) -> pa.Table:
+        present = set(pq.read_schema(path).names)
+        return schema.conform(pq.read_table(path, columns=[c for c in target.names if c in present]), target)
+
     clips_file = entry.get("clips_file") or f"{unit_id}.parquet"
     path = store.clips_dir / clips_file
     if path.exists():
-        return pq.read_table(path, columns=["clip_id"] + PAYLOAD_COLUMNS)
-    parts = [pq.read_table(store.shards_dir / name, columns=["clip_id"] + PAYLOAD_COLUMNS)
-             for name in entry.get("shard_files", []) if (store.shards_dir / name).exists()]
+        return read(path)
+    parts = [read(store.shards_dir / name) for name in entry.get("shard_files", [])
+             if (store.shards_dir / name).exists()]
     if not parts:
-        return schema.conform(pa.table({"clip_id": pa.array([], pa.string())}),
-                              pa.schema([schema.CLIPS_SCHEMA.field("clip_id")] + schema.PAYLOAD_FIELDS))
+        return schema.conform(pa.table({"clip_id": pa.array([], pa.string())}), target)
     return pa.concat_tables(parts)
 
 

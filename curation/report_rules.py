@@ -106,7 +106,9 @@ def rules_of_run(run: dict[str, Any]) -> list[dict[str, Any]]:
     dedup = (run.get("config") or {}).get("dedup")
     if dedup is not None:  # near-duplicate removal (curation/dedup.py) acts like one more rule
         entry = _rule_entry("dedup", DUPLICATE_REASON, {}, None, True, "near-duplicate removal", False)
-        entry["threshold"] = f"cosine >= {fmt(1 - (run.get('dedup') or {}).get('eps', dedup.get('eps') or 0))}"
+        done = run.get("dedup") or {}
+        entry["threshold"] = (f"cosine >= {fmt(1 - done.get('eps', dedup.get('eps') or 0))}, match >= "
+                              f"{fmt(done.get('min_match', dedup.get('min_match') or 0))}")
         rules.append(entry)
     columns = Counter(r["column"] for r in rules)
     for r in rules:

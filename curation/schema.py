@@ -93,6 +93,9 @@ PAYLOAD_FIELDS: list[pa.Field] = [
     pa.field("caption_source", pa.string()),
     pa.field("image_embedding", pa.list_(pa.float32())),
     pa.field("caption_embedding", pa.list_(pa.float32())),
+    # 8x8 grey thumbnails (uint8) at 4 per second of the clip, for near-duplicate decisions
+    # (stages/signature.py; 64 bytes a sample)
+    pa.field("temporal_signature", pa.binary()),
 ]
 MICRO_CONDITIONING_FIELDS: list[pa.Field] = [
     pa.field("fps_id", pa.int32()),

@@ -2,9 +2,9 @@
 
 Used by the test suite, the benchmark and ``make demo``. Every video is built from
 "shots": a seed picks a distinct look (hue, saturation and brightness fields), and the
-shot is static, a panning textured background, or a square moving over a static
-background, with an optional text box and fades to/from black. ``make_video`` returns
-where the cuts and fades are, so detectors and filters can be checked against it.
+shot is static, a panning textured background, a square moving over a static
+background, or a static street with passers-by (traffic), with an optional text box and
+fades to/from black. ``make_video`` returns where the cuts and fades are, so detectors and filters can be checked against it.
 
 All randomness comes from ``numpy.random.default_rng(seed)``, so the same call encodes the
 same frames (x264 may still differ by a few bytes between runs; the decoded video does not
@@ -29,7 +29,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MOTIONS = ("static", "pan", "square")
+MOTIONS = ("static", "pan", "square", "traffic")
 # A cut must score well above ContentDetector's default threshold (27) to be a safe ground truth.
 MIN_CUT_SCORE = 35.0
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -48,6 +48,9 @@ class Shot:
     square_frac: float = 0.25  # moving square side as a fraction of frame height
     fade_in: int = 0
     fade_out: int = 0
+    # traffic: the seed of the passers-by (None: the shot's seed), so one street (one `seed`)
+    # can be filmed at other times (another objects_seed).
+    objects_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -173,7 +176,7 @@ def _triangle(position: float, span: float) -> float:
 
 
 def moving_frames(shot: Shot, size: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Frames of the shot's content before text and fades: static, pan or moving square."""
+    """Frames of the shot's content before text and fades: static, pan, moving square or traffic."""
     width, height = size
     speed = shot.speed_px_per_frame
     if shot.motion == "pan":
@@ -184,6 +187,9 @@ def moving_frames(shot: Shot, size: tuple[int, int]) -> Iterator[np.ndarray]:
             yield field[:, offset : offset + width].copy()
         return
     still = background(shot.seed, size)
+    if shot.motion == "traffic":
+        yield from traffic_frames(shot, still)
+        return
     if shot.motion == "static":
         for _ in range(shot.frames):
             yield still.copy()
@@ -200,6 +206,32 @@ def moving_frames(shot: Shot, size: tuple[int, int]) -> Iterator[np.ndarray]:
         frame = still.copy()
         frame[y0 : y0 + side, x0 : x0 + side] = 0
         frame[y0 + rim : y0 + side - rim, x0 + rim : x0 + side - rim] = color
+        yield frame
+
+
+def traffic_frames(shot: Shot, still: np.ndarray) -> Iterator[np.ndarray]:
+    """A static camera with passers-by: boxes of random colour and size cross the frame, left to
+    right or back, at `speed_px_per_frame` (+-40%), about one entering every 18 frames, at times
+    drawn from `objects_seed` (a street, `seed`, filmed at another time is another objects_seed)."""
+    height, width = still.shape[:2]
+    rng = np.random.default_rng(10_007 + (shot.seed if shot.objects_seed is None else shot.objects_seed))
+    movers = []
+    span = shot.frames + round(width / shot.speed_px_per_frame)
+    for _ in range(max(2, span // 18)):
+        h = max(2, round(shot.square_frac * height * rng.uniform(0.5, 1.3)))
+        w = max(2, round(h * rng.uniform(0.4, 1.6)))
+        speed = shot.speed_px_per_frame * rng.uniform(0.6, 1.4) * rng.choice([-1, 1])
+        enter = rng.uniform(-width / abs(speed), shot.frames)  # the frame it enters at
+        y0 = int(rng.integers(0, max(1, height - h)))
+        colour = rng.integers(0, 256, 3).tolist()
+        movers.append((h, w, speed, enter, y0, colour))
+    for t in range(shot.frames):
+        frame = still.copy()
+        for h, w, speed, enter, y0, colour in movers:
+            x0 = round((t - enter) * speed) if speed > 0 else round(width + (t - enter) * speed - w)
+            if x0 + w <= 0 or x0 >= width:
+                continue
+            frame[y0:y0 + h, max(0, x0):min(width, x0 + w)] = colour
         yield frame
 
 

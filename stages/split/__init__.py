@@ -6,6 +6,7 @@ stream into clips. In the same pass it produces, per clip:
   video          H.264 mp4 bytes at `short_side_px` (aspect kept), at the source frame rate
   keyframes      JPEG bytes of the first, middle and last frame
   sample_frames  JPEG frames sampled at `sample_fps` (2 fps), read by the motion stage
+  temporal_signature  8x8 grey thumbnails at 4 per second (stages/signature.py), for dedup
 and the identity columns of curation/schema.py. Every source ends as at least one row: a
 source that cannot be opened or decoded becomes one row with `split_error` set and
 `source_status` "unreadable"; one that decodes but has no shot of at least `min_duration_s`

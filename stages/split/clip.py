@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import av
 import numpy as np
 
+from stages.signature import SignatureBuilder
 from stages.split.encode import CLIP_TIME_BASE, _BackgroundEncoder, encode_jpeg
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class _ClipBuilder:
         self.first_jpeg: bytes | None = None
         self.last_bgr: np.ndarray | None = None
         self.samples: list[tuple[float, bytes]] = []  # (clip time, JPEG)
+        self.signature = SignatureBuilder()  # 8x8 grey thumbnails at 4 Hz (stages/signature.py)
         self._next_sample = 0  # index of the next sample slot (k / sample_fps seconds)
         self._encoder: _BackgroundEncoder | None = None
 
@@ -106,6 +108,7 @@ class _ClipBuilder:
         self._encoder.put(out)
         if self.count == 0:
             self.first_jpeg = encode_jpeg(frame.bgr, self.stage.jpeg_quality)
+        self.signature.add(frame.bgr, ct, 1.0 / float(self.rate))
         # Sample k is the first frame at least k / sample_fps s into the clip (half a frame early is on time).
         if ct + 0.5 / float(self.rate) >= self._next_sample / self.stage.sample_fps:
             self.samples.append((ct, encode_jpeg(frame.bgr, self.stage.jpeg_quality)))
@@ -163,5 +166,6 @@ class _ClipBuilder:
             "video": video,
             "keyframes": [self.first_jpeg, nearest[1], encode_jpeg(self.last_bgr, self.stage.jpeg_quality)],
             "sample_frames": [jpeg for _, jpeg in self.samples],
+            "temporal_signature": self.signature.value(),
             "sample_fps": self.sample_rate(),
         }

@@ -64,7 +64,7 @@ class SplitStage(Stage):
     outputs = ("clip_id", "source_id", "source_path", "unit_id", "start_frame",
                "end_frame", "start_s", "duration_s", "fps", "width", "height", "dark_frames_trimmed", "split_error",
                "source_status",
-               "video", "keyframes", "sample_frames", "sample_fps")
+               "video", "keyframes", "sample_frames", "sample_fps", "temporal_signature")
 
     def __init__(
         self,
