@@ -1,8 +1,19 @@
-"""Benchmark of near-duplicate grouping (curation/dedup.py) on random vectors with planted copies.
+"""Benchmarks of near-duplicate removal (curation/dedup.py): candidate grouping at scale, and the
+calibration of the temporal match (stages/signature.py) on generated footage.
 
     python bench/dedup_bench.py                      # 100k clips, 143 dims (the perceptual vector)
     python bench/dedup_bench.py --clips 1000000
     python bench/dedup_bench.py --clips 200000 --dim 512 --eps 0.05   # CLIP ViT-B/32 sized
+    python bench/dedup_bench.py --signatures [--families 12]          # match score distributions
+
+--signatures: generated sources cut into clips by the real split stage (4 s chunks), copies of
+them (re-encoded at crf 34, resized to 75%, cropped 3-5%, started 0.5-1 s later, or all of these)
+and hard negatives: chunks of one static street with people passing, the same street at another
+time, a similar street (same palette and layout, 25% of another picture blended in), the next
+chunk of a slow pan, and distinct shots; the other chunks of a frozen picture or of a square
+bouncing back and forth are repeats (the same footage again), shown apart. Prints the match score of every pair per kind, the
+perceptual cosine of the true copies (the candidate cut must let them all through), and recall
+and precision at several cuts, with the default (dedup.DEFAULT_MIN_MATCH) marked.
 
 The corpus: `--clips` unit vectors (float16, as dedup holds them) drawn around clips/50 random
 centres (so k-means has structure to find, as real embeddings do), of which `--planted` are
@@ -57,6 +68,127 @@ def corpus(n: int, dim: int, planted: int, eps: float, seed: int) -> tuple[np.nd
     return x, copies, originals
 
 
+COPIES = {  # name: (scale, crop fraction, skip seconds, crf)
+    "reencode": (1.0, 0.0, 0.0, 34), "resize": (0.75, 0.0, 0.0, 23), "crop5": (1.0, 0.05, 0.0, 23),
+    "shift1": (1.0, 0.0, 1.0, 23), "crop3_shift05": (1.0, 0.03, 0.5, 23), "all": (0.8, 0.03, 0.5, 30),
+}
+FPS, SIZE, CHUNK_S = 24, (192, 108), 4.0
+
+
+def _frames(path: Path):
+    import av
+    with av.open(str(path)) as container:
+        for frame in container.decode(container.streams.video[0]):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def _copy(src: Path, dst: Path, scale: float, crop: float, skip_s: float, crf: int) -> None:
+    import cv2
+    from curation import synth
+
+    def frames():
+        for i, frame in enumerate(_frames(src)):
+            if i < round(skip_s * FPS):
+                continue
+            h, w = frame.shape[:2]
+            dy, dx = round(h * crop / 2), round(w * crop / 2)
+            frame = frame[dy:h - dy, dx:w - dx]
+            size = (2 * round(frame.shape[1] * scale / 2), 2 * round(frame.shape[0] * scale / 2))
+            yield cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    synth.write_video(dst, frames(), FPS, crf=crf)
+
+
+def signature_corpus(root: Path, families: int) -> dict[str, dict]:
+    """Write the sources; {stem: {"family", "skip_s", "kind"}} (kind: original, copy, street_*)."""
+    from curation import synth
+    motions = [("pan", 1.5), ("square", 3.0), ("traffic", 2.5), ("pan", 0.5), ("static", 0.0), ("square", 5.0)]
+    truth: dict[str, dict] = {}
+    names = list(COPIES)
+    for f in range(families):
+        motion, speed = motions[f % len(motions)]
+        spec = [{"frames": 12 * FPS, "seed": 40 + f, "motion": motion, "speed_px_per_frame": speed}]
+        synth.make_video(root / f"src{f:02d}.mp4", spec, FPS, SIZE)
+        truth[f"src{f:02d}"] = {"family": f, "skip_s": 0.0, "kind": "original", "motion": motion}
+        for name in (names[f % len(names)], names[(f + 2) % len(names)]):
+            _copy(root / f"src{f:02d}.mp4", root / f"src{f:02d}_{name}.mp4", *COPIES[name])
+            truth[f"src{f:02d}_{name}"] = {"family": f, "skip_s": COPIES[name][2], "kind": "copy", "motion": motion}
+    street = {"motion": "traffic", "speed_px_per_frame": 2.5, "seed": 7, "frames": 16 * FPS}
+    synth.make_video(root / "street.mp4", [{**street, "objects_seed": 1}], FPS, SIZE)
+    synth.make_video(root / "street_later.mp4", [{**street, "objects_seed": 2}], FPS, SIZE)
+    other = synth.background(8, SIZE).astype(np.float32)
+    similar = (np.clip(0.75 * f.astype(np.float32) + 0.25 * other, 0, 255).astype(np.uint8)
+               for f in synth.shot_frames(synth.Shot(**street, objects_seed=3), SIZE))
+    synth.write_video(root / "street_similar.mp4", similar, FPS)
+    for stem in ("street", "street_later", "street_similar"):
+        truth[stem] = {"family": stem, "skip_s": 0.0, "kind": stem, "motion": "traffic"}
+    return truth
+
+
+def signatures_bench(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from curation import dedup
+    from stages import signature
+    from stages.split import SplitStage
+
+    with tempfile.TemporaryDirectory(prefix="dedup_bench_") as tmp:
+        root = Path(tmp)
+        started = time.monotonic()
+        truth = signature_corpus(root, args.families)
+        split = SplitStage(detector="cascade", min_duration_s=1.0, max_duration_s=CHUNK_S, short_side_px=96)
+        clips = []
+        for stem, t in truth.items():
+            for row in split.split_source(str(root / f"{stem}.mp4"), stem):
+                if row.get("temporal_signature"):
+                    middle = row["start_s"] + t["skip_s"] + row["duration_s"] / 2
+                    clips.append({**t, "stem": stem, "chunk": int(middle // CHUNK_S), "start_s": row["start_s"],
+                                  "sig": row["temporal_signature"],
+                                  "vec": dedup.perceptual_embedding(row["keyframes"])})
+        log.info("%d sources, %d clips in %.1fs", len(truth), len(clips), time.monotonic() - started)
+    started = time.monotonic()
+    kinds: dict[str, list[float]] = {}
+    copy_cos: list[float] = []
+    for i, a in enumerate(clips):
+        for b in clips[i + 1:]:
+            score, _ = signature.match(a["sig"], b["sig"], args.max_shift_s)
+            if a["family"] == b["family"]:
+                if a["chunk"] == b["chunk"]:
+                    kind = "true copy" if a["stem"] != b["stem"] else "same clip?"
+                    copy_cos.append(float(a["vec"] @ b["vec"]))
+                elif a["motion"] in ("static", "square"):  # the footage repeats: matching is right
+                    kind = "repeat: other chunk, " + ("frozen picture" if a["motion"] == "static"
+                                                      else "periodic bounce")
+                else:
+                    kind = f"other chunk, {a['motion']}"
+            elif {a["kind"], b["kind"]} == {"street", "street_later"}:
+                kind = "same street, other time"
+            elif {a["kind"], b["kind"]} == {"street", "street_similar"}:
+                kind = "similar street"
+            else:
+                kind = "distinct shots"
+            kinds.setdefault(kind, []).append(score)
+    pairs = sum(len(v) for v in kinds.values())
+    seconds = time.monotonic() - started
+    print(f"signature match: {len(clips)} clips, {pairs:,} pairs in {seconds:.1f} s "
+          f"({1000 * seconds / max(1, pairs):.2f} ms a pair), max shift {args.max_shift_s} s")
+    print(f"{'pairs':38s} {'n':>6s} {'min':>7s} {'p5':>7s} {'median':>7s} {'p95':>7s} {'max':>7s}")
+    for kind, v in sorted(kinds.items(), key=lambda kv: (kv[0] != "true copy", kv[0].startswith("repeat"))):
+        q = np.percentile(v, [0, 5, 50, 95, 100])
+        print(f"{kind:38s} {len(v):6d} " + " ".join(f"{x:7.3f}" for x in q))
+    positives = np.array(kinds.get("true copy", []))
+    negatives = np.concatenate([np.array(v) for k, v in kinds.items()
+                                if k != "true copy" and not k.startswith("repeat")])
+    print(f"perceptual cosine of the true copies: min {min(copy_cos):.3f}, p5 {np.percentile(copy_cos, 5):.3f} "
+          f"(candidates at cosine >= {1 - dedup.DEFAULT_EPS['perceptual']:.2f})")
+    for cut in (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
+        tp, fp = int((positives >= cut).sum()), int((negatives >= cut).sum())
+        mark = "  <- default min_match" if abs(cut - dedup.DEFAULT_MIN_MATCH) < 1e-9 else ""
+        print(f"cut {cut:.2f}: recall {tp / max(1, len(positives)):.3f}, precision {tp / max(1, tp + fp):.3f} "
+              f"({fp} false pairs){mark}")
+    print(f"margin: hardest negative {negatives.max():.3f}, weakest copy {positives.min():.3f} "
+          f"(repeats are neither: the same footage again, whose match is right)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=100_000)
@@ -65,8 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eps", type=float, default=0.2)
     p.add_argument("--bucket-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signatures", action="store_true", help="the temporal match calibration instead")
+    p.add_argument("--families", type=int, default=12, help="--signatures: generated sources (2 copies each)")
+    p.add_argument("--max-shift-s", type=float, default=2.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.signatures:
+        signatures_bench(args)
+        return
 
     started = time.monotonic()
     x, copies, originals = corpus(args.clips, args.dim, int(args.planted * args.clips), args.eps, args.seed)

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--eps", type=float, default=None,
                     help="candidates: vector cosine >= 1 - eps (default 0.3 perceptual, 0.1 image_embedding)")
     dd.add_argument("--min-match", type=float, default=None,
-                    help="duplicates: candidates whose temporal signatures match at least this (default 0.8)")
+                    help="duplicates: candidates whose temporal signatures match at least this (default 0.85)")
     dd.add_argument("--max-shift-s", type=float, default=None,
                     help="the largest time shift between a clip and its copy searched (default 2 s)")
     dd.add_argument("--embedding", choices=["auto", "image_embedding", "perceptual"], default=None)

@@ -84,7 +84,7 @@ class DedupOptions:
     # temporal signatures match (stages/signature.py): score >= min_match at a time shift of at
     # most max_shift_s.
     eps: float | None = None
-    min_match: float = 0.8
+    min_match: float = 0.85
     max_shift_s: float = 2.0
     # image_embedding: the aesthetics stage's CLIP vectors; perceptual: keyframe DCT/colour
     # vectors that need no weights; auto: image_embedding when the run has them, else perceptual.

@@ -23,7 +23,7 @@ eps is loose (0.3 perceptual, 0.1 CLIP): it only has to let every copy through.
 
 2. Duplicates: a candidate pair is a duplicate pair when the clips' temporal signatures (4 grey
 8x8 thumbnails a second, the split stage's `temporal_signature` column; stages/signature.py)
-match at >= min_match (0.8) at some time shift of at most max_shift_s (2 s): the same picture
+match at >= min_match (0.85) at some time shift of at most max_shift_s (2 s): the same picture
 and the same changes at the same times. Chunks of one static camera do not match (other
 passers-by), a copy of chunk k matches chunk k, and two clips of one source match only when the
 footage repeats (a loop, a replay). Outputs written before the column existed get signatures
@@ -58,7 +58,11 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +81,14 @@ PERCEPTUAL_VERSION = "dct8-crcb4-hs12x4-v1"
 # Defaults of eps per embedding: perceptual measured on generated re-uploads (README), CLIP's
 # the usual near-duplicate cut for normalised CLIP image vectors.
 DEFAULT_EPS = {"perceptual": 0.3, "image_embedding": 0.1}
-DEFAULT_MIN_MATCH = 0.8
+DEFAULT_MIN_MATCH = 0.85  # bench/dedup_bench.py --signatures: midway between the hardest negative and the weakest copy
 DEFAULT_MAX_SHIFT_S = 2.0
+# Candidates a clip gets per bucket, its most similar ones: bounds the temporal checks at about
+# n x 2 x CANDIDATES_PER_CLIP however alike the vectors of a corpus are (a thousand chunks of
+# static cameras); a group larger than that is still joined through its members' pairs.
+CANDIDATES_PER_CLIP = 16
+VERIFY_BLOCK = 4096  # candidate pairs per verification task
+PARALLEL_MIN_PAIRS = 20_000  # more than this: verified over a process per CPU
 REASON_PREFIX = "duplicate_of:"
 MAX_DEPTH = 3
 BLOCK_ROWS = 2048
@@ -262,23 +272,57 @@ def collect_signatures(store: OutputStore, ledger: dict[str, dict[str, Any]], id
     return out
 
 
-def verify_pairs(a: np.ndarray, b: np.ndarray, sigs: dict[int, bytes], min_match: float,
+def _match_block(pairs: list[tuple[int, int]], sigs: dict[int, bytes], min_match: float,
                  max_shift_s: float) -> list[tuple[int, int, float, float]]:
+    out = []
+    for i, j in pairs:
+        score, shift = signature.match(sigs[i], sigs[j], max_shift_s)
+        if score >= min_match:
+            out.append((i, j, score, shift))
+    return out
+
+
+def verify_pairs(a: np.ndarray, b: np.ndarray, sigs: dict[int, bytes], min_match: float,
+                 max_shift_s: float, workers: int | None = None) -> list[tuple[int, int, float, float]]:
     """[(a, b, match score, shift s)] of the candidate pairs whose signatures match at
-    min_match or better (stages/signature.py); pairs without both signatures are dropped."""
-    kept = []
+    min_match or better (stages/signature.py), in blocks of VERIFY_BLOCK pairs: in this
+    process, or over `workers` processes (default: every CPU) when there are more than
+    PARALLEL_MIN_PAIRS. Pairs without both signatures are dropped."""
+    pairs = [(i, j) for i, j in zip(a.tolist(), b.tolist()) if i in sigs and j in sigs]
+    blocks = [pairs[k:k + VERIFY_BLOCK] for k in range(0, len(pairs), VERIFY_BLOCK)]
+    workers = workers or os.cpu_count() or 1
     started = last = time.monotonic()
-    for k, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
-        if i in sigs and j in sigs:
-            score, shift = signature.match(sigs[i], sigs[j], max_shift_s)
-            if score >= min_match:
-                kept.append((i, j, score, shift))
+    kept: list[tuple[int, int, float, float]] = []
+
+    def progress(done: int) -> None:
+        nonlocal last
         if time.monotonic() - last > 10:
             last = time.monotonic()
-            log.info("dedup: verified %d/%d candidate pairs in time (%d match), %.0fs", k + 1, a.size,
-                     len(kept), last - started)
+            log.info("dedup: verified %d/%d candidate pairs in time (%d match), %.0fs",
+                     min(done * VERIFY_BLOCK, len(pairs)), len(pairs), len(kept), last - started)
+
+    if len(pairs) <= PARALLEL_MIN_PAIRS or workers < 2:
+        for k, block in enumerate(blocks):
+            kept += _match_block(block, sigs, min_match, max_shift_s)
+            progress(k + 1)
+    else:  # spawned processes: the driver may hold Ray's threads, which fork does not copy safely
+        done = 0
+        try:
+            with ProcessPoolExecutor(max_workers=min(workers, len(blocks)),
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_match_block, block, {i: sigs[i] for p in block for i in p}, min_match,
+                                       max_shift_s) for block in blocks]
+                for future in futures:
+                    kept += future.result()
+                    done += 1
+                    progress(done)
+        except BrokenProcessPool as exc:  # e.g. a __main__ that cannot be re-imported: go on here
+            log.warning("dedup: verification processes failed (%s); verifying the rest in this process", exc)
+            for k, block in enumerate(blocks[done:], start=done):
+                kept += _match_block(block, sigs, min_match, max_shift_s)
+                progress(k + 1)
     log.info("dedup: %d of %d candidate pairs match in time (score >= %.3g, shift <= %gs), %.1fs",
-             len(kept), a.size, min_match, max_shift_s, time.monotonic() - started)
+             len(kept), len(pairs), min_match, max_shift_s, time.monotonic() - started)
     return kept
 
 
@@ -378,21 +422,41 @@ class UnionFind:
             self.parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
 
 
-def _pairs_in(x: np.ndarray, members: np.ndarray, threshold: float, sink) -> int:
-    """sink(a, b) with every pair of `members` at cosine >= threshold (a < b); returns the pairs compared."""
+def _pairs_in(x: np.ndarray, members: np.ndarray, threshold: float, sink, top_k: int | None = None) -> int:
+    """sink(a, b) with every pair of `members` at cosine >= threshold (a < b), or with top_k
+    set, only each member's top_k most similar partners at or above it (a pair comes once or
+    twice); returns the pairs compared."""
     members = np.unique(members)
     vecs = x[members].astype(np.float32)
     for s in range(0, members.size, BLOCK_ROWS):
-        for t in range(s, members.size, BLOCK_COLS):  # this block against itself and the rest
-            c = vecs[s:s + BLOCK_ROWS] @ vecs[t:t + BLOCK_COLS].T  # at most 2048 x 8192 cosines
-            rows, cols = np.nonzero(c >= threshold)
-            later = t + cols > s + rows
-            sink(members[s + rows[later]], members[t + cols[later]])
+        if top_k is None:
+            for t in range(s, members.size, BLOCK_COLS):  # this block against itself and the rest
+                c = vecs[s:s + BLOCK_ROWS] @ vecs[t:t + BLOCK_COLS].T  # at most 2048 x 8192 cosines
+                rows, cols = np.nonzero(c >= threshold)
+                later = t + cols > s + rows
+                sink(members[s + rows[later]], members[t + cols[later]])
+            continue
+        m = min(BLOCK_ROWS, members.size - s)
+        best = np.full((m, top_k), -np.inf, np.float32)  # each row's best partners so far
+        best_at = np.zeros((m, top_k), np.int64)
+        for t in range(0, members.size, BLOCK_COLS):  # every column block: partners either side
+            c = vecs[s:s + m] @ vecs[t:t + BLOCK_COLS].T
+            own = np.arange(m) + s - t
+            inside = (own >= 0) & (own < c.shape[1])
+            c[np.flatnonzero(inside), own[inside]] = -np.inf  # not its own partner
+            both = np.concatenate([best, c], axis=1)
+            at = np.concatenate([best_at, np.broadcast_to(np.arange(t, t + c.shape[1]), c.shape)], axis=1)
+            keep = np.argpartition(-both, top_k - 1, axis=1)[:, :top_k] if both.shape[1] > top_k else \
+                np.arange(both.shape[1])[None].repeat(m, 0)
+            best, best_at = np.take_along_axis(both, keep, 1), np.take_along_axis(at, keep, 1)
+        rows, k = np.nonzero(best >= threshold)
+        a, b = members[s + rows], members[best_at[rows, k]]
+        sink(np.minimum(a, b), np.maximum(a, b))
     return members.size * (members.size - 1) // 2
 
 
 def _bucketed_pairs(x: np.ndarray, eps: float, bucket_size: int, margin: float, rounds: int, seed: int,
-                    sink) -> None:
+                    sink, top_k: int | None = None) -> None:
     """Hand every pair of rows of x (unit vectors) at cosine >= 1 - eps that shares a bucket to
     sink(a, b): `rounds` independent bucketings (k-means from other seeds), so a pair split by
     one round's boundaries is found by another; a pair may come more than once."""
@@ -405,7 +469,7 @@ def _bucketed_pairs(x: np.ndarray, eps: float, bucket_size: int, margin: float, 
     while todo:
         members, depth, s = todo.pop()
         if members.size <= 4 * bucket_size or depth >= MAX_DEPTH:
-            compared += _pairs_in(x, members, threshold, sink)
+            compared += _pairs_in(x, members, threshold, sink, top_k)
             done += members.size
         else:
             todo += [(b, depth + 1, s + 1) for b in buckets(x, members, bucket_size, margin, s)]
@@ -430,12 +494,14 @@ def near_duplicate_components(x: np.ndarray, eps: float, bucket_size: int = 1000
 
 
 def candidate_pairs(x: np.ndarray, eps: float, bucket_size: int = 1000, margin: float = 0.1,
-                    rounds: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct pairs (a, b), a < b, of rows of x at cosine >= 1 - eps sharing a bucket."""
+                    rounds: int = 2, seed: int = 0,
+                    top_k: int | None = CANDIDATES_PER_CLIP) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs (a, b), a < b, of rows of x at cosine >= 1 - eps sharing a bucket,
+    at most each row's `top_k` most similar partners per bucket (None: all of them)."""
     n = max(1, x.shape[0])
     keys: list[np.ndarray] = []
     _bucketed_pairs(x, eps, bucket_size, margin, rounds, seed,
-                    lambda a, b: keys.append(a.astype(np.int64) * n + b.astype(np.int64)))
+                    lambda a, b: keys.append(a.astype(np.int64) * n + b.astype(np.int64)), top_k)
     k = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     return k // n, k % n
 
@@ -454,6 +520,20 @@ class Groups:
     group: np.ndarray  # (m,) component label
     pairs: dict[tuple[int, int], tuple[float, float]]  # (i, j), i < j rows of ids: (score, shift s)
     without_signature: int = 0  # candidate clips that had no temporal signature (never grouped)
+    # Per row of ids, for the pairs `choose` needs that were not candidates (a clip's
+    # CANDIDATES_PER_CLIP limit in a group of many copies): matched when needed.
+    signatures: list[bytes | None] | None = None
+    max_shift_s: float = DEFAULT_MAX_SHIFT_S
+
+    def score(self, i: int, k: int) -> tuple[float, float] | None:
+        """(score, shift) of rows i and k: the verified pair, else matched now (None: no signatures)."""
+        key = (min(i, k), max(i, k))
+        if key not in self.pairs:
+            sigs = self.signatures
+            if not sigs or not sigs[key[0]] or not sigs[key[1]]:
+                return None
+            self.pairs[key] = signature.match(sigs[key[0]], sigs[key[1]], self.max_shift_s)
+        return self.pairs[key]
 
 
 def _groups_key(opts: tuple, ledger: dict[str, dict[str, Any]]) -> str:
@@ -485,7 +565,8 @@ def _read_groups(cache: Path, pairs_file: Path, key: str, s: dict[str, Any]) -> 
     log.info("dedup: groups of %s (eps %g, match %g) reused from %s", s["embedding"], s["eps"],
              s["min_match"], cache)
     return Groups(s["embedding"], s["eps"], s["min_match"], int(meta[b"clips_embedded"]), ids,
-                  t.column("group").to_numpy(), pairs, int(meta.get(b"without_signature", b"0")))
+                  t.column("group").to_numpy(), pairs, int(meta.get(b"without_signature", b"0")),
+                  t.column(signature.COLUMN).to_pylist(), s["max_shift_s"])
 
 
 def run_groups(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict[str, Any]) -> Groups:
@@ -516,7 +597,8 @@ def run_groups(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict
     grouped = np.flatnonzero(np.bincount(labels, minlength=len(ids))[labels] > 1) if len(ids) else labels
     local = {int(r): k for k, r in enumerate(grouped)}
     groups = Groups(s["embedding"], s["eps"], s["min_match"], len(ids), [ids[i] for i in grouped],
-                    labels[grouped], {(local[i], local[j]): (sc, sh) for i, j, sc, sh in matched}, without)
+                    labels[grouped], {(local[i], local[j]): (sc, sh) for i, j, sc, sh in matched}, without,
+                    [sigs.get(int(i)) for i in grouped], s["max_shift_s"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     meta = {"key": key, "clips_embedded": str(len(ids)), "without_signature": str(without)}
     pairs_table = pa.table({"clip_a": pa.array([ids[i] for i, *_ in matched], pa.string()),
@@ -524,7 +606,8 @@ def run_groups(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict
                             "score": pa.array([m[2] for m in matched], pa.float64()),
                             "shift_s": pa.array([m[3] for m in matched], pa.float64())})
     write_parquet_atomic(pairs_file, pairs_table.replace_schema_metadata(meta))
-    table = pa.table({"clip_id": pa.array(groups.ids, pa.string()), "group": pa.array(groups.group, pa.int64())})
+    table = pa.table({"clip_id": pa.array(groups.ids, pa.string()), "group": pa.array(groups.group, pa.int64()),
+                      signature.COLUMN: pa.array(groups.signatures, pa.binary())})
     write_parquet_atomic(cache, table.replace_schema_metadata({**meta, "embedding": s["embedding"]}))
     return groups
 
@@ -544,8 +627,7 @@ def choose(groups: Groups, priority: dict[str, tuple]) -> dict[str, tuple[str, f
         members = sorted(members, key=lambda i: (priority.get(groups.ids[i], worst), groups.ids[i]))
         leaders: list[int] = []
         for i in members:
-            found = [(groups.pairs[(min(i, k), max(i, k))][0], k) for k in leaders
-                     if (min(i, k), max(i, k)) in groups.pairs]
+            found = [(m[0], k) for k in leaders if (m := groups.score(i, k)) is not None]
             if found:
                 score, k = max(found, key=lambda f: (f[0], -f[1]))
                 if score >= groups.min_match:

@@ -87,42 +87,37 @@ def as_array(signature: bytes) -> np.ndarray:
     return np.frombuffer(signature, np.uint8).reshape(-1, SAMPLE_BYTES).astype(np.float32)
 
 
-def _at(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Rows of x at fractional positions t (linear interpolation; t within [0, len - 1])."""
-    lo = np.floor(t).astype(np.int64)
-    hi = np.minimum(lo + 1, x.shape[0] - 1)
-    w = (t - lo)[:, None].astype(np.float32)
-    return x[lo] * (1 - w) + x[hi] * w
-
-
-def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    # A flat sample (a black frame) has no layout: 2 grey levels of spread keep it near 0.
+def _scores(a: np.ndarray, b: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(score, overlap samples) per shift, with b's sample t + shift (linearly interpolated)
+    against a's sample t; all shifts at once, masked where b has no sample."""
+    ta = np.arange(a.shape[0], dtype=np.float64)
+    tb = ta[None, :] + shifts[:, None]  # (S, Ta)
+    valid = (tb >= -1e-9) & (tb <= b.shape[0] - 1 + 1e-9)
+    tb = np.clip(tb, 0, b.shape[0] - 1)
+    lo = np.floor(tb).astype(np.int64)
+    hi = np.minimum(lo + 1, b.shape[0] - 1)
+    w = (tb - lo)[..., None].astype(np.float32)
+    xb = b[lo] * (1 - w) + b[hi] * w  # (S, Ta, D)
+    xa = np.broadcast_to(a, xb.shape)
+    m = valid[..., None].astype(np.float32)
+    n = valid.sum(axis=1)  # (S,)
+    nz = np.maximum(n, 1)[:, None]
+    # layout: per-sample cosine of the mean-removed thumbnails; a flat sample (a black frame)
+    # has no layout, and 2 grey levels of spread in the floor keep it near 0
+    ca = xa - xa.mean(axis=2, keepdims=True)
+    cb = xb - xb.mean(axis=2, keepdims=True)
     floor = 4.0 * a.shape[1]
-    return (a * b).sum(1) / np.sqrt(((a * a).sum(1) + floor) * ((b * b).sum(1) + floor))
-
-
-def _score_at(a: np.ndarray, b: np.ndarray, shift: float) -> tuple[float, float, float, int]:
-    """(score, layout, change, overlap samples) with b's sample t + shift against a's sample t."""
-    t0 = max(0.0, -shift)
-    t1 = min(a.shape[0] - 1.0, b.shape[0] - 1.0 - shift)
-    if t1 < t0:
-        return -1.0, -1.0, -1.0, 0
-    ta = np.arange(math.ceil(t0 - 1e-9), math.floor(t1 + 1e-9) + 1, dtype=np.float64)
-    if ta.size == 0:
-        return -1.0, -1.0, -1.0, 0
-    xa = a[ta.astype(np.int64)]
-    xb = _at(b, ta + shift)
-    layout = float(_cos_rows(xa, xb).mean())
-    ra = xa - xa.mean(axis=0)
-    rb = xb - xb.mean(axis=0)
-    ea = float(np.sqrt((ra * ra).mean()))
-    eb = float(np.sqrt((rb * rb).mean()))
-    if max(ea, eb) < STATIC_LEVEL:
-        return layout, layout, 1.0, ta.size
-    change = float((ra * rb).sum() / (math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum())) + 1e-6))
-    return min(layout, change), layout, change, ta.size
+    cos = (ca * cb).sum(2) / np.sqrt(((ca * ca).sum(2) + floor) * ((cb * cb).sum(2) + floor))
+    layout = (cos * valid).sum(axis=1) / nz[:, 0]
+    # change: cosine of the residuals from each clip's mean picture over the overlap
+    ra = (xa - (xa * m).sum(axis=1, keepdims=True) / nz[..., None]) * m
+    rb = (xb - (xb * m).sum(axis=1, keepdims=True) / nz[..., None]) * m
+    ea, eb = (ra * ra).sum(axis=(1, 2)), (rb * rb).sum(axis=(1, 2))
+    change = (ra * rb).sum(axis=(1, 2)) / (np.sqrt(ea * eb) + 1e-6)
+    cells = nz[:, 0] * a.shape[1]
+    frozen = np.maximum(ea, eb) / cells < STATIC_LEVEL ** 2  # rms residual below STATIC_LEVEL
+    score = np.where(frozen, layout, np.minimum(layout, change))
+    return np.where(n > 0, score, -1.0), n
 
 
 def match(sig_a: bytes, sig_b: bytes, max_shift_s: float = 2.0,
@@ -130,20 +125,21 @@ def match(sig_a: bytes, sig_b: bytes, max_shift_s: float = 2.0,
     """(score, shift in seconds of b against a) of the best alignment; score -1 when the clips
     cannot overlap by half the shorter one (and MIN_OVERLAP_S)."""
     a, b = as_array(sig_a), as_array(sig_b)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return -1.0, 0.0
     need = max(math.ceil(0.5 * min(a.shape[0], b.shape[0])), math.ceil(MIN_OVERLAP_S * fps), 2)
     reach = int(round(max_shift_s * fps))
-    best, best_shift = -1.0, 0.0
-    for shift in range(-reach, reach + 1):  # whole samples, then quarters around the best
-        score, *_, n = _score_at(a, b, float(shift))
-        if n >= need and score > best:
-            best, best_shift = score, float(shift)
-    if best > -1.0:
-        centre = best_shift
-        for step in (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75):
-            shift = centre + step
-            if abs(shift) > reach:
-                continue
-            score, *_, n = _score_at(a, b, shift)
-            if n >= need and score > best:
-                best, best_shift = score, shift
-    return best, best_shift / fps
+    whole = np.arange(-reach, reach + 1, dtype=np.float64)  # whole samples, then quarters around the best
+    score, n = _scores(a, b, whole)
+    score = np.where(n >= need, score, -1.0)
+    k = int(np.argmax(score))
+    if score[k] <= -1.0:
+        return -1.0, 0.0
+    quarters = whole[k] + np.array([-0.75, -0.5, -0.25, 0.25, 0.5, 0.75])
+    quarters = quarters[np.abs(quarters) <= reach]
+    fine, fn = _scores(a, b, quarters)
+    fine = np.where(fn >= need, fine, -1.0)
+    if fine.size and fine.max() > score[k]:
+        j = int(np.argmax(fine))
+        return float(fine[j]), float(quarters[j]) / fps
+    return float(score[k]), float(whole[k]) / fps

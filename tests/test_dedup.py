@@ -151,12 +151,12 @@ def test_planted_duplicates_are_found_and_distinct_clips_kept(corpus):
     table = {r["clip_id"]: r for r in pq.read_table(out / "dedup" / "duplicates.parquet").to_pylist()}
     assert set(table) == {k for k, r in scores.items() if duplicate_of(r)}
     for cid, r in table.items():
-        assert r["duplicate_of"] == duplicate_of(scores[cid]) and 0.8 <= r["similarity"] <= 1.0 + 1e-6
+        assert r["duplicate_of"] == duplicate_of(scores[cid]) and 0.85 <= r["similarity"] <= 1.0 + 1e-6
         assert abs(r["shift_s"]) <= 2.0
         assert duplicate_of(scores[r["duplicate_of"]]) is None  # the clip named is the one kept
     recorded = json.loads((out / "dedup" / "dedup.json").read_text())
     assert recorded["embedding"] == "perceptual" and recorded["eps"] == 0.3  # the defaults
-    assert recorded["min_match"] == 0.8 and recorded["max_shift_s"] == 2.0
+    assert recorded["min_match"] == 0.85 and recorded["max_shift_s"] == 2.0
     assert recorded["duplicates"] == len(table)
     assert json.loads((out / "run.json").read_text())["kept"] == len(shards)
     # The margin, on every pair of clips: temporal match scores of same-shot pairs against the
@@ -307,6 +307,15 @@ def test_choose_keeps_leaders_by_priority_and_never_chains():
     # A pair below min_match (a looser cache) is not a duplicate.
     groups.min_match = 0.88
     assert dedup.choose(groups, prio) == {"a": ("b", 0.9)}
+    # A pair that was no candidate (a clip's candidate limit in a large group) is matched when
+    # needed: c's signature is a's, so c is a's duplicate although only b~c was verified.
+    rng = np.random.default_rng(0)
+    sig_a, sig_b = (rng.integers(0, 256, (12, signature.SAMPLE_BYTES), dtype=np.uint8).tobytes() for _ in "ab")
+    groups = dedup.Groups("perceptual", 0.3, 0.85, 3, ["a", "b", "c"], np.zeros(3, np.int64),
+                          {(0, 1): (0.9, 0.0), (1, 2): (0.86, 0.0)}, 0, [sig_a, sig_b, sig_a])
+    prio = {k: dedup.priority_of(True, [v], k) for k, v in (("a", 3.0), ("b", 2.0), ("c", 1.0))}
+    out = dedup.choose(groups, prio)
+    assert out["b"] == ("a", 0.9) and out["c"][0] == "a" and out["c"][1] > 0.99
 
 
 def test_bucketed_components_match_brute_force():
@@ -326,6 +335,29 @@ def test_bucketed_components_match_brute_force():
         uf.union(int(a), int(b))
     brute = np.array([uf.find(k) for k in range(len(x))])
     assert np.all(brute[labels] == brute)  # nothing joined that brute force keeps apart
+
+
+def test_candidate_pairs_are_the_close_pairs_at_most_top_k_a_clip():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1500, 16))
+    x[1000:] = x[:500] + 0.05 * rng.standard_normal((500, 16))  # planted near-copies
+    x[1400:] = x[1399] + 0.01 * rng.standard_normal((100, 16))  # 101 copies of one clip
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    xf = x.astype(np.float32)
+    cos = xf @ xf.T
+    a, b = dedup.candidate_pairs(x, 0.3, bucket_size=100, top_k=None)
+    assert np.all(a < b) and np.all(cos[a, b] >= 0.7 - 1e-3)  # only close pairs, each once
+    assert len(set(zip(a.tolist(), b.tolist()))) == a.size
+    i, j = np.nonzero(np.triu(cos >= 0.7, k=1))
+    assert a.size >= 0.95 * i.size  # nearly all of brute force's (bucket boundaries split a few)
+    a, b = dedup.candidate_pairs(x, 0.3, bucket_size=100, top_k=4)
+    # Each clip chooses at most top_k partners per bucket it sits in (up to 2 buckets x 2
+    # rounds): the 101 copies of one clip give at most 101 x 4 x 4 pairs, not 101 x 100 / 2.
+    assert a.size <= len(x) * 4 * 4
+    in_group = int(((a >= 1399) & (b >= 1399)).sum())
+    assert 100 <= in_group <= 101 * 4 * 4 < 101 * 100 // 2  # still connected: a star at least
+    planted = {(k, k + 1000) for k in range(400)}
+    assert len(planted & set(zip(a.tolist(), b.tolist()))) >= 0.95 * len(planted)
 
 
 def test_perceptual_embedding_is_robust_and_discriminative():
