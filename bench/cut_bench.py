@@ -24,8 +24,9 @@ near-static scenes. Any cut there is a false positive.
 
 The split stage is run in-process, with the `split` args of pipeline.yaml (loaded with
 curation/config.py, --set overrides as in `curate run`), on each file. The cuts it applies are
-recorded by a CutMerger subclass (after merging across detectors, before min/max duration,
-so cuts that only make a dropped fragment are counted too); the clip rows give the rest.
+recorded by a CutMerger subclass (after merging across detectors and within one fade, before
+min/max duration, so cuts that only make a dropped fragment are counted too); the clip rows
+give the rest.
 
 Prints, per transition kind and overall: true cuts, detected, recall and precision of cut
 frames at +-1 frame (each true cut matched to at most one detected cut), and in the span;
@@ -398,6 +399,12 @@ class _RecordingMerger(split.CutMerger):
         before = set(self.cuts) | {int(cut)}
         super().add(cut, detector, pending)
         self.reports.append((int(cut), int(detector)))
+        self.merged = (self.merged | (before - self.cuts)) - self.cuts
+        self.ever |= self.cuts
+
+    def join_fade(self, lo: int, hi: int, target) -> None:
+        before = set(self.cuts)
+        super().join_fade(lo, hi, target)
         self.merged = (self.merged | (before - self.cuts)) - self.cuts
         self.ever |= self.cuts
 

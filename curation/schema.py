@@ -61,7 +61,7 @@ IDENTITY_FIELDS: list[pa.Field] = [
     pa.field("fps", pa.float64()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
-    pa.field("dark_frames_trimmed", pa.int32()),  # near-black frames of fades cut from the clip's ends
+    pa.field("dark_frames_trimmed", pa.int32()),  # fade frames cut from the clip's ends (black/white, the ramp)
 ]
 
 SCORE_COLUMNS = ["motion_score", "text_area_ratio", "aesthetic_score", "clip_similarity"]

@@ -4,7 +4,7 @@ Used by the test suite, the benchmark and ``make demo``. Every video is built fr
 "shots": a seed picks a distinct look (hue, saturation and brightness fields), and the
 shot is static, a panning textured background, a square moving over a static
 background, or a static street with passers-by (traffic), with an optional text box and
-fades to/from black. ``make_video`` returns where the cuts and fades are, so detectors and filters can be checked against it.
+fades to/from black or white, linear or eased. ``make_video`` returns where the cuts and fades are, so detectors and filters can be checked against it.
 
 All randomness comes from ``numpy.random.default_rng(seed)``, so the same call encodes the
 same frames (x264 may still differ by a few bytes between runs; the decoded video does not
@@ -30,6 +30,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MOTIONS = ("static", "pan", "square", "traffic")
+FADE_CURVES = ("linear", "ease")  # ease: smoothstep, slow at both ends
+FADE_TO = ("black", "white")
 # A cut must score well above ContentDetector's default threshold (27) to be a safe ground truth.
 MIN_CUT_SCORE = 35.0
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -48,6 +50,8 @@ class Shot:
     square_frac: float = 0.25  # moving square side as a fraction of frame height
     fade_in: int = 0
     fade_out: int = 0
+    fade_curve: str = "linear"  # the gain over a fade: "linear", or "ease" (smoothstep)
+    fade_to: str = "black"  # what the fades go to and come from: "black" or "white"
     # traffic: the seed of the passers-by (None: the shot's seed), so one street (one `seed`)
     # can be filmed at other times (another objects_seed).
     objects_seed: int | None = None
@@ -64,6 +68,9 @@ class Shot:
             raise ValueError("square_frac and text_height_frac must be in (0, 1]")
         if self.fade_in < 0 or self.fade_out < 0 or self.fade_in + self.fade_out > self.frames:
             raise ValueError(f"fade_in + fade_out must fit in frames={self.frames}")
+        if self.fade_curve not in FADE_CURVES or self.fade_to not in FADE_TO:
+            raise ValueError(f"fade_curve must be one of {FADE_CURVES} and fade_to one of {FADE_TO}, "
+                             f"got {self.fade_curve!r}, {self.fade_to!r}")
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Shot:
@@ -266,13 +273,21 @@ def shot_frames(shot: Shot, size: tuple[int, int]) -> Iterator[np.ndarray]:
     for t, frame in enumerate(moving_frames(shot, size)):
         if shot.text:
             frame = draw_text(frame, shot.text, shot.text_height_frac)
-        # Fade-in starts from pure black; fade-out ends on pure black.
+        # Fade-in starts from pure black (white); fade-out ends on pure black (white).
         gain = 1.0
         if t < shot.fade_in:
             gain = t / shot.fade_in
         elif t >= shot.frames - shot.fade_out:
             gain = (shot.frames - 1 - t) / shot.fade_out
-        yield frame if gain == 1.0 else np.round(frame * gain).astype(np.uint8)
+        if gain == 1.0:
+            yield frame
+            continue
+        if shot.fade_curve == "ease":
+            gain = gain * gain * (3.0 - 2.0 * gain)
+        if shot.fade_to == "white":
+            yield np.round(frame * gain + 255.0 * (1.0 - gain)).astype(np.uint8)
+        else:
+            yield np.round(frame * gain).astype(np.uint8)
 
 
 def content_score(rgb_a: np.ndarray, rgb_b: np.ndarray) -> float:

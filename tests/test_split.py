@@ -427,6 +427,156 @@ def test_a_dark_moment_inside_a_shot_stays(tmp_path):
     assert (row["start_frame"], row["end_frame"], row["dark_frames_trimmed"]) == (0, 60, 0)
 
 
+def _split_with_cuts(stage: SplitStage, path) -> tuple[list[dict], list[int]]:
+    """The clip rows of `path` and the cuts split applied (merged, flashes left out)."""
+    stats: dict = {}
+    rows = list(stage.iter_clips(str(path), stats))
+    return rows, stats.get("cuts", [])
+
+
+def _edge_levels(row: dict) -> tuple[float, float]:
+    frames, _ = decode(row["video"])
+    assert len(frames) == row["end_frame"] - row["start_frame"]
+    return float(frames[0].mean()), float(frames[-1].mean())
+
+
+def _at_steady_level(level: float, median: float, to: str) -> bool:
+    """At least half way from the fade's black (white) to the shot's median level."""
+    return level >= median / 2 if to == "black" else level <= median + (255 - median) / 2
+
+
+@pytest.mark.parametrize("to", ["black", "white"])
+@pytest.mark.parametrize("curve", ["linear", "ease"])
+@pytest.mark.parametrize("n", [6, 12, 24])
+def test_fade_ramps_are_trimmed_and_a_fade_is_cut_once(tmp_path, to, curve, n):
+    """Fades of several lengths and curves, to black and to white, at the source's start and
+    end and between two shots: one cut, in the middle of the fade, and every clip starts and
+    ends at its shot's steady level, none of the fade's ramp left (issue 25)."""
+    fade = {"fade_curve": curve, "fade_to": to}
+    spec = [{"frames": 2 * n + 40, "seed": 31, "motion": "pan", "speed_px_per_frame": 2.0,
+             "fade_in": n, "fade_out": n, **fade},
+            {"frames": 2 * n + 40, "seed": 32, "fade_in": n, "fade_out": n, **fade}]
+    truth = synth.make_video(tmp_path / "fade.mp4", spec, 24, (320, 180))
+    rows, cuts = _split_with_cuts(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "fade.mp4")
+    boundary = truth["shots"][1]["start"]  # the fade's two black (white) frames: boundary - 1, boundary
+    assert len(cuts) == 1 and abs(cuts[0] - boundary) <= 1, cuts
+    assert len(rows) == 2
+    for row, shot, shot_spec in zip(rows, truth["shots"], spec):
+        levels = [float(f.mean()) for f in synth.shot_frames(synth.Shot.from_dict(shot_spec), (320, 180))]
+        median = float(np.median(levels))
+        assert shot["start"] <= row["start_frame"] < row["end_frame"] <= shot["end"] + 1
+        first, last = _edge_levels(row)
+        assert _at_steady_level(first, median, to) and _at_steady_level(last, median, to), (first, last, median)
+        # The whole ramp, not only its darkest (brightest) frames: within 15% of the steady level.
+        steady = levels[len(levels) // 2]
+        for level in (first, last):
+            assert abs(level - steady) <= 0.15 * abs(steady - (0 if to == "black" else 255)) + 2, (level, steady)
+        assert row["dark_frames_trimmed"] >= n - 2
+
+
+def test_an_uneven_fade_is_cut_in_the_middle_of_its_dark_part(tmp_path):
+    """A short fade-out into a long fade-in: the one cut is in the middle of the frames under
+    half their shot's steady level (the darkest frame is not the middle of the fade)."""
+    spec = [{"frames": 60, "seed": 31, "motion": "pan", "speed_px_per_frame": 2.0, "fade_out": 6},
+            {"frames": 70, "seed": 32, "fade_in": 20}]
+    synth.make_video(tmp_path / "fade.mp4", spec, 25, (320, 180))
+    levels = []
+    for s in spec:
+        shot = [float(f.mean()) for f in synth.shot_frames(synth.Shot.from_dict(s), (320, 180))]
+        levels += [v <= np.median(shot) / 2 for v in shot]
+    dark = np.flatnonzero(levels)
+    middle = (int(dark[0]) + int(dark[-1]) + 1) // 2
+    rows, cuts = _split_with_cuts(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "fade.mp4")
+    assert len(cuts) == 1 and abs(cuts[0] - middle) <= 1, (cuts, middle)
+    assert len(rows) == 2 and rows[0]["end_frame"] <= 54 and rows[1]["start_frame"] >= 60 + 18
+
+
+@pytest.mark.parametrize("fade_out", [False, True])
+def test_a_fade_with_a_hard_cut_on_one_side_is_cut_once_at_the_hard_cut(tmp_path, fade_out):
+    """A hard cut to black, then a fade-in (or a fade-out, then a hard cut out of the black):
+    one cut, at the hard cut; the fade's ramp and black are trimmed from the faded clip."""
+    size = (320, 180)
+    a = list(synth.shot_frames(synth.Shot(frames=50, seed=1, fade_out=12 if fade_out else 0), size))
+    b = list(synth.shot_frames(synth.Shot(frames=60, seed=2, motion="pan", speed_px_per_frame=1.0,
+                                          fade_in=0 if fade_out else 12), size))
+    black = [np.zeros_like(a[0])] * 6
+    synth.write_video(tmp_path / "cut_fade.mp4", iter(a + black + b), 25)
+    rows, cuts = _split_with_cuts(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "cut_fade.mp4")
+    hard = 56 if fade_out else 50
+    assert len(cuts) == 1 and abs(cuts[0] - hard) <= 1, cuts
+    assert len(rows) == 2
+    if fade_out:
+        assert rows[0]["end_frame"] <= 50 - 10 and rows[1]["start_frame"] == cuts[0]
+    else:
+        assert rows[0]["end_frame"] == cuts[0] and rows[1]["start_frame"] >= 56 + 10
+
+
+def test_a_dim_shot_between_cuts_is_kept_whole(tmp_path):
+    """A shot dark throughout (a night scene, mean level about 18) between two bright ones:
+    nothing of it is a fade, it is kept whole."""
+    size = (320, 180)
+    a = list(synth.shot_frames(synth.Shot(frames=50, seed=1), size))
+    b = list(synth.shot_frames(synth.Shot(frames=50, seed=2, motion="pan", speed_px_per_frame=2.0), size))
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 37, (size[1], size[0] + 100, 3), dtype=np.uint8)
+    night = [np.ascontiguousarray(base[:, i:i + size[0]]) for i in range(50)]
+    synth.write_video(tmp_path / "night.mp4", iter(a + night + b), 25)
+    rows = clips_of(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "night.mp4")
+    assert [(r["start_frame"], r["end_frame"], r["dark_frames_trimmed"]) for r in rows] == [
+        (0, 50, 0), (50, 100, 0), (100, 150, 0)]
+
+
+def test_content_changes_at_a_clip_edge_are_not_trimmed_as_fades(tmp_path):
+    """A light switched on (the picture at 30% for a second, then at full) and a flash that
+    fades in three frames, each at the start of a shot: content, kept, where a fade's ramp
+    would be dropped. (Content cuts where the light goes on: a cut, not a fade.)"""
+    size = (320, 180)
+    a = list(synth.shot_frames(synth.Shot(frames=50, seed=1), size))
+    b = list(synth.shot_frames(synth.Shot(frames=60, seed=2, motion="pan", speed_px_per_frame=1.0), size))
+    c = list(synth.shot_frames(synth.Shot(frames=60, seed=3, motion="pan", speed_px_per_frame=1.0), size))
+    lights_on = [np.round(f * 0.3).astype(np.uint8) for f in b[:25]] + b[25:]
+    flash = [np.round(f * (1 - g) + 255 * g).astype(np.uint8) for f, g in zip(c[:3], (1.0, 0.7, 0.4))] + c[3:]
+    synth.write_video(tmp_path / "content.mp4", iter(a + lights_on + flash), 25)
+    rows, cuts = _split_with_cuts(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "content.mp4")
+    assert 50 in cuts and 110 in cuts
+    assert [r["start_frame"] for r in rows] == [0, *cuts] and [r["end_frame"] for r in rows] == [*cuts, 170]
+    assert all(r["dark_frames_trimmed"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("frames", [6, 12, 24])
+def test_what_is_a_fade_ramp(frames):
+    """stages/split/fades.py on level series: fades through black and white, linear and eased,
+    are ramps; a light switched on, a flash, a dark shot and a slow drift are not."""
+    from stages.split.fades import edge_fade, fade_at
+
+    def contrast(levels):  # a picture scaled towards black: its contrast follows its level
+        return [0.15 * v for v in levels]
+
+    u = np.arange(frames + 1) / frames
+    for gain in (u, u * u * (3 - 2 * u)):
+        steady = [100.0] * 10
+        ramp_in = [*(100.0 * gain), *steady]
+        trim = edge_fade(ramp_in, contrast(ramp_in), 12, 25)  # the whole ramp: up to 5% of steady
+        assert ramp_in[trim - 1] < 95 <= ramp_in[trim]
+        white_in = [255 - 155 * g for g in gain] + [100.0] * 10  # from white to level 100
+        trim = edge_fade(white_in, [0.15 * (255 - v) for v in white_in], 12, 25)
+        assert white_in[trim - 1] > 100 + 0.05 * 155 >= white_in[trim]
+        through = ramp_in[::-1] + [0.0] * 3 + ramp_in  # out, 3 black frames, in
+        middle = 10 + frames + 2  # the middle of the black: 5 frames, the ramps' ends and 3 more
+        for c in [i for i, v in enumerate(through) if v < 90]:  # any cut in the fade
+            fade = fade_at(through, contrast(through), c, 12, 25)
+            assert fade is not None and abs(fade.cut - middle) <= 1, (c, fade)
+    lights_on = [30.0] * 25 + [100.0] * 20
+    flash = [255.0, 208.0, 162.0] + [100.0] * 20
+    dark_shot = [8.0, 14.0, 18.0, 20.0] + [20.0] * 20
+    drift = list(np.linspace(60, 100, 12)) + [100.0] * 10  # brightens, but never from black
+    for levels in (lights_on, flash, dark_shot, drift):
+        assert edge_fade(levels, contrast(levels), 12, 25) == 0, levels
+    # A fade-in whose contrast does not follow its level is not a scaled picture.
+    ramp_in = [*(100.0 * u), *([100.0] * 10)]
+    assert edge_fade(ramp_in, [15.0] * len(ramp_in), 12, 25) == 0
+
+
 def _write_timed(path, frames, times_ms):
     from fractions import Fraction
 

@@ -105,6 +105,26 @@ def test_fades_go_to_and_from_black():
     assert means[5] == means[10] > means[4]  # static between the fades
 
 
+def test_fades_to_white_and_eased():
+    linear = [f for f in synth.shot_frames(synth.Shot(frames=20, seed=7, fade_in=5, fade_out=6), SIZE)]
+    same = synth.shot_frames(synth.Shot(frames=20, seed=7, fade_in=5, fade_out=6, fade_curve="linear",
+                                        fade_to="black"), SIZE)
+    assert all(np.array_equal(a, b) for a, b in zip(linear, same))  # the defaults: today's frames
+    white = [float(f.mean()) for f in synth.shot_frames(synth.Shot(frames=20, seed=7, fade_in=5, fade_out=6,
+                                                                   fade_to="white"), SIZE)]
+    assert white[0] == 255 and white[-1] == 255
+    assert white[:6] == sorted(white[:6], reverse=True) and white[-7:] == sorted(white[-7:])
+    assert white[5] == float(linear[5].mean())
+    eased = [float(f.mean()) for f in synth.shot_frames(synth.Shot(frames=20, seed=7, fade_in=5, fade_out=6,
+                                                                   fade_curve="ease"), SIZE)]
+    lin = [float(f.mean()) for f in linear]
+    assert eased[0] == 0 and eased[:5] == sorted(eased[:5])
+    assert eased[1] < lin[1] and eased[4] > lin[4]  # slow at both ends of the ramp
+    for bad in ({"fade_curve": "cubic"}, {"fade_to": "grey"}):
+        with pytest.raises(ValueError):
+            synth.Shot(frames=20, seed=7, fade_in=5, **bad)
+
+
 def test_distinct_seeds_cut_hard_and_equal_seeds_are_refused(tmp_path):
     looks = [synth.background(seed, SIZE) for seed in range(12)]
     assert min(synth.content_score(a, b) for a, b in zip(looks, looks[1:])) >= synth.MIN_CUT_SCORE

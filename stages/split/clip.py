@@ -13,6 +13,7 @@ import numpy as np
 
 from stages.signature import SignatureBuilder
 from stages.split.encode import CLIP_TIME_BASE, _BackgroundEncoder, encode_jpeg
+from stages.split.fades import FADE_SETTLE_FRAMES, edge_fade
 
 if TYPE_CHECKING:
     from stages.split.scale import FrameScaler
@@ -27,26 +28,41 @@ class _Frame(NamedTuple):
     bgr: np.ndarray  # at the clip size, display orientation
     encodable: av.VideoFrame | None  # the same frame ready for the encoder, when it can be passed as is
     dark: bool  # near black (a fade's dark frames): never the first or last frame of a clip
+    level: float  # mean level (0-255) of the detectors' copy (stages/split/fades.py, measure)
+    contrast: float  # standard deviation of its small grey copy
 
 
 class _ClipBuilder:
     """Accumulates one clip: encodes frames as they come, keeps keyframes and 2 fps samples.
 
-    Frames are held back, not yet encoded, while they may still be dropped: the last
-    `trim_frames` (dropped if the clip ends at a real cut) and a run of dark frames, which
-    stays in the clip only if a frame that is not dark follows it. Dark frames at the start
-    are held until the shot brightens, then dropped (a fade-in's black); if the shot never
-    does, it is a dark shot and is kept whole. Timing comes from the frames' timestamps:
-    the clip is encoded with them (a variable-rate source stays variable), its duration is
-    the time to the frame after its last one, and samples are taken every 1/sample_fps s.
+    Frames are held back, not yet encoded, while they may still be dropped. At the start:
+    dark frames until the shot brightens, then `hold` more (the longest fade ramp and a few
+    frames to see the steady level past it); the dark ones are dropped (a fade-in's black),
+    and so is a fade-in's ramp (stages/split/fades.py, edge_fade: levels climbing smoothly
+    from black or white to the shot's steady level, the picture kept). A shot that never
+    brightens is a dark shot and is kept whole. At the end: the last `trim_frames` (dropped
+    if the clip ends at a real cut), before them a run of black (or white) frames, which
+    stays in the clip only if other frames follow it (held until they do, at most a chunk),
+    and the `hold` frames before that run, where a fade-out's ramp would be. When the clip
+    ends, its dark frames there are dropped, and a fade-out's ramp with its black (white)
+    frames. A clip that starts or ends at a chunk boundary (`fade_start`,
+    `finish(fade_end=False)`: the shot goes on) only loses its dark frames there. Dropped
+    frames are counted in `dark_trimmed`.
+    Timing comes from the frames' timestamps: the clip is encoded with them (a variable-rate
+    source stays variable), its duration is the time to the frame after its last one, and
+    samples are taken every 1/sample_fps s.
     """
 
-    def __init__(self, rate: Fraction, scaler: FrameScaler, stage: "SplitStage"):
+    def __init__(self, rate: Fraction, scaler: FrameScaler, stage: "SplitStage", fade_start: bool = True):
         self.rate, self.scaler, self.size, self.stage = rate, scaler, scaler.size, stage
         self.start_frame: int | None = None
         self.start_s = 0.0
-        self.lead: list[_Frame] = []  # dark frames before the first bright one
-        self.bright = False
+        self.fade_frames = stage.fade_frames(rate)  # the longest fade ramp trimmed (0: none)
+        self.hold = self.fade_frames + FADE_SETTLE_FRAMES if self.fade_frames else 0
+        self.fade_start = fade_start and self.fade_frames > 0
+        self.lead: list[_Frame] = []  # the start, until it is known what of it is a fade's
+        self.first_lit: int | None = None  # index in lead of the first frame that is not dark
+        self.started = False  # the start is decided: frames go to tail
         self.tail: collections.deque[_Frame] = collections.deque()
         self.count = 0  # frames committed to the encoder
         self.dark_trimmed = 0
@@ -71,23 +87,45 @@ class _ClipBuilder:
         return self.count + len(self.lead) + len(self.tail)
 
     def add(self, frame: _Frame) -> None:
-        if not self.bright:
-            if frame.dark:
-                self.lead.append(frame)
-                return
-            self.bright = True
-            self.dark_trimmed += len(self.lead)
-            self.lead.clear()
+        if self.started:
+            self._hold(frame)
+            return
+        self.lead.append(frame)
+        if self.first_lit is None and not frame.dark:
+            self.first_lit = len(self.lead) - 1
+        if self.first_lit is not None and len(self.lead) - self.first_lit > self.hold:
+            self._start()
+
+    def _start(self) -> None:
+        """Drop the start's dark frames, and its fade ramp if it is one; hold the rest."""
+        lead, self.lead = self.lead, []
+        self.started = True
+        drop = self.first_lit
+        if self.fade_start:
+            drop = max(drop, edge_fade([f.level for f in lead], [f.contrast for f in lead],
+                                       self.stage.trim_dark_below, self.fade_frames))
+        self.dark_trimmed += drop
+        for frame in lead[drop:]:
+            self._hold(frame)
+
+    def _hold(self, frame: _Frame) -> None:
         self.tail.append(frame)
         while len(self.tail) > self.stage.trim_frames and self._front_stays():
             self._commit(self.tail.popleft())
 
+    def _extreme(self, frame: _Frame) -> bool:
+        """Black (or, when fades are trimmed, white): a fade's frames past its ramp."""
+        black = self.stage.trim_dark_below
+        return frame.dark or (self.fade_frames > 0 and frame.level > 255.0 - black)
+
     def _front_stays(self) -> bool:
-        """Whether the oldest held frame is in the clip whatever comes next: it is not dark,
-        or a frame that is not dark follows it outside the last trim_frames."""
-        if not self.tail[0].dark:
-            return True
-        return any(not self.tail[i].dark for i in range(1, len(self.tail) - self.stage.trim_frames))
+        """Whether the oldest held frame is in the clip whatever comes next: more than `hold`
+        frames that are not black (white) follow it outside the last trim_frames, or it is
+        not dark and nothing is held for fades."""
+        last = len(self.tail) - self.stage.trim_frames - 1
+        while last >= 0 and self._extreme(self.tail[last]):
+            last -= 1
+        return last >= self.hold
 
     def _clip_time(self, frame: _Frame) -> float:
         # A timestamp that does not advance counts as a quarter of a mean frame interval later.
@@ -123,20 +161,28 @@ class _ClipBuilder:
             return min(self.stage.sample_fps, float(self.rate))
         return (len(self.samples) - 1) / (self.samples[-1][0] - self.samples[0][0])
 
-    def finish(self, drop_tail: bool, next_t: float | None) -> dict[str, Any] | None:
+    def finish(self, drop_tail: bool, next_t: float | None, fade_end: bool = True) -> dict[str, Any] | None:
         """Close the clip; None when it is shorter than the minimum (nothing is returned).
 
         `drop_tail`: the clip ends at a real cut (its last trim_frames go); `next_t`: the
-        timestamp of the frame after the clip's frames in the source (None at its end).
+        timestamp of the frame after the clip's frames in the source (None at its end);
+        `fade_end`: a fade-out's ramp at the end is dropped (not at a chunk boundary).
         """
-        held = list(self.tail) if self.bright else self.lead  # a dark shot is kept as it is
+        if not self.started and self.first_lit is not None:
+            self._start()
+        held = list(self.tail) if self.started else self.lead  # a dark shot is kept as it is
         keep = len(held)
-        if self.bright:
+        if self.started:
             keep = max(0, keep - (self.stage.trim_frames if drop_tail else 0))
-            before_dark = keep
-            while keep > 0 and held[keep - 1].dark:
-                keep -= 1
-            self.dark_trimmed += before_dark - keep
+            drop = 0
+            while drop < keep and held[keep - 1 - drop].dark:
+                drop += 1
+            if fade_end and self.fade_frames:
+                end = held[keep - 1::-1] if keep else []
+                drop = max(drop, edge_fade([f.level for f in end], [f.contrast for f in end],
+                                           self.stage.trim_dark_below, self.fade_frames))
+            self.dark_trimmed += drop
+            keep -= drop
         for frame in held[:keep]:
             self._commit(frame)
         if keep < len(held):

@@ -105,6 +105,20 @@ class CutMerger:
         self.cuts.add(best)
         self.by[best] = owner
 
+    def join_fade(self, lo: int, hi: int, target: int | None) -> None:
+        """The pending cuts in lo..hi are one fade's (_Segmenter._join_fade_cuts): one cut
+        at `target` replaces them (none when `target` is None: the fade's cut was applied
+        already, or the fade starts or ends the source)."""
+        inside = sorted(c for c in self.cuts if lo <= c <= hi)
+        if not inside:
+            return
+        owner = self.by.get(inside[0])
+        self.cuts.difference_update(inside)
+        if target is not None:
+            self.cuts.add(target)
+            if owner is not None:
+                self.by[target] = owner
+
 
 def share_content_scores(detectors: list) -> list[int]:
     """Let adaptive detectors reuse a content detector's frame score; return the order to feed them.

@@ -1,6 +1,6 @@
 """One source's frames into clips: _Segmenter runs the detectors on each frame, applies the
-cuts (merged, flashes dropped, a backward timestamp jump cut) and assigns frames to clips
-once they are `lag` frames behind the decoder."""
+cuts (merged, the cuts inside one fade made one, flashes dropped, a backward timestamp jump
+cut) and assigns frames to clips once they are `lag` frames behind the decoder."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from stages.split.cuts import (
     share_content_scores,
     spec_at_rate,
 )
+from stages.split.fades import fade_at, measure
 from stages.split.scale import FrameScaler, SourceColour, even, output_size
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class _Scaled(NamedTuple):
     encodable: av.VideoFrame | None
     detect: np.ndarray  # the small copy the detectors read
     dark: bool
+    level: float
+    contrast: float
 
 
 class _Segmenter:
@@ -69,6 +72,14 @@ class _Segmenter:
         self.shift = 0.0  # added to timestamps after a backward jump, so source time only advances
         self.last_t = -math.inf
         self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=FLASH_MAX_FRAMES)  # last assigned frames' BGR
+        # One cut per fade (_join_fade_cuts): the levels of the last assigned frames, the cuts
+        # already looked at, and the fades whose cuts were joined (first, last frame, cut).
+        self.fade_frames = stage.fade_frames(rate)
+        self.fade_horizon = min(self.fade_frames, self.lag // 3)
+        self.history: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=self.lag)
+        self.fade_checked: set[int] = set()
+        self.fades: collections.deque[tuple[int, int, int | None]] = collections.deque(maxlen=8)
+        self.ended = False  # the decoder is done: the last pending frame is the source's last
         from scenedetect import FrameTimecode
 
         self._timecode = FrameTimecode
@@ -103,14 +114,15 @@ class _Segmenter:
         small, encodable = self.scaler(frame)
         # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
         detect = cv2.resize(small, self.detect_size, interpolation=cv2.INTER_LINEAR)
-        dark = float(np.mean(cv2.mean(detect)[:3])) < self.stage.trim_dark_below
-        return _Scaled(frame.time, small, encodable, detect, dark)
+        level, contrast = measure(detect)
+        return _Scaled(frame.time, small, encodable, detect, level < self.stage.trim_dark_below, level, contrast)
 
     def push(self, scaled: _Scaled):
         """Take the next prepared frame; yield the clips it lets finish."""
         self.index += 1
-        small, encodable, detect, dark = scaled.bgr, scaled.encodable, scaled.detect, scaled.dark
-        self.pending.append(_Frame(self.index, self._time(scaled.time), small, encodable, dark))
+        small, encodable, detect = scaled.bgr, scaled.encodable, scaled.detect
+        self.pending.append(_Frame(self.index, self._time(scaled.time), small, encodable, scaled.dark,
+                                   scaled.level, scaled.contrast))
         timecode = self._timecode(self.index, fps=self.rate)
         for d in self.order:
             for cut in self.detectors[d].process_frame(timecode, detect):
@@ -127,6 +139,8 @@ class _Segmenter:
             post = getattr(det, "post_process", None)
             for cut in (post(end) if post else []) or []:
                 self.merger.add(int(cut.frame_num), d, self.pending)
+        self.ended = True
+        self.fade_checked.clear()  # a fade that runs into the source's end is one now
         while self.pending:
             yield from self._assign(self.pending.popleft())
         if self.clip is not None:
@@ -146,7 +160,55 @@ class _Segmenter:
         best = min(frame_distance(a, b) for a in before for b in after)
         return best < min(FLASH_MATCH_SHARE * across, FLASH_MAX_MATCH)
 
+    def _join_fade_cuts(self, frame: _Frame) -> None:
+        """One cut per fade: the cuts (of any detector) that fall in one fade through black
+        or white (stages/split/fades.py, fade_at: its ramps and its black) become one, in the
+        middle of the frames under half their shot's steady level. Content and adaptive cut
+        where the picture gets dark, the fade detector in the middle of the black, the
+        dissolve detector sometimes in a ramp. A fade into the black of a hard cut gets its cut
+        at the hard cut; a fade that starts or ends the source gets none. Each cut is looked at
+        once (again when the source has ended), when it is at most `fade_horizon` frames ahead
+        of `frame` (the next frame to assign): the fade's frames before it are in `history`,
+        those after it in `pending`. A cut whose fade's centre was already assigned goes to
+        `frame`."""
+        k = frame.index
+        todo = sorted(c for c in self.cuts if c <= k + self.fade_horizon and c not in self.fade_checked)
+        if not todo:
+            return
+        series = [*self.history, (k, frame.level, frame.contrast),
+                  *((f.index, f.level, f.contrast) for f in self.pending)]
+        base = series[0][0]
+        levels = [s[1] for s in series]
+        contrast = [s[2] for s in series]
+        for c in todo:
+            self.fade_checked.add(c)
+            if c not in self.cuts:
+                continue
+            done = next((f for f in self.fades if f[0] - 1 <= c <= f[1] + 1), None)
+            if done is not None:  # a late cut in a fade already joined
+                others = any(d != c and done[0] - 1 <= d <= done[1] + 1 for d in self.cuts)
+                if done[2] is None or done[2] < k or others:
+                    self.merger.join_fade(c, c, None)
+                continue
+            if not 0 <= c - base < len(levels):
+                continue
+            fade = fade_at(levels, contrast, c - base, self.stage.trim_dark_below, self.fade_frames,
+                           open_start=base == 0, open_end=self.ended)
+            if fade is None:
+                continue
+            lo, hi = fade.lo + base, fade.hi + base
+            cut = None if fade.cut is None else max(k, fade.cut + base)
+            log.debug("cuts %s in the fade at frames %d-%d: one cut at %s",
+                      sorted(d for d in self.cuts if lo - 1 <= d <= hi + 1), lo, hi, cut)
+            self.merger.join_fade(lo - 1, hi + 1, cut)
+            if cut is not None:
+                self.fade_checked.add(cut)
+            self.fades.append((lo, hi, cut))
+        self.fade_checked = {c for c in self.fade_checked if c >= k}
+
     def _assign(self, frame: _Frame):
+        if self.fade_frames:
+            self._join_fade_cuts(frame)
         cut_here = [c for c in self.cuts if c <= frame.index]
         self.cuts.difference_update(cut_here)
         if cut_here and self._is_flash(frame):
@@ -154,26 +216,29 @@ class _Segmenter:
             self.merger.flashes.append(frame.index)
             cut_here = []
         self.recent.append(frame.bgr)
+        self.history.append((frame.index, frame.level, frame.contrast))
         if cut_here:
             late = [c for c in cut_here if c < frame.index]
             if late:
                 log.warning("cut at frame %s reported after frame %d was assigned; "
                             "raise split.lag_s", late, frame.index - 1)
+            self.stats.setdefault("cuts", []).append(frame.index)
             if self.clip is not None:
                 yield from self._emit(drop_tail=True, next_t=frame.t)
             self.skip_until = frame.index + self.stage.trim_frames  # trim the new shot's first frames
         if frame.index < self.skip_until:
             return
         if self.clip is not None and self.clip.length >= self.max_frames:
-            yield from self._emit(drop_tail=False, next_t=frame.t)  # chunk boundary, not a cut
+            yield from self._emit(drop_tail=False, next_t=frame.t, fade_end=False)  # chunk boundary, not a cut
+            self.clip = _ClipBuilder(self.rate, self.scaler, self.stage, fade_start=False)
         if self.clip is None:
             self.clip = _ClipBuilder(self.rate, self.scaler, self.stage)
         self.clip.add(frame)
 
-    def _emit(self, drop_tail: bool, next_t: float | None):
+    def _emit(self, drop_tail: bool, next_t: float | None, fade_end: bool = True):
         clip, self.clip = self.clip, None
         try:
-            row = clip.finish(drop_tail=drop_tail, next_t=next_t)
+            row = clip.finish(drop_tail=drop_tail, next_t=next_t, fade_end=fade_end)
         finally:
             self.stats["longest_frames"] = max(self.stats.get("longest_frames", 0), clip.count)
         if row is not None:

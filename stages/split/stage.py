@@ -89,6 +89,7 @@ class SplitStage(Stage):
         merge_cuts_within_frames: int = 2,
         trim_dark_below: float = 12.0,
         decode_ahead_frames: int = 8,
+        max_fade_s: float = 1.0,
     ):
         if detector not in ("content", "adaptive", "threshold", "cascade"):
             raise ValueError(f"detector={detector!r}; allowed: content, adaptive, threshold, cascade")
@@ -96,6 +97,8 @@ class SplitStage(Stage):
                            ("sample_fps", sample_fps), ("lag_s", lag_s)):
             if not value > 0:
                 raise ValueError(f"{key} must be > 0, got {value}")
+        if not max_fade_s >= 0:
+            raise ValueError(f"max_fade_s must be >= 0, got {max_fade_s}")
         if max_duration_s < min_duration_s:
             raise ValueError(f"max_duration_s ({max_duration_s}) < min_duration_s ({min_duration_s})")
         if short_side_px < 16 or detect_width_px < 32:
@@ -140,6 +143,12 @@ class SplitStage(Stage):
         self.merge_cuts_within_frames = merge_cuts_within_frames
         self.trim_dark_below = trim_dark_below
         self.decode_ahead_frames = decode_ahead_frames
+        self.max_fade_s = max_fade_s
+
+    def fade_frames(self, rate: Fraction) -> int:
+        """The longest fade ramp, in frames, trimmed from a clip's ends and whose cuts are
+        made one (stages/split/fades.py); 0: neither, only the dark frames are trimmed."""
+        return max(0, math.ceil(self.max_fade_s * float(rate) - 1e-6))
 
     def min_frames(self, rate: Fraction) -> int:
         return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
@@ -188,7 +197,8 @@ class SplitStage(Stage):
 
         A decoding error part-way ends the stream there: the frames decoded before it are
         cut into clips as usual, then the error is raised for split_source to record.
-        `stats` (if given) receives frames decoded, the longest shot in frames and the rate.
+        `stats` (if given) receives frames decoded, the longest shot in frames, the rate and
+        the cuts applied ("cuts": the first frame of each new shot, merged, flashes left out).
         """
         stats = {} if stats is None else stats
         instrument.count("decode_pass", path)
