@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.storage import RedactingFilter
+
 log = logging.getLogger("curate")
 
 
@@ -37,6 +39,7 @@ def setup_logging(verbose: bool = False) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.addFilter(RedactingFilter())  # no credential or presigned query string in a log line
     root.addHandler(console)
     for noisy in ("ray", "urllib3", "matplotlib", "PIL", "pyscenedetect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -49,6 +52,7 @@ def log_to_file(log_dir: Path) -> Path:
     fh = logging.FileHandler(log_file)
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    fh.addFilter(RedactingFilter())
     logging.getLogger().addHandler(fh)
     return log_file
 
@@ -258,11 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     from curation.config import ConfigError
     from curation.sources import SourceError
+    from stages.storage import StorageError, is_uri
     from curation.writer import OutputError
 
     try:
+        for name in ("output", "to"):
+            if is_uri(str(getattr(args, name, None) or "")):
+                raise OutputError(f"{getattr(args, name)}: outputs in object storage are not supported by this "
+                                  "version; OUT_DIR must be a local folder (on a cluster, one every node "
+                                  "mounts at the same path). Inputs may be s3:// or gs:// URIs.")
         return args.func(args)
-    except (ConfigError, SourceError, OutputError, FileNotFoundError) as exc:
+    except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -27,6 +27,7 @@ from typing import Any
 from curation.config import PipelineConfig
 from curation.finalize import finalize, needs_final_pass
 from curation.sources import Unit, discover, plan_units
+from stages.storage import redact
 from curation.unit import UnitWorker
 from curation.writer import OutputStore, write_json
 
@@ -181,7 +182,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "status": "running",
         "config": config.to_dict(),
         "config_fingerprint": config.fingerprint(),
-        "inputs": list(inputs),
+        "inputs": [redact(i) for i in inputs],
         "versions": package_versions(),
         "attempts": attempts,
         "skipped_steps": [],

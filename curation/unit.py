@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from curation import schema
+from stages import storage
 from curation.config import PipelineConfig, Step
 from curation.sources import Source, Unit
 from curation.writer import STAGE_SECONDS_PREFIX, OutputStore, write_json
@@ -202,6 +203,13 @@ class UnitWorker:
     def run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None = None,
             failed: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
         failed = failed or {}
+        todo = [s for s in unit.sources if s.source_id not in failed]
+        # Sources in object storage: the next one is fetched while this one decodes.
+        with storage.Prefetcher([s.path for s in todo], {s.path: s.size_bytes for s in todo}) as fetches:
+            return self._run(unit, store, guard, failed, fetches)
+
+    def _run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None,
+             failed: dict[str, tuple[str, str]], fetches: storage.Prefetcher) -> dict[str, Any]:
         if self.source_pool is not None and guard is None:
             parts = list(self.source_pool.map(
                 lambda s: failure_row(s, unit.unit_id, *failed[s.source_id]) if s.source_id in failed
@@ -213,8 +221,14 @@ class UnitWorker:
                     parts.append(failure_row(source, unit.unit_id, *failed[source.source_id]))
                     continue
                 if guard is not None:
+                    local: str | None = source.path
+                    if storage.is_uri(source.path):  # fetched before the clock starts (retried reads)
+                        try:
+                            local = fetches.take(source.path)
+                        except Exception:  # noqa: BLE001 - a failed fetch is split's to report
+                            local = None
                     guard.enter(source, guard.floor_s)  # the probe itself may hang
-                    guard.enter(source, guard.limit_for(probe_duration(source.path)))
+                    guard.enter(source, guard.limit_for(probe_duration(local) if local else None))
                 parts.append(self.run_source(unit, source))
                 if guard is not None:
                     guard.leave()

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import av
 
-from stages import instrument
+from stages import instrument, storage
 from stages.base import Batch, Stage, clip_id_for
 from stages.split.cuts import DEFAULT_CASCADE, make_detector
 from stages.split.decode import _DecodeAhead, source_frame_rate
@@ -168,11 +168,14 @@ class SplitStage(Stage):
         clips: list[dict[str, Any]] = []
         stats: dict[str, Any] = {"frames": 0, "longest_frames": 0, "rate": None}
         started = time.perf_counter()
+        local = path
         try:
-            for clip in self.iter_clips(path, stats):
-                clips.append(clip)
+            # An object in storage is read from a local copy (fetched ahead, deleted after).
+            with storage.local_copy(path) as local:
+                for clip in self.iter_clips(local, stats):
+                    clips.append(clip)
         except Exception as exc:  # noqa: BLE001 - any decode failure is recorded per source
-            reason = f"{type(exc).__name__}: {exc}".strip()
+            reason = f"{type(exc).__name__}: {exc}".strip().replace(local, path)  # the object, not its copy
             log.warning("split failed for %s: %s", path, reason)
             status = "decode_error" if stats["frames"] else "unreadable"
             clips.append(no_clip_row(reason, status))
