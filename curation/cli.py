@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     from curation.config import ConfigError
     from curation.sources import SourceError
-    from stages.storage import StorageError, is_uri
+    from stages.storage import StorageError, StoreUnavailable, is_uri
     from curation.writer import OutputError
 
     try:
@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "version; OUT_DIR must be a local folder (on a cluster, one every node "
                                   "mounts at the same path). Inputs may be s3:// or gs:// URIs.")
         return args.func(args)
+    except StoreUnavailable as exc:  # the store, not the input: resumable, exit 1
+        log.error("%s", exc)
+        return 1
     except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError) as exc:
         log.error("%s", exc)
         return 2

@@ -27,9 +27,9 @@ from typing import Any
 from curation.config import PipelineConfig
 from curation.finalize import finalize, needs_final_pass
 from curation.sources import Unit, discover, plan_units
-from stages.storage import redact
 from curation.unit import UnitWorker
 from curation.writer import OutputStore, write_json
+from stages import storage
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     `notes` are merged into run.json (for example the steps skipped for missing weights).
     """
     store = OutputStore(out_dir)
+    storage_before = storage.counters()
     sources = discover(inputs)
     store.prepare(config.fingerprint(), overwrite=overwrite)
     done_sources = store.committed_source_ids()
@@ -182,7 +183,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "status": "running",
         "config": config.to_dict(),
         "config_fingerprint": config.fingerprint(),
-        "inputs": [redact(i) for i in inputs],
+        "inputs": [storage.redact(i) for i in inputs],
         "versions": package_versions(),
         "attempts": attempts,
         "skipped_steps": [],
@@ -194,15 +195,30 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     started = time.monotonic()
     progress = Progress(units)
     by_id = {u.unit_id: u for u in units}
+    workers_storage: Counter = Counter()
     entries = executor(config, units, store)
-    while True:
-        try:
-            entry = next(entries)
-        except StopIteration as done:  # an executor may return what the attempt's record keeps
-            attempt.update(done.value or {})
-            break
-        store.write_ledger(entry)
-        progress.unit_done(by_id[entry["unit_id"]], entry)
+    try:
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration as done:  # an executor may return what the attempt's record keeps
+                attempt.update(done.value or {})
+                break
+            store.write_ledger(entry)
+            workers_storage.update(entry.get("storage") or {})
+            progress.unit_done(by_id[entry["unit_id"]], entry)
+    except BaseException as exc:  # the attempt's record says what it did before it failed
+        attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
+                        "storage": dict(Counter(storage.counted_since(storage_before)) + workers_storage)})
+        record.update({"status": "failed",
+                       "storage": dict(sum((Counter(a.get("storage") or {}) for a in attempts), Counter()))})
+        write_json(store.run_json, record)
+        raise
+    # Object-store traffic: this process's (discovery; the in-process runner's fetches) and the
+    # Ray workers' (in their units' ledger entries).
+    attempt["storage"] = dict(Counter(storage.counted_since(storage_before)) + workers_storage)
+    if attempt["storage"].get("failed_requests"):
+        log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
     missing = sorted(set(by_id) - set(store.committed()))
     if missing:
         raise RuntimeError(f"{len(missing)} units were not committed: {missing[:5]}")
@@ -237,6 +253,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "nodes": nodes_summary(ledger.values()),
         "model_sent_bytes_per_clip": sent_bytes_per_clip(ledger.values()),
         "stage_busy_seconds": dict(stage_seconds),
+        "storage": dict(sum((Counter(a.get("storage") or {}) for a in attempts), Counter())),
     })
     write_json(store.run_json, record)
     return record

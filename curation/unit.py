@@ -204,9 +204,14 @@ class UnitWorker:
             failed: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
         failed = failed or {}
         todo = [s for s in unit.sources if s.source_id not in failed]
+        before = storage.counters()
         # Sources in object storage: the next one is fetched while this one decodes.
         with storage.Prefetcher([s.path for s in todo], {s.path: s.size_bytes for s in todo}) as fetches:
-            return self._run(unit, store, guard, failed, fetches)
+            entry = self._run(unit, store, guard, failed, fetches)
+        if guard is not None and any(storage.is_uri(s.path) for s in todo):
+            # A Ray worker runs one unit at a time: its process's counts are this unit's.
+            entry["storage"] = storage.counted_since(before)
+        return entry
 
     def _run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None,
              failed: dict[str, tuple[str, str]], fetches: storage.Prefetcher) -> dict[str, Any]:

@@ -47,13 +47,42 @@ _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_CLIENT_SECRET",
                "GOOGLE_OAUTH_ACCESS_TOKEN")
-# What the fetches of this process moved (the benchmark reads it): objects, bytes, seconds.
-FETCHED = {"objects": 0, "bytes": 0, "seconds": 0.0}
+# What this process did with object stores (the run record and the benchmark read it): objects
+# fetched, their bytes and seconds, and requests that failed and were retried or given up on
+# (503 SlowDown, a reset connection, a timeout), counted as botocore decides on each attempt.
+FETCHED = {"objects": 0, "bytes": 0, "seconds": 0.0, "failed_requests": 0}
 _LOCK = threading.Lock()
+_SESSIONS: dict[int, Any] = {}  # by process id (a forked child makes its own)
 
 
 class StorageError(OSError):
     """An object-store operation that failed; the message is redacted."""
+
+
+class StoreUnavailable(StorageError):
+    """The store kept failing (server errors, throttling, lost connections) past the retry
+    budget: not the source's fault, so the run stops (exit 1) instead of recording a row."""
+
+
+def counters() -> dict[str, float]:
+    with _LOCK:
+        return dict(FETCHED)
+
+
+def counted_since(before: dict[str, float]) -> dict[str, float]:
+    """What FETCHED gained since `before` (a `counters()` snapshot)."""
+    now = counters()
+    return {k: now[k] - before.get(k, 0) for k in now}
+
+
+def _on_attempt(**kwargs: Any) -> None:
+    """botocore's needs-retry event, once per attempt: count the failed ones."""
+    response = kwargs.get("response")
+    status = (response[1].get("ResponseMetadata", {}).get("HTTPStatusCode", 200)
+              if response and len(response) > 1 and isinstance(response[1], dict) else 200)
+    if kwargs.get("caught_exception") is not None or status >= 500 or status == 429:
+        with _LOCK:
+            FETCHED["failed_requests"] += 1
 
 
 def is_uri(path: str) -> bool:
@@ -89,8 +118,13 @@ def filesystem(uri: str) -> tuple[Any, str]:
     import fsspec
 
     protocol = _URI.match(uri).group(1).lower()
+    options: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        options["session"] = _counting_session()
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]  # one instance per endpoint
     try:
-        fs = fsspec.filesystem(protocol)
+        fs = fsspec.filesystem(protocol, **options)
     except ImportError as exc:
         package = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}.get(protocol)
         hint = f" (pip install {package})" if package else ""
@@ -98,6 +132,21 @@ def filesystem(uri: str) -> tuple[Any, str]:
     except ValueError as exc:
         raise StorageError(f"unknown storage scheme {protocol}:// ({exc})") from None
     return fs, fs._strip_protocol(uri)
+
+
+def _counting_session() -> Any:
+    """This process's aiobotocore session for S3, with `_on_attempt` on its events: every
+    client made from it counts its failed attempts, also those s3fs makes anew after lost
+    connections. Credentials still come from the standard chain when a client is made."""
+    pid = os.getpid()
+    with _LOCK:
+        if pid not in _SESSIONS:
+            from aiobotocore.session import AioSession
+
+            session = AioSession()
+            session.register("needs-retry.s3", _on_attempt)
+            _SESSIONS[pid] = session
+        return _SESSIONS[pid]
 
 
 def _uri(fs: Any, path: str) -> str:
@@ -124,11 +173,20 @@ def _info(fs: Any, info: dict[str, Any]) -> ObjectInfo:
 
 
 def _store_error(uri: str, exc: BaseException) -> StorageError:
+    """A missing or forbidden object is the object's problem (StorageError: a row); anything
+    else the store answered after its retries is the store's (StoreUnavailable: stop)."""
     if isinstance(exc, StorageError):
         return exc
-    kind = "not found" if isinstance(exc, FileNotFoundError) else \
-        "access denied" if isinstance(exc, PermissionError) else type(exc).__name__
-    return StorageError(redact(f"{uri}: {kind}: {exc}"))
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(redact(f"{uri}: not found: {exc}"))
+    if isinstance(exc, PermissionError):
+        return StorageError(redact(f"{uri}: access denied: {exc}"))
+    if "credentials" in f"{type(exc).__name__} {exc}".lower():
+        return StoreUnavailable(redact(f"{uri}: no credentials on this machine ({exc}); set the standard "
+                                       "variables (AWS_ACCESS_KEY_ID, ...) where every worker starts, or give "
+                                       "the nodes an instance role"))
+    return StoreUnavailable(redact(f"{uri}: the store failed after its retries ({type(exc).__name__}: {exc}); "
+                                   "rerun the same command to resume"))
 
 
 def object_info(uri: str) -> ObjectInfo | None:

@@ -43,3 +43,86 @@ def moto_endpoint(log: Path, timeout_s: float = 30.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of an S3 endpoint that fails a share of requests: answered 503
+    SlowDown (`error_share`) or dropped without an answer (`drop_share`), chosen by a seeded
+    generator. `error_share = 1` makes the store look down. Counts what it did."""
+
+    SLOWDOWN = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, target: str, error_share: float = 0.0, drop_share: float = 0.0, seed: int = 0):
+        import random
+        import threading
+
+        self.target = target.split("://", 1)[1]
+        self.error_share, self.drop_share = error_share, drop_share
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts = {"forwarded": 0, "errors": 0, "dropped": 0}
+        self.server = None
+
+    def _fate(self) -> str:
+        with self.lock:
+            x = self.rng.random()
+            fate = "errors" if x < self.error_share else \
+                "dropped" if x < self.error_share + self.drop_share else "forwarded"
+            self.counts[fate] += 1
+            return fate
+
+    def __enter__(self) -> str:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fate = proxy._fate()
+                if fate == "dropped":
+                    self.close_connection = True
+                    return
+                if fate == "errors":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOWDOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(proxy.SLOWDOWN)
+                    return
+                conn = http.client.HTTPConnection(proxy.target, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

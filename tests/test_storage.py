@@ -22,7 +22,7 @@ from curation.cli import main as curate
 from curation.config import load_config
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore
-from s3_server import moto_endpoint
+from s3_server import FaultProxy, moto_endpoint
 from stages import storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,71 @@ def test_an_object_gone_before_its_fetch_is_an_unreadable_row(bucket, footage, t
     assert SECRET not in rows["pan.mp4"]["split_error"]
     assert rows["cuts.mp4"]["source_status"] is None  # the other source gave its clips
     assert record["sources"] == {"total": 2, "committed": 2}
+
+
+@pytest.fixture
+def flaky(s3, bucket, monkeypatch):
+    """A FaultProxy in front of the fixture's endpoint, with the store variables pointing at it."""
+    proxy = FaultProxy(os.environ["AWS_ENDPOINT_URL"], seed=3)
+    with proxy as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        yield proxy
+
+
+def test_transient_errors_are_retried_and_counted(flaky, footage, tmp_path):
+    """503 SlowDown on 25% of the requests and 10% dropped connections: the run finishes with the
+    clips of a clean run, each once, and run.json counts every failed request."""
+    root, _ = footage
+    cfg = load_config(REPO / "configs" / "spine.yaml", OVERRIDES)
+    clean = run_pipeline(cfg, [str(root)], tmp_path / "local", run_local)
+    flaky.error_share, flaky.drop_share = 0.25, 0.10
+    record = run_pipeline(cfg, ["s3://footage/raw/"], tmp_path / "s3", run_local)
+    injected = flaky.counts["errors"] + flaky.counts["dropped"]
+    # Answered: a listing page and a read of each of the 5 objects that are not empty.
+    assert injected >= 2 and flaky.counts["forwarded"] >= 6
+    # Every 503 is one failed attempt that botocore saw and retried (this process made every
+    # request through the proxy); a dropped connection is counted when botocore retries it, not
+    # when the HTTP client reopens a dropped keep-alive connection at once on its own.
+    assert flaky.counts["errors"] <= record["storage"]["failed_requests"] <= injected
+    assert record["storage"]["objects"] == 6 and record["clips"] == clean["clips"]
+    ids = OutputStore(tmp_path / "s3").read_scores().column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert comparable(tmp_path / "s3") == comparable(tmp_path / "local")
+
+
+def test_a_store_down_past_its_retries_stops_the_run_and_a_rerun_resumes(flaky, footage, tmp_path,
+                                                                           monkeypatch):
+    root, _ = footage
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # a small retry budget (botocore's standard variable)
+    out = tmp_path / "out"
+    argv = ["run", str(REPO / "configs" / "spine.yaml"), "--input", "s3://footage/raw/", "--output", str(out),
+            "--runner", "local", "--num-cpus", "1", *[a for o in OVERRIDES for a in ("--set", o)]]
+    real_fetch = storage.fetch
+    calls = []
+
+    def fetch_then_fail(*args, **kwargs):  # the store goes down after two sources were read
+        calls.append(args[0])
+        if len(calls) == 3:
+            flaky.error_share = 1.0
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "fetch", fetch_then_fail)
+    assert curate(argv) == 1  # stopped with a message, not a row per source
+    assert flaky.counts["errors"] >= 2
+    failed = json.loads((out / "run.json").read_text())
+    assert failed["status"] == "failed" and "the store failed after its retries" in failed["attempts"][-1]["error"]
+    assert failed["attempts"][-1]["storage"]["failed_requests"] >= 2
+    committed = OutputStore(out).committed()
+    assert len(committed) >= 1  # the unit of the first two sources was committed before
+    flaky.error_share = 0.0
+    assert curate(argv) == 0  # the same command resumes
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["attempts"]) == 2 and record["sources"] == {"total": 6, "committed": 6}
+    ids = OutputStore(out).read_scores().column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert not any(r["split_error"] and "store failed" in r["split_error"]
+                   for r in OutputStore(out).read_scores().to_pylist())
+    assert record["storage"]["failed_requests"] >= 2
 
 
 def test_an_object_store_output_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -174,6 +174,8 @@ class SplitStage(Stage):
             with storage.local_copy(path) as local:
                 for clip in self.iter_clips(local, stats):
                     clips.append(clip)
+        except storage.StoreUnavailable:
+            raise  # the store is down, not the source bad: the unit fails and the run stops
         except Exception as exc:  # noqa: BLE001 - any decode failure is recorded per source
             reason = f"{type(exc).__name__}: {exc}".strip().replace(local, path)  # the object, not its copy
             log.warning("split failed for %s: %s", path, reason)
