@@ -55,7 +55,7 @@ from curation.unit import (
     slices,
 )
 from curation.writer import OutputStore
-from stages import instrument
+from stages import instrument, storage
 from stages.base import Batch, batch_len
 
 log = logging.getLogger(__name__)
@@ -440,6 +440,7 @@ class UnitState:
     deaths: dict[str, list[str]] = field(default_factory=dict)  # source_id -> reasons
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # source_id -> (reason, status)
     unattributed: int = 0
+    store_failures: int = 0  # attempts that ended because the object store kept failing
 
 
 @dataclass
@@ -530,6 +531,16 @@ class UnitScheduler:
         import ray
 
         state = flight.state
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, storage.StoreUnavailable):
+            # The store, not a source: try the unit again (an outage may pass), then stop the
+            # run (exit 1) rather than record its sources as failed.
+            state.store_failures += 1
+            if state.store_failures > self.config.run.max_source_attempts:
+                raise storage.StoreUnavailable(str(cause))
+            log.warning("unit %s attempt %d: %s (trying again)", state.unit.unit_id, state.attempt, cause)
+            self.queue.append(state)
+            return
         m = self.marker(state)
         kind = death_cause(exc)
         if m is not None and m.get("phase") == "source":

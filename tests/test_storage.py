@@ -278,6 +278,23 @@ def test_a_store_down_past_its_retries_stops_the_run_and_a_rerun_resumes(flaky, 
     assert record["storage"]["failed_requests"] >= 2
 
 
+def test_on_ray_a_store_down_stops_the_run_instead_of_failing_its_sources(flaky, footage, tmp_path, ray_tmp,
+                                                                           monkeypatch):
+    from curation.pipeline import run_ray
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    cfg = load_config(REPO / "configs" / "spine.yaml", OVERRIDES)
+
+    def executor(config, units, store):  # down after the listing, for the workers' fetches
+        flaky.error_share = 1.0
+        return run_ray(config, units, store, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp)
+
+    with pytest.raises(storage.StoreUnavailable, match="the store failed after its retries"):
+        run_pipeline(cfg, ["s3://footage/raw/"], tmp_path / "out", executor)
+    assert not OutputStore(tmp_path / "out").committed()  # no unit committed rows of failed sources
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "failed"
+
+
 def test_an_object_store_output_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert curate(["run", str(REPO / "configs" / "spine.yaml"), "--input", str(tmp_path),
