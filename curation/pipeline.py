@@ -32,6 +32,7 @@ torchvision compatibility hook (stages.compat.worker_setup) before running anyth
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ import pickle
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -476,13 +477,14 @@ def init_ray(address: str | None, num_cpus: int | None = None,
 class UnitScheduler:
     """Submits unit tasks, commits what returns, retries what died (see the module docstring)."""
 
-    def __init__(self, config: PipelineConfig, units: list[Unit], store: OutputStore,
+    def __init__(self, config: PipelineConfig, units: Iterable[Unit], store: OutputStore,
                  sizer: PoolSizer, slots: int, driver_grace_s: float = DRIVER_GRACE_S):
         import ray
 
         self.config, self.store, self.sizer, self.pools = config, store, sizer, sizer.pools
         self.driver_grace_s = driver_grace_s
-        self.queue: deque[UnitState] = deque(UnitState(u) for u in units)
+        self.feed: Iterator[Unit] | None = iter(units)  # new units, taken as slots free up
+        self.queue: deque[UnitState] = deque()  # units to try again, before new ones
         self.in_flight: dict[Any, InFlight] = {}
         self.max_in_flight = 2 * slots  # a task waiting on a model actor lends Ray its CPU
         self.task = ray.remote(unit_task).options(num_cpus=unit_task_cpus(config), max_retries=0)
@@ -492,9 +494,9 @@ class UnitScheduler:
     def run(self) -> Iterator[dict[str, Any]]:
         import ray
 
-        while self.queue or self.in_flight:
-            while self.queue and len(self.in_flight) < self.max_in_flight:
-                self.submit(self.queue.popleft())
+        while self.queue or self.in_flight or self.feed is not None:
+            while len(self.in_flight) < self.max_in_flight and (state := self.next_unit()) is not None:
+                self.submit(state)
             ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
                 flight = self.in_flight.pop(ref)
@@ -512,6 +514,17 @@ class UnitScheduler:
         import ray
 
         return ray.get(self.pools.dispatcher.stats.remote()) if self.pools.dispatcher is not None else {}
+
+    def next_unit(self) -> UnitState | None:
+        """A unit to try again, else the next one planned (the listing goes on meanwhile)."""
+        if self.queue:
+            return self.queue.popleft()
+        if self.feed is not None:
+            unit = next(self.feed, None)
+            if unit is not None:
+                return UnitState(unit)
+            self.feed = None
+        return None
 
     def submit(self, state: UnitState) -> None:
         state.attempt += 1
@@ -658,7 +671,7 @@ def pool_summary(sizer: PoolSizer, timeout_s: float = 30.0) -> dict[str, dict[st
     return summary
 
 
-def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, address: str | None = None,
+def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, address: str | None = None,
             num_cpus: int | None = None, object_store_mb: int | None = None,
             temp_dir: str | None = None,
             driver_grace_s: float = DRIVER_GRACE_S) -> Generator[dict[str, Any], None, dict[str, Any]]:
@@ -668,7 +681,9 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
     `driver_grace_s`: how long past a source's limit the driver waits before it cancels a task
     whose own timer missed (a backstop; an execution setting, not in the config fingerprint).
     Tests raise it to show that the worker's own timer ends a hung source."""
-    if not units:
+    units = iter(units)
+    first = next(units, None)  # nothing to do (everything committed): no cluster started
+    if first is None:
         return
     import ray
 
@@ -676,12 +691,14 @@ def run_ray(config: PipelineConfig, units: list[Unit], store: OutputStore, addre
     resources = ray.cluster_resources()
     total_cpus = float(resources.get("CPU", 1.0))
     slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
-    sizer = start_actor_pools(config, resources, busy_units=min(len(units), slots))
+    head = [first, *itertools.islice(units, slots - 1)]  # a short run starts no more actors than units
+    units = itertools.chain(head, units)
+    sizer = start_actor_pools(config, resources, busy_units=len(head))
     try:
         for handles in sizer.actors.values():
             ray.get([h.ready.remote() for h in handles])  # models load before units wait on them
-        log.info("running %d units on %g CPUs, up to %d at a time; %d model step(s) on actors",
-                 len(units), total_cpus, 2 * slots, len(sizer.actors))
+        log.info("running units on %g CPUs, up to %d at a time; %d model step(s) on actors",
+                 total_cpus, 2 * slots, len(sizer.actors))
         yield from UnitScheduler(config, units, store, sizer, slots, driver_grace_s).run()
         return {"model_pools": pool_summary(sizer)}
     finally:

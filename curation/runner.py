@@ -26,7 +26,7 @@ from typing import Any
 
 from curation.config import PipelineConfig
 from curation.finalize import finalize, needs_final_pass
-from curation.sources import Unit, discover, plan_units
+from curation.sources import Unit, UnitFeed, iter_sources
 from curation.unit import UnitWorker
 from curation.writer import OutputStore, write_json
 from stages import storage
@@ -49,7 +49,7 @@ def package_versions() -> dict[str, str | None]:
 
 # ---- the in-process executor ---------------------------------------------------------------
 
-def run_local(config: PipelineConfig, units: list[Unit], store: OutputStore,
+def run_local(config: PipelineConfig, units: Iterable[Unit], store: OutputStore,
               workers: int | None = None) -> Iterator[dict[str, Any]]:
     """The in-process executor: the same stage objects, no Ray.
 
@@ -63,10 +63,15 @@ def run_local(config: PipelineConfig, units: list[Unit], store: OutputStore,
     here (no guard: it would end this process); the Ray runner contains such sources.
     """
     workers = max(1, workers or os.cpu_count() or 1)
+    units = iter(units)
+    first = next(units, None)
+    if first is None:
+        return
+    units = itertools.chain([first], units)
     stages = {step.name: step.build() for step in config.steps}
     for stage in stages.values():
         stage.setup()
-    if workers == 1 or not units:
+    if workers == 1:
         worker = UnitWorker(config, lambda step: stages[step.name])
         for unit in units:
             yield worker.run(unit, store)
@@ -92,11 +97,11 @@ def run_local(config: PipelineConfig, units: list[Unit], store: OutputStore,
 # ---- progress -------------------------------------------------------------------------------
 
 class Progress:
-    """Sources done/total, clips and kept so far, elapsed and ETA (by bytes of sources done)."""
+    """Sources done/listed, clips and kept so far, elapsed and ETA (by bytes of sources done,
+    once the listing has ended; while it goes on, the totals so far have a "+")."""
 
-    def __init__(self, units: list[Unit], log_every_s: float = 5.0):
-        self.total_sources = sum(len(u.sources) for u in units)
-        self.total_bytes = max(1, sum(s.size_bytes for u in units for s in u.sources))
+    def __init__(self, feed: UnitFeed, log_every_s: float = 5.0):
+        self.feed = feed
         self.sources = self.bytes = self.clips = self.kept = self.errors = 0
         self.stage_errors: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = defaultdict(float)
@@ -114,7 +119,7 @@ class Progress:
             self.stage_errors[stage] += n
         for stage, seconds in entry["stage_seconds"].items():
             self.stage_seconds[stage] += seconds
-        self.report(force=self.sources == self.total_sources)
+        self.report(force=self.feed.complete and self.sources == self.feed.todo)
 
     def report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -122,14 +127,14 @@ class Progress:
             return
         self.last_log = now
         elapsed = now - self.started
-        frac = self.bytes / self.total_bytes
-        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if frac > 0 else "?"
+        frac = self.bytes / max(1, self.feed.todo_bytes)
+        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if frac > 0 and self.feed.complete else "?"
+        total = f"{self.feed.todo}" + ("" if self.feed.complete else "+ listed")
         # Per stage: clips that failed in it, and busy seconds spent in it so far.
         stages = " ".join(f"{name} {self.stage_seconds[name]:.0f}s/{self.stage_errors.get(name, 0)}err"
                           for name in self.stage_seconds)
-        log.info("sources %d/%d | clips %d kept %d | source errors %d | stages %s | elapsed %.0fs ETA %s",
-                 self.sources, self.total_sources, self.clips, self.kept, self.errors, stages or "-",
-                 elapsed, eta)
+        log.info("sources %d/%s | clips %d kept %d | source errors %d | stages %s | elapsed %.0fs ETA %s",
+                 self.sources, total, self.clips, self.kept, self.errors, stages or "-", elapsed, eta)
 
 
 def nodes_summary(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -153,7 +158,8 @@ def sent_bytes_per_clip(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
 
 # ---- the run --------------------------------------------------------------------------------
 
-Executor = Callable[[PipelineConfig, list[Unit], OutputStore], Iterable[dict[str, Any]]]
+# An executor takes the units as an iterable that plans them as the listing goes (UnitFeed).
+Executor = Callable[[PipelineConfig, Iterable[Unit], OutputStore], Iterable[dict[str, Any]]]
 
 
 def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path, executor: Executor,
@@ -165,19 +171,18 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     """
     store = OutputStore(out_dir)
     storage_before = storage.counters()
-    sources = discover(inputs)
+    sources = iter_sources(inputs)  # streamed; a missing input or an empty listing raises here
     store.prepare(config.fingerprint(), overwrite=overwrite)
     done_sources = store.committed_source_ids()
-    todo = [s for s in sources if s.source_id not in done_sources]
-    units = plan_units(todo, config.run.sources_per_unit)
+    # Units are planned as the listing goes: the first starts before a long listing ends.
+    units = UnitFeed(sources, config.run.sources_per_unit, done_sources)
     if done_sources:
-        log.info("resuming: %d of %d sources already committed, %d units to do",
-                 len(sources) - len(todo), len(sources), len(units))
-    log.info("%d sources in %d units -> %s", len(todo), len(units), store.root)
+        log.info("resuming: %d sources already committed", len(done_sources))
+    log.info("listing sources and running units as they are planned -> %s", store.root)
 
     record = store.read_run()
     attempts = record.get("attempts", [])
-    attempt = {"started_at": time.time(), "units": len(units), "command": command or sys.argv}
+    attempt = {"started_at": time.time(), "command": command or sys.argv}
     attempts.append(attempt)
     record.update({
         "status": "running",
@@ -194,7 +199,6 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
 
     started = time.monotonic()
     progress = Progress(units)
-    by_id = {u.unit_id: u for u in units}
     workers_storage: Counter = Counter()
     entries = executor(config, units, store)
     try:
@@ -206,7 +210,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
                 break
             store.write_ledger(entry)
             workers_storage.update(entry.get("storage") or {})
-            progress.unit_done(by_id[entry["unit_id"]], entry)
+            progress.unit_done(units.finished(entry["unit_id"]), entry)
     except BaseException as exc:  # the attempt's record says what it did before it failed
         attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
                         "storage": dict(Counter(storage.counted_since(storage_before)) + workers_storage)})
@@ -219,7 +223,8 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     attempt["storage"] = dict(Counter(storage.counted_since(storage_before)) + workers_storage)
     if attempt["storage"].get("failed_requests"):
         log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
-    missing = sorted(set(by_id) - set(store.committed()))
+    attempt["units"] = units.units
+    missing = sorted(units.unit_ids - set(store.committed()))
     if missing:
         raise RuntimeError(f"{len(missing)} units were not committed: {missing[:5]}")
     refilters = record.get("refilters") or []
@@ -241,7 +246,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     attempt["wall_s"] = time.monotonic() - started
     record.update({
         "status": "complete",
-        "sources": {"total": len(sources),
+        "sources": {"total": units.listed,
                     "committed": len({sid for e in ledger.values() for sid in e["source_ids"]})},
         "clips": sum(e["clips"] for e in ledger.values()),
         "kept": sum(e["kept"] for e in ledger.values()),

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import posixpath
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,49 +51,63 @@ class Unit:
     sources: tuple[Source, ...]
 
 
-def _expand(item: str, in_list: bool = False) -> list[Path | storage.ObjectInfo]:
+Entry = Path | storage.ObjectInfo
+
+
+def _expand(item: str, in_list: bool = False) -> Iterator[Entry]:
+    """The entries an input names, in order; object listings are streamed page by page."""
     if item.startswith("@") and not in_list:
-        return _read_list(item[1:])
+        yield from _read_list(item[1:])
+        return
     if storage.is_uri(item):
         if "?" in item:  # a presigned URL: its query string is a credential, never recorded
             raise SourceError(f"input {storage.redact(item)}: URLs with a query string (presigned) are not "
                               "supported; name the object by s3:// or gs:// URI with credentials instead")
-        return _expand_uri(item, in_list)
+        yield from _expand_uri(item, in_list)
+        return
     if any(ch in item for ch in "*?["):
-        matches = [Path(p) for p in glob.glob(item, recursive=True) if os.path.isfile(p)]
+        matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         if not matches:
             raise SourceError(f"input glob matches no files: {item}")
-        return matches
+        yield from matches
+        return
     path = Path(item)
     if path.is_dir():
-        return [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
-    if path.is_file():
+        yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    elif path.is_file():
         if path.suffix.lower() in LIST_EXTENSIONS and not in_list:
-            return _read_list(str(path))
-        return [path]
-    raise SourceError(f"input not found: {item}")
+            yield from _read_list(str(path))
+        else:
+            yield path
+    else:
+        raise SourceError(f"input not found: {item}")
 
 
-def _expand_uri(uri: str, in_list: bool) -> list[Path | storage.ObjectInfo]:
+def _expand_uri(uri: str, in_list: bool) -> Iterator[Entry]:
     """An object, a prefix (its video objects, recursively), a glob or a remote list file."""
+    found = 0
     if any(ch in uri for ch in "*?["):
-        matches: list[Path | storage.ObjectInfo] = list(storage.glob_objects(uri))
-        if not matches:
+        for found, obj in enumerate(storage.glob_objects(uri), 1):
+            yield obj
+        if not found:
             raise SourceError(f"input glob matches no objects: {uri}")
-        return matches
+        return
     info = None if uri.endswith("/") else storage.object_info(uri)
     if info is not None:
         if Path(uri).suffix.lower() in LIST_EXTENSIONS and not in_list:
-            return _read_list(uri)
-        return [info]
-    found: list[Path | storage.ObjectInfo] = [
-        o for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in VIDEO_EXTENSIONS]
+            yield from _read_list(uri)
+        else:
+            yield info
+        return
+    for obj in storage.list_objects(uri):
+        if Path(obj.uri).suffix.lower() in VIDEO_EXTENSIONS:
+            found += 1
+            yield obj
     if not found:
         raise SourceError(f"input not found: no object or video objects under {uri}")
-    return found
 
 
-def _read_list(where: str) -> list[Path | storage.ObjectInfo]:
+def _read_list(where: str) -> Iterator[Entry]:
     """The entries of a list file (local or remote): paths relative to its folder, or URIs."""
     if storage.is_uri(where):
         text, parent = storage.read_text(where), where.rsplit("/", 1)[0]
@@ -100,7 +116,6 @@ def _read_list(where: str) -> list[Path | storage.ObjectInfo]:
         if not path.is_file():
             raise SourceError(f"list file not found: {path}")
         text, parent = path.read_text(), str(path.parent)
-    out = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -110,11 +125,10 @@ def _read_list(where: str) -> list[Path | storage.ObjectInfo]:
             if storage.is_uri(line):  # s3://bucket/lists/../raw/a.mp4 -> s3://bucket/raw/a.mp4
                 scheme, rest = line.split("://", 1)
                 line = f"{scheme}://{posixpath.normpath(rest)}"
-        out.extend(_expand(line, in_list=True))  # entries are never lists themselves
-    return out
+        yield from _expand(line, in_list=True)  # entries are never lists themselves
 
 
-def _source(entry: Path | storage.ObjectInfo) -> Source:
+def _source(entry: Entry) -> Source:
     if isinstance(entry, storage.ObjectInfo):  # the version makes a replaced object a new source
         key = f"{entry.uri}@{entry.version}" if entry.version else entry.uri
         return Source(entry.uri, source_id_for(key), entry.size)
@@ -122,27 +136,95 @@ def _source(entry: Path | storage.ObjectInfo) -> Source:
     return Source(resolved, source_id_for(resolved), entry.stat().st_size)
 
 
-def discover(inputs: list[str]) -> list[Source]:
-    """Every source named by `inputs` (files, or objects by URI), deduplicated, sorted by path."""
+def iter_sources(inputs: list[str]) -> Iterator[Source]:
+    """The sources named by `inputs`, input by input, each in its listing's order (sorted
+    for local folders and globs, the store's key order for objects), streamed: the first
+    comes before a long listing ends. Every input is checked for at least one entry first,
+    so a wrong input fails before anything starts. With several inputs or a list file a
+    source named twice comes once (paths are remembered: memory grows with the sources then;
+    one folder, glob or prefix needs no such memory)."""
     if not inputs:
         raise SourceError("no --input given")
-    seen: dict[str, Source] = {}
-    started = last = time.monotonic()
-    for item in inputs:
-        for entry in _expand(item):
+    streams = []
+    for item in inputs:  # a missing input or an empty listing raises here, at once
+        stream = _expand(item)
+        first = next(stream, None)
+        if first is None:
+            raise SourceError(f"input names no source: {item}")
+        streams.append(itertools.chain([first], stream))
+    # One folder, glob or prefix names each source once; lists and several inputs may repeat.
+    lists = any(i.startswith("@") or Path(i).suffix.lower() in LIST_EXTENSIONS for i in inputs)
+    seen: set[str] | None = set() if len(inputs) > 1 or lists else None
+    for stream in streams:
+        for entry in stream:
             source = _source(entry)
-            seen.setdefault(source.path, source)
+            if seen is not None:
+                if source.path in seen:
+                    continue
+                seen.add(source.path)
+            yield source
+
+
+def discover(inputs: list[str]) -> list[Source]:
+    """Every source named by `inputs` (files, or objects by URI), deduplicated, sorted by path."""
+    return sorted(iter_sources(inputs), key=lambda s: s.path)
+
+
+class UnitFeed:
+    """Units planned as the listing goes: iterate it once. Sources already committed (their
+    ids in `done`) are skipped; units of `per_unit` of the others are formed in listing
+    order, so the same listing and the same committed sources give the same units. Keeps
+    counts (sources listed, to do, units, bytes) and the units given out and not yet
+    `finished`, for the progress line and the final check; not the sources themselves."""
+
+    def __init__(self, sources: Iterable[Source], per_unit: int, done: set[str] | None = None):
+        self.sources, self.per_unit, self.done = sources, per_unit, done or set()
+        self.listed = self.todo = self.units = self.todo_bytes = 0
+        self.complete = False  # the listing has ended
+        self.open: dict[str, Unit] = {}  # given out, not finished
+        self.unit_ids: set[str] = set()
+        self.started = time.monotonic()
+
+    def __iter__(self) -> Iterator[Unit]:
+        chunk: list[Source] = []
+        last = time.monotonic()
+        for source in self.sources:
+            self.listed += 1
             if time.monotonic() - last > 10:
                 last = time.monotonic()
-                log.info("discovering sources: %d so far, %.0fs", len(seen), last - started)
-    return [seen[k] for k in sorted(seen)]
+                log.info("listing sources: %d so far (%d to do), %.0fs", self.listed, self.todo,
+                         last - self.started)
+            if source.source_id in self.done:
+                continue
+            self.todo += 1
+            self.todo_bytes += source.size_bytes
+            chunk.append(source)
+            if len(chunk) == self.per_unit:
+                yield self._unit(chunk)
+                chunk = []
+        if chunk:
+            yield self._unit(chunk)
+        self.complete = True
+        log.info("listing done: %d sources, %d to do in %d units, %.0fs", self.listed, self.todo, self.units,
+                 time.monotonic() - self.started)
+
+    def _unit(self, chunk: list[Source]) -> Unit:
+        unit = make_unit(tuple(chunk))
+        self.units += 1
+        self.open[unit.unit_id] = unit
+        self.unit_ids.add(unit.unit_id)
+        return unit
+
+    def finished(self, unit_id: str) -> Unit:
+        return self.open.pop(unit_id)
+
+
+def make_unit(sources: tuple[Source, ...]) -> Unit:
+    """A unit of these sources; its id is a hash of their ids."""
+    digest = hashlib.sha1(",".join(s.source_id for s in sources).encode()).hexdigest()[:16]
+    return Unit(f"u{digest}", sources)
 
 
 def plan_units(sources: list[Source], sources_per_unit: int) -> list[Unit]:
     """Cut sorted sources into units; a unit's id is a hash of its sources' ids."""
-    units = []
-    for start in range(0, len(sources), sources_per_unit):
-        chunk = tuple(sources[start:start + sources_per_unit])
-        digest = hashlib.sha1(",".join(s.source_id for s in chunk).encode()).hexdigest()[:16]
-        units.append(Unit(f"u{digest}", chunk))
-    return units
+    return [make_unit(tuple(sources[i:i + sources_per_unit])) for i in range(0, len(sources), sources_per_unit)]

@@ -46,7 +46,13 @@ def footage(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture
 def ray_tmp():
-    """A short private temp dir for Ray's session files, removed afterwards."""
+    """A short private temp dir for Ray's session files, removed afterwards (after shutting
+    down a Ray session a test left running there: a later test would otherwise attach to a
+    session whose files are gone)."""
     path = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     yield path
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
     shutil.rmtree(path, ignore_errors=True)

@@ -244,9 +244,11 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     units = {u.unit_id for u in plan_units(discover([str(root)]), 1)}  # one source per unit
     assert len(units) == 6
     record = json.loads((out / "run.json").read_text())
-    assert [a["units"] for a in record["attempts"]] == [6, 6 - n_before]
-    resumed = f"resuming: {n_before} of 6 sources already committed, {6 - n_before} units to do"
+    # The killed attempt never finished its listing's count; the restart planned the rest.
+    assert "units" not in record["attempts"][0] and record["attempts"][1]["units"] == 6 - n_before
+    resumed = f"resuming: {n_before} sources already committed"
     assert resumed in done.stderr
+    assert f"listing done: 6 sources, {6 - n_before} to do in {6 - n_before} units" in done.stderr
     # The CLI also logs each run to a file of its own in OUT_DIR/logs, DEBUG lines included.
     log_file = Path(re.search(r"logging to (\S+)", done.stderr)[1])
     assert log_file.parent == out / "logs" and resumed in log_file.read_text()

@@ -93,6 +93,26 @@ def test_inputs_by_prefix_glob_and_list_files(bucket, footage, tmp_path):
     assert "abcdef0123456789" not in str(err.value)
 
 
+def test_units_are_planned_while_the_listing_goes_on(s3):
+    """2100 objects are 3 pages of listing: the first unit is out after the first page, the
+    feed keeps counts, not sources, and a resume with committed sources forms the same units
+    of the rest."""
+    fs, _ = s3
+    fs.pipe({f"footage/many/{k:05d}.mp4": b"x" for k in range(2100)})
+    feed = sources.UnitFeed(sources.iter_sources(["s3://footage/many/"]), 4)
+    units = iter(feed)
+    first = next(units)
+    assert [Path(s.path).name for s in first.sources] == ["00000.mp4", "00001.mp4", "00002.mp4", "00003.mp4"]
+    assert 4 <= feed.listed <= 1000 and not feed.complete  # one page listed, not 2100 objects
+    rest = list(units)
+    assert feed.complete and feed.listed == feed.todo == 2100 and feed.units == 1 + len(rest) == 525
+    assert len(feed.open) == 525  # given out and not finished: what the feed holds
+    done = {s.source_id for u in rest[:10] for s in u.sources}
+    again = list(sources.UnitFeed(sources.iter_sources(["s3://footage/many/"]), 4, done))
+    assert [u.unit_id for u in again] == [first.unit_id] + [u.unit_id for u in rest[10:]]
+    fs.rm("footage/many", recursive=True)
+
+
 def test_a_replaced_object_is_a_new_source(bucket, footage):
     root, _ = footage
     before = {s.path: s.source_id for s in sources.discover(["s3://footage/raw/"])}
@@ -193,17 +213,20 @@ def test_ray_workers_fetch_s3_sources_and_leave_no_temporary_file(bucket, footag
     assert not list(worker_tmp.glob(storage.TEMP_PREFIX + "*"))
 
 
-def test_an_object_gone_before_its_fetch_is_an_unreadable_row(bucket, footage, tmp_path):
+def test_an_object_gone_before_its_fetch_is_an_unreadable_row(bucket, footage, tmp_path, monkeypatch):
     root, _ = footage
     bucket.put_file(str(root / "pan.mp4"), "footage/vanishing/pan.mp4")
     bucket.put_file(str(root / "cuts.mp4"), "footage/vanishing/cuts.mp4")
     cfg = load_config(REPO / "configs" / "spine.yaml", OVERRIDES)
+    real_fetch = storage.fetch
 
-    def executor(config, units, store):  # the object is deleted after listing, before its fetch
-        bucket.rm("footage/vanishing/pan.mp4")
-        return run_local(config, units, store)
+    def fetch(uri, *args, **kwargs):  # the object is deleted after listing, before its fetch
+        if uri.endswith("/pan.mp4"):
+            bucket.rm("footage/vanishing/pan.mp4")
+        return real_fetch(uri, *args, **kwargs)
 
-    record = run_pipeline(cfg, ["s3://footage/vanishing/"], tmp_path / "out", executor)
+    monkeypatch.setattr(storage, "fetch", fetch)
+    record = run_pipeline(cfg, ["s3://footage/vanishing/"], tmp_path / "out", run_local)
     rows = {Path(r["source_path"]).name: r for r in OutputStore(tmp_path / "out").read_scores().to_pylist()
             if r["source_status"] or r["start_frame"] == 0}
     assert rows["pan.mp4"]["source_status"] == "unreadable"
