@@ -75,27 +75,9 @@ COPIES = {  # name: (scale, crop fraction, skip seconds, crf)
 FPS, SIZE, CHUNK_S = 24, (192, 108), 4.0
 
 
-def _frames(path: Path):
-    import av
-    with av.open(str(path)) as container:
-        for frame in container.decode(container.streams.video[0]):
-            yield frame.to_ndarray(format="rgb24")
-
-
 def _copy(src: Path, dst: Path, scale: float, crop: float, skip_s: float, crf: int) -> None:
-    import cv2
     from curation import synth
-
-    def frames():
-        for i, frame in enumerate(_frames(src)):
-            if i < round(skip_s * FPS):
-                continue
-            h, w = frame.shape[:2]
-            dy, dx = round(h * crop / 2), round(w * crop / 2)
-            frame = frame[dy:h - dy, dx:w - dx]
-            size = (2 * round(frame.shape[1] * scale / 2), 2 * round(frame.shape[0] * scale / 2))
-            yield cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-    synth.write_video(dst, frames(), FPS, crf=crf)
+    synth.write_reupload(src, dst, FPS, scale, crop, skip_s, crf)
 
 
 def signature_corpus(root: Path, families: int) -> dict[str, dict]:

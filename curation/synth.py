@@ -349,6 +349,24 @@ def make_video(
             "shots": infos}
 
 
+def write_reupload(src: str | Path, dst: str | Path, fps: float | Fraction, scale: float = 1.0,
+                   crop: float = 0.0, skip_s: float = 0.0, crf: int = 23) -> int:
+    """A re-upload of `src` (for near-duplicate tests and benchmarks): its frames after
+    `skip_s`, centre-cropped by the fraction `crop`, scaled by `scale`, re-encoded at `crf`."""
+    def frames() -> Iterator[np.ndarray]:
+        with av.open(str(src)) as container:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i < round(skip_s * float(fps)):
+                    continue
+                rgb = frame.to_ndarray(format="rgb24")
+                h, w = rgb.shape[:2]
+                dy, dx = round(h * crop / 2), round(w * crop / 2)
+                rgb = rgb[dy:h - dy, dx:w - dx]
+                size = (2 * round(rgb.shape[1] * scale / 2), 2 * round(rgb.shape[0] * scale / 2))
+                yield cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return write_video(dst, frames(), fps, crf=crf)
+
+
 def write_corrupt_video(path: str | Path, good_path: str | Path, mode: str = "truncate",
                         keep_frac: float = 0.4) -> None:
     """Damage a copy of a real mp4.

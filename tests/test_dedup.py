@@ -10,11 +10,9 @@ of the same identity.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pyarrow as pa
@@ -48,24 +46,8 @@ VARIANTS = {  # name: (scale, crop fraction, skip seconds, crf)
 FAMILIES = 12
 
 
-def decoded_frames(path: Path):
-    with av.open(str(path)) as container:
-        for frame in container.decode(container.streams.video[0]):
-            yield frame.to_ndarray(format="rgb24")
-
-
 def write_variant(src: Path, dst: Path, scale: float, crop: float, skip_s: float, crf: int) -> None:
-    """A re-upload of src: frames after skip_s, centre-cropped by `crop`, scaled, re-encoded."""
-    def frames():
-        for i, frame in enumerate(decoded_frames(src)):
-            if i < round(skip_s * FPS):
-                continue
-            h, w = frame.shape[:2]
-            dy, dx = round(h * crop / 2), round(w * crop / 2)
-            frame = frame[dy:h - dy, dx:w - dx]
-            size = (2 * round(frame.shape[1] * scale / 2), 2 * round(frame.shape[0] * scale / 2))
-            yield cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-    synth.write_video(dst, frames(), FPS, crf=crf)
+    synth.write_reupload(src, dst, FPS, scale, crop, skip_s, crf)
 
 
 def make_corpus(root: Path) -> dict[str, dict]:

@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from curation import sources
