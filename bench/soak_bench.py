@@ -1,6 +1,7 @@
 """Soak benchmark: a large mixed corpus, driver and workers killed, every clip exactly once.
 
     python bench/soak_bench.py [--sources 300] [--config pipeline.yaml] [--work bench_out/soak]
+    python bench/soak_bench.py --store s3 [--fault-share 0.02]   # the sources in a local S3 endpoint
 
 1. Generates a corpus of --sources files (cached in WORK/corpus), at least 15% of them bad
    or odd: every kind of source that gives no clip (shorter than min_duration_s, fast cuts,
@@ -14,6 +15,11 @@
 4. Prints: sources accounted / total; clips exactly once (duplicates, missing and extra
    against the uninterrupted run); work lost at each kill (units in flight); wall time of
    the interrupted run against the uninterrupted one. Also written to WORK/soak.json.
+
+With --store s3 the corpus is uploaded to a local S3 API server (moto, started here) and both
+runs read it by `--input s3://soak/corpus/` through a fault-injecting proxy (tests/s3_server.py)
+that answers `--fault-share` of the requests 503 SlowDown (three quarters of them) or drops the
+connection (a quarter); the failed requests run.json counted are printed. OUT_DIR stays local.
 
 Run by hand (it takes minutes), not in CI.
 """
@@ -101,9 +107,14 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> dict[str, str]:
     return kinds
 
 
-def command(config: str, corpus: Path, out: Path) -> list[str]:
+def command(config: str, corpus: Path | str, out: Path) -> list[str]:
     return [sys.executable, "-m", "curation.cli", "run", config, "--input", str(corpus), "--output", str(out),
             "--skip-unavailable-models"]
+
+
+def storage_counts(out: Path) -> dict:
+    """run.json's object-store counts over every attempt of a run."""
+    return json.loads((out / "run.json").read_text()).get("storage") or {}
 
 
 def ledger_count(out: Path) -> int:
@@ -180,7 +191,29 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "pipeline.yaml"))
     p.add_argument("--work", default=str(REPO / "bench_out" / "soak"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", choices=["local", "s3"], default="local")
+    p.add_argument("--fault-share", type=float, default=0.02, help="--store s3: requests the proxy fails")
     args = p.parse_args()
+    if args.store == "s3":
+        sys.path.insert(0, str(REPO / "tests"))
+        from s3_server import FaultProxy, moto_endpoint
+
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        with moto_endpoint(Path(args.work) / "moto.log") as url:
+            for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                               "AWS_REGION": "us-east-1"}.items():
+                os.environ.setdefault(key, value)
+            proxy = FaultProxy(url, error_share=0.75 * args.fault_share, drop_share=0.25 * args.fault_share,
+                               seed=args.seed)
+            with proxy as proxied:
+                run(args, upload_to=url, endpoint=proxied)
+            print(f"{'requests the proxy failed':<40}{proxy.counts['errors']} answered 503, "
+                  f"{proxy.counts['dropped']} dropped, of {sum(proxy.counts.values())}")
+        return
+    run(args)
+
+
+def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | None = None) -> None:
     work = Path(args.work)
     corpus = work / "corpus"
     kinds_file = corpus / "kinds.json"
@@ -195,11 +228,24 @@ def main() -> None:
     print(f"corpus: {len(kinds)} sources, {bad} bad or odd ({100 * bad / len(kinds):.0f}%): "
           f"{dict(Counter(kinds.values()))}", flush=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    inputs: Path | str = corpus
+    if upload_to is not None:  # the corpus in the local endpoint; the runs go through the proxy
+        import fsspec
+
+        fs = fsspec.filesystem("s3", endpoint_url=upload_to, skip_instance_cache=True)
+        if not fs.exists("soak"):
+            fs.mkdir("soak")
+        t0 = time.perf_counter()
+        for path in sorted(corpus.iterdir()):
+            if path.is_file() and path.name != "kinds.json":
+                fs.put_file(str(path), f"soak/corpus/{path.name}")
+        print(f"uploaded to s3://soak/corpus/ in {time.perf_counter() - t0:.0f}s", flush=True)
+        inputs, env["AWS_ENDPOINT_URL"] = "s3://soak/corpus/", endpoint
 
     # Uninterrupted.
     clean = work / "clean"
     shutil.rmtree(clean, ignore_errors=True)
-    watched = run_watched(command(args.config, corpus, clean), env, work / "clean.log")
+    watched = run_watched(command(args.config, inputs, clean), env, work / "clean.log")
     clean_wall = watched["wall_s"]
     if watched["returncode"] != 0:
         sys.exit(f"uninterrupted run failed ({watched['returncode']}); see {work / 'clean.log'}")
@@ -219,7 +265,7 @@ def main() -> None:
         kill_at = rng.uniform(0.15, 0.45) * clean_wall if attempt < 3 else None
         log = open(work / f"soak-attempt{attempt}.log", "w")
         started = time.monotonic()
-        proc = subprocess.Popen(command(args.config, corpus, soak), env=env, stdout=log,
+        proc = subprocess.Popen(command(args.config, inputs, soak), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
             now = time.monotonic() - started
@@ -283,6 +329,11 @@ def main() -> None:
           f"{result['units_retried']}; a retried unit lost to a later driver kill counts as not retried)")
     print(f"{'wall: interrupted / uninterrupted':<40}{total_wall:.0f}s / {clean_wall:.0f}s "
           f"= {result['wall_ratio']}x")
+    if upload_to is not None:
+        for name, out in (("uninterrupted", clean), ("interrupted", soak)):
+            c = storage_counts(out)
+            print(f"{'object store, ' + name:<40}{c.get('objects', 0):.0f} objects fetched, "
+                  f"{c.get('bytes', 0) / 2**20:.0f} MB, {c.get('failed_requests', 0):.0f} failed requests retried")
 
 
 if __name__ == "__main__":

@@ -175,14 +175,14 @@ class UnitFeed:
     ids in `done`) are skipped; units of `per_unit` of the others are formed in listing
     order, so the same listing and the same committed sources give the same units. Keeps
     counts (sources listed, to do, units, bytes) and the units given out and not yet
-    `finished`, for the progress line and the final check; not the sources themselves."""
+    `finished` (the ones still open at the end were never committed); nothing per source or
+    per finished unit, so its memory does not grow with the listing."""
 
     def __init__(self, sources: Iterable[Source], per_unit: int, done: set[str] | None = None):
         self.sources, self.per_unit, self.done = sources, per_unit, done or set()
         self.listed = self.todo = self.units = self.todo_bytes = 0
         self.complete = False  # the listing has ended
         self.open: dict[str, Unit] = {}  # given out, not finished
-        self.unit_ids: set[str] = set()
         self.started = time.monotonic()
 
     def __iter__(self) -> Iterator[Unit]:
@@ -212,7 +212,6 @@ class UnitFeed:
         unit = make_unit(tuple(chunk))
         self.units += 1
         self.open[unit.unit_id] = unit
-        self.unit_ids.add(unit.unit_id)
         return unit
 
     def finished(self, unit_id: str) -> Unit:
