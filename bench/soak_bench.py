@@ -236,9 +236,9 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
         if not fs.exists("soak"):
             fs.mkdir("soak")
         t0 = time.perf_counter()
-        for path in sorted(corpus.iterdir()):
+        for path in sorted(corpus.rglob("*")):
             if path.is_file() and path.name != "kinds.json":
-                fs.put_file(str(path), f"soak/corpus/{path.name}")
+                fs.put_file(str(path), f"soak/corpus/{path.relative_to(corpus).as_posix()}")
         print(f"uploaded to s3://soak/corpus/ in {time.perf_counter() - t0:.0f}s", flush=True)
         inputs, env["AWS_ENDPOINT_URL"] = "s3://soak/corpus/", endpoint
 
