@@ -151,7 +151,7 @@ def _counting_session() -> Any:
 
 def _uri(fs: Any, path: str) -> str:
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return f"{protocol}://{path}"
+    return f"{protocol}://{path.lstrip('/')}"
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,14 @@ class ObjectInfo:
 
 
 def _version(info: dict[str, Any]) -> str | None:
+    """The object's version: its ETag or generation where the store gives one, else its
+    modification time and size (a replaced object still reads as new)."""
     for key in ("ETag", "etag", "generation", "VersionId", "version_id", "md5Hash"):
         if info.get(key):
             return str(info[key]).strip('"')
+    for key in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        if info.get(key):
+            return f"{info[key]}-{info.get('size')}"
     return None
 
 
