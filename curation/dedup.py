@@ -63,7 +63,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -223,16 +223,8 @@ def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
     `temporal_signature` column, else (outputs written before it) computed from the clip's
     video and cached in dedup/temporal/<unit>.parquet."""
     paths = _payload_source(store, unit_id, entry)
-    found: dict[str, bytes] = {}
-    for path in paths:
-        f = pq.ParquetFile(path)
-        if signature.COLUMN not in f.schema_arrow.names:
-            continue
-        for g in range(f.num_row_groups):
-            t = f.read_row_group(g, columns=["clip_id", signature.COLUMN])
-            for cid, sig in zip(t.column("clip_id").to_pylist(), t.column(signature.COLUMN).to_pylist()):
-                if sig and cid in wanted:
-                    found[cid] = sig
+    with_column = [p for p in paths if signature.COLUMN in pq.read_schema(p).names]
+    found = {cid: sig for cid, sig in _read_column(with_column, signature.COLUMN) if sig and cid in wanted}
     missing = wanted - found.keys()
     if not missing:
         return found
@@ -261,7 +253,7 @@ def collect_signatures(store: OutputStore, ledger: dict[str, dict[str, Any]], id
     """{row: temporal signature} of the given rows of `ids` (row spans per unit as
     collect_embeddings gives them), read unit by unit; rows without one are left out."""
     out: dict[int, bytes] = {}
-    rows = np.unique(rows)
+    rows = np.unique(rows)  # sorted
     for unit_id, start, end in spans:
         mine = rows[(rows >= start) & (rows < end)]
         if mine.size == 0:
@@ -521,19 +513,23 @@ class Groups:
     pairs: dict[tuple[int, int], tuple[float, float]]  # (i, j), i < j rows of ids: (score, shift s)
     without_signature: int = 0  # candidate clips that had no temporal signature (never grouped)
     # Per row of ids, for the pairs `choose` needs that were not candidates (a clip's
-    # CANDIDATES_PER_CLIP limit in a group of many copies): matched when needed.
+    # CANDIDATES_PER_CLIP limit in a group of many copies): matched when needed, kept apart
+    # from the verified `pairs` in `matched_later`.
     signatures: list[bytes | None] | None = None
     max_shift_s: float = DEFAULT_MAX_SHIFT_S
+    matched_later: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
 
     def score(self, i: int, k: int) -> tuple[float, float] | None:
         """(score, shift) of rows i and k: the verified pair, else matched now (None: no signatures)."""
         key = (min(i, k), max(i, k))
-        if key not in self.pairs:
+        if key in self.pairs:
+            return self.pairs[key]
+        if key not in self.matched_later:
             sigs = self.signatures
             if not sigs or not sigs[key[0]] or not sigs[key[1]]:
                 return None
-            self.pairs[key] = signature.match(sigs[key[0]], sigs[key[1]], self.max_shift_s)
-        return self.pairs[key]
+            self.matched_later[key] = signature.match(sigs[key[0]], sigs[key[1]], self.max_shift_s)
+        return self.matched_later[key]
 
 
 def _groups_key(opts: tuple, ledger: dict[str, dict[str, Any]]) -> str:
@@ -584,8 +580,9 @@ def run_groups(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict
         return cached
     ids, x, spans = collect_embeddings(store, ledger, s["embedding"])
     a, b = candidate_pairs(x, s["eps"], s["bucket_size"]) if len(ids) else (np.zeros(0, np.int64),) * 2
-    sigs = collect_signatures(store, ledger, ids, spans, np.concatenate([a, b]))
-    without = len(set(np.concatenate([a, b]).tolist()) - sigs.keys())
+    candidates = np.unique(np.concatenate([a, b]))
+    sigs = collect_signatures(store, ledger, ids, spans, candidates)
+    without = len(candidates) - len(sigs)
     if without:
         log.warning("dedup: %d candidate clips have no temporal signature (no decodable video); "
                     "they are never marked duplicates", without)
@@ -652,7 +649,7 @@ def record(store: OutputStore, groups: Groups, decisions: dict[str, tuple[str, f
 
     def shift(dup: str) -> float:  # the kept clip's time against the duplicate's, in seconds
         i, k = row[dup], row[decisions[dup][0]]
-        value = groups.pairs[(min(i, k), max(i, k))][1]
+        value = groups.score(i, k)[1]
         return value if k > i else -value
 
     table = pa.table({

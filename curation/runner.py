@@ -156,6 +156,16 @@ def sent_bytes_per_clip(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
     return {name: n / clips for name, n in total.items()}
 
 
+def attempt_storage(before: dict[str, float], workers: Counter) -> dict[str, float]:
+    """An attempt's object-store traffic: this process's since `before` (discovery; the
+    in-process runner's fetches) and the Ray workers' (from their units' ledger entries)."""
+    return dict(Counter(storage.counted_since(before)) + workers)
+
+
+def total_storage(attempts: list[dict[str, Any]]) -> dict[str, float]:
+    return dict(sum((Counter(a.get("storage") or {}) for a in attempts), Counter()))
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 # An executor takes the units as an iterable that plans them as the listing goes (UnitFeed).
@@ -213,14 +223,11 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
             progress.unit_done(units.finished(entry["unit_id"]), entry)
     except BaseException as exc:  # the attempt's record says what it did before it failed
         attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
-                        "storage": dict(Counter(storage.counted_since(storage_before)) + workers_storage)})
-        record.update({"status": "failed",
-                       "storage": dict(sum((Counter(a.get("storage") or {}) for a in attempts), Counter()))})
+                        "storage": attempt_storage(storage_before, workers_storage)})
+        record.update({"status": "failed", "storage": total_storage(attempts)})
         write_json(store.run_json, record)
         raise
-    # Object-store traffic: this process's (discovery; the in-process runner's fetches) and the
-    # Ray workers' (in their units' ledger entries).
-    attempt["storage"] = dict(Counter(storage.counted_since(storage_before)) + workers_storage)
+    attempt["storage"] = attempt_storage(storage_before, workers_storage)
     if attempt["storage"].get("failed_requests"):
         log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
     attempt["units"] = units.units
@@ -258,7 +265,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "nodes": nodes_summary(ledger.values()),
         "model_sent_bytes_per_clip": sent_bytes_per_clip(ledger.values()),
         "stage_busy_seconds": dict(stage_seconds),
-        "storage": dict(sum((Counter(a.get("storage") or {}) for a in attempts), Counter())),
+        "storage": total_storage(attempts),
     })
     write_json(store.run_json, record)
     return record

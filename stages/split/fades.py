@@ -27,22 +27,21 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from stages.dissolve import THUMB_WIDTH, thumbnail
+
 FADE_MIN_FRAMES = 4  # a fade's ramp, with its black (white) frames at the clip's edge
 FADE_MAX_STEP = 0.4  # largest step between two frames, as a share of the ramp's change
 FADE_STEADY_TOL = 0.05  # a frame within this share of the steady level (or 2 levels) is steady
 FADE_SETTLE_FRAMES = 3  # frames past the longest ramp, to see the steady level
 FADE_MIN_CONTRAST = 2.0  # the contrast is checked where the picture would have at least this
 FADE_CONTRAST_FACTOR = 2.0
-_THUMB_WIDTH = 64
 
 
 def measure(detect_bgr: np.ndarray) -> tuple[float, float]:
     """A frame's mean level (of B, G, R, 0-255) and contrast (std of a 64 px wide grey copy)."""
     level = float(np.mean(cv2.mean(detect_bgr)[:3]))
-    h, w = detect_bgr.shape[:2]
-    grey = cv2.cvtColor(detect_bgr, cv2.COLOR_BGR2GRAY)
-    if w > _THUMB_WIDTH:
-        grey = cv2.resize(grey, (_THUMB_WIDTH, max(1, round(_THUMB_WIDTH * h / w))), interpolation=cv2.INTER_AREA)
+    grey = (thumbnail(detect_bgr, grey=True) if detect_bgr.shape[1] > THUMB_WIDTH
+            else cv2.cvtColor(detect_bgr, cv2.COLOR_BGR2GRAY))  # never scaled up
     return level, float(cv2.meanStdDev(grey)[1][0, 0])
 
 
