@@ -19,7 +19,10 @@
 With --store s3 the corpus is uploaded to a local S3 API server (moto, started here) and both
 runs read it by `--input s3://soak/corpus/` through a fault-injecting proxy (tests/s3_server.py)
 that answers `--fault-share` of the requests 503 SlowDown (three quarters of them) or drops the
-connection (a quarter); the failed requests run.json counted are printed. OUT_DIR stays local.
+connection (a quarter), and both runs write their OUT_DIR there too (s3://soak/clean/,
+s3://soak/soak/), through the same proxy: the commit protocol of object stores (unique names,
+the ledger entry last) under kills and faults. The failed requests run.json counted are printed;
+the checks read the store directly.
 
 Run by hand (it takes minutes), not in CI.
 """
@@ -112,13 +115,29 @@ def command(config: str, corpus: Path | str, out: Path) -> list[str]:
             "--skip-unavailable-models"]
 
 
-def storage_counts(out: Path) -> dict:
+def storage_counts(out: Path | str) -> dict:
     """run.json's object-store counts over every attempt of a run."""
-    return json.loads((out / "run.json").read_text()).get("storage") or {}
+    from curation.writer import OutputStore
+
+    return OutputStore(out).read_run().get("storage") or {}
 
 
-def ledger_count(out: Path) -> int:
-    return len(list(out.glob("ledger/u*.json")))
+def ledger_count(out: Path | str) -> int:
+    from curation.writer import OutputStore
+
+    return len(list(OutputStore(out).ledger_dir.glob("u*.json")))
+
+
+def inflight_count(out: Path | str) -> int:
+    from curation.writer import OutputStore
+
+    return len(list(OutputStore(out).inflight_dir.glob("*.json")))
+
+
+def remove(out: Path | str) -> None:
+    from curation import outdir
+
+    outdir.rmtree(outdir.out_path(out))
 
 
 def unit_workers(driver: int) -> list[int]:
@@ -174,14 +193,13 @@ def run_watched(cmd: list[str], env: dict[str, str], log_path: Path) -> dict:
             "rss_mb_last_third_mean": sum(rss_samples[-third:]) / third}
 
 
-def clip_counts(out: Path) -> Counter:
-    import pyarrow.parquet as pq
-
+def clip_counts(out: Path | str) -> Counter:
+    from curation import outdir
     from curation.writer import OutputStore
 
     counts: Counter = Counter()
     for path in OutputStore(out).committed_files("scores"):
-        counts.update(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
+        counts.update(outdir.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
     return counts
 
 
@@ -229,6 +247,8 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
           f"{dict(Counter(kinds.values()))}", flush=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     inputs: Path | str = corpus
+    clean: Path | str = work / "clean"
+    soak: Path | str = work / "soak"
     if upload_to is not None:  # the corpus in the local endpoint; the runs go through the proxy
         import fsspec
 
@@ -241,10 +261,11 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
                 fs.put_file(str(path), f"soak/corpus/{path.relative_to(corpus).as_posix()}")
         print(f"uploaded to s3://soak/corpus/ in {time.perf_counter() - t0:.0f}s", flush=True)
         inputs, env["AWS_ENDPOINT_URL"] = "s3://soak/corpus/", endpoint
+        clean, soak = "s3://soak/clean/", "s3://soak/soak/"
+        os.environ["AWS_ENDPOINT_URL"] = upload_to  # this process checks the store directly
 
     # Uninterrupted.
-    clean = work / "clean"
-    shutil.rmtree(clean, ignore_errors=True)
+    remove(clean)
     watched = run_watched(command(args.config, inputs, clean), env, work / "clean.log")
     clean_wall = watched["wall_s"]
     if watched["returncode"] != 0:
@@ -256,8 +277,7 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
 
     # Interrupted: the driver killed 3 times, 2 unit workers killed.
     rng = random.Random(args.seed + 1)
-    soak = work / "soak"
-    shutil.rmtree(soak, ignore_errors=True)
+    remove(soak)
     kills = []
     worker_kills = sorted(rng.uniform(0.1, 0.8) * clean_wall for _ in range(2))
     total_wall, attempt = 0.0, 0
@@ -276,7 +296,7 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
                     worker_kills.pop(0)
                     print(f"  killed unit worker {victims[0]} at {total_wall + now:.0f}s", flush=True)
             if kill_at is not None and now >= kill_at:
-                in_flight = len(list(soak.glob("inflight/*.json")))
+                in_flight = inflight_count(soak)
                 committed = ledger_count(soak)
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -312,7 +332,7 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
         "outcomes": dict(outcomes), "driver_kills": kills, "attempts": attempt + 1,
         "wall_uninterrupted_s": round(clean_wall, 1), "wall_interrupted_s": round(total_wall, 1),
         "wall_ratio": round(total_wall / clean_wall, 2),
-        "units_retried": json.loads((soak / "run.json").read_text()).get("units_retried"),
+        "units_retried": OutputStore(soak).read_run().get("units_retried"),
         "uninterrupted_run": watched,
         "worker_kills": 2 - len(worker_kills),
     }

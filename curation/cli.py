@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +47,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def log_to_file(log_dir: Path) -> Path:
-    """Also log everything (DEBUG) to a new file in log_dir."""
+    """Also log everything (DEBUG) to a new file in log_dir (a local folder)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file = log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     fh = logging.FileHandler(log_file)
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -59,14 +60,71 @@ def log_to_file(log_dir: Path) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from curation.config import load_config
+    from curation.outdir import StorePath, out_path
     from curation.preflight import preflight
-    from curation.runner import run_local, run_pipeline
 
     # Every config error, missing weights included, surfaces here, before Ray starts.
     config = load_config(args.config, args.set)
     checked = preflight(config, skip_unavailable=args.skip_unavailable_models)
-    out = Path(args.output)
+    out = out_path(args.output)
+    if isinstance(out, StorePath):
+        # Nothing local beside the temporary folder: the log is written there and uploaded
+        # to OUT/logs/ when the command ends, however it ends (a SIGKILLed driver's log is
+        # uploaded by the next command that starts on this machine).
+        _upload_orphan_logs()
+        local_logs = Path(tempfile.mkdtemp(prefix=f"{LOG_PREFIX}{os.getpid()}-"))
+        target = out / "logs"
+        (local_logs / "target").write_text(str(target))
+        log_file = log_to_file(local_logs)
+        log.info("logging to %s (uploaded to %s at the end)", log_file, target / log_file.name)
+        try:
+            return _run(args, checked, out)
+        finally:
+            _close_log(log_file)
+            _upload_logs(local_logs)
     log.info("logging to %s", log_to_file(out / "logs"))
+    return _run(args, checked, out)
+
+
+LOG_PREFIX = "curate-logs-"  # $TMPDIR/curate-logs-<pid>-*: a run's log while OUT_DIR is remote
+
+
+def _close_log(log_file: Path) -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)
+              and Path(h.baseFilename) == log_file.resolve()]:
+        h.close()
+        root.removeHandler(h)
+
+
+def _upload_logs(folder: Path) -> None:
+    """Copy the logs of a local log folder to the OUT_DIR its `target` file names, then delete
+    the folder (also when the upload fails: said in the terminal)."""
+    import shutil
+
+    from curation.outdir import out_path
+
+    try:
+        target = out_path((folder / "target").read_text().strip())
+        for log_file in sorted(folder.glob("run-*.log")):
+            (target / log_file.name).upload_from(log_file)
+    except OSError as exc:
+        log.warning("could not upload the run log in %s: %s", folder, exc)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _upload_orphan_logs() -> None:
+    """Upload and remove the log folders of commands that were killed before they could."""
+    from stages.storage import orphans
+
+    for folder in orphans(LOG_PREFIX):
+        _upload_logs(folder)
+
+
+def _run(args: argparse.Namespace, checked, out) -> int:
+    from curation.runner import run_local, run_pipeline
+
     if args.runner == "local":
         def executor(cfg, units, store):
             return run_local(cfg, units, store, workers=args.num_cpus)
@@ -94,8 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from curation.report import format_summary, write_report
 
-    print(format_summary(write_report(args.output)))
-    log.info("report: %s", Path(args.output) / "report" / "index.html")
+    summary = write_report(args.output, to=args.to)
+    print(format_summary(summary))
+    log.info("report: %s", summary["page"]["path"])
     return 0
 
 
@@ -182,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="filter statistics, plots, rejection galleries -> OUT/report/index.html")
-    rep.add_argument("output")
+    rep.add_argument("output", help="a curation output (OUT_DIR: a folder or an s3://, gs://, az:// URI)")
+    rep.add_argument("--to", default=None, metavar="DIR",
+                     help="write the report here (a local folder or a URI) instead of OUT_DIR/report/")
     rep.set_defaults(func=cmd_report)
 
     rf = sub.add_parser("refilter", help="new filter rules on the stored scores (no decoding, no scoring)")
@@ -262,15 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     from curation.config import ConfigError
     from curation.sources import SourceError
-    from stages.storage import StorageError, StoreUnavailable, is_uri
     from curation.writer import OutputError
+    from stages.storage import StorageError, StoreUnavailable
 
     try:
-        for name in ("output", "to"):
-            if is_uri(str(getattr(args, name, None) or "")):
-                raise OutputError(f"{getattr(args, name)}: outputs in object storage are not supported by this "
-                                  "version; OUT_DIR must be a local folder (on a cluster, one every node "
-                                  "mounts at the same path). Inputs may be s3:// or gs:// URIs.")
         return args.func(args)
     except StoreUnavailable as exc:  # the store, not the input: resumable, exit 1
         log.error("%s", exc)

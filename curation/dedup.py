@@ -70,8 +70,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curation import outdir
 from curation.writer import OutputStore, write_json, write_parquet_atomic
 from stages import signature
 
@@ -137,7 +137,7 @@ def _payload_source(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> 
 def _read_column(paths: list[Path], column: str):
     """(clip_id, value) per row of `paths`, one row group at a time."""
     for path in paths:
-        f = pq.ParquetFile(path)
+        f = outdir.parquet_file(path)
         for g in range(f.num_row_groups):
             t = f.read_row_group(g, columns=["clip_id", column])
             yield from zip(t.column("clip_id").to_pylist(), t.column(column).to_pylist())
@@ -148,7 +148,7 @@ def _perceptual_unit(store: OutputStore, unit_id: str, entry: dict[str, Any]) ->
     cache = store.root / "dedup" / "perceptual" / f"{unit_id}.parquet"
     stamp = f"{PERCEPTUAL_VERSION}:{entry.get('committed_at')}"
     if cache.exists():
-        t = pq.read_table(cache)
+        t = outdir.read_table(cache)
         if (t.schema.metadata or {}).get(b"stamp") == stamp.encode():
             vecs = np.frombuffer(b"".join(t.column("vector").to_pylist()), np.float16)
             return t.column("clip_id").to_pylist(), vecs.reshape(t.num_rows, -1)
@@ -178,7 +178,7 @@ def has_image_embeddings(store: OutputStore, ledger: dict[str, dict[str, Any]]) 
     """True when some clip of the run has an image_embedding (the aesthetics stage ran)."""
     for unit_id, entry in ledger.items():
         for path in _payload_source(store, unit_id, entry):
-            col = pq.read_table(path, columns=["image_embedding"]).column("image_embedding")
+            col = outdir.read_table(path, columns=["image_embedding"]).column("image_embedding")
             if col.null_count < len(col):
                 return True
     return False
@@ -223,7 +223,7 @@ def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
     `temporal_signature` column, else (outputs written before it) computed from the clip's
     video and cached in dedup/temporal/<unit>.parquet."""
     paths = _payload_source(store, unit_id, entry)
-    with_column = [p for p in paths if signature.COLUMN in pq.read_schema(p).names]
+    with_column = [p for p in paths if signature.COLUMN in outdir.read_schema(p).names]
     found = {cid: sig for cid, sig in _read_column(with_column, signature.COLUMN) if sig and cid in wanted}
     missing = wanted - found.keys()
     if not missing:
@@ -232,7 +232,7 @@ def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
     stamp = f"{signature.SIGNATURE_VERSION}:{entry.get('committed_at')}".encode()
     cached: dict[str, bytes | None] = {}
     if cache.exists():
-        t = pq.read_table(cache)
+        t = outdir.read_table(cache)
         if (t.schema.metadata or {}).get(b"stamp") == stamp:
             cached = dict(zip(t.column("clip_id").to_pylist(), t.column(signature.COLUMN).to_pylist()))
     todo = missing - cached.keys()
@@ -550,7 +550,7 @@ def settings(kind: str, opts: dict[str, Any]) -> dict[str, Any]:
 def _read_groups(cache: Path, pairs_file: Path, key: str, s: dict[str, Any]) -> Groups | None:
     if not (cache.exists() and pairs_file.exists()):
         return None
-    t, p = pq.read_table(cache), pq.read_table(pairs_file)
+    t, p = outdir.read_table(cache), outdir.read_table(pairs_file)
     meta = t.schema.metadata or {}
     if meta.get(b"key") != key.encode() or (p.schema.metadata or {}).get(b"key") != key.encode():
         return None

@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from curation import outdir
 from curation.writer import OutputStore
 
 
@@ -30,7 +30,7 @@ def dedup_section(store: OutputStore, run: dict[str, Any], clips: pa.Table,
     if not summary_path.exists() or not table_path.exists():
         return {"settings": run["config"]["dedup"], "missing": "dedup has not run on this output yet"}
     section = json.loads(summary_path.read_text())
-    dups = pq.read_table(table_path).sort_by([("similarity", "ascending"), ("clip_id", "ascending")])
+    dups = outdir.read_table(table_path).sort_by([("similarity", "ascending"), ("clip_id", "ascending")])
     n = dups.num_rows
     half = max_pairs // 2
     picks = list(range(min(n, half))) + list(range(max(half, n - (max_pairs - half)), n))

@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -54,9 +53,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import schema
+from curation import outdir, schema
+from curation.writer import OutputError, OutputStore, write_atomic_bytes, write_json
 from stages import rules
-from curation.writer import OutputError, OutputStore, tmp_name, write_atomic_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def plan_pieces(shards: list[Path], select: rules.Rules, target_mb: float) -> li
     pieces: list[Piece] = []
     current = Piece(0)
     for path in shards:
-        pf = pq.ParquetFile(path)
+        pf = outdir.parquet_file(path)
         missing = [c for c in select if c not in pf.schema_arrow.names]
         if missing:
             raise ExportError(f"--select: column {missing[0]!r} is not in {path.name}")
@@ -162,7 +161,7 @@ def fingerprint(fmt: str, select: rules.Rules, target_mb: float, shards: list[Pa
     """What makes two exports the same: options, the shard files (immutable under their names)
     and the plan."""
     key = {"format": fmt, "select": select, "target_mb": target_mb,
-           "shards": [[p.name, p.stat().st_size] for p in shards],
+           "shards": [[p.name, outdir.size(p)] for p in shards],
            "pieces": [p.chunks for p in pieces]}
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -171,7 +170,7 @@ def read_piece(shards_dir: Path, piece: Piece, select: rules.Rules,
                columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """The selected rows of a piece, BATCH_ROWS at a time (memory: a few videos)."""
     for name, rg in piece.chunks:
-        pf = pq.ParquetFile(shards_dir / name)
+        pf = outdir.parquet_file(shards_dir / name)
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=columns):
             mask = select_mask(batch, select)
             if mask.all():
@@ -215,26 +214,25 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_tar_piece(path: Path, batches: Iterator[pa.RecordBatch]) -> int:
-    tmp, rows = tmp_name(path), 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+def write_tar_piece(path: outdir.AnyPath, batches: Iterator[pa.RecordBatch]) -> int:
+    rows = 0
+    with outdir.staged_file(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for batch in batches:
             for row in batch.to_pylist():
                 for ext, data in sample_members(row):
                     add_member(tar, f"{row['clip_id']}.{ext}", data)
                 rows += 1
-    fsync_replace(tmp, path)
     return rows
 
 
-def write_parquet_piece(path: Path, batches: Iterator[pa.RecordBatch]) -> int:
-    tmp, rows = tmp_name(path), 0
-    with pq.ParquetWriter(tmp, schema.SHARDS_SCHEMA, compression="zstd") as writer:
+def write_parquet_piece(path: outdir.AnyPath, batches: Iterator[pa.RecordBatch]) -> int:
+    rows = 0
+    with outdir.staged_file(path) as tmp, \
+            pq.ParquetWriter(tmp, schema.SHARDS_SCHEMA, compression="zstd") as writer:
         for batch in batches:
             table = schema.conform(pa.Table.from_batches([batch]), schema.SHARDS_SCHEMA)
             writer.write_table(table, row_group_size=64)
             rows += table.num_rows
-    fsync_replace(tmp, path)
     return rows
 
 
@@ -255,7 +253,7 @@ def opensora_row(row: dict[str, Any], video_path: Path) -> dict[str, Any]:
 def write_files_piece(root: Path, name: str, batches: Iterator[pa.RecordBatch]) -> int:
     """The piece's mp4s (each renamed into place), then its part of meta.csv: the commit point."""
     folder = root / "videos" / name
-    shutil.rmtree(folder, ignore_errors=True)  # leftovers of a killed attempt at this piece
+    outdir.rmtree(folder)  # leftovers of a killed attempt at this piece
     folder.mkdir(parents=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS, lineterminator="\n")
@@ -264,17 +262,12 @@ def write_files_piece(root: Path, name: str, batches: Iterator[pa.RecordBatch]) 
         for row in batch.to_pylist():
             video_path = folder / f"{row['clip_id']}.mp4"
             write_atomic_bytes(video_path, row["video"], durable=False)
-            writer.writerow(opensora_row(row, video_path.resolve()))
+            writer.writerow(opensora_row(row, outdir.resolved(video_path)))
             rows += 1
-    fsync_dir(folder)
+    if not outdir.is_remote(folder):
+        fsync_dir(folder)
     write_atomic_bytes(root / ".parts" / f"{name}.csv", buf.getvalue().encode("utf-8"))
     return rows
-
-
-def fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -309,7 +302,7 @@ def prepare_dir(root: Path, fmt: str, fp: str, overwrite: bool) -> None:
                           "choose an empty or new --to")
     if previous is not None and overwrite:
         log.info("--overwrite: removing the earlier export in %s", root)
-        shutil.rmtree(root)
+        outdir.rmtree(root)
     elif previous is not None and previous.get("fingerprint") != fp:
         raise ExportError(
             f"{root} holds an export made with other options or from other data "
@@ -339,8 +332,8 @@ def export(out_dir: str | Path, fmt: str, to: str | Path, select: Any = None, ta
     if missing:
         raise ExportError(f"{missing[0]} is listed in the ledger but missing ({len(missing)} files); "
                           "the output is damaged")
-    root = Path(to)
-    if root.resolve() == Path(out_dir).resolve() or Path(out_dir).resolve() in root.resolve().parents:
+    root, source = outdir.resolved(outdir.out_path(to)), outdir.resolved(store.root)
+    if str(root).rstrip("/") == str(source).rstrip("/") or str(root).startswith(str(source).rstrip("/") + "/"):
         raise ExportError(f"--to {root} must not be inside OUT_DIR {out_dir}")
     pieces = plan_pieces(shards, select, target_mb)
     if not pieces:
@@ -349,7 +342,7 @@ def export(out_dir: str | Path, fmt: str, to: str | Path, select: Any = None, ta
             else "no committed unit kept a clip"))
     fp = fingerprint(fmt, select, target_mb, shards, pieces)
     prepare_dir(root, fmt, fp, overwrite)
-    manifest = {"format": fmt, "fingerprint": fp, "source": str(Path(out_dir).resolve()),
+    manifest = {"format": fmt, "fingerprint": fp, "source": str(source),
                 "select": select, "target_mb": target_mb, "status": "running",
                 "started_at": time.time(), "pieces": len(pieces)}
     write_json(root / MANIFEST, manifest)
@@ -420,26 +413,21 @@ def write_files_tables(root: Path, names: list[str]) -> None:
     """meta.csv (Open-Sora, absolute paths) and meta.json (EasyAnimate / VideoX-Fun: file_path
     relative to DIR, its --train_data_dir), streamed from the pieces' parts: memory is one row."""
     parts = [root / ".parts" / f"{name}.csv" for name in names]
-    path = root / "meta.csv"
-    tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8", newline="") as out:
+    with outdir.staged_file(root / "meta.csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
         csv.writer(out, lineterminator="\n").writerow(OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS)
         for part in parts:
-            with open(part, encoding="utf-8") as f:
-                shutil.copyfileobj(f, out)
-    fsync_replace(tmp, path)
+            out.write(part.read_text(encoding="utf-8"))
 
-    path = root / "meta.json"
-    tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as out:
+    base = str(outdir.resolved(root)).rstrip("/") + "/"
+    with outdir.staged_file(root / "meta.json") as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.write("[")
         first = True
         for part in parts:
-            with open(part, encoding="utf-8", newline="") as f:
-                for row in csv.DictReader(f, fieldnames=OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS):
-                    entry = {"file_path": os.path.relpath(row["path"], root.resolve()), "text": row["text"],
-                             "type": "video", "width": int(row["width"]), "height": int(row["height"])}
-                    out.write(("\n  " if first else ",\n  ") + json.dumps(entry))
-                    first = False
+            for row in csv.DictReader(io.StringIO(part.read_text(encoding="utf-8"), newline=""),
+                                      fieldnames=OPENSORA_COLUMNS + FILES_EXTRA_COLUMNS):
+                path = row["path"][len(base):] if row["path"].startswith(base) else os.path.relpath(row["path"], base)
+                entry = {"file_path": path, "text": row["text"],
+                         "type": "video", "width": int(row["width"]), "height": int(row["height"])}
+                out.write(("\n  " if first else ",\n  ") + json.dumps(entry))
+                first = False
         out.write("\n]\n")
-    fsync_replace(tmp, path)

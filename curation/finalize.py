@@ -49,9 +49,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curation import dedup, schema
+from curation import dedup, outdir, schema
 from curation.config import PipelineConfig
 from curation.writer import OutputError, OutputStore, add_derived_columns, write_json, write_parquet_atomic
 from stages.rules import (
@@ -95,7 +94,7 @@ def _read_unit_scores(store: OutputStore, ledger: dict[str, dict[str, Any]]) -> 
         path = store.scores_dir / entry["scores_file"]
         if not path.exists():
             raise OutputError(f"{path}: listed in the ledger but missing; the output is damaged")
-        tables[unit_id] = pq.read_table(path)
+        tables[unit_id] = outdir.read_table(path)
     return tables
 
 
@@ -146,8 +145,8 @@ def _payload(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> pa.Tabl
     target = pa.schema([schema.CLIPS_SCHEMA.field("clip_id")] + schema.PAYLOAD_FIELDS)
 
     def read(path: Path) -> pa.Table:
-        present = set(pq.read_schema(path).names)
-        return schema.conform(pq.read_table(path, columns=[c for c in target.names if c in present]), target)
+        present = set(outdir.read_schema(path).names)
+        return schema.conform(outdir.read_table(path, columns=[c for c in target.names if c in present]), target)
 
     clips_file = entry.get("clips_file") or f"{unit_id}.parquet"
     path = store.clips_dir / clips_file
@@ -167,7 +166,7 @@ def _shard_clip_ids(store: OutputStore, entry: dict[str, Any]) -> list[str]:
         path = store.shards_dir / name
         if not path.exists():
             return []  # damaged: rewritten below
-        ids.extend(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
+        ids.extend(outdir.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
     return ids
 
 

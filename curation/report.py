@@ -3,7 +3,8 @@
 `funnel(out_dir)` / `format_funnel(f)`: the short funnel (sources, clips, kept, rejections per
 reason) as a dict and as text.
 
-`write_report(out_dir)` writes OUT/report/:
+`write_report(out_dir, to=None)` writes OUT/report/ (or the folder `to`; either may be an
+object-store URI, curation/outdir.py):
     index.html    one self-contained page (images, plots and videos inline as data: URLs;
                   opens from disk with no server and no network)
     summary.json  every number on the page (returned as a dict too)
@@ -49,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from curation import outdir
 from curation import report_media as media
 # funnel and summarize are imported from here by the CLI, the tests and the benches.
 from curation.report_summary import format_outcomes, funnel, summarize  # noqa: F401
@@ -104,7 +106,7 @@ def _page_record(summary: dict[str, Any], path: Path, page: bytes, thumbs: dict[
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6, max_videos: int = 6,
+def write_report(out_dir: str | Path, to: str | Path | None = None, max_gallery: int = 12, max_strip: int = 6, max_videos: int = 6,
                  max_video_bytes: int = 3 * 1024 * 1024, max_source_rows: int = 200,
                  thumb_height_px: int = 64) -> dict[str, Any]:
     """Write OUT/report/ (index.html, summary.json, sources.csv, plots/*.png); return the summary."""
@@ -114,7 +116,7 @@ def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6,
     started = time.monotonic()
     summary, work = summarize(out_dir, max_gallery, max_strip)
     store: OutputStore = work["store"]
-    report_dir = store.root / "report"
+    report_dir = outdir.out_path(to) if to is not None else store.root / "report"
     (report_dir / "plots").mkdir(parents=True, exist_ok=True)
 
     # Plots: PNG files next to the page, and the same bytes inline in it.
@@ -138,7 +140,10 @@ def write_report(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6,
     summary["sources"]["rows"] = summary["sources"]["rows"][:max_source_rows]
     summary["sources"]["csv"] = "sources.csv"
     # Proxy-model studies of this output (`curate ablate`, training/study.py), linked from the page.
-    summary["studies"] = sorted(p.parent.name for p in (store.root / "study").glob("*/index.html"))
+    # The links are relative, so only a report in OUT/report/ has them.
+    studies = store.root / "study"
+    summary["studies"] = [] if to is not None or not studies.is_dir() else sorted(
+        p.name for p in studies.iterdir() if (p / "index.html").exists())
 
     # The page, then summary.json with the page's own numbers.
     page = render(summary, images={k: media.data_url("image/png", v) for k, v in images.items()},

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curation import schema
+from curation import outdir, schema
 from curation.writer import OutputStore
 
 
@@ -55,7 +54,7 @@ def read_payload(store: OutputStore, ledger: dict[str, dict[str, Any]], wanted: 
         for path in files:
             if not path.exists():
                 continue
-            pf = pq.ParquetFile(path)
+            pf = outdir.parquet_file(path)
             all_ids = pf.read(columns=["clip_id"]).column("clip_id").to_pylist()
             starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
             rows = [k for k, cid in enumerate(all_ids) if cid in ids]

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curation import schema
+from curation import outdir, schema
 from curation.report_rules import DUPLICATE_REASON, attribute_reason, rules_of_run, unexplained_rule
 from curation.writer import OutputStore
 from stages.rules import ABSOLUTE_KEYS
@@ -96,7 +95,7 @@ def read_scores_with_units(store: OutputStore) -> pa.Table:
         if not path.exists():
             log.warning("%s is listed in the ledger but missing; skipped", path)
             continue
-        t = schema.conform(pq.read_table(path), schema.SCORES_SCHEMA)
+        t = schema.conform(outdir.read_table(path), schema.SCORES_SCHEMA)
         tables.append(t.append_column("unit_id", pa.array([unit_id] * t.num_rows, pa.string())))
     if not tables:
         empty = schema.SCORES_SCHEMA.empty_table()

@@ -1,30 +1,34 @@
-"""OUT_DIR layout and the atomic, ledgered commit of one work unit.
+"""OUT_DIR layout and the ledgered commit of one work unit. OUT_DIR is a local folder or an
+object-store prefix (s3://, gs://, az://); curation/outdir.py gives both one API.
 
-    OUT_DIR/scores/<unit>.parquet        every row of the unit (clips and source-error rows)
-    OUT_DIR/shards/<unit>-<k>.parquet    kept clips with video, keyframes, micro-conditioning
-    OUT_DIR/clips/<unit>.parquet         payload (video, keyframes, captions, embeddings) of
-                                         every clip, kept or not, so `curate refilter` can
-                                         rewrite shards under new rules without decoding
-    OUT_DIR/ledger/<unit>.json           written last: the unit is committed iff this exists
-    OUT_DIR/inflight/<unit>.json         while a unit runs on a worker: the source it is on,
-                                         since when and its time limit (curation/unit.py)
+    OUT_DIR/scores/<unit>-<attempt>.parquet      every row of the unit (clips and source-error rows)
+    OUT_DIR/shards/<unit>-<attempt>-<k>.parquet  kept clips with video, keyframes, micro-conditioning
+    OUT_DIR/clips/<unit>-<attempt>.parquet       payload (video, keyframes, captions, embeddings) of
+                                                 every clip, kept or not, so `curate refilter` can
+                                                 rewrite shards under new rules without decoding
+    OUT_DIR/ledger/<unit>.json      written last: the unit is committed iff this exists; it names
+                                    the unit's files
+    OUT_DIR/inflight/<unit>.json    while a unit runs on a worker: the source it is on, since
+                                    when and its time limit (curation/unit.py)
     OUT_DIR/run.json, OUT_DIR/logs/
 
-The worker that processed a unit writes its data files (`write_unit`); the driver writes the
-ledger entry (`write_ledger`) once the worker has returned, so only small records travel.
+`<attempt>` is a random token per attempt at the unit. The worker that processed a unit writes
+its data files (`write_unit`); the driver writes the ledger entry (`write_ledger`) once the
+worker has returned, so only small records travel.
 
-Every file is written under a temporary name and renamed, so a reader never sees a partial
-file. A crash between the data files and the ledger entry leaves files of an uncommitted
-unit; `OutputStore.prepare()` deletes those before a resumed run redoes the unit under the
-same deterministic names, so every clip ends up exactly once.
+Every file appears whole or not at all (a temporary name and a rename on a local disk, one PUT
+on a store, which has no rename). Readers read only the files the ledger lists, so files of an
+attempt that never committed, or of a second attempt at a unit another attempt committed (a
+worker thought dead that went on writing), are never read; `OutputStore.prepare()` deletes
+every data file no ledger entry lists before a resumed run redoes the uncommitted units, so
+every clip ends up exactly once. Older outputs, whose files have no attempt token, read the
+same way: the ledger names them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -33,9 +37,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curation import schema
+from curation import outdir, schema
+from curation.outdir import (  # noqa: F401 - the writers' names, used across the package
+    read_json,
+    tmp_name,
+    write_json,
+)
+from curation.outdir import write_bytes_atomic as write_atomic_bytes  # noqa: F401
+from curation.outdir import write_table as write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +54,6 @@ STAGE_SECONDS_PREFIX = "seconds_"  # per-row busy time columns added by the runn
 
 class OutputError(RuntimeError):
     """OUT_DIR cannot be used as asked (for example it holds a run with another config)."""
-
-
-def tmp_name(path: Path) -> Path:
-    """A private temporary name beside `path` (two attempts at one unit never share one)."""
-    return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
-def write_atomic_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write under a temporary name, then rename; `durable` also fsyncs before the rename."""
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any, durable: bool = True) -> None:
-    write_atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), durable)
-
-
-def write_parquet_atomic(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:
-    tmp = tmp_name(path)
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def add_derived_columns(table: pa.Table) -> pa.Table:
@@ -105,9 +87,19 @@ def split_by_size(table: pa.Table, target_bytes: float) -> list[pa.Table]:
     return parts
 
 
+def _entry_names(entry: dict[str, Any], kind: str) -> list[str]:
+    """The file names of one kind ("scores", "clips", "shards") a ledger entry lists."""
+    names = entry.get({"scores": "scores_file", "clips": "clips_file", "shards": "shard_files"}[kind])
+    return [names] if isinstance(names, str) else list(names or [])
+
+
 class OutputStore:
-    def __init__(self, out_dir: str | Path):
-        self.root = Path(out_dir)
+    """OUT_DIR, a local folder or an object-store prefix (curation/outdir.py): the ledgered
+    commit of units, and the reading of what the ledger lists."""
+
+    def __init__(self, out_dir: str | Path | outdir.StorePath):
+        self.root = outdir.out_path(out_dir)
+        self.remote = isinstance(self.root, outdir.StorePath)
         self.scores_dir = self.root / "scores"
         self.shards_dir = self.root / "shards"
         self.ledger_dir = self.root / "ledger"
@@ -122,8 +114,8 @@ class OutputStore:
         if overwrite:
             # Reports, trained models and studies describe the old shards: they go too.
             for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir,
-                      self.root / "report", self.root / "train", self.root / "study"):
-                shutil.rmtree(d, ignore_errors=True)
+                      self.root / "report", self.root / "train", self.root / "study", self.root / "dedup"):
+                outdir.rmtree(d)
             self.run_json.unlink(missing_ok=True)
         elif self.run_json.exists():
             previous = self.read_run().get("config_fingerprint")
@@ -137,24 +129,31 @@ class OutputStore:
             d.mkdir(parents=True, exist_ok=True)
         self.remove_uncommitted()
         for marker in self.inflight_dir.iterdir():
-            marker.unlink()
+            marker.unlink(missing_ok=True)
 
-    def remove_uncommitted(self) -> None:
-        committed = set(self.committed())
-        for folder in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir):
+    def remove_uncommitted(self) -> int:
+        """Delete every data file no ledger entry lists: files of units that never committed,
+        of attempts whose unit another attempt committed, and temporary files. Returns how many."""
+        ledger = self.committed()
+        listed = {(kind, name) for entry in ledger.values() for kind in ("scores", "clips", "shards")
+                  for name in _entry_names(entry, kind)}
+        removed = 0
+        for kind, folder in (("scores", self.scores_dir), ("clips", self.clips_dir), ("shards", self.shards_dir)):
             for path in folder.iterdir():
-                unit = path.name.split(".")[0].split("-")[0]
-                if path.name.startswith(".tmp-") or unit not in committed:
-                    log.info("removing leftover of an uncommitted unit: %s", path)
-                    path.unlink()
+                if (kind, path.name) not in listed:
+                    log.info("removing a file no ledger entry lists (an uncommitted attempt): %s", path)
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        for path in self.ledger_dir.iterdir():
+            if path.name.startswith(".tmp-"):
+                path.unlink(missing_ok=True)
+        return removed
 
     # ---- ledger -----------------------------------------------------------------------
     def committed(self) -> dict[str, dict[str, Any]]:
-        entries = {}
-        if self.ledger_dir.is_dir():
-            for path in sorted(self.ledger_dir.glob("u*.json")):
-                entries[path.stem] = json.loads(path.read_text())
-        return entries
+        """{unit_id: ledger entry} of every committed unit, in unit order."""
+        paths = sorted(self.ledger_dir.glob("u*.json"), key=lambda p: p.name)
+        return {path.stem: json.loads(data) for path, data in zip(paths, outdir.read_many(paths))}
 
     def committed_source_ids(self) -> set[str]:
         return {sid for entry in self.committed().values() for sid in entry["source_ids"]}
@@ -162,7 +161,7 @@ class OutputStore:
     def not_ready_reason(self) -> str | None:
         """Why the committed data is not a finished whole (None when it is): for readers that
         must not train on a partial corpus or on tables a refilter left half rewritten."""
-        if not self.ledger_dir.is_dir() or not self.run_json.exists():
+        if not self.run_json.exists() or not (self.remote or self.ledger_dir.is_dir()):
             return f"{self.root} is not a curation output (no ledger/ or run.json); run `curate run` first"
         run = self.read_run()
         if run.get("status") != "complete":
@@ -175,19 +174,16 @@ class OutputStore:
                     "finish it (or `curate run` with the new rules)")
         return None
 
-    def committed_files(self, kind: str) -> list[Path]:
+    def committed_files(self, kind: str) -> list[Any]:
         """The files of one kind ("scores", "shards", "clips") that the ledger lists, in unit order."""
-        key = {"scores": "scores_file", "clips": "clips_file", "shards": "shard_files"}[kind]
         folder = {"scores": self.scores_dir, "clips": self.clips_dir, "shards": self.shards_dir}[kind]
-        paths = []
-        for entry in self.committed().values():
-            names = entry.get(key)
-            for name in ([names] if isinstance(names, str) else names or []):
-                paths.append(folder / name)
-        return paths
+        return [folder / name for entry in self.committed().values() for name in _entry_names(entry, kind)]
 
     def read_run(self) -> dict[str, Any]:
-        return json.loads(self.run_json.read_text()) if self.run_json.exists() else {}
+        try:
+            return json.loads(self.run_json.read_text())
+        except FileNotFoundError:
+            return {}
 
     # ---- commit -----------------------------------------------------------------------
     def commit(self, unit_id: str, source_ids: list[str], table: pa.Table,
@@ -212,17 +208,20 @@ class OutputStore:
                                                       ("start_frame", "ascending")])
             table = table.take(order)
         scores = schema.conform(table, schema.SCORES_SCHEMA)
-        scores_file = self.scores_dir / f"{unit_id}.parquet"
+        # Names unique to this attempt: an object store cannot rename, and an attempt thought
+        # dead may still be writing; the ledger entry names the files of the attempt it commits.
+        attempt = uuid.uuid4().hex[:8]
+        scores_file = self.scores_dir / f"{unit_id}-{attempt}.parquet"
         write_parquet_atomic(scores_file, scores)
 
         clips_file = None
         if store_all_clips:
             is_clip = pc.is_valid(table.column("start_frame"))
-            clips_file = self.clips_dir / f"{unit_id}.parquet"
+            clips_file = self.clips_dir / f"{unit_id}-{attempt}.parquet"
             write_parquet_atomic(clips_file, schema.conform(table.filter(is_clip), schema.CLIPS_SCHEMA),
                                  row_group_size=64)
         kept = table.filter(pc.fill_null(table.column("keep"), False))
-        shard_files = self.write_shards(unit_id, kept, shard_target_mb)
+        shard_files = self.write_shards(unit_id, kept, shard_target_mb, version=attempt)
 
         stage_seconds = {
             name[len(STAGE_SECONDS_PREFIX):]: float(pc.sum(table.column(name)).as_py() or 0.0)
@@ -253,8 +252,9 @@ class OutputStore:
                      version: str | None = None) -> list[str]:
         """Write a unit's kept rows (with payload) as shard files; returns their names.
 
-        `version` (refilter) gives the files new names, so the files the ledger lists now are
-        never overwritten: readers see the old set until the ledger entry switches.
+        `version` (the attempt's token; refilter's kept-set hash) gives the files names of their
+        own, so the files the ledger lists now are never overwritten: readers see the old set
+        until the ledger entry switches.
         """
         names = []
         prefix = f"{unit_id}-{version}" if version else unit_id
@@ -268,7 +268,7 @@ class OutputStore:
     # ---- reading ----------------------------------------------------------------------
     def read_scores(self) -> pa.Table:
         """All committed scores rows (uncommitted leftovers are ignored)."""
-        tables = [pq.read_table(f) for f in self.committed_files("scores") if f.exists()]
+        tables = [outdir.read_table(f) for f in self.committed_files("scores") if f.exists()]
         if not tables:
             return schema.SCORES_SCHEMA.empty_table()
         return pa.concat_tables(tables)

@@ -326,19 +326,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_orphans(root: str | None = None) -> int:
-    """Remove fetch folders of processes that no longer run; returns how many."""
-    root = root or tempfile.gettempdir()
-    removed = 0
-    for entry in Path(root).glob(TEMP_PREFIX + "*"):
+def orphans(prefix: str = TEMP_PREFIX, root: str | None = None) -> list[Path]:
+    """Temporary folders `<prefix><pid>-*` of processes that no longer run."""
+    found = []
+    for entry in Path(root or tempfile.gettempdir()).glob(prefix + "*"):
         try:
-            pid = int(entry.name[len(TEMP_PREFIX):].split("-", 1)[0])
+            pid = int(entry.name[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-    return removed
+            found.append(entry)
+    return found
+
+
+def sweep_orphans(root: str | None = None) -> int:
+    """Remove fetch folders of processes that no longer run; returns how many."""
+    found = orphans(TEMP_PREFIX, root)
+    for entry in found:
+        shutil.rmtree(entry, ignore_errors=True)
+    return len(found)
 
 
 def temp_dir() -> Path:

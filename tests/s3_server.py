@@ -45,6 +45,40 @@ def moto_endpoint(log: Path, timeout_s: float = 30.0) -> Iterator[str]:
             server.wait()
 
 
+@contextlib.contextmanager
+def s3_environment(work: Path, secret: str, buckets: tuple[str, ...] = (), tempdir: Path | None = None):
+    """A moto server (its log in `work`), the standard AWS variables pointing at it with
+    `secret` as the secret key, `tempdir` as this process's temporary folder (when given) and
+    the `buckets` made; yields an fsspec S3 filesystem of its own. All undone on exit."""
+    import os
+    import tempfile
+
+    import fsspec
+
+    with moto_endpoint(Path(work) / "moto.log") as url:
+        saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+        saved_tmp = tempfile.tempdir
+        os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"})
+        if tempdir is not None:
+            tempfile.tempdir = str(tempdir)
+        fsspec.filesystem("s3").clear_instance_cache()
+        try:
+            fs = fsspec.filesystem("s3", skip_instance_cache=True)
+            for bucket in buckets:
+                fs.mkdir(bucket)
+            yield fs
+        finally:
+            fsspec.filesystem("s3").clear_instance_cache()
+            tempfile.tempdir = saved_tmp
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 class FaultProxy:
     """An HTTP proxy in front of an S3 endpoint that fails a share of requests: answered 503
     SlowDown (`error_share`) or dropped without an answer (`drop_share`), chosen by a seeded

@@ -404,7 +404,7 @@ def test_an_interrupted_dedup_pass_is_finished_by_running_it_again(corpus, tmp_p
     expected = read(out, "scores")
     units = sorted(p.stem for p in (out / "ledger").glob("u*.json"))
     # Killed part-way: one unit's scores back to the rules alone, another unit's shards gone.
-    victim = out / "scores" / f"{units[0]}.parquet"
+    victim = out / "scores" / json.loads((out / "ledger" / f"{units[0]}.json").read_text())["scores_file"]
     t = pq.read_table(victim).to_pylist()
     for r in t:
         r["reject_reasons"] = rule_reasons(r)

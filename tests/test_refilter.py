@@ -132,7 +132,7 @@ def test_final_pass_is_idempotent_after_a_crash(runs, tmp_path):
     # A pass killed part-way: one unit's scores back to the inline result (percentile rule
     # skipped: everything kept), another unit's shards gone.
     units = sorted(p.stem for p in (out / "ledger").glob("u*.json"))
-    victim = out / "scores" / f"{units[0]}.parquet"
+    victim = out / "scores" / json.loads((out / "ledger" / f"{units[0]}.json").read_text())["scores_file"]
     t = pq.read_table(victim)
     t = t.set_column(t.column_names.index("keep"), "keep",
                      pa.array([r is None or r != ["split_error"] for r in t.column("reject_reasons").to_pylist()]))

@@ -138,19 +138,22 @@ def test_leftovers_of_uncommitted_units_are_removed(local_run, footage, tmp_path
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     # Simulate a crash after a unit's data files were renamed but before its ledger entry.
-    victim = sorted((copy / "ledger").glob("*.json"))[0]
+    entries = sorted((copy / "ledger").glob("*.json"))
+    victim, survivor = entries[0], entries[1].stem
     unit = victim.stem
+    some_scores = (copy / "scores" / json.loads(victim.read_text())["scores_file"]).read_bytes()
     victim.unlink()
     (copy / "scores" / ".tmp-zzz.parquet").write_bytes(b"partial")
     # Files under the writer's names that no unit of this run writes again, so only the clean-up
     # can remove them: a unit id that no unit of these sources hashes to, a shard number beyond
-    # any the victim's redo writes, and a temporary shard of the victim.
+    # any the victim's redo writes, a temporary shard of the victim, and the files of a second
+    # attempt at a unit that another attempt committed (an attempt thought dead that went on).
     orphan = "u" + "0" * 16
-    planted = [copy / "scores" / f"{orphan}.parquet", copy / "clips" / f"{orphan}.parquet",
-               copy / "shards" / f"{orphan}-0000.parquet", copy / "shards" / f"{unit}-0099.parquet",
-               copy / "shards" / f".tmp-123-abcdef12-{unit}-0000.parquet"]
+    planted = [copy / "scores" / f"{orphan}-00000000.parquet", copy / "clips" / f"{orphan}-00000000.parquet",
+               copy / "shards" / f"{orphan}-00000000-0000.parquet", copy / "shards" / f"{unit}-00000000-0099.parquet",
+               copy / "shards" / f".tmp-123-abcdef12-{unit}-0000.parquet",
+               copy / "scores" / f"{survivor}-0badf00d.parquet", copy / "shards" / f"{survivor}-0badf00d-0000.parquet"]
     assert orphan not in {u.unit_id for u in plan_units(discover([str(root)]), config().run.sources_per_unit)}
-    some_scores = (copy / "scores" / f"{unit}.parquet").read_bytes()
     for path in planted:
         assert not path.exists()
         path.write_bytes(some_scores)

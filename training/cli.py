@@ -37,7 +37,7 @@ def _stage_overrides(items: list[str], stage: str) -> list[str]:
     return out
 
 
-def resolve_init(cfg: TrainConfig, out_dir: str) -> str | None:
+def resolve_init(cfg: TrainConfig, work: str) -> str | None:
     """The checkpoint a stage starts from: none for image, else the previous stage's newest readable one (or a path)."""
     from training.loop import latest_good_checkpoint
 
@@ -47,7 +47,7 @@ def resolve_init(cfg: TrainConfig, out_dir: str) -> str | None:
         if not os.path.isfile(cfg.init_from):
             raise FileNotFoundError(f"init_from: no checkpoint at {cfg.init_from}")
         return cfg.init_from
-    prev_dir = os.path.join(out_dir, "train", PREVIOUS_STAGE[cfg.stage])
+    prev_dir = os.path.join(work, "train", PREVIOUS_STAGE[cfg.stage])
     path, _ = latest_good_checkpoint(prev_dir)
     if path is None:
         raise FileNotFoundError(f"the {cfg.stage} stage starts from the {PREVIOUS_STAGE[cfg.stage]} stage's "
@@ -59,7 +59,11 @@ def resolve_init(cfg: TrainConfig, out_dir: str) -> str | None:
 def train_command(argv: list[str]) -> int:
     """`curate train`: train one stage or all three in order. Returns a process exit code."""
     parser = argparse.ArgumentParser(prog="curate train", description="Train the SVD-style model on curated shards.")
-    parser.add_argument("out_dir", help="the curation output folder (reads shards/, writes train/)")
+    parser.add_argument("out_dir", help="the curation output (a folder or an s3://, gs://, az:// URI): "
+                                        "reads the shards its ledger lists")
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="local folder for checkpoints (DIR/train/STAGE); default OUT_DIR, or for an "
+                             "object-store OUT_DIR ./curate-work/SCHEME/BUCKET/PREFIX")
     parser.add_argument("--stage", choices=[*STAGES, "all"], required=True)
     parser.add_argument("--preset-size", choices=["tiny", "small"], default="small")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP); 1 = in this process")
@@ -97,9 +101,12 @@ def train_command(argv: list[str]) -> int:
 def _train_stage(cfg: TrainConfig, args: argparse.Namespace, paths: list[str]) -> None:
     from training.loop import train
 
-    run_dir = os.path.join(args.out_dir, "train", cfg.stage)
+    from curation.outdir import work_dir
+
+    work = str(work_dir(args.out_dir, args.work_dir))
+    run_dir = os.path.join(work, "train", cfg.stage)
     t0 = time.perf_counter()
-    init = resolve_init(cfg, args.out_dir)
+    init = resolve_init(cfg, work)
     if args.workers > 1:
         from training.ray_train import train_distributed
 

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from curation.schema import DEFAULT_MOTION_BUCKET_ID, SHARDS_SCHEMA, conform, fps_id_for
+from curation import outdir
 from curation.writer import OutputStore
 
 from training.config import TrainConfig
@@ -61,8 +62,9 @@ def shard_paths(out_dir: str) -> list[str]:
     problem = store.not_ready_reason()
     if problem:
         raise ValueError(problem)
-    paths = [str(p) for p in store.committed_files("shards")]
-    missing = [p for p in paths if not os.path.exists(p)]
+    files = store.committed_files("shards")
+    paths = [str(p) for p in files]
+    missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} is listed in the ledger but missing ({len(missing)} files); "
                                 "the output is damaged")
@@ -76,11 +78,11 @@ def columns_for(cfg: TrainConfig) -> list[str]:
 
 
 def read_shards(paths: list[str], columns: list[str]) -> pa.Table:
-    """Read the given columns of local parquet shards into one table (missing columns become nulls)."""
+    """Read the given columns of parquet shards (local paths or URIs) into one table (missing columns become nulls)."""
     tables = []
     for path in paths:
-        present = set(pq.read_schema(path).names)
-        tables.append(pq.read_table(path, columns=[c for c in columns if c in present]))
+        present = set(outdir.read_schema(path).names)
+        tables.append(outdir.read_table(path, columns=[c for c in columns if c in present]))
     table = pa.concat_tables(tables, promote_options="default")
     schema = pa.schema([SHARDS_SCHEMA.field(c) for c in columns])
     return conform(table, schema)

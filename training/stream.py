@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from curation import outdir
 from curation.schema import SHARDS_SCHEMA, conform
 
 from training.config import TrainConfig
@@ -86,7 +87,7 @@ def plan_data(paths: list[str], cfg: TrainConfig, num_streams: int) -> DataPlan:
     """The pieces of the shard files `paths` for `cfg`'s stage; ValueError when no row is left."""
     pieces, total, ranges = [], 0, {c: [np.inf, -np.inf] for c in cfg.select}
     for path in paths:
-        meta = pq.ParquetFile(path).metadata
+        meta = outdir.parquet_file(path).metadata
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             total += n
@@ -95,7 +96,7 @@ def plan_data(paths: list[str], cfg: TrainConfig, num_streams: int) -> DataPlan:
                 _widen(ranges, table)
                 n = int(select_mask(table, cfg.select).sum())
             if n:
-                pieces.append(Piece(os.path.abspath(path), rg, 0, n))
+                pieces.append(Piece(outdir.absolute(path), rg, 0, n))
     if not pieces:
         if cfg.select:
             shown = {c: r if np.isfinite(r[0]) else None for c, r in ranges.items()}
@@ -151,7 +152,7 @@ def caption_dim_of_pieces(pieces: list[Piece], select: dict) -> int:
 
 def read_row_group(path: str, row_group: int, columns: list[str]) -> pa.Table:
     """The given shard columns of one row group (columns a file lacks become nulls)."""
-    f = pq.ParquetFile(path)
+    f = outdir.parquet_file(path)
     present = set(f.schema_arrow.names)
     table = f.read_row_group(row_group, columns=[c for c in columns if c in present])
     return conform(table, pa.schema([SHARDS_SCHEMA.field(c) for c in columns]))
@@ -159,7 +160,7 @@ def read_row_group(path: str, row_group: int, columns: list[str]) -> pa.Table:
 
 def latent_file(latent_dir: str, path: str, row_group: int) -> str:
     """Where the latent cache (training/latents.py writes it) keeps one row group's latents."""
-    key = f"{os.path.abspath(path)}:{os.path.getsize(path)}:{row_group}"
+    key = f"{outdir.absolute(path)}:{outdir.size(outdir.out_path(path))}:{row_group}"
     return os.path.join(latent_dir, f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet")
 
 

@@ -73,7 +73,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import schema
+from curation import outdir, schema
 from curation.writer import OutputStore, write_json
 from stages.rules import (Rules, evaluate_rows, filter_steps, float_values, fmt, is_percentile, reason_column,
                           resolve_percentile)
@@ -212,7 +212,7 @@ def load_corpus(out_dir: str) -> Corpus:
     decodable = np.zeros(clips.num_rows, dtype=bool)
     errors: dict[str, str] = {}
     for path in clip_files:
-        f = pq.ParquetFile(path)
+        f = outdir.parquet_file(path)
         for rg in range(f.metadata.num_row_groups):
             part = f.read_row_group(rg, columns=["clip_id", "video"])
             for cid, video in zip(part.column("clip_id").to_pylist(), part.column("video").to_pylist()):
@@ -503,7 +503,7 @@ def write_clip_files(corpus: Corpus, wanted: dict[str, list[str]]) -> None:
         for clips_file in store.committed_files("clips"):
             if not clips_file.exists():
                 continue
-            payload = pq.read_table(clips_file, columns=["clip_id"] + PAYLOAD_COLUMNS)
+            payload = outdir.read_table(clips_file, columns=["clip_id"] + PAYLOAD_COLUMNS)
             pids = payload.column("clip_id").to_pylist()
             for path in todo:
                 take = [k for k, cid in enumerate(pids) if path in need.get(cid, ())]
@@ -781,7 +781,8 @@ def comparisons_of(arms: list[Arm]) -> list[tuple[str, str, str]]:
 # ---- the study --------------------------------------------------------------------------
 
 def study_dir(out_dir: str, name: str) -> Path:
-    return Path(out_dir) / "study" / name
+    """OUT_DIR/study/NAME; for an object-store OUT_DIR, under its local work folder (outdir.work_dir)."""
+    return outdir.work_dir(out_dir) / "study" / name
 
 
 def _versions() -> dict[str, str]:
@@ -852,7 +853,7 @@ def _record(out_dir: str, spec: StudySpec, corpus: Corpus, train_sources: list[s
             tasks.append({"arm": arm.name, "seed": s, "data_file": data[str(s)]["file"], "configs": configs,
                           "run": f"runs/{arm.name}/seed{s}"})
     return {
-        "format": STUDY_FORMAT, "spec": spec.to_dict(), "out_dir": os.path.abspath(out_dir),
+        "format": STUDY_FORMAT, "spec": spec.to_dict(), "out_dir": outdir.absolute(str(out_dir)),
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(),
         "corpus": {"config_fingerprint": corpus.run.get("config_fingerprint"), "clips": corpus.clips.num_rows,
                    "decodable": int(corpus.decodable.sum()), "stored_kept": int(corpus.stored_keep.sum()),
@@ -944,7 +945,7 @@ def rerun_study(study_json: str, name: str, out_dir: str | None = None, **kwargs
     out_dir = out_dir or record["out_dir"]
     spec = replace(StudySpec.from_dict(record["spec"]), name=name)
     record = {**record, "spec": spec.to_dict(), "root": str(study_dir(out_dir, name)),
-              "out_dir": os.path.abspath(out_dir), "rerun_of": os.path.abspath(study_json)}
+              "out_dir": outdir.absolute(str(out_dir)), "rerun_of": os.path.abspath(study_json)}
     return run_study(out_dir, spec, record=record, **kwargs)
 
 

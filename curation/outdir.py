@@ -1,0 +1,375 @@
+"""Paths in OUT_DIR, local or in an object store, behind one small pathlib-like API.
+
+`out_path("runs/a")` is a `pathlib.Path`; `out_path("s3://bucket/runs/a")` (gs://, az://, any
+fsspec filesystem stages/storage.py resolves) is a `StorePath`, which offers the part of
+pathlib the output code uses: `/`, name, stem, parent, exists, is_dir, iterdir, glob (one
+level), read_bytes/read_text, write_bytes/write_text, unlink, mkdir. The functions below
+(`write_bytes_atomic`, `read_table`, `write_table`, `parquet_file`, `rmtree`, ...) take
+either kind.
+
+How a write stays atomic, so a reader never sees a partial file:
+- a local file is written under a temporary name and renamed (fsynced where it matters);
+- an object is written by one PUT (a multipart upload for large ones), which the store makes
+  visible whole or not at all. Object stores have no rename, so nothing is ever renamed there:
+  callers write under final names (curation/writer.py makes them unique per attempt), and
+  the ledger entry, written last, is the commit.
+
+Listings are never answered from fsspec's directory cache: other processes (the workers)
+write the same prefixes, so each listing and existence check asks the store.
+Errors from the store are redacted (storage.redact) and raised as storage.StorageError (a
+missing or forbidden object) or storage.StoreUnavailable (the store failed past its retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import storage
+
+
+class StorePath:
+    """A path in an object store: `protocol://path`, on a filesystem from storage.filesystem."""
+
+    def __init__(self, uri: str, _fs: Any = None, _path: str | None = None):
+        if _fs is None:
+            _fs, _path = storage.filesystem(uri)
+        self.fs = _fs
+        self.path = _path.rstrip("/")
+        protocol = _fs.protocol[0] if isinstance(_fs.protocol, (tuple, list)) else _fs.protocol
+        self.protocol = protocol
+
+    # ---- names --------------------------------------------------------------------------
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.path.lstrip('/')}"
+
+    def __repr__(self) -> str:
+        return f"StorePath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorePath) and str(self) == str(other)
+
+    def __lt__(self, other: "StorePath") -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, part: str) -> "StorePath":
+        return StorePath("", self.fs, posixpath.join(self.path, str(part)))
+
+    def joinpath(self, *parts: str) -> "StorePath":
+        out = self
+        for p in parts:
+            out = out / p
+        return out
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def stem(self) -> str:
+        name = self.name
+        return name[:name.rfind(".")] if "." in name[1:] else name
+
+    @property
+    def suffix(self) -> str:
+        name = self.name
+        return name[name.rfind("."):] if "." in name[1:] else ""
+
+    @property
+    def parent(self) -> "StorePath":
+        return StorePath("", self.fs, posixpath.dirname(self.path))
+
+    def with_name(self, name: str) -> "StorePath":
+        return self.parent / name
+
+    # ---- the store ----------------------------------------------------------------------
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - redacted, and sorted into object / store errors
+            raise storage._store_error(str(self), exc) from None
+
+    def _fresh(self) -> None:
+        self.fs.invalidate_cache(self.path)
+        self.fs.invalidate_cache(posixpath.dirname(self.path))
+
+    def exists(self) -> bool:
+        self._fresh()
+        return bool(self._call(self.fs.exists, self.path))
+
+    def is_dir(self) -> bool:
+        self._fresh()
+        return bool(self._call(self.fs.isdir, self.path))
+
+    def is_file(self) -> bool:
+        self._fresh()
+        return bool(self._call(self.fs.isfile, self.path))
+
+    def size(self) -> int:
+        self._fresh()
+        return int(self._call(self.fs.size, self.path))
+
+    def iterdir(self) -> Iterator["StorePath"]:
+        """The entries directly under this prefix (none when it holds nothing)."""
+        self._fresh()
+        try:
+            names = self._call(self.fs.ls, self.path, detail=False)
+        except FileNotFoundError:
+            return iter(())
+        own = self.path.strip("/")
+        return iter(sorted(StorePath("", self.fs, n.rstrip("/")) for n in names
+                           if n.rstrip("/").strip("/") != own))
+
+    def glob(self, pattern: str) -> Iterator["StorePath"]:
+        """Entries directly under this prefix whose name matches `pattern` (no '/' in it)."""
+        if "/" in pattern:
+            raise ValueError(f"StorePath.glob takes one level only, not {pattern!r}")
+        return iter([p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern)])
+
+    def rglob(self, pattern: str) -> Iterator["StorePath"]:
+        self._fresh()
+        try:
+            names = self._call(self.fs.find, self.path)
+        except FileNotFoundError:
+            return iter(())
+        return iter(sorted(StorePath("", self.fs, n) for n in names
+                           if fnmatch.fnmatchcase(posixpath.basename(n), pattern)))
+
+    def read_bytes(self) -> bytes:
+        return self._call(self.fs.cat_file, self.path)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_bytes(self, data: bytes) -> int:
+        self._call(self.fs.pipe_file, self.path, bytes(data))
+        return len(data)
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> int:
+        return self.write_bytes(text.encode(encoding))
+
+    def open(self, mode: str = "rb", **kwargs: Any) -> Any:
+        return self._call(self.fs.open, self.path, mode, **kwargs)
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self._call(self.fs.rm_file, self.path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+        self._fresh()
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: an object store has no folders, a prefix exists once it holds objects."""
+
+    def upload_from(self, local: Path) -> None:
+        """Copy the local file or folder `local` here (a folder: every file, recursively)."""
+        local = Path(local)
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        for f in files:
+            target = self if f == local else self / f.relative_to(local).as_posix()
+            self._call(self.fs.put_file, str(f), target.path)
+
+
+AnyPath = Union[Path, StorePath]
+
+
+def is_remote(path: Any) -> bool:
+    return isinstance(path, StorePath) or storage.is_uri(str(path))
+
+
+def out_path(path: str | Path | StorePath) -> AnyPath:
+    """A Path for a local folder (a file:// URI included), a StorePath for an object-store URI."""
+    if isinstance(path, (Path, StorePath)):
+        return path
+    text = str(path)
+    if storage.is_uri(text):
+        return StorePath(text)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return Path(text)
+
+
+def absolute(path: str) -> str:
+    """An absolute local path, or the URI as it is (a string either way)."""
+    return path if storage.is_uri(path) else os.path.abspath(path)
+
+
+def work_dir(out_dir: str | AnyPath, given: str | None = None) -> Path:
+    """The local folder where `curate train` and `curate ablate` keep checkpoints and runs for
+    OUT_DIR: `given` if set; else OUT_DIR itself when local; else, for an object-store OUT_DIR,
+    ./curate-work/<scheme>/<bucket>/<prefix> under the current folder (the same command run
+    from the same folder finds it again to resume)."""
+    if given:
+        return Path(given)
+    path = out_path(out_dir)
+    if isinstance(path, StorePath):
+        return Path("curate-work") / path.protocol / path.path.strip("/")
+    return path
+
+
+def join(path: str | AnyPath, *parts: str) -> str:
+    """str(out_path(path) / parts...): a joined local path or URI."""
+    return str(out_path(path).joinpath(*parts))
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def tmp_name(path: Path) -> Path:
+    """A private temporary name beside a local `path` (two attempts at one unit never share one)."""
+    return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def write_bytes_atomic(path: AnyPath, data: bytes, durable: bool = True) -> None:
+    """Write `data` so that a reader sees the old file or the whole new one: a temporary name
+    and a rename on a local disk (`durable` also fsyncs first), one PUT on an object store."""
+    if isinstance(path, StorePath):
+        path.write_bytes(data)
+        return
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: AnyPath, obj: Any, durable: bool = True) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), durable)
+
+
+def read_json(path: AnyPath) -> Any:
+    return json.loads(path.read_text())
+
+
+def write_table(path: AnyPath, table: pa.Table, row_group_size: int | None = None) -> None:
+    """A Parquet file (zstd), atomically as `write_bytes_atomic` says."""
+    if isinstance(path, StorePath):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+        path.write_bytes(buf.getvalue())
+        return
+    tmp = tmp_name(path)
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+READ_BLOCK = 8 * 2**20  # a ranged read of a Parquet file in a store (s3fs's own default is 50 MB)
+
+
+def _open(path: StorePath) -> Any:
+    return path.open("rb", cache_type="readahead", block_size=READ_BLOCK)
+
+
+def _source(path: str | AnyPath) -> Any:
+    """What pyarrow reads: a local path string, or an open file of the store."""
+    path = out_path(path)
+    return _open(path) if isinstance(path, StorePath) else str(path)
+
+
+def read_many(paths: list[AnyPath]) -> list[bytes]:
+    """The contents of many small files, in order (on a store: fetched concurrently)."""
+    remote = [p for p in paths if isinstance(p, StorePath)]
+    if not remote:
+        return [p.read_bytes() for p in paths]
+    fs = remote[0].fs
+    if len(remote) < len(paths) or any(p.fs is not fs for p in remote):
+        return [p.read_bytes() for p in paths]
+    got = remote[0]._call(fs.cat, [p.path for p in remote], on_error="raise")
+    if isinstance(got, bytes):  # fsspec answers one path with its bytes
+        got = {remote[0].path: got}
+    by_path = {k.strip("/"): v for k, v in got.items()}
+    return [by_path[p.path.strip("/")] for p in remote]
+
+
+def read_table(path: str | AnyPath, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
+    path = out_path(path)
+    if isinstance(path, StorePath):
+        with _open(path) as f:
+            return pq.read_table(f, columns=columns, **kwargs)
+    return pq.read_table(path, columns=columns, **kwargs)
+
+
+def read_schema(path: str | AnyPath) -> pa.Schema:
+    path = out_path(path)
+    if isinstance(path, StorePath):
+        with _open(path) as f:
+            return pq.read_schema(f)
+    return pq.read_schema(path)
+
+
+def parquet_file(path: str | AnyPath, **kwargs: Any) -> pq.ParquetFile:
+    """A ParquetFile to read row groups from (on a store: an open file, read in ranges)."""
+    return pq.ParquetFile(_source(path), **kwargs)
+
+
+def size(path: AnyPath) -> int:
+    return path.size() if isinstance(path, StorePath) else path.stat().st_size
+
+
+def resolved(path: AnyPath) -> AnyPath:
+    """An absolute local path, or the URI as it is."""
+    return path if isinstance(path, StorePath) else path.resolve()
+
+
+@contextlib.contextmanager
+def staged_file(path: AnyPath) -> Iterator[Path]:
+    """A local file to write `path`'s content into (for writers that need a file name); when
+    the block ends without error it becomes `path` atomically: renamed after an fsync on a local
+    disk, uploaded in one PUT to a store (the local copy, in the temporary folder, deleted)."""
+    if isinstance(path, StorePath):
+        fd, name = tempfile.mkstemp(prefix="curate-stage-", suffix=path.suffix)
+        os.close(fd)
+        try:
+            yield Path(name)
+            path.upload_from(Path(name))
+        finally:
+            os.unlink(name)
+        return
+    tmp = tmp_name(path)
+    yield tmp
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rmtree(path: AnyPath) -> None:
+    """Delete a folder (or prefix) and everything under it; nothing when it does not exist."""
+    if isinstance(path, StorePath):
+        if path.exists():
+            path._call(path.fs.rm, path.path, recursive=True)
+            path._fresh()
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_to_local(path: AnyPath, dest: Path) -> Path:
+    """A local copy of a file (for libraries that need a file name); `dest` is returned."""
+    if isinstance(path, StorePath):
+        dest.write_bytes(path.read_bytes())
+        return dest
+    shutil.copyfile(path, dest)
+    return dest
