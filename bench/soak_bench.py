@@ -10,7 +10,7 @@
    90/180/270, non-square pixels; the rest ordinary short clips of 1 to 4 shots.
 2. Runs `curate run CONFIG --skip-unavailable-models` on the embedded cluster, uninterrupted.
 3. Runs the same command again into another folder and SIGKILLs the driver at 3 random
-   moments (resuming with the same command after each), and SIGKILLs 2 unit workers
+   moments (`--kill-window`; resuming with the same command after each), and SIGKILLs 2 unit workers
    (`ray::unit_task` processes) while it runs.
 4. Prints: sources accounted / total; clips exactly once (duplicates, missing and extra
    against the uninterrupted run); work lost at each kill (units in flight); wall time of
@@ -211,6 +211,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", choices=["local", "s3"], default="local")
     p.add_argument("--fault-share", type=float, default=0.02, help="--store s3: requests the proxy fails")
+    p.add_argument("--kill-window", type=lambda t: tuple(float(v) for v in t.split(",")), default=(0.15, 0.45),
+                   metavar="FROM,TO", help="each driver kill at a random moment of an attempt, as shares of "
+                                           "the uninterrupted run's wall time (default 0.15,0.45)")
     args = p.parse_args()
     if args.store == "s3":
         sys.path.insert(0, str(REPO / "tests"))
@@ -282,7 +285,7 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
     worker_kills = sorted(rng.uniform(0.1, 0.8) * clean_wall for _ in range(2))
     total_wall, attempt = 0.0, 0
     while True:
-        kill_at = rng.uniform(0.15, 0.45) * clean_wall if attempt < 3 else None
+        kill_at = rng.uniform(*args.kill_window) * clean_wall if attempt < 3 else None
         log = open(work / f"soak-attempt{attempt}.log", "w")
         started = time.monotonic()
         proc = subprocess.Popen(command(args.config, inputs, soak), env=env, stdout=log,

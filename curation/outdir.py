@@ -102,8 +102,8 @@ class StorePath:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:  # a missing object, or a missing bucket: named
+            raise FileNotFoundError(storage.redact(f"{self}: not found ({exc})")) from None
         except Exception as exc:  # noqa: BLE001 - redacted, and sorted into object / store errors
             raise storage._store_error(str(self), exc) from None
 

@@ -62,6 +62,13 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it), bf16, no
     seed: int = 0
 
+    # Speed and memory: these change how fast a step runs and what it holds, not what it
+    # computes (beyond rounding; tests/test_training_speed.py states the tolerances).
+    activation_checkpointing: bool = False  # recompute each U-Net block's activations in the backward pass
+    compile: str = "auto"  # torch.compile the network: auto (on CUDA), on, off
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: graph capture only, to isolate a problem)
+    optimizer_impl: str = "auto"  # AdamW kernels: auto (fused on CUDA, foreach elsewhere), fused, foreach, loop
+
     # Bookkeeping.
     init_from: str = "auto"  # previous stage's checkpoint: auto (OUT_DIR/train/<prev>/), a path, or none
     log_every_steps: int = 10
@@ -85,6 +92,10 @@ class TrainConfig:
         if self.resolution_px % down:
             raise ValueError(f"resolution_px={self.resolution_px} must be divisible by {down} "
                              f"(channel_mult has {len(self.channel_mult)} levels)")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.optimizer_impl not in ("auto", "fused", "foreach", "loop"):
+            raise ValueError(f"optimizer_impl must be auto, fused, foreach or loop, got {self.optimizer_impl!r}")
         if self.shuffle_buffer_rows < 1 or self.data_streams < 0:
             raise ValueError("shuffle_buffer_rows must be >= 1 and data_streams >= 0")
         if self.data_streams and self.batch_size % self.data_streams:

@@ -155,6 +155,30 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def compiled(net: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """`net` under torch.compile when the config asks (auto: on CUDA); the parameters stay the
+    model's, so checkpoints, EMA and the optimizer see the uncompiled module."""
+    if not use_compile(cfg, device):
+        return net
+    log.info("compiling the network (torch.compile, backend %s; the first steps include compile time)",
+             cfg.compile_backend)
+    return torch.compile(net, backend=cfg.compile_backend)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the kernels `optimizer_impl` names: fused (one kernel for every parameter;
+    auto on CUDA), foreach (a few multi-tensor ops; auto elsewhere) or loop (per parameter)."""
+    impl = cfg.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
 def _stream_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + stream)
 
@@ -474,8 +498,10 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
     # Model, EMA, DDP wrapper and optimizer; a resumed run's state on top.
     model = _init_model(cfg, in_channels, init, init_checkpoint, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    model.checkpointing = cfg.activation_checkpointing
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = compiled(net, cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
     result = TrainResult(model=model, ema=ema)
     start_step = result.resumed_from_step = _restore(resume, resume_path, model, ema, optimizer, result)
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 NORM_GROUPS = 8
 
@@ -242,6 +243,9 @@ class VideoUNet(nn.Module):
                  temporal: bool = False, dropout: float = 0.0):
         super().__init__()
         self.in_channels, self.temporal = in_channels, temporal
+        # Activation checkpointing per block (each Stage of down, mid, up): while training, a
+        # block keeps only its input and recomputes the rest in the backward pass.
+        self.checkpointing = False
         self.model_channels, self.caption_dim = model_channels, caption_dim
         self.context_tokens, self.context_dim = context_tokens, context_dim
         emb_dim = 4 * model_channels
@@ -333,14 +337,20 @@ class VideoUNet(nn.Module):
         h = self.conv_in(rearrange(x, "b c t h w -> (b t) c h w"))
         skips = [h]
         for stage in self.down:
-            h = stage(h, ctx)
+            h = self._block(stage, h, ctx)
             skips.append(h)
-        h = self.mid(h, ctx)
+        h = self._block(self.mid, h, ctx)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), ctx)
+            h = self._block(stage, torch.cat([h, skips.pop()], dim=1), ctx)
         out = self.conv_out(F.silu(self.norm_out(h)))
         out = rearrange(out, "(b t) c h w -> b c t h w", t=t)
         return out[:, :, 0] if image_mode else out
+
+
+    def _block(self, stage: Stage, h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, h, ctx, use_reentrant=False)
+        return stage(h, ctx)
 
 
 def is_temporal_key(name: str) -> bool:
