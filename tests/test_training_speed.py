@@ -13,6 +13,7 @@ dropout changes the loss in the 3rd digit; a wrong AdamW formula changes the wei
 """
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -125,3 +126,70 @@ def test_adamw_kernels_give_the_same_steps(paths, tmp_path, impl):
     loop = run(paths, tmp_path / "loop", "image", "total_steps=3", "optimizer_impl=loop")
     other = run(paths, tmp_path / impl, "image", "total_steps=3", f"optimizer_impl={impl}")
     assert_same_run(loop, other)
+
+
+# ---- sharding (FSDP2) ---------------------------------------------------------------------------
+
+SHARD_CFG = ["total_steps=5", "checkpoint_every_steps=2", "data_streams=2", "shuffle_buffer_rows=2"]
+
+
+def _sharded_rank(rank: int, world: int, init_file: str, paths: list, root: str) -> None:
+    """One gloo rank, weights sharded: an uninterrupted run, and the resume of a run that one
+    process started (its step-2 checkpoint)."""
+    import curation  # noqa: F401
+    import torch.distributed as dist
+
+    from training import sharding
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        with float64_one_thread():
+            cfg = apply_overrides(preset("video", "tiny"), MICRO + SHARD_CFG + ["sharding=fsdp"])
+            full = train(cfg, paths, os.path.join(root, "sharded"))
+            local = sum(p.to_local().numel() for p in full.model.parameters())
+            total = sum(p.numel() for p in full.model.parameters())
+            resumed = train(cfg, paths, os.path.join(root, "one_then_sharded"))
+        torch.save({"full": full.losses, "resumed": resumed.losses, "resumed_from": resumed.resumed_from_step,
+                    "sharded": sharding.is_sharded(full.model), "local": local, "total": total},
+                   os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_ranks_match_one_process_and_checkpoints_move_between_them(paths, tmp_path):
+    # The tolerances of the DDP test (tests/test_training_loop.py), for the same reason: both
+    # sides in float64 on one thread; what differs is the order of the gradient sums.
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    # One process starts a run and is killed after step 3 (its last checkpoint: step 2).
+    with float64_one_thread():
+        cfg = apply_overrides(preset("video", "tiny"), MICRO + SHARD_CFG)
+        train(cfg, paths, str(tmp_path / "one_then_sharded"), stop_after_step=3)
+    mp.spawn(_sharded_rank, args=(2, str(tmp_path / "init"), paths, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    single = run(paths, tmp_path / "single", "video", *SHARD_CFG)
+
+    # The weights were sharded: each rank held about half of them.
+    for r in ranks:
+        assert r["sharded"] and r["local"] < 0.6 * r["total"]
+    # The same losses as one process, step by step.
+    for step in range(5):
+        assert ranks[0]["full"][step] == ranks[1]["full"][step]
+        assert ranks[0]["full"][step] == pytest.approx(single.losses[step], rel=TOLERANCE["loss_rel"])
+    # The sharded run's checkpoint holds whole tensors: the single run's weights.
+    sharded_final = torch.load(tmp_path / "sharded" / "checkpoint-0000005.pt", weights_only=True)
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(sharded_final["model"][name], value, atol=TOLERANCE["weight_abs"], rtol=0)
+    # One process's checkpoint resumed on 2 sharded ranks: from step 2, the uninterrupted losses.
+    assert ranks[0]["resumed_from"] == 2
+    for step in range(2, 5):
+        assert ranks[0]["resumed"][step] == pytest.approx(single.losses[step], rel=TOLERANCE["loss_rel"])
+    # The sharded ranks' step-2 checkpoint resumed by one process: the same.
+    (tmp_path / "sharded_then_one").mkdir()
+    shutil.copy(tmp_path / "sharded" / "checkpoint-0000002.pt", tmp_path / "sharded_then_one")
+    resumed = run(paths, tmp_path / "sharded_then_one", "video", *SHARD_CFG)
+    assert resumed.resumed_from_step == 2
+    for step in range(2, 5):
+        assert resumed.losses[step] == pytest.approx(single.losses[step], rel=TOLERANCE["loss_rel"])

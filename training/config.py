@@ -68,6 +68,7 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the network: auto (on CUDA), on, off
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: graph capture only, to isolate a problem)
     optimizer_impl: str = "auto"  # AdamW kernels: auto (fused on CUDA, foreach elsewhere), fused, foreach, loop
+    sharding: str = "auto"  # several ranks: ddp, fsdp (weights, gradients, AdamW state sharded), auto (training/sharding.py)
 
     # Bookkeeping.
     init_from: str = "auto"  # previous stage's checkpoint: auto (OUT_DIR/train/<prev>/), a path, or none
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.optimizer_impl not in ("auto", "fused", "foreach", "loop"):
             raise ValueError(f"optimizer_impl must be auto, fused, foreach or loop, got {self.optimizer_impl!r}")
+        if self.sharding not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"sharding must be auto, ddp or fsdp, got {self.sharding!r}")
         if self.shuffle_buffer_rows < 1 or self.data_streams < 0:
             raise ValueError("shuffle_buffer_rows must be >= 1 and data_streams >= 0")
         if self.data_streams and self.batch_size % self.data_streams:

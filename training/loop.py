@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from training import diffusion
+from training import diffusion, sharding
 from training.config import MODEL_FIELDS, TrainConfig, from_dict, to_dict
 from training.data import autoencoder_factor, load_autoencoder
 from training.unet import VideoUNet, extend_to_video
@@ -47,7 +47,7 @@ from training.stream import DataPlan, StreamDataset, plan_data
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: optimizer state keyed by parameter name (training/sharding.py); 1: by position
 KEEP_CHECKPOINTS = 3
 # The bad-row cap is checked against at least this many rows, so that one bad row among the
 # first few batches does not stop a run, while a corpus of bad rows stops within a few steps.
@@ -336,9 +336,10 @@ def _restore(resume: dict | None, path: str | None, model, ema, optimizer, resul
     if resume is None:
         return 0
     log.info("resuming %s from %s (step %d)", from_dict(resume["config"]).stage, path, int(resume["step"]))
-    model.load_state_dict(resume["model"])
-    ema.load_state_dict(resume["ema"])
-    optimizer.load_state_dict(resume["optimizer"])
+    sharding.load_model_state(model, resume["model"])
+    sharding.load_model_state(ema, resume["ema"])
+    sharding.load_optimizer_state(model, optimizer, resume["optimizer"],
+                                  keyed_by_name=int(resume.get("format", 1)) >= 2)
     data = resume.get("data") or {}
     result.bad_rows = int(data.get("bad_rows", 0))
     return int(resume["step"])
@@ -455,7 +456,8 @@ def _check_same_streams(resume: dict | None, plan: DataPlan) -> None:
 def _checkpoint_state(cfg, step, in_channels, model, ema, optimizer, plan: DataPlan,
                       result: TrainResult, device) -> dict:
     return {"format": CHECKPOINT_FORMAT, "step": step, "config": to_dict(cfg), "in_channels": in_channels,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": sharding.model_state(model), "ema": sharding.model_state(ema),
+            "optimizer": sharding.optimizer_state(model, optimizer),
             "data": {"num_streams": plan.num_streams, "bad_rows": result.bad_rows, "num_rows": plan.num_rows},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
@@ -499,7 +501,14 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
     model = _init_model(cfg, in_channels, init, init_checkpoint, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.checkpointing = cfg.activation_checkpointing
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sharded = sharding.wants_sharding(cfg.sharding, model, device, world)
+    if sharded:
+        log.info("sharding weights, gradients and optimizer state over %d ranks (FSDP2)", world)
+        sharding.shard(model, device)
+        sharding.shard(ema, device)
+        net = model
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = compiled(net, cfg, device)
     optimizer = make_optimizer(model, cfg, device)
     result = TrainResult(model=model, ema=ema)
@@ -532,7 +541,7 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
             result.losses[step] = loss_f
             result.data_wait_s, result.step_s = result.data_wait_s + data_wait_s, result.step_s + step_s
             result.samples += cfg.batch_size
-            metrics.write({"step": step, "loss": loss_f, "lr": lr, "grad_norm": float(grad_norm),
+            metrics.write({"step": step, "loss": loss_f, "lr": lr, "grad_norm": sharding.as_float(grad_norm),
                            "sigma_median": float(sigma.median()), "step_s": step_s,
                            "data_wait_s": data_wait_s, "bad_rows": result.bad_rows})
             step += 1
@@ -540,9 +549,12 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
             # Checkpoint periodically and at the end; a requested stop acts like a kill.
             if stop_after_step is not None and step >= stop_after_step and step < cfg.total_steps:
                 break
-            if rank == 0 and (step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps):
-                result.last_checkpoint = save_checkpoint(run_dir, _checkpoint_state(
-                    cfg, step, in_channels, model, ema, optimizer, plan, result, device))
+            if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps:
+                # Sharded: gathering the whole state is a collective of every rank.
+                state = _checkpoint_state(cfg, step, in_channels, model, ema, optimizer, plan, result,
+                                          device) if rank == 0 or sharded else None
+                if rank == 0:
+                    result.last_checkpoint = save_checkpoint(run_dir, state)
             if world > 1 and step % cfg.checkpoint_every_steps == 0:
                 dist.barrier()
     finally:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
+from curation import outdir
 from training.config import TrainConfig, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def parameter_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha1()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        full = getattr(t, "full_tensor", None)  # a sharded parameter: gathered (every rank calls this)
+        h.update((full() if full is not None else t).detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -86,7 +88,7 @@ def train_distributed(cfg: TrainConfig, shard_paths: list[str], run_dir: str, nu
     run_dir = os.path.abspath(run_dir)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": to_dict(cfg), "shard_paths": [os.path.abspath(p) for p in shard_paths],
+        train_loop_config={"cfg": to_dict(cfg), "shard_paths": [outdir.absolute(p) for p in shard_paths],
                            "run_dir": run_dir,
                            "init_checkpoint": init_checkpoint and os.path.abspath(init_checkpoint),
                            "threads_per_worker": cpus_per_worker, "stop_after_step": stop_after_step},

@@ -128,6 +128,18 @@ class SpatialTransformer(nn.Module):
 
 # ---- temporal layers --------------------------------------------------------------------
 
+def mix_parameter(merge_factor: float, module: nn.Module) -> nn.Parameter:
+    """The mix logit, a 1-element vector (parameter sharding takes no 0-d tensors); checkpoints
+    written when it was a 0-d tensor load into it."""
+    def reshape(state_dict, prefix, *args) -> None:
+        value = state_dict.get(prefix + "mix_logit")
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + "mix_logit"] = value.reshape(1)
+
+    module._register_load_state_dict_pre_hook(reshape)
+    return nn.Parameter(torch.tensor([float(merge_factor)]))
+
+
 class TemporalResBlock(nn.Module):
     """Temporal convolution (kernel 3 over time) with the noise embedding; returns an update."""
 
@@ -136,7 +148,7 @@ class TemporalResBlock(nn.Module):
         self.norm1, self.conv1 = norm(ch), nn.Conv1d(ch, ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, ch)
         self.norm2, self.conv2 = norm(ch), zero_(nn.Conv1d(ch, ch, 3, padding=1))
-        self.mix_logit = nn.Parameter(torch.tensor(float(merge_factor)))
+        self.mix_logit = mix_parameter(merge_factor, self)
 
     def forward(self, x: torch.Tensor, emb_video: torch.Tensor, num_frames: int) -> torch.Tensor:
         hh, ww = x.shape[-2:]
@@ -159,7 +171,7 @@ class TemporalAttention(nn.Module):
         self.ln = nn.LayerNorm(ch)
         self.attn = Attention(ch, heads)
         zero_(self.attn.out)
-        self.mix_logit = nn.Parameter(torch.tensor(float(merge_factor)))
+        self.mix_logit = mix_parameter(merge_factor, self)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         hh, ww = x.shape[-2:]
