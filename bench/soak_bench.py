@@ -158,39 +158,84 @@ def cpu_times() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of a process and all its descendants, in MB."""
-    total = 0
+def _kind(pid: int) -> str:
+    """What a process is: a Ray worker's title (ray::unit_task, ray::IDLE, an actor class), or its program."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0][:40]
+    prog = os.path.basename(first)
+    if prog.startswith("python") and len(argv) > 1:
+        rest = [a.decode(errors="replace") for a in argv[1:] if a]
+        for a in rest:
+            if a.endswith(".py") or a in ("curation.cli",):
+                return os.path.basename(a)
+        return "python " + (rest[0] if rest else "")[:30]
+    return prog[:40]
+
+
+def tree_memory_mb(root: int) -> dict[str, tuple[float, float]]:
+    """{kind: (RSS, PSS)} in MB over a process and all its descendants. PSS shares every page
+    among the processes that map it (Ray's object store is mapped by every worker), so its sum
+    is the memory the run really holds; RSS counts shared pages once per process."""
+    out: dict[str, list[float]] = {}
     for pid in [root, *descendants(root)]:
+        rss = pss = 0
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
         except OSError:
-            pass
-    return total / 1024
+            continue
+        acc = out.setdefault(_kind(pid), [0.0, 0.0])
+        acc[0] += rss / 1024
+        acc[1] += pss / 1024
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def run_watched(cmd: list[str], env: dict[str, str], log_path: Path) -> dict:
-    """Run to the end, sampling CPU use (busy cores, mean) and the process tree's memory."""
+    """Run to the end, sampling CPU use (busy cores, mean) and the process tree's memory (RSS and
+    PSS, in all and by kind of process)."""
     busy0, total0 = cpu_times()
     started = time.monotonic()
-    peak_rss, rss_samples = 0.0, []
+    samples: list[dict[str, tuple[float, float]]] = []
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
-            rss = tree_rss_mb(proc.pid)
-            peak_rss = max(peak_rss, rss)
-            rss_samples.append(rss)
+            samples.append(tree_memory_mb(proc.pid))
             time.sleep(1.0)
     busy1, total1 = cpu_times()
     cores = os.cpu_count() or 1
-    third = max(1, len(rss_samples) // 3)
+    third = max(1, len(samples) // 3)
+    rss = [sum(v[0] for v in s.values()) for s in samples] or [0.0]
+    pss = [sum(v[1] for v in s.values()) for s in samples] or [0.0]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / max(1, len(values))
+
+    kinds = sorted({k for s in samples for k in s})
+    by_kind = {k: {"pss_mb_first_third": mean([s.get(k, (0, 0))[1] for s in samples[:third]]),
+                   "pss_mb_last_third": mean([s.get(k, (0, 0))[1] for s in samples[-third:]]),
+                   "rss_mb_first_third": mean([s.get(k, (0, 0))[0] for s in samples[:third]]),
+                   "rss_mb_last_third": mean([s.get(k, (0, 0))[0] for s in samples[-third:]])}
+               for k in kinds}
     return {"returncode": proc.returncode, "wall_s": time.monotonic() - started,
             "busy_cores_mean": cores * (busy1 - busy0) / max(total1 - total0, 1.0),
-            "peak_rss_mb": peak_rss,
-            "rss_mb_first_third_mean": sum(rss_samples[:third]) / third,
-            "rss_mb_last_third_mean": sum(rss_samples[-third:]) / third}
+            "peak_rss_mb": max(rss), "peak_pss_mb": max(pss),
+            "rss_mb_first_third_mean": mean(rss[:third]), "rss_mb_last_third_mean": mean(rss[-third:]),
+            "pss_mb_first_third_mean": mean(pss[:third]), "pss_mb_last_third_mean": mean(pss[-third:]),
+            "by_kind": by_kind,
+            # Summed PSS once a second, and by kind at the ends of the middle and last thirds (past
+            # start-up, when workers and actors have their titles and models): growth there is a leak.
+            "pss_mb_series": [round(v, 1) for v in pss],
+            "pss_mb_by_kind_at": {name: {k: round(v[1], 1) for k, v in samples[i].items()}
+                                  for name, i in (("two_thirds", min(len(samples) - 1, 2 * third)),
+                                                  ("end", len(samples) - 1))} if samples else {}}
 
 
 def clip_counts(out: Path | str) -> Counter:
@@ -211,6 +256,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", choices=["local", "s3"], default="local")
     p.add_argument("--fault-share", type=float, default=0.02, help="--store s3: requests the proxy fails")
+    p.add_argument("--clean-only", action="store_true",
+                   help="only the uninterrupted run (its CPU use and memory by kind of process)")
     p.add_argument("--kill-window", type=lambda t: tuple(float(v) for v in t.split(",")), default=(0.15, 0.45),
                    metavar="FROM,TO", help="each driver kill at a random moment of an attempt, as shares of "
                                            "the uninterrupted run's wall time (default 0.15,0.45)")
@@ -276,7 +323,19 @@ def run(args: argparse.Namespace, upload_to: str | None = None, endpoint: str | 
     print(f"uninterrupted: {clean_wall:.0f}s, exit 0, {watched['busy_cores_mean']:.2f} of {os.cpu_count()} "
           f"cores busy on average, memory of the run's processes peak {watched['peak_rss_mb']:.0f} MB "
           f"(mean {watched['rss_mb_first_third_mean']:.0f} MB in the first third, "
-          f"{watched['rss_mb_last_third_mean']:.0f} MB in the last)", flush=True)
+          f"{watched['rss_mb_last_third_mean']:.0f} MB in the last); summed PSS (shared pages counted once) "
+          f"peak {watched['peak_pss_mb']:.0f} MB, mean {watched['pss_mb_first_third_mean']:.0f} MB in the first "
+          f"third, {watched['pss_mb_last_third_mean']:.0f} MB in the last", flush=True)
+    series = watched["pss_mb_series"]
+    print("    summed PSS at each tenth of the run: " + " ".join(
+        f"{series[min(len(series) - 1, k * len(series) // 10)]:.0f}" for k in range(1, 11)) + " MB", flush=True)
+    for kind, m in sorted(watched["by_kind"].items(), key=lambda kv: -kv[1]["pss_mb_last_third"]):
+        print(f"    {kind:<42} PSS {m['pss_mb_first_third']:7.0f} -> {m['pss_mb_last_third']:7.0f} MB   "
+              f"RSS {m['rss_mb_first_third']:7.0f} -> {m['rss_mb_last_third']:7.0f} MB", flush=True)
+
+    if args.clean_only:
+        (work / "clean.json").write_text(json.dumps(watched, indent=2))
+        return
 
     # Interrupted: the driver killed 3 times, 2 unit workers killed.
     rng = random.Random(args.seed + 1)

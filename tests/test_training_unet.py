@@ -90,3 +90,18 @@ def test_extension_rejects_a_mismatched_image_checkpoint():
     image_keys = set(VideoUNet(**KW, temporal=False).state_dict())
     assert image_keys < video_keys
     assert all(is_temporal_key(k) for k in video_keys - image_keys)
+
+
+def test_checkpoints_with_scalar_mix_logits_still_load():
+    """Checkpoints written when the temporal mix logits were 0-d tensors load into the 1-element
+    vectors they are now (sharding takes no 0-d parameters)."""
+    from training.unet import VideoUNet
+
+    torch.manual_seed(0)
+    model = VideoUNet(caption_dim=8, temporal=True)
+    old = {k: (v.reshape(()) + 0.25 if k.endswith("mix_logit") else v) for k, v in model.state_dict().items()}
+    assert any(k.endswith("mix_logit") for k in old)
+    fresh = VideoUNet(caption_dim=8, temporal=True)
+    fresh.load_state_dict(old)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v.reshape(old[k].shape), old[k]), k

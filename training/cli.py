@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from training.config import PREVIOUS_STAGE, STAGES, TrainConfig, apply_overrides, preset
+from training.config import LATENT_SIZES, PREVIOUS_STAGE, SIZES, STAGES, TrainConfig, apply_overrides, preset
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ def train_command(argv: list[str]) -> int:
                         help="local folder for checkpoints (DIR/train/STAGE); default OUT_DIR, or for an "
                              "object-store OUT_DIR ./curate-work/SCHEME/BUCKET/PREFIX")
     parser.add_argument("--stage", choices=[*STAGES, "all"], required=True)
-    parser.add_argument("--preset-size", choices=["tiny", "small"], default="small")
+    parser.add_argument("--preset-size", choices=list(SIZES), default="small",
+                        help="tiny, small: CPUs and tests; base (346M), large (1.6B): GPUs, latent space, "
+                             "need --set latent_autoencoder=PATH")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP); 1 = in this process")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0,
@@ -79,7 +81,7 @@ def train_command(argv: list[str]) -> int:
     import torch
 
     from training.data import shard_paths
-    from training.loop import BadRowsError
+    from training.loop import BadRowsError  # (a DoesNotFitError, out of device memory, is a ValueError)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,6 +89,10 @@ def train_command(argv: list[str]) -> int:
     try:
         paths = shard_paths(args.out_dir)
         cfgs = [apply_overrides(preset(s, args.preset_size), _stage_overrides(args.overrides, s)) for s in stages]
+        if args.preset_size in LATENT_SIZES and not all(c.latent_autoencoder for c in cfgs):
+            raise ValueError(f"the {args.preset_size} preset trains in latent space (4 x 32 x 48 latents of "
+                             "256x384 frames): give SVD's autoencoder (a diffusers AutoencoderKL folder) with "
+                             "--set latent_autoencoder=PATH")
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     for cfg in cfgs:

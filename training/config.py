@@ -1,8 +1,9 @@
 """The trainer's one config dataclass, the three stage presets, size presets and `key=value` overrides.
 
 The presets read as diffs: VIDEO is IMAGE with frames and a noisier schedule, HQ is VIDEO on
-a stricter subset with a lower learning rate. A size preset (tiny, small) changes the model
-and run length and is applied before the user's overrides. Every checkpoint stores the
+a stricter subset with a lower learning rate. A size preset (tiny, small for CPUs and
+tests; base, large for GPUs, in latent space) changes the model and run length and is applied
+before the user's overrides. Every checkpoint stores the
 resolved config (`asdict`), and `from_dict` rebuilds it, so a checkpoint says how it was made.
 """
 
@@ -22,7 +23,8 @@ PREVIOUS_STAGE = {"image": None, "video": "image", "hq": "video"}
 class TrainConfig:
     # Stage and data.
     stage: str = "image"
-    resolution_px: int = 32  # square side of the training frames (pixels, before any autoencoder)
+    resolution_px: int = 32  # height of the training frames (pixels, before any autoencoder)
+    width_px: int = 0  # their width; 0 = resolution_px (square)
     num_frames: int = 1  # frames per sample; 1 = image stage (temporal layers bypassed)
     frame_stride: int = 2  # take every frame_stride-th source frame (fps_id is divided accordingly)
     select: dict = field(default_factory=dict)  # {column: {"min": x, "max": y}} on shard columns
@@ -90,9 +92,9 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
         down = 2 ** (len(self.channel_mult) - 1)
-        if self.resolution_px % down:
-            raise ValueError(f"resolution_px={self.resolution_px} must be divisible by {down} "
-                             f"(channel_mult has {len(self.channel_mult)} levels)")
+        if self.resolution_px % down or self.frame_width % down or self.width_px < 0:
+            raise ValueError(f"resolution_px={self.resolution_px} and width_px={self.width_px} must be "
+                             f"divisible by {down} (channel_mult has {len(self.channel_mult)} levels)")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.optimizer_impl not in ("auto", "fused", "foreach", "loop"):
@@ -110,6 +112,10 @@ class TrainConfig:
     @property
     def is_video(self) -> bool:
         return self.stage != "image"
+
+    @property
+    def frame_width(self) -> int:
+        return self.width_px or self.resolution_px
 
 
 MODEL_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "num_heads",
@@ -154,6 +160,30 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                    ema_halflife_steps=20.0, log_every_steps=10, checkpoint_every_steps=100),
     },
 }
+
+
+# GPU sizes, in latent space at SVD's stage-II shape: 14 frames of 256x384 pixels, i.e. latents
+# of 4 x 32 x 48 through SVD's autoencoder (a diffusers AutoencoderKL, factor 8; set
+# latent_autoencoder=PATH, which these presets require). The image stage trains on single
+# 256x384 frames. Parameter counts (video stage; the image stage lacks the temporal layers):
+# base 346M, large 1.60B (SVD's U-Net: 1.5B). Heads of 64-128 channels, so SDPA can take a
+# flash kernel in bf16.
+_BASE_MODEL = dict(resolution_px=256, width_px=384, model_channels=192, channel_mult=(1, 2, 3, 4),
+                   num_res_blocks=2, attention_levels=(1, 2, 3), num_heads=6, context_tokens=4,
+                   context_dim=1024, sigma_data=1.0, log_every_steps=50, checkpoint_every_steps=2000)
+_LARGE_MODEL = dict(_BASE_MODEL, model_channels=384, channel_mult=(1, 2, 4, 4), num_heads=12,
+                    activation_checkpointing=True)
+SIZES["base"] = {
+    "image": dict(_BASE_MODEL, batch_size=64, total_steps=100_000, warmup_steps=1000, lr=1e-4),
+    "video": dict(_BASE_MODEL, num_frames=14, batch_size=16, total_steps=50_000, warmup_steps=500, lr=5e-5),
+    "hq": dict(_BASE_MODEL, num_frames=14, batch_size=16, total_steps=10_000, warmup_steps=200, lr=2e-5),
+}
+SIZES["large"] = {
+    "image": dict(_LARGE_MODEL, batch_size=64, total_steps=100_000, warmup_steps=1000, lr=1e-4),
+    "video": dict(_LARGE_MODEL, num_frames=14, batch_size=16, total_steps=50_000, warmup_steps=500, lr=3e-5),
+    "hq": dict(_LARGE_MODEL, num_frames=14, batch_size=16, total_steps=10_000, warmup_steps=200, lr=1e-5),
+}
+LATENT_SIZES = ("base", "large")  # presets that train in latent space only
 
 
 def preset(stage: str, size: str = "small") -> TrainConfig:
@@ -230,5 +260,5 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
                                        num_frames=d.get("num_frames", 1)), dict(d))
 
 
-__all__ = ["TrainConfig", "IMAGE", "VIDEO", "HQ", "PRESETS", "SIZES", "STAGES", "PREVIOUS_STAGE",
+__all__ = ["TrainConfig", "IMAGE", "VIDEO", "HQ", "PRESETS", "SIZES", "LATENT_SIZES", "STAGES", "PREVIOUS_STAGE",
            "MODEL_FIELDS", "preset", "apply_overrides", "to_dict", "from_dict", "check_predicate"]

@@ -203,11 +203,13 @@ def adjusted_fps_id(fps: float | None, fps_id: int | None, stride: int) -> int:
     return DEFAULT_FPS_ID
 
 
-def resize_short_side(frames: np.ndarray, size_px: int) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> uint8 (T, H', W', 3) with min(H', W') = size_px (antialiased bilinear)."""
+def resize_short_side(frames: np.ndarray, size_px: int, width_px: int | None = None) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> uint8 (T, H', W', 3), scaled (antialiased bilinear) to the smallest
+    size that covers size_px x width_px (square when width_px is None: min(H', W') = size_px)."""
     h, w = frames.shape[1:3]
-    scale = size_px / min(h, w)
-    nh, nw = max(size_px, round(h * scale)), max(size_px, round(w * scale))
+    width_px = width_px or size_px
+    scale = max(size_px / h, width_px / w)
+    nh, nw = max(size_px, round(h * scale)), max(width_px, round(w * scale))
     if (nh, nw) == (h, w):
         return frames
     x = torch.from_numpy(np.array(frames, dtype=np.float32)).permute(0, 3, 1, 2)  # (T, 3, H, W)
@@ -215,23 +217,25 @@ def resize_short_side(frames: np.ndarray, size_px: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def center_crop_tensor(frames: np.ndarray, size_px: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) with short side size_px -> float (3, T, size, size) in [-1, 1] (centre crop)."""
+def center_crop_tensor(frames: np.ndarray, size_px: int, width_px: int | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) covering size_px x width_px -> float (3, T, size_px, width_px) in [-1, 1]
+    (centre crop; square when width_px is None)."""
+    width_px = width_px or size_px
     h, w = frames.shape[1:3]
-    top, left = (h - size_px) // 2, (w - size_px) // 2
-    crop = np.array(frames[:, top:top + size_px, left:left + size_px], dtype=np.float32)
+    top, left = (h - size_px) // 2, (w - width_px) // 2
+    crop = np.array(frames[:, top:top + size_px, left:left + width_px], dtype=np.float32)
     return torch.from_numpy(crop).permute(3, 0, 1, 2) / 127.5 - 1.0
 
 
-def resize_center_crop(frames: np.ndarray, size_px: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (3, T, size, size) in [-1, 1]: short side to size, centre crop."""
-    return center_crop_tensor(resize_short_side(frames, size_px), size_px)
+def resize_center_crop(frames: np.ndarray, size_px: int, width_px: int | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (3, T, size_px, width_px) in [-1, 1]: scaled to cover, centre crop."""
+    return center_crop_tensor(resize_short_side(frames, size_px, width_px), size_px, width_px)
 
 
 # ---- samples ----------------------------------------------------------------------------
 
 class FrameCache:
-    """Decoded clips kept resized (uint8, short side = resolution_px) up to a byte budget.
+    """Decoded clips kept resized (uint8, covering resolution_px x width_px) up to a byte budget.
 
     Keyed by a row's place in the corpus; a sample never depends on whether its clip was
     cached (the header's frame count places the window either way), so exact resume holds.
@@ -242,12 +246,12 @@ class FrameCache:
         self.items: dict[Any, tuple[int, np.ndarray]] = {}
         self.nbytes = 0
 
-    def get(self, key: Any, video: bytes, size_px: int) -> tuple[int, np.ndarray] | None:
+    def get(self, key: Any, video: bytes, size_px: int, width_px: int | None = None) -> tuple[int, np.ndarray] | None:
         if key is not None and key in self.items:
             return self.items[key]
         if key is None or self.nbytes >= self.budget_bytes:
             return None
-        item = (video_frame_count(video), resize_short_side(decode_video(video), size_px))
+        item = (video_frame_count(video), resize_short_side(decode_video(video), size_px, width_px))
         self.items[key] = item
         self.nbytes += item[1].nbytes
         return item
@@ -263,11 +267,11 @@ def row_frames(row: dict, cfg: TrainConfig, rng: np.random.Generator, cache: Fra
     if not cfg.is_video and row.get("keyframes"):
         keyframes = row["keyframes"]
         jpeg = keyframes[int(rng.integers(len(keyframes)))]
-        return resize_short_side(decode_jpeg(jpeg)[None], cfg.resolution_px), 1
+        return resize_short_side(decode_jpeg(jpeg)[None], cfg.resolution_px, cfg.frame_width), 1
     video = row.get("video")
     if video is None:
         raise ValueError("the row has no video")
-    cached = cache.get(key, video, cfg.resolution_px) if cache is not None else None
+    cached = cache.get(key, video, cfg.resolution_px, cfg.frame_width) if cache is not None else None
     if cached is not None:
         count, frames = cached
         idx, stride = frame_indices(count or len(frames), cfg.num_frames, cfg.frame_stride, rng)
@@ -279,7 +283,7 @@ def row_frames(row: dict, cfg: TrainConfig, rng: np.random.Generator, cache: Fra
     else:
         frames = decode_video(video)
         idx, stride = frame_indices(len(frames), cfg.num_frames, cfg.frame_stride, rng)
-    return resize_short_side(frames[np.minimum(idx, len(frames) - 1)], cfg.resolution_px), stride
+    return resize_short_side(frames[np.minimum(idx, len(frames) - 1)], cfg.resolution_px, cfg.frame_width), stride
 
 
 def row_latent(row: dict, is_video: bool, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
@@ -298,8 +302,8 @@ def row_sample(row: dict, cfg: TrainConfig, caption_dim: int, rng: np.random.Gen
     if "latent_shape" in row:
         x, stride = row_latent(row, cfg.is_video, rng)
     else:
-        frames, stride = row_frames(row, cfg, rng, cache, key)  # (T, h, w, 3), short side = resolution_px
-        x = center_crop_tensor(frames, cfg.resolution_px)  # (3, T, S, S)
+        frames, stride = row_frames(row, cfg, rng, cache, key)  # (T, h, w, 3), covering the frame size
+        x = center_crop_tensor(frames, cfg.resolution_px, cfg.frame_width)  # (3, T, H, W)
     if not cfg.is_video:
         x = x[:, 0]  # (C, H, W)
     cap = row.get("caption_embedding")

@@ -44,7 +44,8 @@ LATENT_SCHEMA = pa.schema([("latent", pa.binary()), ("latent_shape", pa.list_(pa
 
 
 def latent_dir_for(cfg: TrainConfig, cache_dir: str) -> str:
-    key = json.dumps([os.path.abspath(cfg.latent_autoencoder), cfg.resolution_px, cfg.is_video,
+    size = [cfg.resolution_px] + ([cfg.width_px] if cfg.width_px else [])  # square: the key it always had
+    key = json.dumps([os.path.abspath(cfg.latent_autoencoder), *size, cfg.is_video,
                       cfg.num_frames, cfg.frame_stride])
     return os.path.join(cache_dir, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
 
@@ -76,7 +77,7 @@ def encode_row_group(vae, cfg: TrainConfig, path: str, row_group: int) -> pa.Tab
                 log.warning("latent cache: clip %s cannot be decoded: %s", row["clip_id"], exc)
                 latents.append(None), shapes.append(None), strides.append(None)
                 continue
-            pix = resize_center_crop(frames, cfg.resolution_px)  # (3, N, S, S)
+            pix = resize_center_crop(frames, cfg.resolution_px, cfg.frame_width)  # (3, N, H, W)
             lat = vae.encode(pix.permute(1, 0, 2, 3)).latent_dist.mean * scale  # (N, C, h, w)
             lat = (lat.permute(1, 0, 2, 3) if cfg.is_video else lat).contiguous().float()
             latents.append(lat.numpy().tobytes())

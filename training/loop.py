@@ -155,6 +155,23 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
+class DoesNotFitError(ValueError):
+    """A step ran out of device memory: said with what to change, not as a traceback."""
+
+
+def _does_not_fit(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, world: int,
+                  sharded: bool) -> str:
+    params = sum(p.numel() for p in model.parameters()) * (world if sharded else 1)
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+    hints = [h for h, on in (("--set activation_checkpointing=true", not cfg.activation_checkpointing),
+                             (f"a smaller batch_size (now {cfg.batch_size} over {world} rank(s))", True),
+                             ("--workers N --set sharding=fsdp (weights, gradients and AdamW state "
+                              "split over N GPUs)", not sharded)) if on]
+    return (f"the {cfg.stage} stage ({params / 1e6:.0f}M parameters, batch {cfg.batch_size} of "
+            f"{cfg.num_frames} x {cfg.resolution_px}x{cfg.frame_width}) does not fit in the {total:.0f} GiB "
+            f"of {device}: try " + "; or ".join(hints))
+
+
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
@@ -303,17 +320,19 @@ def _prepare_inputs(cfg: TrainConfig, plan: DataPlan, run_dir: str, rank: int,
     """(plan, input channels, shape of one sample's x); in latent mode the latent cache is built first."""
     t = (cfg.num_frames,) if cfg.is_video else ()
     if not cfg.latent_autoencoder:
-        return plan, 3, (3, *t, cfg.resolution_px, cfg.resolution_px)
+        return plan, 3, (3, *t, cfg.resolution_px, cfg.frame_width)
     from training.latents import build_latents
 
     vae = load_autoencoder(cfg.latent_autoencoder)
     factor = autoencoder_factor(vae)
-    if cfg.resolution_px % (factor * 2 ** (len(cfg.channel_mult) - 1)):
-        raise ValueError("resolution_px must be divisible by the autoencoder's and the U-Net's downsampling")
+    down = factor * 2 ** (len(cfg.channel_mult) - 1)
+    if cfg.resolution_px % down or cfg.frame_width % down:
+        raise ValueError(f"resolution_px and width_px must be divisible by {down}, the autoencoder's "
+                         "and the U-Net's downsampling together")
     cache_dir = cfg.latent_cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "latent_cache")
     plan = build_latents(plan, cfg, cache_dir, vae, rank, world)
-    channels, side = int(vae.config.latent_channels), cfg.resolution_px // factor
-    return plan, channels, (channels, *t, side, side)
+    channels = int(vae.config.latent_channels)
+    return plan, channels, (channels, *t, cfg.resolution_px // factor, cfg.frame_width // factor)
 
 
 def _init_model(cfg: TrainConfig, in_channels: int, init: dict | None, init_path: str | None,
@@ -532,7 +551,11 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
             torch.manual_seed(_stream_generator(cfg.seed, step, 1_000 + rank).initial_seed())  # dropout
 
             # Forward and backward at this step's learning rate; clip, AdamW step, EMA.
-            lr, weighted, sigma, grad_norm = _optimizer_step(net, model, ema, optimizer, batch, cfg, step, decay, device)
+            try:
+                lr, weighted, sigma, grad_norm = _optimizer_step(net, model, ema, optimizer, batch, cfg, step,
+                                                                 decay, device)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise DoesNotFitError(_does_not_fit(cfg, model, device, world, sharded)) from exc
 
             # Metrics: the loss over the global batch's good rows, bad rows counted and capped.
             loss_f = _step_loss(result, weighted, batch, cfg, step, world)

@@ -87,10 +87,10 @@ def generate(model: VideoUNet, cfg: TrainConfig, in_channels: int, caption: np.n
     generator seeded by `seed` (the same noise on every device); the network runs on its own device."""
     if num_frames > 1 and not cfg.is_video:
         raise ValueError(f"the checkpoint is from the {cfg.stage} stage (images): use --frames 1")
-    size = cfg.resolution_px
+    h, w = cfg.resolution_px, cfg.frame_width
     if cfg.latent_autoencoder:
-        size //= _latent_factor(cfg)
-    shape = (num_samples, in_channels, num_frames, size, size) if cfg.is_video else (num_samples, in_channels, size, size)
+        h, w = h // _latent_factor(cfg), w // _latent_factor(cfg)
+    shape = (num_samples, in_channels, num_frames, h, w) if cfg.is_video else (num_samples, in_channels, h, w)
     device = next(model.parameters()).device
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     b = num_samples

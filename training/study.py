@@ -1059,6 +1059,8 @@ def ablate_command(argv: list[str]) -> int:
     """`curate ablate`: the proxy-model study. Returns a process exit code."""
     import argparse
 
+    from training.config import SIZES
+
     p = argparse.ArgumentParser(
         prog="curate ablate",
         description="Does curation help? Train small proxy models on curated, uncurated (same size and "
@@ -1067,7 +1069,8 @@ def ablate_command(argv: list[str]) -> int:
                     "{index.html,results.json,study.json}.")
     p.add_argument("out_dir", help="a finished curation output (with clips/: run.store_all_clips true)")
     p.add_argument("--name", default="default", help="study name: OUT_DIR/study/NAME (default: default)")
-    p.add_argument("--preset-size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--preset-size", default="tiny", choices=list(SIZES),
+                   help="tiny (default), small; base, large on GPUs (latent space: --set latent_autoencoder=PATH)")
     p.add_argument("--stages", default="image,video", help="stage plan of every arm (default image,video)")
     p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a list 0,5,7 (default 3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
