@@ -148,11 +148,14 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast on GPUs that support it; full precision on CPU (CPU bf16 is often slower)."""
-    use = cfg.mixed_precision == "bf16" or (
+    return cfg.mixed_precision == "bf16" or (
         cfg.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
 
 
 class DoesNotFitError(ValueError):
