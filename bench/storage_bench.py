@@ -8,9 +8,10 @@
 Writes `--count` sources (bench/web_footage.py: web-video bitrates, 640x360-1280x720), uploads
 them to a bucket of a local S3 API server (moto in server mode, started here; or `--endpoint`
 with the usual AWS variables), then runs the spine in-process (`run_local`, `--workers`
-threads) twice in fresh output folders: on the folder and on s3://BUCKET/bench/. Prints for
-both the wall time and clips/s, their ratio (goal: S3 within 15% of local), and for the S3 run
-the bytes fetched per source byte (1.00: every source read once) and the fetch throughput.
+threads) three times in fresh outputs: on the folder, on s3://BUCKET/bench/, and on
+s3://BUCKET/bench/ with OUT_DIR s3://BUCKET/out/ (nothing local). Prints for each the wall time
+and clips/s, the ratio to local (goal: S3 within 15% of local), and for the S3-input run the
+bytes fetched per source byte (1.00: every source read once) and the fetch throughput.
 
 --listing N puts N/10 and N empty .mp4 objects under two prefixes and plans units of 4 from
 each twice: streamed (UnitFeed over iter_sources, as `curate run` does, units finished as they
@@ -43,7 +44,7 @@ from stages import storage  # noqa: E402
 log = logging.getLogger("bench")
 
 
-def spine(inputs: list[str], out: Path, workers: int, overrides: list[str]) -> tuple[float, dict]:
+def spine(inputs: list[str], out: Path | str, workers: int, overrides: list[str]) -> tuple[float, dict]:
     config = load_config(REPO / "configs" / "spine.yaml", overrides)
     started = time.monotonic()
     record = run_pipeline(config, inputs, out, lambda c, u, s: run_local(c, u, s, workers=workers))
@@ -154,11 +155,14 @@ def run_bench(args: argparse.Namespace, root: Path, files: list[Path], total: in
     s3_s, remote = spine([f"s3://{args.bucket}/bench/"], root / "out_s3", args.workers, overrides)
     fetched = storage.FETCHED["bytes"] - before["bytes"]
     fetch_s = storage.FETCHED["seconds"] - before["seconds"]
-    assert remote["clips"] == local["clips"], (remote["clips"], local["clips"])
+    both_s, both = spine([f"s3://{args.bucket}/bench/"], f"s3://{args.bucket}/out/", args.workers, overrides)
+    assert remote["clips"] == local["clips"] == both["clips"], (remote["clips"], local["clips"], both["clips"])
     print(f"sources {len(files)}  ({total / 2**20:.1f} MB)  workers {args.workers}  clips {local['clips']}")
     print(f"local folder : {local_s:6.1f} s  {local['clips'] / local_s:6.2f} clips/s")
     print(f"s3 endpoint  : {s3_s:6.1f} s  {remote['clips'] / s3_s:6.2f} clips/s  "
           f"({s3_s / local_s - 1:+.1%} wall against local; goal within +15%)")
+    print(f"s3 in and out: {both_s:6.1f} s  {both['clips'] / both_s:6.2f} clips/s  "
+          f"({both_s / local_s - 1:+.1%} wall against local; OUT_DIR s3://{args.bucket}/out/)")
     print(f"fetched      : {fetched / total:.2f} bytes per source byte, {fetched / 2**20:.1f} MB in "
           f"{fetch_s:.1f} s of fetching ({fetched / 2**20 / max(fetch_s, 1e-9):.0f} MB/s a fetch, "
           f"overlapped with decoding)")

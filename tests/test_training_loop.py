@@ -1,6 +1,5 @@
 """Tests of training/loop.py and training/cli.py train: loss falls per stage, exact resume, checkpoints."""
 
-import contextlib
 import csv
 import glob
 import os
@@ -18,6 +17,7 @@ from training.data import apply_select, columns_for, read_shards, shard_paths
 from training.loop import (BadRowsError, latest_checkpoint, latest_good_checkpoint, load_checkpoint,
                            model_from_config, train)
 from training.synthetic import write_synthetic_shards
+from numerics import float64_one_thread
 
 torch.set_num_threads(1)  # robust on a shared 2-core machine (no spinning OMP threads)
 # A very small model: the tests check behaviour, not quality.
@@ -201,19 +201,6 @@ DDP_CFG = ["device=cpu", "total_steps=5", "checkpoint_every_steps=2", "batch_siz
 DDP_TOLERANCE = {"weight_abs": 1e-7, "loss_rel": 1e-10, "grad_norm_rel": 1e-10}
 
 
-@contextlib.contextmanager
-def _float64_one_thread():
-    """Train in float64 on one thread (in float32 AdamW turns rounding into visible weight changes)."""
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-        torch.set_num_threads(threads)
-
-
 def _ddp_rank(rank: int, world: int, init_file: str, paths: list, root: str) -> None:
     """One gloo rank: an uninterrupted run, then a run killed after step 3 and resumed.
 
@@ -236,7 +223,7 @@ def _ddp_rank(rank: int, world: int, init_file: str, paths: list, root: str) -> 
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        with _float64_one_thread():
+        with float64_one_thread():
             cfg = config("video", *DDP_CFG)
             pq.ParquetFile = CountingParquetFile
             try:
@@ -260,7 +247,7 @@ def test_two_ddp_ranks_match_one_process_on_the_same_global_batch_and_resume_exa
     paths = shard_paths(out_dir)
     mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), paths, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    with _float64_one_thread():
+    with float64_one_thread():
         single = train(config("video", *DDP_CFG), paths, str(tmp_path / "single"))
 
     # Same global batch (2 streams: rank r holds stream r): the same per-step loss as one process.

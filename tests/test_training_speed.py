@@ -12,7 +12,6 @@ A broken option moves these by orders of magnitude more (a block skipped or reco
 dropout changes the loss in the 3rd digit; a wrong AdamW formula changes the weights by ~lr).
 """
 
-import contextlib
 import os
 
 import pytest
@@ -22,23 +21,12 @@ from training import diffusion
 from training.config import apply_overrides, preset
 from training.loop import model_from_config, train
 from training.synthetic import write_synthetic_shards
+from numerics import float64_one_thread
 
 MICRO = ["resolution_px=16", "model_channels=8", "context_dim=16", "channel_mult=1,2", "attention_levels=1",
          "num_heads=2", "log_every_steps=1000", "device=cpu", "batch_size=4", "warmup_steps=1",
          "checkpoint_every_steps=1000"]
 TOLERANCE = {"weight_abs": 1e-7, "loss_rel": 1e-10}
-
-
-@contextlib.contextmanager
-def float64_one_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
