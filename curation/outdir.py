@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import io
 import json
 import os
 import posixpath
@@ -95,9 +94,6 @@ class StorePath:
     def parent(self) -> "StorePath":
         return StorePath("", self.fs, posixpath.dirname(self.path))
 
-    def with_name(self, name: str) -> "StorePath":
-        return self.parent / name
-
     # ---- the store ----------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -111,21 +107,22 @@ class StorePath:
         self.fs.invalidate_cache(self.path)
         self.fs.invalidate_cache(posixpath.dirname(self.path))
 
-    def exists(self) -> bool:
+    def _ask(self, fn: Any) -> Any:
+        """fn(path) answered by the store, not by a cached listing."""
         self._fresh()
-        return bool(self._call(self.fs.exists, self.path))
+        return self._call(fn, self.path)
+
+    def exists(self) -> bool:
+        return bool(self._ask(self.fs.exists))
 
     def is_dir(self) -> bool:
-        self._fresh()
-        return bool(self._call(self.fs.isdir, self.path))
+        return bool(self._ask(self.fs.isdir))
 
     def is_file(self) -> bool:
-        self._fresh()
-        return bool(self._call(self.fs.isfile, self.path))
+        return bool(self._ask(self.fs.isfile))
 
     def size(self) -> int:
-        self._fresh()
-        return int(self._call(self.fs.size, self.path))
+        return int(self._ask(self.fs.size))
 
     def iterdir(self) -> Iterator["StorePath"]:
         """The entries directly under this prefix (none when it holds nothing)."""
@@ -226,11 +223,6 @@ def work_dir(out_dir: str | AnyPath, given: str | None = None) -> Path:
     return path
 
 
-def join(path: str | AnyPath, *parts: str) -> str:
-    """str(out_path(path) / parts...): a joined local path or URI."""
-    return str(out_path(path).joinpath(*parts))
-
-
 # ---- writing ------------------------------------------------------------------------------------
 
 def tmp_name(path: Path) -> Path:
@@ -257,22 +249,10 @@ def write_json(path: AnyPath, obj: Any, durable: bool = True) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), durable)
 
 
-def read_json(path: AnyPath) -> Any:
-    return json.loads(path.read_text())
-
-
 def write_table(path: AnyPath, table: pa.Table, row_group_size: int | None = None) -> None:
-    """A Parquet file (zstd), atomically as `write_bytes_atomic` says."""
-    if isinstance(path, StorePath):
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
-        path.write_bytes(buf.getvalue())
-        return
-    tmp = tmp_name(path)
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A Parquet file (zstd), atomically as `staged_file` says."""
+    with staged_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -364,12 +344,3 @@ def rmtree(path: AnyPath) -> None:
             path._fresh()
         return
     shutil.rmtree(path, ignore_errors=True)
-
-
-def copy_to_local(path: AnyPath, dest: Path) -> Path:
-    """A local copy of a file (for libraries that need a file name); `dest` is returned."""
-    if isinstance(path, StorePath):
-        dest.write_bytes(path.read_bytes())
-        return dest
-    shutil.copyfile(path, dest)
-    return dest

@@ -40,7 +40,6 @@ import pyarrow.compute as pc
 
 from curation import outdir, schema
 from curation.outdir import (  # noqa: F401 - the writers' names, used across the package
-    read_json,
     tmp_name,
     write_json,
 )
