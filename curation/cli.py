@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.storage import RedactingFilter
+from stages import redaction
 
 log = logging.getLogger("curate")
 
@@ -40,8 +40,8 @@ def setup_logging(verbose: bool = False) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    console.addFilter(RedactingFilter())  # no credential or presigned query string in a log line
     root.addHandler(console)
+    redaction.install()  # no credential in a log line, a traceback or anything printed
     for noisy in ("ray", "urllib3", "matplotlib", "PIL", "pyscenedetect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -53,7 +53,7 @@ def log_to_file(log_dir: Path) -> Path:
     fh = logging.FileHandler(log_file)
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    fh.addFilter(RedactingFilter())
+    fh.addFilter(redaction.RedactingFilter())
     logging.getLogger().addHandler(fh)
     return log_file
 
@@ -79,6 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("logging to %s (uploaded to %s at the end)", log_file, target / log_file.name)
         try:
             return _run(args, checked, out)
+        except BaseException:
+            log.debug("the run failed", exc_info=True)  # the traceback in the uploaded log
+            raise
         finally:
             _close_log(log_file)
             _upload_logs(local_logs)
@@ -97,21 +100,34 @@ def _close_log(log_file: Path) -> None:
         root.removeHandler(h)
 
 
-def _upload_logs(folder: Path) -> None:
+LOG_UPLOAD_TRIES = 4  # on top of the store client's own retries; waits of 1, 2, 4 s between
+
+
+def _upload_logs(folder: Path, tries: int = LOG_UPLOAD_TRIES) -> bool:
     """Copy the logs of a local log folder to the OUT_DIR its `target` file names, then delete
-    the folder (also when the upload fails: said in the terminal)."""
+    the folder. An upload that keeps failing is said on the terminal and does not change the
+    command's exit status; the folder then stays, and the next command that starts on this
+    machine uploads it. Returns whether the logs were uploaded."""
     import shutil
 
     from curation.outdir import out_path
 
-    try:
-        target = out_path((folder / "target").read_text().strip())
-        for log_file in sorted(folder.glob("run-*.log")):
-            (target / log_file.name).upload_from(log_file)
-    except OSError as exc:
-        log.warning("could not upload the run log in %s: %s", folder, exc)
-    finally:
+    error: Exception | None = None
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(2.0 ** (attempt - 1))
+        try:
+            target = out_path((folder / "target").read_text().strip())
+            for log_file in sorted(folder.glob("run-*.log")):
+                (target / log_file.name).upload_from(log_file)
+        except OSError as exc:
+            error = exc
+            continue
         shutil.rmtree(folder, ignore_errors=True)
+        return True
+    log.warning("could not upload the run log in %s after %d tries (%s); it stays there, and the next "
+                "`curate run` on this machine uploads it", folder, tries, error)
+    return False
 
 
 def _upload_orphan_logs() -> None:
@@ -316,11 +332,18 @@ def _delegated(command: str):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     delegated = _delegated(argv[0]) if argv else None
-    if delegated is not None:
-        setup_logging()
-        return delegated(argv[1:])
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=args.verbose)
+    try:
+        if delegated is not None:
+            setup_logging()
+            return delegated(argv[1:])
+        args = build_parser().parse_args(argv)
+        setup_logging(verbose=args.verbose)
+        return _dispatch(args)
+    finally:
+        redaction.uninstall()  # an in-process caller (a test) gets its own streams back
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
     from curation.sources import SourceError
     from curation.writer import OutputError
@@ -334,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError) as exc:
         log.error("%s", exc)
         return 2
+    except Exception:  # noqa: BLE001 - a bug or an outage: its traceback in the log (redacted)
+        log.exception("curate %s failed on an unexpected error (traceback below); rerun the same "
+                      "command to resume", args.command)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ releases.
 
 Without an address Ray starts an embedded local cluster; with one (`auto`, `ray://...` or
 `host:port`) the same pipeline runs on an existing cluster. Every worker installs the
-torchvision compatibility hook (stages.compat.worker_setup) before running anything.
+torchvision compatibility hook and the redaction of its output (stages/worker.py) before
+running anything.
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ def init_ray(address: str | None, num_cpus: int | None = None,
 
     if ray.is_initialized():
         return
-    runtime_env = {"worker_process_setup_hook": "stages.compat.worker_setup"}
+    runtime_env = {"worker_process_setup_hook": "stages.worker.setup"}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING,
                               "log_to_driver": True}
     if address is None:
@@ -544,6 +545,8 @@ class UnitScheduler:
         import ray
 
         state = flight.state
+        # The worker's whole traceback, chained exceptions included, for the run's log file.
+        log.debug("unit %s attempt %d failed", state.unit.unit_id, state.attempt, exc_info=exc)
         cause = getattr(exc, "cause", None)
         if isinstance(cause, storage.StoreUnavailable):
             # The store, not a source: try the unit again (an outage may pass), then stop the

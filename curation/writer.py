@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import outdir, schema
+from stages import redaction
 from curation.outdir import (  # noqa: F401 - the writers' names, used across the package
     tmp_name,
     write_json,
@@ -201,7 +202,7 @@ class OutputStore:
     def write_unit(self, unit_id: str, source_ids: list[str], table: pa.Table,
                    shard_target_mb: float, store_all_clips: bool = True) -> dict[str, Any]:
         """Write the unit's data files (scores, clips, shards); returns its ledger entry."""
-        table = add_derived_columns(table)
+        table = redaction.redact_errors(add_derived_columns(table))  # error texts may quote anything
         if table.num_rows:
             order = pc.sort_indices(table, sort_keys=[("source_path", "ascending"),
                                                       ("start_frame", "ascending")])

@@ -12,8 +12,8 @@ import succeeds and ``torch.ops.torchvision.nms`` computes real non-maximum supp
 It must run before torchvision is imported. ``install_import_hook()`` (called by
 ``stages/__init__.py``) arranges that at no cost: a meta-path finder runs ``install()``
 the first time anything imports torchvision, so processes that never touch torch do not
-pay for importing it. The Ray runner passes ``worker_setup`` as the
-``worker_process_setup_hook``, so every Ray worker does the same.
+pay for importing it. Every Ray worker of a run does the same
+first (stages/worker.py, Ray's ``worker_process_setup_hook``).
 """
 
 from __future__ import annotations
@@ -140,8 +140,3 @@ def install_import_hook() -> None:
         return  # too late to help, and torchvision imported fine (or failed) on its own
     if not any(isinstance(f, _TorchvisionImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _TorchvisionImportHook())
-
-
-def worker_setup() -> None:
-    """Ray worker_process_setup_hook: the same protection inside every Ray worker."""
-    install_import_hook()

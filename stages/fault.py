@@ -8,6 +8,9 @@ sources fail their workers, then (if it returns at all) passes the batch on unch
   segfault  a read of address 0 (a native crash)
   hang      sleep forever (a decode that never returns)
   raise     a Python exception (a bug in a stage)
+  leak      a library that puts its configuration in an error: an exception whose text holds
+            the store's endpoint URL and secret key (from the environment) is logged with its
+            traceback, then raised as the cause of one that quotes it (the redaction test's way in)
 Rows of other sources pass through untouched. It declares `fault_error`, which it leaves
 null: the runner fills it where the stage's worker died or timed out (a private column, not
 part of the written contract).
@@ -16,6 +19,7 @@ part of the written contract).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import time
@@ -23,8 +27,9 @@ from typing import Literal
 
 from stages.base import Batch, Stage
 
-FaultMode = Literal["kill", "exit", "segfault", "hang", "raise"]
-MODES = ("kill", "exit", "segfault", "hang", "raise")
+FaultMode = Literal["kill", "exit", "segfault", "hang", "raise", "leak"]
+MODES = ("kill", "exit", "segfault", "hang", "raise", "leak")
+log = logging.getLogger(__name__)
 
 
 def fail(mode: str) -> None:
@@ -39,6 +44,13 @@ def fail(mode: str) -> None:
             time.sleep(3600)
     elif mode == "raise":
         raise RuntimeError("fault stage: raised on purpose")
+    elif mode == "leak":
+        try:
+            raise ConnectionError(f"cannot reach {os.environ.get('AWS_ENDPOINT_URL')} as "
+                                  f"{os.environ.get('AWS_ACCESS_KEY_ID')}:{os.environ.get('AWS_SECRET_ACCESS_KEY')}")
+        except ConnectionError as exc:
+            log.warning("fault stage: the store client failed", exc_info=exc)
+            raise RuntimeError(f"fault stage: leaked on purpose ({exc})") from exc
 
 
 class FaultStage(Stage):

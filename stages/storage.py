@@ -1,4 +1,4 @@
-"""Sources in object storage (s3://, gs://, az://, any fsspec filesystem): listing, fetching, redaction.
+"""Sources in object storage (s3://, gs://, az://, any fsspec filesystem): listing, fetching.
 
 A source named by a URI is read through fsspec (`s3fs` for s3://, installed with this
 package; `gcsfs` for gs:// and `adlfs` for az:// when installed): the standard credential
@@ -19,7 +19,8 @@ Temporary files live in a folder per process under the system temporary director
 (`curate-fetch-<pid>-*`), are deleted as soon as their source is split, and folders left by
 processes that died (SIGKILL) are swept by the next Prefetcher.
 
-Errors name the object, never a credential or a presigned URL's query string (`redact`).
+Errors name the object, never a credential or a presigned URL's query string
+(stages/redaction.py's `redact`).
 """
 
 from __future__ import annotations
@@ -38,15 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.redaction import redact  # noqa: F401 - storage.redact, used across the package
+
 log = logging.getLogger(__name__)
 
 PART_BYTES = 16 * 2**20  # one ranged read
 PARALLEL_PARTS = 8  # ranged reads of one object at once
 TEMP_PREFIX = "curate-fetch-"
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-               "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_CLIENT_SECRET",
-               "GOOGLE_OAUTH_ACCESS_TOKEN")
 # What this process did with object stores (the run record and the benchmark read it): objects
 # fetched, their bytes and seconds, and requests that failed and were retried or given up on
 # (503 SlowDown, a reset connection, a timeout), counted as botocore decides on each attempt.
@@ -89,28 +89,6 @@ def is_uri(path: str) -> bool:
     """True for a URI with a scheme other than file:// (s3://bucket/key, gs://..., az://...)."""
     m = _URI.match(str(path))
     return bool(m) and m.group(1).lower() != "file"
-
-
-def redact(text: str) -> str:
-    """`text` without query strings of URLs (presigned signatures) and without the values of
-    the credential variables set in this process."""
-    text = re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?'\"]*)\?[^\s'\"]*", r"\1?<redacted>", str(text))
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 8:
-            text = text.replace(value, "<redacted>")
-    return text
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts every record's message (see `redact`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
 
 
 def filesystem(uri: str) -> tuple[Any, str]:
