@@ -68,6 +68,7 @@ class TrainResult:
     num_pieces_read: int = 0                                          # PIECES_READ_KEPT of them; and how many
     model: torch.nn.Module | None = None  # the trained (unwrapped) network of this process
     ema: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None  # its AdamW (sharded: this rank's moments only)
 
 
 class BadRowsError(RuntimeError):
@@ -158,6 +159,11 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory of one GPU; 0 on the CPU (where sharding=auto never shards)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+
+
 class DoesNotFitError(ValueError):
     """A step ran out of device memory: said with what to change, not as a traceback."""
 
@@ -165,7 +171,7 @@ class DoesNotFitError(ValueError):
 def _does_not_fit(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, world: int,
                   sharded: bool) -> str:
     params = sum(p.numel() for p in model.parameters()) * (world if sharded else 1)
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+    total = device_memory_bytes(device) / 2**30
     hints = [h for h, on in (("--set activation_checkpointing=true", not cfg.activation_checkpointing),
                              (f"a smaller batch_size (now {cfg.batch_size} over {world} rank(s))", True),
                              ("--workers N --set sharding=fsdp (weights, gradients and AdamW state "
@@ -523,7 +529,7 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
     model = _init_model(cfg, in_channels, init, init_checkpoint, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.checkpointing = cfg.activation_checkpointing
-    sharded = sharding.wants_sharding(cfg.sharding, model, device, world)
+    sharded = sharding.wants_sharding(cfg.sharding, model, device, world, device_memory_bytes(device))
     if sharded:
         log.info("sharding weights, gradients and optimizer state over %d ranks (FSDP2)", world)
         sharding.shard(model, device)
@@ -533,7 +539,7 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = compiled(net, cfg, device)
     optimizer = make_optimizer(model, cfg, device)
-    result = TrainResult(model=model, ema=ema)
+    result = TrainResult(model=model, ema=ema, optimizer=optimizer)
     start_step = result.resumed_from_step = _restore(resume, resume_path, model, ema, optimizer, result)
 
     # Data loader, metrics, and the EMA's decay.

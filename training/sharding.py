@@ -39,7 +39,11 @@ BYTES_PER_PARAMETER = 16  # float32 weight, gradient and two AdamW moments
 SHARD_ABOVE_GPU_SHARE = 1 / 3  # auto shards when that state takes more of one GPU's memory
 
 
-def wants_sharding(sharding: str, model: torch.nn.Module, device: torch.device, world: int) -> bool:
+def wants_sharding(sharding: str, model: torch.nn.Module, device: torch.device, world: int,
+                   device_memory_bytes: int) -> bool:
+    """Whether `sharding` (auto, ddp, fsdp) shards `model` over `world` ranks of `device`, each
+    with `device_memory_bytes` (the caller asks the GPU, so that the rule can be checked
+    without one)."""
     if world < 2 or sharding == "ddp":
         return False
     if sharding == "fsdp":
@@ -47,8 +51,7 @@ def wants_sharding(sharding: str, model: torch.nn.Module, device: torch.device, 
     if device.type != "cuda":
         return False
     need = BYTES_PER_PARAMETER * sum(p.numel() for p in model.parameters())
-    have = torch.cuda.get_device_properties(device).total_memory
-    return need > SHARD_ABOVE_GPU_SHARE * have
+    return need > SHARD_ABOVE_GPU_SHARE * device_memory_bytes
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
