@@ -100,7 +100,8 @@ def _close_log(log_file: Path) -> None:
         root.removeHandler(h)
 
 
-LOG_UPLOAD_TRIES = 4  # on top of the store client's own retries; waits of 1, 2, 4 s between
+LOG_UPLOAD_TRIES = 4  # on top of the store client's own retries
+LOG_UPLOAD_FIRST_WAIT_S = 1.0  # then doubled: 1, 2, 4 s between the tries
 
 
 def _upload_logs(folder: Path, tries: int = LOG_UPLOAD_TRIES) -> bool:
@@ -115,7 +116,7 @@ def _upload_logs(folder: Path, tries: int = LOG_UPLOAD_TRIES) -> bool:
     error: Exception | None = None
     for attempt in range(tries):
         if attempt:
-            time.sleep(2.0 ** (attempt - 1))
+            time.sleep(LOG_UPLOAD_FIRST_WAIT_S * 2.0 ** (attempt - 1))
         try:
             target = out_path((folder / "target").read_text().strip())
             for log_file in sorted(folder.glob("run-*.log")):

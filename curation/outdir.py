@@ -40,6 +40,9 @@ import pyarrow.parquet as pq
 from stages import storage
 
 
+UPLOAD_PART_BYTES = 64 * 2**20  # a part of a multipart upload to S3 (used above twice this size)
+
+
 class StorePath:
     """A path in an object store: `protocol://path`, on a filesystem from storage.filesystem."""
 
@@ -183,7 +186,13 @@ class StorePath:
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         for f in files:
             target = self if f == local else self / f.relative_to(local).as_posix()
-            self._call(self.fs.put_file, str(f), target.path)
+            target._put(f)
+
+    def _put(self, local: Path) -> None:
+        """One file: one PUT, or on S3 above 2 x UPLOAD_PART_BYTES a multipart upload (parts,
+        then a complete, each request retried by the client)."""
+        kwargs = {"chunksize": UPLOAD_PART_BYTES} if self.protocol in ("s3", "s3a") else {}
+        self._call(self.fs.put_file, str(local), self.path, **kwargs)
 
 
 AnyPath = Union[Path, StorePath]
@@ -315,13 +324,20 @@ def resolved(path: AnyPath) -> AnyPath:
     return path if isinstance(path, StorePath) else path.resolve()
 
 
+STAGE_PREFIX = "curate-stage-"  # $TMPDIR/curate-stage-<pid>-*: a file on its way to a store
+_SWEPT: list[int] = []
+
+
 @contextlib.contextmanager
 def staged_file(path: AnyPath) -> Iterator[Path]:
     """A local file to write `path`'s content into (for writers that need a file name); when
     the block ends without error it becomes `path` atomically: renamed after an fsync on a local
     disk, uploaded in one PUT to a store (the local copy, in the temporary folder, deleted)."""
     if isinstance(path, StorePath):
-        fd, name = tempfile.mkstemp(prefix="curate-stage-", suffix=path.suffix)
+        if not _SWEPT:  # staged files of processes that were killed while uploading
+            storage.sweep_orphans(prefix=STAGE_PREFIX)
+            _SWEPT.append(os.getpid())
+        fd, name = tempfile.mkstemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", suffix=path.suffix)
         os.close(fd)
         try:
             yield Path(name)

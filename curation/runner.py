@@ -227,9 +227,6 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         record.update({"status": "failed", "storage": total_storage(attempts)})
         write_json(store.run_json, record)
         raise
-    attempt["storage"] = attempt_storage(storage_before, workers_storage)
-    if attempt["storage"].get("failed_requests"):
-        log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
     attempt["units"] = units.units
     missing = sorted(units.open)  # given out, never committed
     if missing:
@@ -251,6 +248,10 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
             stage_seconds[name] += seconds
     attempt["finished_at"] = time.time()
     attempt["wall_s"] = time.monotonic() - started
+    # Everything up to run.json's last write (which cannot count itself).
+    attempt["storage"] = attempt_storage(storage_before, workers_storage)
+    if attempt["storage"].get("failed_requests"):
+        log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
     record.update({
         "status": "complete",
         "sources": {"total": units.listed,

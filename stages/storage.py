@@ -305,7 +305,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def orphans(prefix: str = TEMP_PREFIX, root: str | None = None) -> list[Path]:
-    """Temporary folders `<prefix><pid>-*` of processes that no longer run."""
+    """Temporary files and folders `<prefix><pid>-*` of processes that no longer run."""
     found = []
     for entry in Path(root or tempfile.gettempdir()).glob(prefix + "*"):
         try:
@@ -317,11 +317,15 @@ def orphans(prefix: str = TEMP_PREFIX, root: str | None = None) -> list[Path]:
     return found
 
 
-def sweep_orphans(root: str | None = None) -> int:
-    """Remove fetch folders of processes that no longer run; returns how many."""
-    found = orphans(TEMP_PREFIX, root)
+def sweep_orphans(root: str | None = None, prefix: str = TEMP_PREFIX) -> int:
+    """Remove the temporary folders (fetches) or files (`prefix`) of processes that no longer
+    run; returns how many."""
+    found = orphans(prefix, root)
     for entry in found:
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     return len(found)
 
 

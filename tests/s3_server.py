@@ -80,31 +80,71 @@ def s3_environment(work: Path, secret: str, buckets: tuple[str, ...] = (), tempd
 
 
 class FaultProxy:
-    """An HTTP proxy in front of an S3 endpoint that fails a share of requests: answered 503
-    SlowDown (`error_share`) or dropped without an answer (`drop_share`), chosen by a seeded
-    generator. `error_share = 1` makes the store look down. Counts what it did."""
+    """An HTTP proxy in front of an S3 endpoint that fails a share of requests, chosen by a
+    seeded generator: answered 503 SlowDown (`error_share`), dropped before they reach the
+    store (`drop_share`), or carried out by the store with the answer lost (`lost_reply_share`:
+    a write happened and its client does not know). `error_share = 1` makes the store look
+    down. `faulty(method, path)` picks the requests these apply to (default: all); requests
+    for which `always_fail(method, path)` is true get 503 while `always_fail_budget` lasts
+    (None: forever). A request for which `hold(method, path)` is true waits in the proxy until
+    `release` is set and is then dropped unseen by the store (a client stuck on it can be
+    killed there). Counts what it did, and keeps (method, path, fate) of every request."""
 
     SLOWDOWN = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
                 b"<Message>Please reduce your request rate.</Message></Error>")
 
-    def __init__(self, target: str, error_share: float = 0.0, drop_share: float = 0.0, seed: int = 0):
+    def __init__(self, target: str, error_share: float = 0.0, drop_share: float = 0.0, seed: int = 0,
+                 lost_reply_share: float = 0.0, faulty=None, always_fail=None, always_fail_budget=None,
+                 hold=None):
         import random
         import threading
 
         self.target = target.split("://", 1)[1]
-        self.error_share, self.drop_share = error_share, drop_share
+        self.error_share, self.drop_share, self.lost_reply_share = error_share, drop_share, lost_reply_share
+        self.faulty = faulty or (lambda method, path: True)
+        self.always_fail = always_fail or (lambda method, path: False)
+        self.always_fail_budget = always_fail_budget
+        self.hold = hold or (lambda method, path: False)
+        self.release = threading.Event()
+        self.held: list[str] = []
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.counts = {"forwarded": 0, "errors": 0, "dropped": 0}
+        self.counts = {"forwarded": 0, "errors": 0, "dropped": 0, "lost_replies": 0}
+        self.requests: list[tuple[str, str, str]] = []
         self.server = None
 
-    def _fate(self) -> str:
+    def _fate(self, method: str, path: str) -> str:
         with self.lock:
-            x = self.rng.random()
-            fate = "errors" if x < self.error_share else \
-                "dropped" if x < self.error_share + self.drop_share else "forwarded"
+            held = self.hold(method, path)
+            if held:
+                self.held.append(path)
+        if held:
+            self.release.wait()
+            with self.lock:
+                self.counts["dropped"] += 1
+                self.requests.append((method, path, "held"))
+            return "dropped"
+        with self.lock:
+            if self.always_fail(method, path) and (self.always_fail_budget is None or self.always_fail_budget > 0):
+                if self.always_fail_budget is not None:
+                    self.always_fail_budget -= 1
+                fate = "errors"
+            elif self.faulty(method, path):
+                x = self.rng.random()
+                fate = ("errors" if x < self.error_share else
+                        "dropped" if x < self.error_share + self.drop_share else
+                        "lost_replies" if x < self.error_share + self.drop_share + self.lost_reply_share
+                        else "forwarded")
+            else:
+                fate = "forwarded"
             self.counts[fate] += 1
+            self.requests.append((method, path, fate))
             return fate
+
+    def failed(self, keep=None) -> int:
+        """Requests this proxy failed (503, dropped, reply lost), of those `keep(method, path)` keeps."""
+        with self.lock:
+            return sum(1 for m, p, fate in self.requests if fate != "forwarded" and (keep is None or keep(m, p)))
 
     def __enter__(self) -> str:
         import http.client
@@ -122,7 +162,7 @@ class FaultProxy:
             def _any(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fate = proxy._fate()
+                fate = proxy._fate(self.command, self.path)
                 if fate == "dropped":
                     self.close_connection = True
                     return
@@ -141,11 +181,16 @@ class FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                if fate == "lost_replies":  # done by the store; the client never hears of it
+                    self.close_connection = True
+                    return
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's answer has no body but the object's length (its size, to the client).
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -158,5 +203,6 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
