@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace, checked, out) -> int:
 
         def executor(cfg, units, store):
             return run_ray(cfg, units, store, address=args.ray_address, num_cpus=args.num_cpus,
-                           object_store_mb=args.object_store_mb)
+                           num_gpus=args.num_gpus, object_store_mb=args.object_store_mb)
     record = run_pipeline(checked.config, args.input, out, executor, overwrite=args.overwrite,
                           command=sys.argv, notes=checked.record())
     outcomes = ", ".join(f"{n} {k}" for k, n in sorted(record["source_outcomes"].items()))
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: run the same stages in-process without Ray (one machine, debugging)")
     r.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs of the embedded Ray cluster; with --runner local, its threads (default: all cores)")
+    r.add_argument("--num-gpus", type=int, default=None,
+                   help="GPUs of the embedded Ray cluster (default: the ones Ray detects)")
     r.add_argument("--object-store-mb", type=int, default=None,
                    help="object store size of the embedded Ray cluster")
     r.add_argument("--overwrite", action="store_true", help="discard earlier results in OUTPUT")
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
+    from curation.pipeline import ModelSetupError
     from curation.sources import SourceError
     from curation.writer import OutputError
     from stages.storage import StorageError, StoreUnavailable
@@ -355,7 +358,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except StoreUnavailable as exc:  # the store, not the input: resumable, exit 1
         log.error("%s", exc)
         return 1
-    except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError) as exc:
+    except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError, ModelSetupError) as exc:
         log.error("%s", exc)
         return 2
     except Exception:  # noqa: BLE001 - a bug or an outage: its traceback in the log (redacted)

@@ -41,7 +41,7 @@ import os
 import pickle
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,7 +95,10 @@ class StageActor:
 
     def __init__(self, step: Step):
         self.step = step
-        self.stage = _stage_for(step)
+        try:
+            self.stage = _stage_for(step)
+        except Exception as exc:  # noqa: BLE001 - said once, by the driver, with the step's name
+            raise ModelSetupError(f"step {step.name}: {type(exc).__name__}: {exc}") from exc
 
     def run(self, batch: Batch) -> Batch:
         out = apply_step(self.step, self.stage, batch)
@@ -107,6 +110,20 @@ class StageActor:
     def model_loads(self) -> int:
         """Models this actor's process has loaded (stages/instrument; one per set-up)."""
         return int(instrument.counts("model_load")[self.step.name])
+
+    def placement(self) -> dict[str, Any]:
+        """Where this actor runs: the GPUs Ray gave it (its CUDA_VISIBLE_DEVICES) and the
+        device its stage resolved (`device: auto` is the CPU where torch sees no GPU)."""
+        import ray
+
+        return {"gpu_ids": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "device": getattr(self.stage, "device_used", None)}
+
+
+class ModelSetupError(ValueError):
+    """A model step's actors could not set up their stage (missing weights, a device that
+    is not there): the run stops, with the step and the setting named (exit 2)."""
 
 
 @dataclass
@@ -190,9 +207,10 @@ class Dispatcher:
         import asyncio
 
         queue = self.free.setdefault(name, asyncio.Queue())
-        c = self.counts.setdefault(name, {"actors": 0, "queued": 0, "rows": 0, "batches": 0, "failed": 0,
-                                          "busy_s": 0.0})
+        c = self.counts.setdefault(name, {"actors": 0, "slots": 0, "queued": 0, "rows": 0, "batches": 0,
+                                          "failed": 0, "busy_s": 0.0})
         c["actors"] += 1
+        c["slots"] += calls_per_actor
         for _ in range(calls_per_actor):
             queue.put_nowait(handle)
 
@@ -313,19 +331,8 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float], busy_
     """The run's Dispatcher and each model step's pool at its starting size (see PoolSizer);
     `busy_units` is how many unit tasks will run at once."""
     total_cpus = float(resources.get("CPU", 1.0))
-    total_gpus = float(resources.get("GPU", 0.0))
     remote_steps = [s for s in config.steps if is_model_step(s)]
-    # "auto" pools hold what the cluster's CPUs (GPUs) allow, and together at most half of
-    # Ray's memory at AUTO_ACTOR_MEMORY_BYTES an actor.
-    memory_cap = int(0.5 * float(resources.get("memory", 0.0))
-                     / (max(1, len(remote_steps)) * AUTO_ACTOR_MEMORY_BYTES))
-    bounds = {}
-    for step in remote_steps:
-        if step.ray.num_gpus:
-            cap = int(total_gpus // step.ray.num_gpus)
-        else:
-            cap = min(int(total_cpus // max(step.ray.num_cpus, 0.01)), memory_cap)
-        bounds[step.name] = pool_bounds(step.ray.actors, cap)
+    bounds = pools_bounds(config, resources)
     reserved = actor_cpus(remote_steps, bounds, total_cpus, unit_task_cpus(config))
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -361,6 +368,31 @@ def start_actor_pools(config: PipelineConfig, resources: dict[str, float], busy_
         sizer.last_grown[step.name] = 0.0
         log.info("step %s: %d to %d actors, starting with %d", step.name, *bounds[step.name], start)
     return sizer
+
+
+def pools_bounds(config: PipelineConfig, resources: dict[str, float]) -> dict[str, tuple[int, int]]:
+    """(min, max) actors of each model step's pool on a cluster with these resources. An
+    "auto" pool holds what the cluster's GPUs allow (a step with num_gpus: 0.25 gets 4 actors
+    per GPU) or, on CPUs, what its CPUs allow and, with the other pools, at most half of Ray's
+    memory at AUTO_ACTOR_MEMORY_BYTES an actor."""
+    total_cpus = float(resources.get("CPU", 1.0))
+    total_gpus = float(resources.get("GPU", 0.0))
+    remote_steps = [s for s in config.steps if is_model_step(s)]
+    memory_cap = int(0.5 * float(resources.get("memory", 0.0))
+                     / (max(1, len(remote_steps)) * AUTO_ACTOR_MEMORY_BYTES))
+    bounds = {}
+    for step in remote_steps:
+        if step.ray.num_gpus:
+            if total_gpus < step.ray.num_gpus:  # its actors would wait for a GPU forever
+                raise ModelSetupError(
+                    f"step {step.name}: {step.name}.ray.num_gpus={step.ray.num_gpus:g} but the Ray cluster "
+                    f"has {total_gpus:g} GPUs: set {step.name}.ray.num_gpus=0 to run it on CPUs, or start "
+                    "the cluster's GPU nodes first (--num-gpus N declares the embedded cluster's)")
+            cap = int(total_gpus // step.ray.num_gpus)
+        else:
+            cap = min(int(total_cpus // max(step.ray.num_cpus, 0.01)), memory_cap)
+        bounds[step.name] = pool_bounds(step.ray.actors, cap)
+    return bounds
 
 
 def actor_cpus(steps: list[Step], bounds: dict[str, tuple[int, int]], total_cpus: float,
@@ -453,7 +485,11 @@ class InFlight:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None,
-             object_store_mb: int | None = None, temp_dir: str | None = None) -> None:
+             object_store_mb: int | None = None, temp_dir: str | None = None,
+             num_gpus: int | None = None) -> None:
+    """Start the embedded cluster (`address` None: always a new one, never a cluster that
+    `ray start` left on this machine) or connect to `address`. `num_gpus` declares the
+    embedded cluster's GPUs (default: those Ray detects)."""
     import ray
 
     if ray.is_initialized():
@@ -463,12 +499,15 @@ def init_ray(address: str | None, num_cpus: int | None = None,
                               "log_to_driver": True}
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+        kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus)
+        if num_gpus is not None:
+            kwargs["num_gpus"] = num_gpus
         if object_store_mb:
             kwargs["object_store_memory"] = int(object_store_mb) * 1024 * 1024
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
-        log.info("starting an embedded Ray cluster (num_cpus=%s)", num_cpus or "all")
+        log.info("starting an embedded Ray cluster (num_cpus=%s, num_gpus=%s)", num_cpus or "all",
+                 "detected" if num_gpus is None else num_gpus)
     else:
         kwargs["address"] = address
         log.info("connecting to the Ray cluster at %s", address)
@@ -668,15 +707,30 @@ def pool_summary(sizer: PoolSizer, timeout_s: float = 30.0) -> dict[str, dict[st
         except Exception as exc:  # noqa: BLE001 - a dead or hung actor: the count is unknown
             log.warning("step %s: could not read its actors' model loads (%s)", name, exc)
             loads = None
+        try:
+            placements = ray.get([h.placement.remote() for h in handles], timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - as above
+            placements = []
         c = stats.get(name, {})
         summary[name] = {"actors": len(handles), "model_loads": loads, "batches": int(c.get("batches", 0)),
-                         "rows": int(c.get("rows", 0)), "failed_calls": int(c.get("failed", 0))}
+                         "rows": int(c.get("rows", 0)), "failed_calls": int(c.get("failed", 0)),
+                         "call_slots": int(c.get("slots", 0)),
+                         "devices": dict(Counter(str(p["device"]) for p in placements)),
+                         "gpu_ids": sorted({g for p in placements for g in p["gpu_ids"]})}
     return summary
+
+
+def setup_failure(name: str, exc: BaseException) -> str:
+    """What a model actor that died while setting up said (its ModelSetupError's line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if f"step {name}:" in line]
+    if lines:
+        return lines[-1][lines[-1].index(f"step {name}:"):]
+    return f"step {name}: its actors could not start ({death_cause(exc)})"
 
 
 def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, address: str | None = None,
             num_cpus: int | None = None, object_store_mb: int | None = None,
-            temp_dir: str | None = None,
+            temp_dir: str | None = None, num_gpus: int | None = None,
             driver_grace_s: float = DRIVER_GRACE_S) -> Generator[dict[str, Any], None, dict[str, Any]]:
     """Run every unit on Ray and yield each unit's ledger entry as it finishes (module docstring);
     returns what the attempt's record keeps of it (`pool_summary`).
@@ -690,7 +744,7 @@ def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, a
         return
     import ray
 
-    init_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=temp_dir)
+    init_ray(address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=temp_dir, num_gpus=num_gpus)
     resources = ray.cluster_resources()
     total_cpus = float(resources.get("CPU", 1.0))
     slots = max(1, int(total_cpus // max(unit_task_cpus(config), 0.01)))
@@ -698,8 +752,11 @@ def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, a
     units = itertools.chain(head, units)
     sizer = start_actor_pools(config, resources, busy_units=len(head))
     try:
-        for handles in sizer.actors.values():
-            ray.get([h.ready.remote() for h in handles])  # models load before units wait on them
+        for name, handles in sizer.actors.items():  # models load before units wait on them
+            try:
+                ray.get([h.ready.remote() for h in handles])
+            except ray.exceptions.RayActorError as exc:
+                raise ModelSetupError(setup_failure(name, exc)) from None
         log.info("running units on %g CPUs, up to %d at a time; %d model step(s) on actors",
                  total_cpus, 2 * slots, len(sizer.actors))
         yield from UnitScheduler(config, units, store, sizer, slots, driver_grace_s).run()

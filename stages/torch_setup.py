@@ -24,8 +24,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but torch sees no GPU in this worker "
-                           "(give the step ray.num_gpus > 0, or use device: auto)")
+        raise RuntimeError("device: 'cuda' was asked for but torch sees no GPU in this process: set the "
+                           "step's device to auto (the CPU where there is no GPU), or give the step "
+                           "ray.num_gpus on a cluster whose nodes have GPUs")
     return device
 
 
