@@ -138,13 +138,20 @@ class Progress:
 
 
 def nodes_summary(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """node id -> its address, and the units and clips it ran (and wrote); Ray runs only."""
+    """node id -> its address, the units and clips it ran (and wrote), the objects its workers
+    fetched from a store and the temporary folders they fetched into; Ray runs only."""
     nodes: dict[str, dict[str, Any]] = {}
     for e in entries:
         if e.get("node_id"):
-            n = nodes.setdefault(e["node_id"], {"ip": e.get("node_ip"), "units": 0, "clips": 0})
+            n = nodes.setdefault(e["node_id"], {"ip": e.get("node_ip"), "units": 0, "clips": 0,
+                                                "fetched_objects": 0, "fetch_temp_dirs": []})
             n["units"] += 1
             n["clips"] += e["clips"]
+            n["fetched_objects"] += int((e.get("storage") or {}).get("objects", 0))
+            # The parent of the unit's own fetch folder: the node's temporary directory.
+            temp_dir = str(Path(e["fetch_dir"]).parent) if e.get("fetch_dir") else None
+            if temp_dir is not None and temp_dir not in n["fetch_temp_dirs"]:
+                n["fetch_temp_dirs"].append(temp_dir)
     return nodes
 
 

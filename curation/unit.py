@@ -209,8 +209,10 @@ class UnitWorker:
         with storage.Prefetcher([s.path for s in todo], {s.path: s.size_bytes for s in todo}) as fetches:
             entry = self._run(unit, store, guard, failed, fetches)
         if guard is not None and any(storage.is_uri(s.path) for s in todo):
-            # A Ray worker runs one unit at a time: its process's counts are this unit's.
+            # A Ray worker runs one unit at a time: its process's counts are this unit's, all
+            # fetched into the Prefetcher's folder (run.json's `nodes` sums both per node).
             entry["storage"] = storage.counted_since(before)
+            entry["fetch_dir"] = str(fetches.dir)
         return entry
 
     def _run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None,

@@ -11,6 +11,9 @@ sources fail their workers, then (if it returns at all) passes the batch on unch
   leak      a library that puts its configuration in an error: an exception whose text holds
             the store's endpoint URL and secret key (from the environment) is logged with its
             traceback, then raised as the cause of one that quotes it (the redaction test's way in)
+  hold      hang, but only in a process whose environment sets CURATE_FAULT_HOLD (one node of a
+            test cluster, started with it in its env_vars, which its workers inherit); elsewhere
+            the row passes untouched (a test removes that node while it is surely busy)
 Rows of other sources pass through untouched. It declares `fault_error`, which it leaves
 null: the runner fills it where the stage's worker died or timed out (a private column, not
 part of the written contract).
@@ -27,9 +30,10 @@ from typing import Literal
 
 from stages.base import Batch, Stage
 
-FaultMode = Literal["kill", "exit", "segfault", "hang", "raise", "leak"]
-MODES = ("kill", "exit", "segfault", "hang", "raise", "leak")
+FaultMode = Literal["kill", "exit", "segfault", "hang", "raise", "hold", "leak"]
+MODES = ("kill", "exit", "segfault", "hang", "raise", "hold", "leak")
 log = logging.getLogger(__name__)
+HOLD_ENV = "CURATE_FAULT_HOLD"  # set (non-empty) where mode `hold` hangs
 
 
 def fail(mode: str) -> None:
@@ -51,6 +55,8 @@ def fail(mode: str) -> None:
         except ConnectionError as exc:
             log.warning("fault stage: the store client failed", exc_info=exc)
             raise RuntimeError(f"fault stage: leaked on purpose ({exc})") from exc
+    elif mode == "hold" and os.environ.get(HOLD_ENV):
+        fail("hang")
 
 
 class FaultStage(Stage):

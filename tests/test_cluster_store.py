@@ -2,13 +2,14 @@
 with the inputs and OUT_DIR both on a local S3 endpoint (moto in server mode, started and
 stopped by the fixture). Each node gets its own temporary folder (TMPDIR of its raylet, which
 its workers inherit); the driver runs in an empty working folder. Afterwards: the scores equal
-a local run's, the store holds exactly the files the ledger lists, both nodes' temporary
-folders were used and are empty of this tool's files, and nothing was written locally."""
+a local run's, the store holds exactly the files the ledger lists, each node's workers fetched
+every source they split, once, into that node's temporary folder (run.json's `nodes`), which
+holds none of this tool's files now, and nothing was written locally."""
 
 from __future__ import annotations
 
-import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,13 @@ def test_two_nodes_without_a_shared_filesystem(store, footage, tmp_path, ray_tmp
     node_tmp = {name: tmp_path / f"tmp-{name}" for name in ("head", "worker")}
     for folder in node_tmp.values():
         folder.mkdir()
-        os.utime(folder, (0, 0))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 80 * 2**20, "temp_dir": ray_tmp,
         "env_vars": {"TMPDIR": str(node_tmp["head"])}})
-    cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20, env_vars={"TMPDIR": str(node_tmp["worker"])})
+    worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20,
+                              env_vars={"TMPDIR": str(node_tmp["worker"])})
     cluster.wait_for_nodes()
+    node_ids = {"head": cluster.head_node.node_id, "worker": worker.node_id}
     driver_dir = tmp_path / "driver"
     driver_dir.mkdir()
     monkeypatch.chdir(driver_dir)
@@ -94,10 +96,17 @@ def test_two_nodes_without_a_shared_filesystem(store, footage, tmp_path, ray_tmp
         stored = sorted(p.split("/")[-1] for p in store.find(f"out/cluster/{kind}", refresh=True))
         assert stored == sorted(p.name for p in out.committed_files(kind)), kind
     assert store.find("out/cluster/logs", refresh=True)  # the driver's log, uploaded
-    # Nothing written where the driver runs; every node's temporary folder was used (the
-    # workers fetched sources there) and holds none of this tool's files now.
+    # Nothing written where the driver runs. Each node's workers fetched each source they split
+    # (the sources in the scores that its units' ledger entries list) once, into that node's own
+    # temporary folder, which holds none of this tool's files now.
     assert not list(driver_dir.iterdir())
     assert not tool_files(driver_tmp)
+    node_of_source = {sid: e["node_id"] for e in out.committed().values() for sid in e["source_ids"]}
+    split = Counter(node_of_source[sid] for sid in set(out.read_scores().column("source_id").to_pylist()))
+    nodes = out.read_run()["nodes"]
+    assert set(nodes) == set(node_ids.values()), nodes
     for name, folder in node_tmp.items():
-        assert folder.stat().st_mtime > 0, f"the {name} node's workers did not use their temporary folder"
+        n = nodes[node_ids[name]]
+        assert n["fetch_temp_dirs"] == [str(folder)], (name, n)
+        assert n["fetched_objects"] == split[node_ids[name]] >= 1, (name, n, split)
         assert not tool_files(folder), name

@@ -61,6 +61,7 @@ def corpus(footage, tmp_path_factory):
 # driver's default backstop (DRIVER_GRACE_S, 30 s), so no backstop ending passes for the timer.
 DEATH_NOTICED_WITHIN_S = 15.0
 RUN_GUARD_S = 780.0  # under pytest's 900 s per test
+HOLD_WAIT_S = 240.0  # for the head's first commit while the worker node holds a source
 DEATH_LINE = re.compile(r"unit (\S+) attempt (\d+): (.*) on (\S+) \(\d+ of \d+ attempts\)$")
 
 
@@ -172,22 +173,30 @@ def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, f
 
 
 def test_losing_a_node_mid_run_gives_every_clip_once(corpus, tmp_path, ray_tmp):
+    """The worker node holds (fault mode `hold`) the first source it gets until the test removes
+    it, so the removal always finds it mid-source, however slow the machine; the head, where
+    `hold` passes, runs that unit again and every other one."""
     import ray
     from ray.cluster_utils import Cluster
 
     from curation.pipeline import run_ray
+    from stages.fault import HOLD_ENV
 
     folder, reference = corpus
     names = [n for n in reference if n not in ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4")]
     inputs = [str(folder / n) for n in names]
-    cfg = spine_config(run={"sources_per_unit": 1})
+    # Every source holds on the worker node; the held one stays within its limit (the floor,
+    # 300 s by default) until the node is removed, which happens before HOLD_WAIT_S.
+    cfg = spine_config({".mp4": "hold"}, {"sources_per_unit": 1})
+    assert HOLD_WAIT_S < cfg.run.source_timeout_floor_s
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 80 * 1024**2, "temp_dir": ray_tmp,
         "include_dashboard": False})
+    head_id = cluster.head_node.node_id
     out = tmp_path / "out"
     result: dict = {}
     try:
-        worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
+        worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2, env_vars={HOLD_ENV: "1"})
         cluster.wait_for_nodes()
 
         def drive():
@@ -197,29 +206,30 @@ def test_losing_a_node_mid_run_gives_every_clip_once(corpus, tmp_path, ray_tmp):
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 result["error"] = exc
 
-        thread = threading.Thread(target=drive)
-        thread.start()
-        # Remove the worker node while it is splitting a source (its unit's in-flight marker
-        # names the node), after the first unit is committed.
-        def busy_on_worker() -> bool:
+        def held_on_worker() -> dict | None:
+            """The in-flight marker of the unit the worker node holds in a source, if any."""
             for marker in out.glob("inflight/u*.json"):  # not a temp file (renamed at any time)
                 try:
                     m = json.loads(marker.read_text())
                 except (OSError, ValueError):
                     continue
                 if m.get("node_id") == worker.node_id and m.get("phase") == "source":
-                    return True
-            return False
+                    return m
+            return None
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (list(out.glob("ledger/u*.json")) and busy_on_worker()):
-            time.sleep(0.01)
-        removed_while_running = busy_on_worker()
+        thread = threading.Thread(target=drive)
+        thread.start()
+        # Once the head has committed a unit and the worker holds one: a state that lasts until
+        # the node goes, so how often it is looked for does not matter.
+        deadline = time.monotonic() + HOLD_WAIT_S
+        while not (list(out.glob("ledger/u*.json")) and (held := held_on_worker())):
+            assert thread.is_alive(), result.get("error")
+            assert time.monotonic() < deadline, "no committed unit and held source within the wait"
+            time.sleep(0.1)
         cluster.remove_node(worker)
         thread.join(timeout=300)
         assert not thread.is_alive(), "the run did not finish after the node was removed"
         assert "error" not in result, result.get("error")
-        assert removed_while_running
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -227,9 +237,13 @@ def test_losing_a_node_mid_run_gives_every_clip_once(corpus, tmp_path, ray_tmp):
     ids = [r["clip_id"] for n in names for r in rows[n]]
     assert len(ids) == len(set(ids))
     assert sorted(ids) == clip_ids(reference, names)
-    assert result["record"]["sources"]["committed"] == len(names)
-    # The worker node had a unit in flight when it went: that unit ran again on the head.
-    assert result["record"]["units_retried"] >= 1
+    record = result["record"]
+    assert record["sources"]["committed"] == len(names)
+    # The held unit ran again on the head, with its real clips; the worker committed nothing.
+    entries = OutputStore(out).committed()
+    assert entries[held["unit_id"]]["attempts"] == 2 and entries[held["unit_id"]]["node_id"] == head_id
+    assert {e["node_id"] for e in entries.values()} == {head_id} and set(record["nodes"]) == {head_id}
+    assert record["units_retried"] >= 1
 
 
 def test_a_dying_model_actor_costs_only_the_rows_of_the_source_that_killed_it(ray_tmp):
@@ -289,18 +303,25 @@ def test_a_busy_model_actor_holds_up_no_batch_another_actor_is_free_for(ray_tmp)
             except BaseException:  # noqa: BLE001 - ends with ray.shutdown()
                 pass
 
+        def running() -> int:
+            return ray.get(pools.dispatcher.stats.remote())[step.name]["running"]
+
         stuck = threading.Thread(target=hang, daemon=True)
         stuck.start()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60.0
+        while running() < 1:  # the dispatcher has handed the stuck call to an actor
+            assert time.monotonic() < deadline and stuck.is_alive(), "the stuck call never started"
+            time.sleep(0.05)
         started = time.monotonic()
         rows = {"source_path": [f"/a/good{i}.mp4" for i in range(6)], "source_id": [str(i) for i in range(6)],
                 "clip_id": [str(i + 1) for i in range(6)]}
         out = pools(step, rows)  # six batches of one row: none may wait for the stuck actor
         assert out["fault_error"] == [None] * 6
-        assert time.monotonic() - started < 30.0
+        elapsed = time.monotonic() - started
         stats = ray.get(pools.dispatcher.stats.remote())[step.name]
+        # The stuck call still runs (it ends only at its 60 s limit), so no batch waited for it.
         assert stats["actors"] == 2 and stats["running"] == 1 and stats["batches"] == 6
-        assert stats["busy_s"] >= time.monotonic() - started  # the stuck call counts as busy
+        assert stats["busy_s"] >= elapsed  # the stuck call counts as busy all along
     finally:
         ray.shutdown()
 

@@ -183,13 +183,13 @@ def test_a_run_on_s3_inputs_matches_the_local_run(bucket, footage, s3, tmp_path,
 def test_ray_workers_fetch_s3_sources_and_leave_no_temporary_file(bucket, footage, s3, tmp_path, ray_tmp,
                                                                    monkeypatch):
     """The embedded cluster's workers read the sources from the endpoint (the standard
-    variables reach them through the environment) into their own temporary folders."""
+    variables reach them through the environment) into their own temporary folders: each
+    source once, counted in run.json's `nodes` with the folder its fetches went to."""
     from curation.pipeline import run_ray
 
     root, _ = footage
     worker_tmp = tmp_path / "worker_tmp"
     worker_tmp.mkdir()
-    os.utime(worker_tmp, (0, 0))
     monkeypatch.setenv("TMPDIR", str(worker_tmp))  # the workers' temporary folder
     cfg = load_config(REPO / "configs" / "spine.yaml", OVERRIDES)
     local = run_pipeline(cfg, [str(root)], tmp_path / "local", run_local)
@@ -197,7 +197,10 @@ def test_ray_workers_fetch_s3_sources_and_leave_no_temporary_file(bucket, footag
         c, u, s, num_cpus=2, object_store_mb=100, temp_dir=ray_tmp))
     assert record["source_outcomes"] == local["source_outcomes"]
     assert comparable(tmp_path / "ray") == comparable(tmp_path / "local")
-    assert worker_tmp.stat().st_mtime > 0  # folders were made (and removed) there
+    [node] = record["nodes"].values()
+    split = {r["source_id"] for r in OutputStore(tmp_path / "ray").read_scores().to_pylist()}
+    assert node["fetch_temp_dirs"] == [str(worker_tmp)], node
+    assert node["fetched_objects"] == len(split) == len(list(root.iterdir())), node
     assert not list(worker_tmp.glob(storage.TEMP_PREFIX + "*"))
 
 
