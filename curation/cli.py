@@ -4,6 +4,7 @@
     curate report OUT                                (OUT/report/index.html + terminal table)
     curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
     curate dedup OUT [--eps E] [--off]               (near-duplicate removal, curation/dedup.py)
+    curate compact OUT                               (large files, a ledger checkpoint: curation/compact.py)
     curate models check|download [pipeline.yaml]     (curation/weights_command.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate export OUT --format webdataset|files|hf --to DIR   (curation/export.py)
@@ -219,6 +220,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from curation.compact import checkpoint
+    from curation.writer import OutputError, OutputStore
+
+    store = OutputStore(args.output)
+    if not store.run_json.exists():
+        raise OutputError(f"{args.output} is not a curation output (no run.json); run `curate run` first")
+    manifest = checkpoint(store, compact=True, target_mb=args.target_mb, created_by="curate compact")
+    files = manifest["files"]
+    log.info("compact: %d units; %s", manifest["units"], ", ".join(f"{len(files[k])} {k} files" for k in files))
+    return 0
+
+
 def cmd_demo_footage(args: argparse.Namespace) -> int:
     from curation.synth import DEMO_SOURCES, make_demo_footage
 
@@ -301,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="discard an earlier export in DIR")
     ex.set_defaults(func=cmd_export)
 
+    cp = sub.add_parser("compact", help="rewrite OUT_DIR's per-unit files into large ones and checkpoint its "
+                                        "ledger (also at the end of every run; safe while a run goes on)")
+    cp.add_argument("output")
+    cp.add_argument("--target-mb", type=float, default=None,
+                    help="about this many MB per file (default: the run's run.shard_target_mb)")
+    cp.set_defaults(func=cmd_compact)
+
     d = sub.add_parser("demo-footage", help="write deterministic sample footage")
     d.add_argument("dir")
     d.set_defaults(func=cmd_demo_footage)
@@ -347,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from curation.compact import CompactionBusy
     from curation.config import ConfigError
     from curation.pipeline import ModelSetupError
     from curation.sources import SourceError
@@ -358,7 +380,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     except StoreUnavailable as exc:  # the store, not the input: resumable, exit 1
         log.error("%s", exc)
         return 1
-    except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError, ModelSetupError) as exc:
+    except (ConfigError, SourceError, OutputError, FileNotFoundError, StorageError, ModelSetupError,
+            CompactionBusy) as exc:
         log.error("%s", exc)
         return 2
     except Exception:  # noqa: BLE001 - a bug or an outage: its traceback in the log (redacted)

@@ -67,12 +67,15 @@ class RunOptions:
     source_timeout_per_video_s: float = 20.0
     model_timeout_per_row_s: float = 60.0  # a model step's call on an actor: floor + rows * this
     max_source_attempts: int = 2
+    # A finished run rewrites its per-unit files into large ones (curation/compact.py); false
+    # leaves that to a later `curate compact` (a batch of runs compacted at once).
+    compact_at_end: bool = True
 
 
 # Settings of how a run is executed, not of what it computes: left out of the fingerprint, so a
 # run can be resumed with other limits.
 EXECUTION_ONLY = ("source_timeout_floor_s", "source_timeout_per_video_s", "model_timeout_per_row_s",
-                  "max_source_attempts")
+                  "max_source_attempts", "compact_at_end")
 
 
 @dataclass

@@ -10,13 +10,13 @@ written to scores/ and shards/ by the same crash-safe pass.
 
 1. Candidates (one unit vector per clip; pairs at cosine >= 1 - eps):
 - `image_embedding`: the aesthetics stage's CLIP vector (mean over the keyframes), read from
-  clips/ (or the unit's shards when clips/ is not stored);
+  clips/ (or the shards when clips/ is not stored);
 - `perceptual` (no weights): per keyframe, the 8x8 lowest 2-D DCT coefficients of a 32x32 grey
   thumbnail (DC left out; layout, robust to re-encoding and resizing), the Cr/Cb planes at 4x4
   (where the colours are) and a 12 hue x 4 saturation histogram (colour content, blind to
   crops and motion), each part normalised; the clip's vector is the normalised mean over its
-  first/middle/last keyframes. Computed once per unit and cached in
-  dedup/perceptual/<unit>.parquet (float16).
+  first/middle/last keyframes. Computed once per data file and cached in
+  dedup/perceptual/<data file>.parquet (float16; a data file's name is never reused).
 - `auto`: image_embedding when the run has any, else perceptual. Clips without a vector (a
   failed aesthetics stage, no keyframes) are never grouped.
 eps is loose (0.3 perceptual, 0.1 CLIP): it only has to let every copy through.
@@ -27,7 +27,7 @@ match at >= min_match (0.85) at some time shift of at most max_shift_s (2 s): th
 and the same changes at the same times. Chunks of one static camera do not match (other
 passers-by), a copy of chunk k matches chunk k, and two clips of one source match only when the
 footage repeats (a loop, a replay). Outputs written before the column existed get signatures
-decoded from the clips' video, cached in dedup/temporal/<unit>.parquet.
+decoded from the clips' video, cached in dedup/temporal/<data file>.parquet.
 
 Candidates (`candidate_pairs`, scaling to 1M clips): spherical k-means on a sample gives
 about n / bucket_size centroids; every clip goes to its nearest centroid and also to its
@@ -49,7 +49,8 @@ change with the rules without recomputing the groups. A duplicate gets the rejec
 "duplicate_of:<clip_id>" (after its rules' reasons); its match score, shift and group go to
 dedup/duplicates.parquet, counts and settings to dedup/dedup.json. The groups and matching
 pairs are cached in dedup/groups.parquet and dedup/pairs.parquet, keyed by the embedding, the
-settings and the committed units, so a refilter with new rules reuses them.
+settings and the committed units (not the files that hold them: a compaction keeps them), so a
+refilter with new rules reuses them.
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation import outdir
+from curation import columns, outdir
+from curation.ledger import Ledger
 from curation.writer import OutputStore, write_json, write_parquet_atomic
 from stages import signature
 
@@ -125,35 +128,38 @@ def perceptual_embedding(keyframes: list[bytes] | None) -> np.ndarray | None:
     return _unit(np.mean(feats, axis=0)).astype(np.float32)
 
 
-# ---- reading embeddings, unit by unit ----------------------------------------------------------
+# ---- reading embeddings, file by file -----------------------------------------------------------
 
-def _payload_source(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> list[Path]:
-    clips = store.clips_dir / (entry.get("clips_file") or f"{unit_id}.parquet")
-    if clips.exists():
-        return [clips]
-    return [store.shards_dir / n for n in entry.get("shard_files", []) if (store.shards_dir / n).exists()]
+def payload_files(ledger: Ledger) -> list[Any]:
+    """Where every clip's payload is: clips/ (run.store_all_clips), else the kept clips' shards."""
+    from curation.finalize import payload_source
+
+    return ledger.files(payload_source(ledger))
 
 
-def _read_column(paths: list[Path], column: str):
+def _read_column(paths: list[Any], column: str):
     """(clip_id, value) per row of `paths`, one row group at a time."""
-    for path in paths:
-        f = outdir.parquet_file(path)
-        for g in range(f.num_row_groups):
-            t = f.read_row_group(g, columns=["clip_id", column])
-            yield from zip(t.column("clip_id").to_pylist(), t.column(column).to_pylist())
+    for table in columns.scan(paths, ["clip_id", column]):
+        yield from zip(table.column("clip_id").to_pylist(), table.column(column).to_pylist())
 
 
-def _perceptual_unit(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> tuple[list[str], np.ndarray]:
-    """A unit's perceptual vectors, from its cache file when that matches the committed unit."""
-    cache = store.root / "dedup" / "perceptual" / f"{unit_id}.parquet"
-    stamp = f"{PERCEPTUAL_VERSION}:{entry.get('committed_at')}"
+def _cache(store: OutputStore, kind: str, path: Any) -> Any:
+    """dedup/<kind>/<data file stem>.parquet: a data file's name is never reused for other
+    rows (names are unique per attempt and per compaction), so it keys the cache."""
+    return store.root / "dedup" / kind / f"{path.stem}.parquet"
+
+
+def _perceptual_file(store: OutputStore, path: Any) -> tuple[list[str], np.ndarray]:
+    """A data file's perceptual vectors, from its cache file when there is one."""
+    cache = _cache(store, "perceptual", path)
+    stamp = f"{PERCEPTUAL_VERSION}:{path.name}"
     if cache.exists():
         t = outdir.read_table(cache)
         if (t.schema.metadata or {}).get(b"stamp") == stamp.encode():
             vecs = np.frombuffer(b"".join(t.column("vector").to_pylist()), np.float16)
             return t.column("clip_id").to_pylist(), vecs.reshape(t.num_rows, -1)
     ids, vecs = [], []
-    for cid, frames in _read_column(_payload_source(store, unit_id, entry), "keyframes"):
+    for cid, frames in _read_column([path], "keyframes"):
         v = perceptual_embedding(frames)
         if v is not None:
             ids.append(cid)
@@ -165,49 +171,48 @@ def _perceptual_unit(store: OutputStore, unit_id: str, entry: dict[str, Any]) ->
     return ids, np.stack(vecs) if vecs else np.zeros((0, 143), np.float16)
 
 
-def _clip_unit(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def _clip_file(store: OutputStore, path: Any) -> tuple[list[str], np.ndarray]:
     ids, vecs = [], []
-    for cid, v in _read_column(_payload_source(store, unit_id, entry), "image_embedding"):
+    for cid, v in _read_column([path], "image_embedding"):
         if v:
             ids.append(cid)
             vecs.append(_unit(np.asarray(v, np.float32)).astype(np.float16))
     return ids, np.stack(vecs) if vecs else np.zeros((0, 0), np.float16)
 
 
-def has_image_embeddings(store: OutputStore, ledger: dict[str, dict[str, Any]]) -> bool:
+def has_image_embeddings(files: list[Any]) -> bool:
     """True when some clip of the run has an image_embedding (the aesthetics stage ran)."""
-    for unit_id, entry in ledger.items():
-        for path in _payload_source(store, unit_id, entry):
-            col = outdir.read_table(path, columns=["image_embedding"]).column("image_embedding")
-            if col.null_count < len(col):
-                return True
+    for table in columns.scan(files, ["image_embedding"]):
+        col = table.column("image_embedding")
+        if col.null_count < len(col):
+            return True
     return False
 
 
-def resolve_embedding(kind: str, store: OutputStore, ledger: dict[str, dict[str, Any]]) -> str:
+def resolve_embedding(kind: str, files: list[Any]) -> str:
     if kind != "auto":
         return kind
-    return "image_embedding" if has_image_embeddings(store, ledger) else "perceptual"
+    return "image_embedding" if has_image_embeddings(files) else "perceptual"
 
 
-def collect_embeddings(store: OutputStore, ledger: dict[str, dict[str, Any]],
-                       kind: str) -> tuple[list[str], np.ndarray, list[tuple[str, int, int]]]:
-    """(clip_ids, (n, d) float16 unit vectors, [(unit_id, first row, end row)]) of every
+def collect_embeddings(store: OutputStore, files: list[Any],
+                       kind: str) -> tuple[list[str], np.ndarray, list[tuple[Any, int, int]]]:
+    """(clip_ids, (n, d) float16 unit vectors, [(data file, first row, end row)]) of every
     committed clip that has a vector."""
-    read = _perceptual_unit if kind == "perceptual" else _clip_unit
+    read = _perceptual_file if kind == "perceptual" else _clip_file
     ids: list[str] = []
     parts: list[np.ndarray] = []
-    spans: list[tuple[str, int, int]] = []
+    spans: list[tuple[Any, int, int]] = []
     started = last = time.monotonic()
-    for k, (unit_id, entry) in enumerate(ledger.items()):
-        unit_ids, vecs = read(store, unit_id, entry)
-        spans.append((unit_id, len(ids), len(ids) + len(unit_ids)))
-        ids += unit_ids
-        if len(unit_ids):
+    for k, path in enumerate(files):
+        file_ids, vecs = read(store, path)
+        spans.append((path, len(ids), len(ids) + len(file_ids)))
+        ids += file_ids
+        if len(file_ids):
             parts.append(vecs)
-        if time.monotonic() - last > 10 or k + 1 == len(ledger):
+        if time.monotonic() - last > 10 or k + 1 == len(files):
             last = time.monotonic()
-            log.info("dedup: %s vectors of %d/%d units (%d clips), %.0fs", kind, k + 1, len(ledger),
+            log.info("dedup: %s vectors of %d/%d files (%d clips), %.0fs", kind, k + 1, len(files),
                      len(ids), last - started)
     dims = {p.shape[1] for p in parts}
     if len(dims) > 1:
@@ -215,21 +220,31 @@ def collect_embeddings(store: OutputStore, ledger: dict[str, dict[str, Any]],
     return ids, np.concatenate(parts) if parts else np.zeros((0, 1), np.float16), spans
 
 
+def remove_stale_caches(store: OutputStore, files: list[Any]) -> None:
+    """Cache files of data files the ledger no longer lists (compacted or replaced)."""
+    stems = {p.stem for p in files}
+    for kind in ("perceptual", "temporal"):
+        folder = store.root / "dedup" / kind
+        if folder.exists():
+            for cache in folder.iterdir():
+                if cache.stem not in stems:
+                    cache.unlink(missing_ok=True)
+
+
 # ---- temporal signatures: the verification of candidate pairs ----------------------------------
 
-def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
-                     wanted: set[str]) -> dict[str, bytes]:
-    """{clip_id: temporal signature} of the `wanted` clips of a unit: the split stage's
+def _signatures_file(store: OutputStore, path: Any, wanted: set[str]) -> dict[str, bytes]:
+    """{clip_id: temporal signature} of the `wanted` clips of a data file: the split stage's
     `temporal_signature` column, else (outputs written before it) computed from the clip's
-    video and cached in dedup/temporal/<unit>.parquet."""
-    paths = _payload_source(store, unit_id, entry)
-    with_column = [p for p in paths if signature.COLUMN in outdir.read_schema(p).names]
-    found = {cid: sig for cid, sig in _read_column(with_column, signature.COLUMN) if sig and cid in wanted}
+    video and cached in dedup/temporal/<file>.parquet."""
+    found = {}
+    if signature.COLUMN in outdir.read_schema(path).names:
+        found = {cid: sig for cid, sig in _read_column([path], signature.COLUMN) if sig and cid in wanted}
     missing = wanted - found.keys()
     if not missing:
         return found
-    cache = store.root / "dedup" / "temporal" / f"{unit_id}.parquet"
-    stamp = f"{signature.SIGNATURE_VERSION}:{entry.get('committed_at')}".encode()
+    cache = _cache(store, "temporal", path)
+    stamp = f"{signature.SIGNATURE_VERSION}:{path.name}".encode()
     cached: dict[str, bytes | None] = {}
     if cache.exists():
         t = outdir.read_table(cache)
@@ -237,7 +252,7 @@ def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
             cached = dict(zip(t.column("clip_id").to_pylist(), t.column(signature.COLUMN).to_pylist()))
     todo = missing - cached.keys()
     if todo:
-        for cid, video in _read_column(paths, "video"):
+        for cid, video in _read_column([path], "video"):
             if cid in todo:
                 cached[cid] = signature.from_video(video) if video else None
         table = pa.table({"clip_id": pa.array(list(cached), pa.string()),
@@ -248,18 +263,18 @@ def _signatures_unit(store: OutputStore, unit_id: str, entry: dict[str, Any],
     return found
 
 
-def collect_signatures(store: OutputStore, ledger: dict[str, dict[str, Any]], ids: list[str],
-                       spans: list[tuple[str, int, int]], rows: np.ndarray) -> dict[int, bytes]:
-    """{row: temporal signature} of the given rows of `ids` (row spans per unit as
-    collect_embeddings gives them), read unit by unit; rows without one are left out."""
+def collect_signatures(store: OutputStore, ids: list[str], spans: list[tuple[Any, int, int]],
+                       rows: np.ndarray) -> dict[int, bytes]:
+    """{row: temporal signature} of the given rows of `ids` (row spans per data file as
+    collect_embeddings gives them), read file by file; rows without one are left out."""
     out: dict[int, bytes] = {}
     rows = np.unique(rows)  # sorted
-    for unit_id, start, end in spans:
+    for path, start, end in spans:
         mine = rows[(rows >= start) & (rows < end)]
         if mine.size == 0:
             continue
         wanted = {ids[i]: int(i) for i in mine}
-        for cid, sig in _signatures_unit(store, unit_id, ledger[unit_id], set(wanted)).items():
+        for cid, sig in _signatures_file(store, path, set(wanted)).items():
             out[wanted[cid]] = sig
     return out
 
@@ -532,9 +547,8 @@ class Groups:
         return self.matched_later[key]
 
 
-def _groups_key(opts: tuple, ledger: dict[str, dict[str, Any]]) -> str:
-    units = [(u, e.get("committed_at"), e.get("clips_file")) for u, e in sorted(ledger.items())]
-    key = json.dumps([PERCEPTUAL_VERSION, signature.SIGNATURE_VERSION, *opts, units], default=str)
+def _groups_key(opts: tuple, ledger: Ledger) -> str:
+    key = json.dumps([PERCEPTUAL_VERSION, signature.SIGNATURE_VERSION, *opts, ledger.fingerprint()], default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -565,23 +579,24 @@ def _read_groups(cache: Path, pairs_file: Path, key: str, s: dict[str, Any]) -> 
                   t.column(signature.COLUMN).to_pylist(), s["max_shift_s"])
 
 
-def run_groups(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict[str, Any]) -> Groups:
+def run_groups(store: OutputStore, ledger: Ledger, opts: dict[str, Any]) -> Groups:
     """The run's near-duplicate groups under `opts` (the config's dedup section), from
     dedup/groups.parquet and pairs.parquet when computed for the same settings and units.
 
     Candidates are the pairs of clips whose vectors are within eps (bucketed, as in
     near_duplicate_components); a candidate is a duplicate pair when the clips' temporal
     signatures match (stages/signature.py); groups are the components of those pairs."""
-    s = settings(resolve_embedding(opts.get("embedding", "auto"), store, ledger), opts)
+    files = payload_files(ledger)
+    s = settings(resolve_embedding(opts.get("embedding", "auto"), files), opts)
     key = _groups_key((s["embedding"], s["eps"], s["bucket_size"], s["min_match"], s["max_shift_s"]), ledger)
     cache, pairs_file = store.root / "dedup" / "groups.parquet", store.root / "dedup" / "pairs.parquet"
     cached = _read_groups(cache, pairs_file, key, s)
     if cached is not None:
         return cached
-    ids, x, spans = collect_embeddings(store, ledger, s["embedding"])
+    ids, x, spans = collect_embeddings(store, files, s["embedding"])
     a, b = candidate_pairs(x, s["eps"], s["bucket_size"]) if len(ids) else (np.zeros(0, np.int64),) * 2
     candidates = np.unique(np.concatenate([a, b]))
-    sigs = collect_signatures(store, ledger, ids, spans, candidates)
+    sigs = collect_signatures(store, ids, spans, candidates)
     without = len(candidates) - len(sigs)
     if without:
         log.warning("dedup: %d candidate clips have no temporal signature (no decodable video); "
@@ -673,40 +688,38 @@ def record(store: OutputStore, groups: Groups, decisions: dict[str, tuple[str, f
     return summary
 
 
-def apply_to_plans(store: OutputStore, ledger: dict[str, dict[str, Any]], opts: dict[str, Any] | None,
-                   tables: dict[str, pa.Table], plans: dict[str, tuple[list[bool], list[list[str]]]]
-                   ) -> dict[str, Any] | None:
-    """Reject the duplicates in `plans` ({unit: (keep, reasons)} under the rules, changed in
-    place) and record them; with no dedup section, clear an earlier pass's record. Returns
-    dedup.json's content (None without dedup)."""
+def decide(store: OutputStore, ledger: Ledger, opts: dict[str, Any] | None, effective: list[dict],
+           score_files: list[Any]) -> tuple[dict[str, tuple[str, float]], dict[str, Any] | None]:
+    """({duplicate clip_id: (kept clip_id, match score)}, dedup.json's content) under `opts`
+    (the config's dedup section) and the rules `effective` (absolute min/max per filter step):
+    a grouped clip's priority is its keep under those rules, then its keep_by values. With no
+    dedup section, an earlier pass's record is cleared and there are no decisions."""
     if opts is None:
         for name in ("dedup.json", "duplicates.parquet"):
             (store.root / "dedup" / name).unlink(missing_ok=True)
-        return None
+        return {}, None
+    from stages.rules import evaluate_rows
+
     started = time.monotonic()
     groups = run_groups(store, ledger, opts)
-    grouped = set(groups.ids)
+    grouped = pa.array(groups.ids, pa.string())
     keep_by = list(opts.get("keep_by") or [])
+    ruled = sorted({c for rules in effective for c in rules})
     priority: dict[str, tuple] = {}
-    for unit_id, table in tables.items():
-        ids = table.column("clip_id").to_pylist()
-        rows = [i for i, cid in enumerate(ids) if cid in grouped]
-        if not rows:
+    wanted = sorted(set(["clip_id", "split_error", "start_frame"] + ruled + keep_by))
+    for table in columns.scan(score_files, wanted) if len(grouped) else ():
+        hit = pc.is_in(table.column("clip_id"), value_set=grouped)
+        if not pc.any(hit).as_py():
             continue
-        sub = table.take(pa.array(rows, pa.int64()))
-        values = [sub.column(c).to_pylist() if c in sub.column_names else [None] * len(rows) for c in keep_by]
-        for k, i in enumerate(rows):
-            priority[ids[i]] = priority_of(plans[unit_id][0][i], [float(v[k]) if v[k] is not None else None
-                                                                 for v in values], ids[i])
+        sub = table.filter(hit)
+        keep, _ = evaluate_rows(~columns.is_clip(sub), {c: columns.floats(sub, c) for c in ruled}, effective)
+        values = [columns.floats(sub, c) for c in keep_by]
+        for k, cid in enumerate(sub.column("clip_id").to_pylist()):
+            priority[cid] = priority_of(keep[k], [None if math.isnan(v[k]) else float(v[k]) for v in values], cid)
     decisions = choose(groups, priority)
-    for unit_id, table in tables.items():
-        keep, reasons = plans[unit_id]
-        for i, cid in enumerate(table.column("clip_id").to_pylist()):
-            if cid in decisions:
-                keep[i] = False
-                reasons[i] = reasons[i] + [REASON_PREFIX + decisions[cid][0]]
     summary = record(store, groups, decisions, opts)
+    remove_stale_caches(store, payload_files(ledger))
     log.info("dedup: %d duplicates in %d groups (%s candidates at cosine >= %.3g, matching in time "
              "at >= %.3g) among %d clips, %.1fs", summary["duplicates"], summary["groups"], groups.embedding,
              1 - groups.eps, groups.min_match, groups.clips_embedded, time.monotonic() - started)
-    return summary
+    return decisions, summary

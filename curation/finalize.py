@@ -2,45 +2,38 @@
 percentile rules and near-duplicate removal) and the pass under `curate refilter` (`apply_rules`).
 
 The rule logic is stages/rules.py's (resolution of percentile rules, evaluation); this module
-reads the stored scores and writes the results. `apply_rules`:
+streams the stored tables through it and writes the results. `apply_rules`:
 
 1. resolve every percentile rule ({drop_bottom: q} / {drop_top: q}) over the non-missing
    values of every committed clip (convention in stages/rules.py: drop_bottom 0.25 ->
-   min = the value with 25% of the clips below it; values below min are rejected);
-2. evaluate every rule of every filter step, in pipeline order, on every row of scores/
-   (absolute rules and resolved ones alike) -> keep and reject_reasons, exactly as the filter
-   stage would have written them; source-error rows stay rejected with "split_error";
-3. per unit, where anything changed: write new shard files shards/<unit>-r<hash>-<k>.parquet
-   (named after the kept set, never the names the ledger lists now) from the payload in
-   clips/<unit>.parquet joined with the new scores, then scores/<unit>.parquet, then the
-   unit's ledger entry (kept, shard_files); at the end delete shard files no entry lists.
-   Readers of shards (`curate train`, Ray Train workers) read only the files the ledger lists,
-   so they never see an interrupted pass's new files; `curate train` refuses an output whose
-   refilter did not finish (run.json's last "refilters" entry is not "finished"). An
-   interrupted pass is finished, not rolled back: by running the same refilter again, or by
-   the next `curate run` with the new rules;
-4. record the resolved thresholds in run.json under "resolved_rules".
+   min = the value with 25% of the clips below it; values below min are rejected), by exact
+   order statistics in a few streamed passes over the ruled columns (curation/columns.py);
+2. with a `dedup:` section, the near-duplicate decisions (curation/dedup.py), which need
+   each grouped clip's keep under the rules;
+3. one streamed pass over scores/, a row group at a time: every rule of every filter step,
+   in pipeline order, evaluated on every row -> keep and reject_reasons, exactly as the filter
+   stage would have written them (source-error rows stay rejected with "split_error", a
+   duplicate gets "duplicate_of:<clip_id>"), written into new compacted scores files; the kept
+   clips joined with their payload, read alongside from clips/ (the same clips in the same
+   order), written into new compacted shard files; loose clips files are compacted too;
+4. a new ledger checkpoint naming the new files (curation/compact.py): its write is the
+   commit, so readers see the old tables or the new ones, never a mix; the replaced files
+   are deleted after it; run.json records the resolved thresholds and the kept total.
 
-With a `dedup:` section in the config, step 2 is followed by near-duplicate removal over all
-units (curation/dedup.py): every clip but one of each near-duplicate group gets the reason
-"duplicate_of:<clip_id>", the kept one chosen among the clips passing the rules. The groups
-are cached under OUT_DIR/dedup/, so a refilter keeps the dedup decisions (recomputed for the
-new rules from the same groups) and `curate dedup` / `--set dedup.eps=...` redoes them.
-
-Nothing is decoded or scored again. Every file is written under a temporary name and renamed.
-The result depends only on the score columns and the rules, never on the keep/reject_reasons
-already stored, so a pass killed part-way and run again gives the same result as one that was
-never interrupted (a unit is skipped only when its scores and its shard files already match).
+Nothing is decoded or scored again, and memory is a row group per kind and the dedup
+decisions, not the corpus. The result depends only on the score columns and the rules, never
+on the keep/reject_reasons already stored, so a pass killed part-way (nothing committed) and
+run again gives the same result as one never interrupted.
 
 Limits: clips rejected by a filter step placed before an expensive stage have no value for
 that stage's scores (the stage skipped them), so loosening such a rule keeps them rejected as
 "<column>:missing"; and with run.store_all_clips=false only clips that are in shards already
-have their payload stored, so refilter can tighten but not loosen (it refuses, naming a clip).
+have their payload stored, so refilter can tighten but not loosen (it refuses, naming a clip,
+and changes nothing).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -50,23 +43,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation import dedup, outdir, schema
+from curation import columns, compact, dedup, schema
 from curation.config import PipelineConfig
-from curation.writer import OutputError, OutputStore, add_derived_columns, write_json, write_parquet_atomic
+from curation.ledger import Ledger
+from curation.writer import OutputError, OutputStore, add_derived_columns, write_json
 from stages.rules import (
     Rules,
     effective_steps,
     evaluate_rows,
     filter_steps,
-    float_values,
     is_percentile,
+    percentile_ranks,
     percentile_rules,
-    resolve_steps,
+    resolve_percentile,
 )
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_COLUMNS = [f.name for f in schema.PAYLOAD_FIELDS]
+PROGRESS_EVERY_S = 10.0
 
 
 def _config_dict(config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
@@ -86,178 +81,151 @@ def finalize(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) -> di
     return apply_rules(out_dir, config)["resolved_rules"]
 
 
-# ---- reading the stored scores ------------------------------------------------------------------
+# ---- percentile rules -------------------------------------------------------------------------
 
-def _read_unit_scores(store: OutputStore, ledger: dict[str, dict[str, Any]]) -> dict[str, pa.Table]:
-    tables = {}
-    for unit_id, entry in ledger.items():
-        path = store.scores_dir / entry["scores_file"]
-        if not path.exists():
-            raise OutputError(f"{path}: listed in the ledger but missing; the output is damaged")
-        tables[unit_id] = outdir.read_table(path)
-    return tables
-
-
-def _is_error(table: pa.Table) -> np.ndarray:
-    """Source-error rows (not clips): split_error set and no frame range."""
-    return (pc.is_valid(table.column("split_error")).to_numpy(zero_copy_only=False)
-            & pc.is_null(table.column("start_frame")).to_numpy(zero_copy_only=False))
-
-
-def clip_values(tables: list[pa.Table], columns: set[str]) -> dict[str, np.ndarray]:
-    """{column: float64 values over the clip rows of every table, NaN where missing}; a column
-    no table has is left out."""
-    values = {}
-    for column in sorted(columns):
-        parts = [float_values(t.column(column))[~_is_error(t)] for t in tables if column in t.column_names]
-        if parts:
-            values[column] = np.concatenate(parts)
+def clip_values(paths: list[Any], column: str):
+    """A callable yielding the non-missing values of `column` over the clip rows of `paths`,
+    a row group at a time (for columns.order_statistics, which reads it once per pass)."""
+    def values():
+        for table in columns.scan(paths, [column, "split_error", "start_frame"]):
+            v = columns.floats(table, column)[columns.is_clip(table)]
+            yield v[~np.isnan(v)]
     return values
 
 
-def resolve_rules(steps: list[tuple[str, Rules]], values: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """{step: {column: resolved}} for every percentile rule (stages.rules.resolve_steps), logged."""
-    resolved = resolve_steps(steps, values)
+def resolve_rules(paths: list[Any], steps: list[tuple[str, Rules]]) -> dict[str, dict[str, Any]]:
+    """{step: {column: resolved}} for every percentile rule, with the thresholds
+    stages.rules.resolve_percentile takes (the same ranks), over the stored scores `paths`."""
+    resolved: dict[str, dict[str, Any]] = {}
     for step_name, rules in steps:
         for column, bounds in percentile_rules(rules).items():
-            log.info("resolved %s.%s %s over %d clips -> %s", step_name, column, bounds,
-                     resolved[step_name][column]["values"],
-                     {k: v for k, v in resolved[step_name][column].items() if k in ("min", "max")})
+            values = clip_values(paths, column)
+            n = sum(int(v.size) for v in values())
+            if not n:
+                out = resolve_percentile(np.zeros(0), bounds)
+            else:
+                ranks = percentile_ranks(bounds, n)
+                found = columns.order_statistics(values, ranks.values())
+                out = {k: bounds[k] for k in ("drop_bottom", "drop_top") if k in bounds}
+                out.update({"values": n, **{key: float(found[r]) for key, r in ranks.items()}})
+            resolved.setdefault(step_name, {})[column] = out
+            log.info("resolved %s.%s %s over %d clips -> %s", step_name, column, bounds, n,
+                     {k: v for k, v in out.items() if k in ("min", "max")})
     return resolved
 
 
-def _warn_unvalued(steps: list[tuple[str, Rules]], values: dict[str, np.ndarray]) -> None:
+def _warn_unvalued(steps: list[tuple[str, Rules]], valued: set[str]) -> None:
     for name, rules in steps:
         for column in rules:
-            if column not in values or np.isnan(values[column]).all():
+            if column not in valued:
                 log.warning("rule %s.%s: no clip has a value for %s (its stage did not run?); "
                             "every clip is rejected as %s:missing", name, column, column, column)
 
 
-def _new_filter_columns(table: pa.Table, steps: list[Rules]) -> tuple[list[bool], list[list[str]]]:
-    names = {c for rules in steps for c in rules if c in table.column_names}
-    return evaluate_rows(_is_error(table), {c: float_values(table.column(c)) for c in names}, steps)
+# ---- one row group of scores under the rules --------------------------------------------------
+
+def evaluate(table: pa.Table, effective: list[Rules], decisions: dict[str, tuple[str, float]]
+             ) -> tuple[np.ndarray, list[list[str]]]:
+    """keep and reject_reasons of a scores row group under the rules and the dedup decisions."""
+    is_error = ~columns.is_clip(table)
+    ruled = {c for rules in effective for c in rules}
+    keep, reasons = evaluate_rows(is_error, {c: columns.floats(table, c) for c in ruled
+                                             if c in table.column_names}, effective)
+    keep = np.asarray(keep, bool)
+    if decisions:
+        ids = table.column("clip_id")
+        hit = pc.is_in(ids, value_set=pa.array(list(decisions), pa.string())).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(hit):
+            keep[i] = False
+            reasons[i] = reasons[i] + [dedup.REASON_PREFIX + decisions[ids[int(i)].as_py()][0]]
+    return keep, reasons
 
 
-def _payload(store: OutputStore, unit_id: str, entry: dict[str, Any]) -> pa.Table:
-    """clip_id + payload columns of a unit: clips/ (every clip), else its current shards.
-    A column an older output lacks (e.g. temporal_signature) comes back as nulls."""
-    target = pa.schema([schema.CLIPS_SCHEMA.field("clip_id")] + schema.PAYLOAD_FIELDS)
-
-    def read(path: Path) -> pa.Table:
-        present = set(outdir.read_schema(path).names)
-        return schema.conform(outdir.read_table(path, columns=[c for c in target.names if c in present]), target)
-
-    clips_file = entry.get("clips_file") or f"{unit_id}.parquet"
-    path = store.clips_dir / clips_file
-    if path.exists():
-        return read(path)
-    parts = [read(store.shards_dir / name) for name in entry.get("shard_files", [])
-             if (store.shards_dir / name).exists()]
-    if not parts:
-        return schema.conform(pa.table({"clip_id": pa.array([], pa.string())}), target)
-    return pa.concat_tables(parts)
-
-
-def _shard_clip_ids(store: OutputStore, entry: dict[str, Any]) -> list[str]:
-    """clip_ids in the unit's ledger-listed shard files, in file order."""
-    ids: list[str] = []
-    for name in entry.get("shard_files", []):
-        path = store.shards_dir / name
-        if not path.exists():
-            return []  # damaged: rewritten below
-        ids.extend(outdir.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
-    return ids
-
-
-def _check_payload_stored(store: OutputStore, unit_id: str, entry: dict[str, Any], table: pa.Table,
-                          keep: list[bool]) -> None:
-    """Refuse (OutputError) to keep a clip whose video was not stored (run.store_all_clips=false)."""
-    clips_file = store.clips_dir / (entry.get("clips_file") or f"{unit_id}.parquet")
-    if clips_file.exists():
-        return
-    stored = set(_shard_clip_ids(store, entry))
-    ids = table.column("clip_id").to_pylist()
-    lacking = [cid for cid, k in zip(ids, keep) if k and cid not in stored]
-    if lacking:
-        raise OutputError(
-            f"clip {lacking[0]} (and {len(lacking) - 1} more) would be kept but its video was "
-            f"not stored ({clips_file} is missing: the run had run.store_all_clips=false); "
-            "these rules can only be applied by a new run")
-
-
-# ---- writing ------------------------------------------------------------------------------------
-
-def shard_version(kept_ids: list[str]) -> str:
-    """A name part for a refilter's shard files: the same kept set gives the same names, so a
-    pass killed and run again writes the same files, and never the files listed now."""
-    return "r" + hashlib.sha1(",".join(kept_ids).encode()).hexdigest()[:8]
-
-
-def _with_filter_columns(table: pa.Table, keep: list[bool], reasons: list[list[str]]) -> pa.Table:
-    """The unit's scores with the new keep and reject_reasons, conformed to the contract."""
-    return schema.conform(
-        table.set_column(table.column_names.index("keep"), "keep", pa.array(keep, pa.bool_()))
-             .set_column(table.column_names.index("reject_reasons"), "reject_reasons",
-                         pa.array(reasons, pa.list_(pa.string()))),
-        schema.SCORES_SCHEMA)
-
-
-def _write_kept_shards(store: OutputStore, unit_id: str, entry: dict[str, Any], scores: pa.Table,
-                       keep: list[bool], kept_ids: list[str], shard_target_mb: float) -> list[str]:
-    """New shard files for the unit's kept clips (scores joined with their payload); their names."""
-    kept_rows = scores.filter(pa.array(keep, pa.bool_()))
-    payload = _payload(store, unit_id, entry)
-    index = {cid: i for i, cid in enumerate(payload.column("clip_id").to_pylist())}
-    take = pa.array([index[cid] for cid in kept_ids], pa.int64())
-    joined = kept_rows
-    for name in PAYLOAD_COLUMNS:
-        joined = joined.append_column(name, payload.column(name).take(take))
-    return store.write_shards(unit_id, add_derived_columns(joined), shard_target_mb,
-                              version=shard_version(kept_ids))
-
-
-def _rewrite_unit(store: OutputStore, ledger: dict[str, dict[str, Any]], unit_id: str, table: pa.Table,
-                  keep: list[bool], reasons: list[list[str]], shard_target_mb: float) -> bool:
-    """Write the unit's scores, shards and ledger entry where they changed; False if none did."""
-    entry = ledger[unit_id]
-    ids = table.column("clip_id").to_pylist()
-    kept_ids = [cid for cid, k in zip(ids, keep) if k]
-    scores_ok = (table.column("keep").to_pylist() == keep
-                 and table.column("reject_reasons").to_pylist() == reasons)
-    # Shards hold kept rows only (reasons empty, scores unchanged): they need rewriting
-    # only when the kept set changed, or when a killed pass left them out of step.
-    shards_ok = _shard_clip_ids(store, entry) == kept_ids and entry.get("kept") == len(kept_ids)
-    if scores_ok and shards_ok:
-        return False
-    new_scores = _with_filter_columns(table, keep, reasons)
-
-    # Shards first, under new names: the ledger still lists the old ones, which readers go
-    # on seeing until the entry switches below. The skip test above compares the listed
-    # shards with the new keep, so a pass killed after this point redoes the unit.
-    if not shards_ok:
-        names = _write_kept_shards(store, unit_id, entry, new_scores, keep, kept_ids, shard_target_mb)
-    if not scores_ok:
-        write_parquet_atomic(store.scores_dir / entry["scores_file"], new_scores)
-    if not shards_ok:
-        ledger[unit_id] = {**entry, "kept": len(kept_ids), "shard_files": names}
-        write_json(store.ledger_dir / f"{unit_id}.json", ledger[unit_id])
-        log.debug("unit %s: %d kept, shards %s", unit_id, len(kept_ids), names)
-    return True
-
-
-def _remove_unlisted_shards(store: OutputStore, ledger: dict[str, dict[str, Any]]) -> None:
-    """Shard files of committed units that their entry no longer lists (replaced ones)."""
-    listed = {name for e in ledger.values() for name in e.get("shard_files", [])}
-    for path in store.shards_dir.glob("*.parquet"):
-        if path.name.split("-")[0] in ledger and path.name not in listed:
-            path.unlink(missing_ok=True)
+def _with_filter_columns(table: pa.Table, keep: np.ndarray, reasons: list[list[str]]) -> pa.Table:
+    table = schema.conform(table, schema.SCORES_SCHEMA)
+    table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep, pa.bool_()))
+    return table.set_column(table.schema.get_field_index("reject_reasons"), "reject_reasons",
+                            pa.array(reasons, pa.list_(pa.string())))
 
 
 # ---- the pass -----------------------------------------------------------------------------------
 
+def score_inputs(ledger: Ledger) -> list[list[Any]]:
+    """The scores files grouped as they may end a compacted file: each compacted file, then
+    each loose unit's file."""
+    store = ledger.store
+    groups = [[store.scores_dir / f["name"]] for f in ledger.compacted("scores")]
+    groups += [[store.scores_dir / u["scores_file"]] for u in ledger.loose_units() if u.get("scores_file")]
+    return groups
+
+
+def payload_source(ledger: Ledger) -> str:
+    """"clips" when every clip's payload is in clips/ (run.store_all_clips), else "shards"
+    (the kept clips' only)."""
+    stored = sum(int(f.get("rows", 0)) for f in ledger.compacted("clips"))
+    stored += sum(int(u.get("clips") or 0) for u in ledger.loose_units() if u.get("clips_file"))
+    return "clips" if stored >= int(ledger.totals().get("clips", 0)) else "shards"
+
+
+class Rewrite:
+    """The writers of one pass: new scores and shard files (compacted), the payload read
+    alongside, and what was kept."""
+
+    def __init__(self, store: OutputStore, ledger: Ledger, lock: compact.Lock, target_bytes: float):
+        self.scores = compact.RollingWriter(store.scores_dir, lock.prefix, "scores", target_bytes, lock)
+        self.shards = compact.RollingWriter(store.shards_dir, lock.prefix, "shards", target_bytes, lock)
+        self.source = payload_source(ledger)
+        files = ledger.files(self.source)
+        self.payload = columns.RowStream(files, ["clip_id"] + PAYLOAD_COLUMNS)
+        self.kept = 0
+        self.refused: str | None = None
+
+    def add(self, table: pa.Table, keep: np.ndarray, reasons: list[list[str]]) -> None:
+        """One scores row group: its rows with the new keep/reasons, its kept clips as shard rows."""
+        table = schema.conform(table, schema.SCORES_SCHEMA)
+        new = _with_filter_columns(table, keep, reasons)
+        self.scores.add(new)
+        clip = columns.is_clip(table)
+        if self.source == "clips":
+            payload = self.payload.take(int(clip.sum()))
+            _check_same(payload, table.filter(pa.array(clip)))
+            kept_payload = payload.filter(pa.array(keep[clip]))
+        else:  # the old shards: the clips kept before, in the same order
+            before = pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False).astype(bool)
+            payload = self.payload.take(int(before.sum()))
+            _check_same(payload, table.filter(pa.array(before)))
+            lacking = np.flatnonzero(keep & ~before)
+            if lacking.size and self.refused is None:
+                self.refused = table.column("clip_id")[int(lacking[0])].as_py()
+            keep = keep & before  # (a refused pass is abandoned anyway)
+            kept_payload = payload.filter(pa.array(keep[before]))
+        kept_rows = new.filter(pa.array(keep))
+        for name in PAYLOAD_COLUMNS:
+            kept_rows = kept_rows.append_column(name, kept_payload.column(name))
+        self.shards.add(add_derived_columns(kept_rows))
+        self.kept += int(keep.sum())
+
+    def end_group(self) -> None:
+        self.scores.end_unit()
+        self.shards.end_unit()
+
+    def close(self) -> dict[str, list[dict[str, Any]]]:
+        return {"scores": self.scores.close(), "shards": self.shards.close()}
+
+    def abort(self) -> None:
+        self.scores.abort()
+        self.shards.abort()
+
+
+def _check_same(payload: pa.Table, rows: pa.Table) -> None:
+    if rows.num_rows and not pc.all(pc.equal(payload.column("clip_id"), rows.column("clip_id"))).as_py():
+        raise OutputError("the stored payload (clips/ or shards/) is not in the order of scores/: the output "
+                          "is damaged; rerun `curate run` into a new OUT_DIR")
+
+
 def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
-    """Resolve percentile rules, recompute keep/reject_reasons, rewrite scores/ and shards/.
+    """Resolve percentile rules, recompute keep/reject_reasons, rewrite scores/ and shards/
+    (compacted) and checkpoint the ledger.
 
     Returns {"resolved_rules", "clips", "kept", "units_rewritten", "dedup"}; also records
     resolved_rules and the kept total in run.json.
@@ -265,38 +233,96 @@ def apply_rules(out_dir: str | Path, config: PipelineConfig | dict[str, Any]) ->
     started = time.monotonic()
     cfg = _config_dict(config)
     store = OutputStore(out_dir)
-    ledger = store.committed()
-    if not ledger:
-        raise FileNotFoundError(f"{out_dir} has no committed units (no ledger/); run `curate run` first")
+    lock = compact.Lock(store)
+    ledger = lock.acquire()  # the ledger as it is under the lock: no checkpoint changes it meanwhile
+    try:
+        result = _apply(store, ledger, lock, cfg)
+    finally:
+        lock.release()
+    compact.clean_up(store, ledger, result.pop("replaced"))
+
+    # Record the thresholds and the kept total.
+    run = store.read_run()
+    run["resolved_rules"] = result["resolved_rules"]
+    run["kept"] = result["kept"]
+    write_json(store.run_json, run)
+    log.info("rules applied to %d clips in %d units: %d kept, %.1fs", result["clips"], result["units_rewritten"],
+             result["kept"], time.monotonic() - started)
+    return result
+
+
+def _apply(store: OutputStore, ledger: Ledger, lock: compact.Lock, cfg: dict[str, Any]) -> dict[str, Any]:
+    """apply_rules' work under the lock: returns its result and the files the commit replaced."""
+    if not ledger.unit_count():
+        raise FileNotFoundError(f"{store.root} has no committed units (no ledger/); run `curate run` first")
 
     # Every rule as absolute min/max: percentile rules resolved over every committed clip.
     steps = filter_steps(cfg)
-    tables = _read_unit_scores(store, ledger)
-    values = clip_values(list(tables.values()), {c for _, rules in steps for c in rules})
-    resolved = resolve_rules(steps, values)
-    _warn_unvalued(steps, values)
+    score_files = ledger.files("scores")
+    resolved = resolve_rules(score_files, steps)
     effective = effective_steps(steps, resolved)
+    _warn_unvalued(steps, _valued_columns(score_files, {c for _, rules in steps for c in rules}))
 
-    # Plan every unit first, so a refilter that cannot be done changes nothing.
-    plans = {unit_id: _new_filter_columns(table, effective) for unit_id, table in tables.items()}
-    dedup_summary = dedup.apply_to_plans(store, ledger, cfg.get("dedup"), tables, plans)
-    for unit_id, table in tables.items():
-        _check_payload_stored(store, unit_id, ledger[unit_id], table, plans[unit_id][0])
+    # Near-duplicates: decided with each grouped clip's keep under the rules.
+    decisions, dedup_summary = dedup.decide(store, ledger, cfg.get("dedup"), effective, score_files)
 
-    # Rewrite the units that changed; replaced shard files go last, when no entry lists them.
-    shard_target_mb = float(cfg.get("run", {}).get("shard_target_mb", 256.0))
-    rewritten = sum(_rewrite_unit(store, ledger, unit_id, table, *plans[unit_id], shard_target_mb)
-                    for unit_id, table in tables.items())
-    _remove_unlisted_shards(store, ledger)
+    # The pass: new scores and shards (and the loose clips compacted), then the checkpoint.
+    target_bytes = float(cfg.get("run", {}).get("shard_target_mb", 256.0)) * 2**20
+    rewrite = Rewrite(store, ledger, lock, target_bytes)
+    try:
+        clips = _stream(ledger, rewrite, effective, decisions)
+        if rewrite.refused is not None:
+            raise OutputError(
+                f"clip {rewrite.refused} would be kept but its video was not stored (the run had "
+                "run.store_all_clips=false, so only clips kept before have their payload); these rules "
+                "can only be applied by a new run. Nothing was changed")
+        written = rewrite.close()
+    except BaseException:
+        rewrite.abort()
+        raise
+    loose = ledger.loose_units()
+    clips_files, clips_replaced = (compact.compact_kind(store, ledger, "clips", loose, lock, target_bytes)
+                                   if loose else (ledger.compacted("clips"), []))
+    units_file = f"units-{lock.seq:08d}-{lock.token}.parquet"
+    units = compact.write_units(store, ledger, units_file, compacted=True, kept_unknown=True)
+    compact.commit(store, lock.seq, units_file, units,
+                   {"scores": written["scores"], "clips": clips_files, "shards": written["shards"]},
+                   {**ledger.totals(), "kept": rewrite.kept}, "rules")
+    replaced = {"scores": ledger.file_names("scores"), "shards": ledger.file_names("shards"),
+                "clips": clips_replaced}
+    return {"resolved_rules": resolved, "clips": clips, "kept": rewrite.kept, "units_rewritten": units,
+            "dedup": dedup_summary, "replaced": replaced}
 
-    # Record the thresholds and the kept total.
-    clips = sum(int((~_is_error(table)).sum()) for table in tables.values())
-    kept_total = sum(int(sum(keep)) for keep, _ in plans.values())
-    run = store.read_run()
-    run["resolved_rules"] = resolved
-    run["kept"] = kept_total
-    write_json(store.run_json, run)
-    log.info("rules applied to %d clips in %d units (%d rewritten): %d kept, %.1fs",
-             clips, len(tables), rewritten, kept_total, time.monotonic() - started)
-    return {"resolved_rules": resolved, "clips": clips, "kept": kept_total, "units_rewritten": rewritten,
-            "dedup": dedup_summary}
+
+def _valued_columns(paths: list[Any], ruled: set[str]) -> set[str]:
+    """The ruled columns some clip has a value for."""
+    left, valued = set(ruled), set()
+    for table in columns.scan(paths, sorted(ruled) + ["split_error", "start_frame"]):
+        clip = columns.is_clip(table)
+        for c in list(left):
+            if (~np.isnan(columns.floats(table, c)[clip])).any():
+                valued.add(c)
+                left.discard(c)
+        if not left:
+            break
+    return valued
+
+
+def _stream(ledger: Ledger, rewrite: Rewrite, effective: list[Rules],
+            decisions: dict[str, tuple[str, float]]) -> int:
+    """Every scores row group through the rules into `rewrite`; returns the clips seen."""
+    clips, last, started = 0, time.monotonic(), time.monotonic()
+    groups = score_inputs(ledger)
+    for k, paths in enumerate(groups):
+        for table in columns.scan(paths):
+            keep, reasons = evaluate(table, effective, decisions)
+            rewrite.add(table, keep, reasons)
+            clips += int(columns.is_clip(table).sum())
+        rewrite.end_group()
+        if time.monotonic() - last > PROGRESS_EVERY_S:
+            last = time.monotonic()
+            log.info("applying the rules: %d/%d files, %d clips, %d kept, %.0fs", k + 1, len(groups), clips,
+                     rewrite.kept, last - started)
+    if not rewrite.payload.exhausted() and rewrite.source == "clips":
+        raise OutputError("clips/ holds more rows than scores/ has clips: the output is damaged")
+    return clips

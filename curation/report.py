@@ -43,7 +43,6 @@ curation/report_rules.py), the pictures (curation/report_media.py), the page
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import time
@@ -83,17 +82,26 @@ def format_funnel(f: dict[str, Any]) -> str:
 
 
 
-def sources_csv(rows: list[dict[str, Any]]) -> bytes:
-    """The per-source table in full (the page shows the largest sources)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["source_id", "source_path", "clips", "kept", "clip_minutes", "top_rejection_rule",
-                "top_rejection_clips", "error"])
-    for s in rows:
+SOURCES_CSV_HEADER = ["source_id", "source_path", "clips", "kept", "clip_minutes", "top_rejection_rule",
+                      "top_rejection_clips", "error"]
+
+
+class SourcesCsv:
+    """sources.csv, written row by row as the summary finishes each source (in the order of
+    the scores: a unit's sources together), into a local file that becomes the report's."""
+
+    def __init__(self, local: Path):
+        self.file = open(local, "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(SOURCES_CSV_HEADER)
+
+    def __call__(self, s: dict[str, Any]) -> None:
         top = s["top_rejection"] or {}
-        w.writerow([s["source_id"], s["source_path"], s["clips"], s["kept"], s["clip_minutes"],
-                    top.get("rule", ""), top.get("clips", ""), s["error"] or ""])
-    return buf.getvalue().encode()
+        self.writer.writerow([s["source_id"], s["source_path"], s["clips"], s["kept"], s["clip_minutes"],
+                              top.get("rule", ""), top.get("clips", ""), s["error"] or ""])
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _page_record(summary: dict[str, Any], path: Path, page: bytes, thumbs: dict[str, str],
@@ -114,10 +122,17 @@ def write_report(out_dir: str | Path, to: str | Path | None = None, max_gallery:
     from curation.report_html import render  # noqa: PLC0415
 
     started = time.monotonic()
-    summary, work = summarize(out_dir, max_gallery, max_strip)
-    store: OutputStore = work["store"]
-    report_dir = outdir.out_path(to) if to is not None else store.root / "report"
+    report_dir = outdir.out_path(to) if to is not None else OutputStore(out_dir).root / "report"
     (report_dir / "plots").mkdir(parents=True, exist_ok=True)
+    with outdir.staged_file(report_dir / "sources.csv") as local:
+        sources = SourcesCsv(local)
+        try:
+            summary, work = summarize(out_dir, max_gallery, max_strip, max_source_rows, on_source=sources,
+                                      max_videos=max_videos)
+        finally:
+            sources.close()
+    store: OutputStore = work["store"]
+    summary["sources"]["csv"] = "sources.csv"
 
     # Plots: PNG files next to the page, and the same bytes inline in it.
     images = media.plot_images(summary, work["rules"])
@@ -127,18 +142,12 @@ def write_report(out_dir: str | Path, to: str | Path | None = None, max_gallery:
 
     # Thumbnails for the gallery clips, the kept strips and the near-duplicate pairs; videos
     # for a few kept clips.
-    ledger = store.committed()
-    summary["dedup"] = dedup_section(store, store.read_run(), work["clips"])
-    thumbs, captions = media.gallery_thumbnails(store, ledger, work["clips"], summary["galleries"],
-                                                wanted_clips(summary["dedup"]), thumb_height_px)
-    videos = media.kept_videos(store, ledger, work["clips"], work["keep"], summary["galleries"], captions,
-                               max_videos, max_video_bytes)
+    summary["dedup"] = dedup_section(store, store.read_run(), work["paths"])
+    thumbs, captions = media.gallery_thumbnails(store, summary["galleries"], wanted_clips(summary["dedup"]),
+                                                thumb_height_px)
+    videos = media.kept_videos(store, summary["galleries"], work["spread_kept"], captions, max_videos,
+                               max_video_bytes)
     summary["videos"] = list(videos)
-
-    # The per-source table in full as CSV; the page and summary.json keep the largest sources.
-    write_atomic_bytes(report_dir / "sources.csv", sources_csv(summary["sources"]["rows"]))
-    summary["sources"]["rows"] = summary["sources"]["rows"][:max_source_rows]
-    summary["sources"]["csv"] = "sources.csv"
     # Proxy-model studies of this output (`curate ablate`, training/study.py), linked from the page.
     # The links are relative, so only a report in OUT/report/ has them.
     studies = store.root / "study"
@@ -150,9 +159,6 @@ def write_report(out_dir: str | Path, to: str | Path | None = None, max_gallery:
                   thumbs=thumbs, videos=videos, captions=captions).encode("utf-8")
     write_atomic_bytes(report_dir / "index.html", page)
     summary["page"] = _page_record(summary, report_dir / "index.html", page, thumbs, videos, started)
-    for g in summary["galleries"].values():  # row numbers are internal to this report
-        for item in g["rejected"] + g["kept_strip"]:
-            item.pop("row", None)
     write_json(report_dir / "summary.json", summary)
     log.info("report: %s (%.0f KB, %d thumbnails, %d videos) in %.1fs", report_dir / "index.html",
              summary["page"]["bytes"] / 1024, summary["page"]["thumbnails"], len(videos),

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation import outdir, schema
+from curation import outdir
 from curation.writer import OutputStore
 
 
@@ -41,30 +41,37 @@ def plot_images(summary: dict[str, Any], rules: list[dict[str, Any]]) -> dict[st
     return images
 
 
-def read_payload(store: OutputStore, ledger: dict[str, dict[str, Any]], wanted: dict[str, set[str]],
-                  column: str) -> dict[str, Any]:
-    """{clip_id: value of `column`} for the wanted clips of each unit, reading only the row
-    groups that hold them: clips/<unit>.parquet, else the unit's shards (kept clips only)."""
+def read_payload(paths: list[Any], wanted: set[str], column: str) -> dict[str, Any]:
+    """{clip_id: value of `column`} for the `wanted` clips found in the parquet files `paths`,
+    reading their clip_id column and then only the row groups that hold wanted clips."""
     found: dict[str, Any] = {}
-    for unit_id, ids in wanted.items():
-        entry = ledger.get(unit_id, {})
-        files = [store.clips_dir / (entry.get("clips_file") or f"{unit_id}.parquet")]
-        if not files[0].exists():
-            files = [store.shards_dir / n for n in entry.get("shard_files", [])]
-        for path in files:
-            if not path.exists():
-                continue
-            pf = outdir.parquet_file(path)
-            all_ids = pf.read(columns=["clip_id"]).column("clip_id").to_pylist()
-            starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-            rows = [k for k, cid in enumerate(all_ids) if cid in ids]
-            groups = sorted({int(np.searchsorted(starts, k, side="right") - 1) for k in rows})
-            if not groups:
-                continue
-            t = pf.read_row_groups(groups, columns=["clip_id", column])
-            for cid, value in zip(t.column("clip_id").to_pylist(), t.column(column).to_pylist()):
-                if cid in ids and value is not None:
-                    found[cid] = value
+    if not wanted:
+        return found
+    want = pa.array(sorted(wanted), pa.string())
+    for path in paths:
+        if len(found) == len(wanted):
+            break
+        pf = outdir.parquet_file(path)
+        hit = np.flatnonzero(pc.is_in(pf.read(columns=["clip_id"]).column("clip_id"), value_set=want)
+                             .to_numpy(zero_copy_only=False))
+        if not hit.size:
+            continue
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        groups = sorted({int(g) for g in np.searchsorted(starts, hit, side="right") - 1})
+        t = pf.read_row_groups(groups, columns=["clip_id", column])
+        for cid, value in zip(t.column("clip_id").to_pylist(), t.column(column).to_pylist()):
+            if cid in wanted and value is not None:
+                found[cid] = value
+    return found
+
+
+def payload(store: OutputStore, wanted: set[str], column: str) -> dict[str, Any]:
+    """read_payload from clips/, then from shards/ for clips not found there (outputs with
+    run.store_all_clips=false store only the kept clips' payload)."""
+    ledger = store.ledger()
+    found = read_payload(ledger.files("clips"), wanted, column)
+    if len(found) < len(wanted):
+        found.update(read_payload(ledger.files("shards"), wanted - found.keys(), column))
     return found
 
 
@@ -99,72 +106,51 @@ def data_url(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def clip_caption(clips: pa.Table, row: int) -> dict[str, Any]:
-    """The scores and identity shown under a thumbnail."""
-    r = clips.slice(row, 1).to_pylist()[0]
-    shown = {c: r.get(c) for c in ["duration_s"] + schema.SCORE_COLUMNS
-             if r.get(c) is not None and not (isinstance(r.get(c), float) and np.isnan(r.get(c)))}
-    return {"clip_id": r["clip_id"], "source": Path(r["source_path"]).name, "start_s": r["start_s"],
-            "scores": shown, "reasons": r["reject_reasons"] or [], "keep": bool(r["keep"])}
-
-
-def _wanted(clips: pa.Table, rows: Any) -> dict[str, set[str]]:
-    """{unit_id: clip_ids} of the clips at `rows` of the report's clips table."""
-    units = clips.column("unit_id").to_pylist()
-    ids = clips.column("clip_id").to_pylist()
-    wanted: dict[str, set[str]] = {}
-    for row in rows:
-        wanted.setdefault(units[row], set()).add(ids[row])
-    return wanted
-
-
-def gallery_thumbnails(store: OutputStore, ledger: dict[str, dict[str, Any]], clips: pa.Table,
-                       galleries: dict[str, dict[str, Any]], dedup_wanted: dict[str, set[str]],
+def gallery_thumbnails(store: OutputStore, galleries: dict[str, dict[str, Any]], dedup_wanted: set[str],
                        height_px: int) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """(thumbnail data: URL, caption) by clip_id for the gallery clips and the kept strips, and
-    thumbnails for the near-duplicate pairs (`dedup_wanted`, curation/dedup_report.py)."""
-    rows = {item["row"] for g in galleries.values() for item in g["rejected"] + g["kept_strip"]}
-    keyframes = read_payload(store, ledger, _wanted(clips, rows), "keyframes")
-    keyframes.update(read_payload(store, ledger, dedup_wanted, "keyframes"))
+    thumbnails for the near-duplicate pairs (`dedup_wanted`, curation/dedup_report.py). The
+    gallery items carry their captions (curation/report_summary.py); they are taken off them."""
+    captions = {}
+    for g in galleries.values():
+        for item in g["rejected"] + g["kept_strip"]:
+            captions[item["clip_id"]] = item.pop("caption")
+    keyframes = payload(store, set(captions) | dedup_wanted, "keyframes")
     thumbs = {}
     for cid, frames in keyframes.items():
         jpeg = thumbnail(frames, height_px)
         if jpeg is not None:
             thumbs[cid] = data_url("image/jpeg", jpeg)
-    ids = clips.column("clip_id").to_pylist()
-    captions = {ids[row]: clip_caption(clips, row) for row in rows}
     return thumbs, captions
 
 
-def video_candidates(keep: np.ndarray, galleries: dict[str, dict[str, Any]], max_videos: int) -> list[int]:
-    """Rows of kept clips to embed: borderline kept clips first (round robin over rules), then
-    kept clips spread over the run; at most 4 * max_videos (some may lack a stored video)."""
-    candidates: list[int] = []
+def video_candidates(galleries: dict[str, dict[str, Any]], spread_kept: list[dict[str, Any]],
+                     max_videos: int) -> list[str]:
+    """clip_ids of kept clips to embed: borderline kept clips first (round robin over rules),
+    then kept clips spread over the run; at most 4 * max_videos (some may lack a stored video)."""
+    candidates: list[str] = []
     strips = [g["kept_strip"] for g in galleries.values()]
     for k in range(max(map(len, strips), default=0)):
-        candidates += [s[k]["row"] for s in strips if k < len(s)]
-    kept_rows = np.flatnonzero(keep)
-    if kept_rows.size:
-        spread = np.linspace(0, kept_rows.size - 1, min(kept_rows.size, 4 * max_videos)).round().astype(int)
-        candidates += kept_rows[np.unique(spread)].tolist()
+        candidates += [s[k]["clip_id"] for s in strips if k < len(s)]
+    candidates += [c["clip_id"] for c in spread_kept]
     return list(dict.fromkeys(candidates))[: 4 * max_videos]
 
 
-def kept_videos(store: OutputStore, ledger: dict[str, dict[str, Any]], clips: pa.Table, keep: np.ndarray,
-                galleries: dict[str, dict[str, Any]], captions: dict[str, dict[str, Any]],
-                max_videos: int, max_video_bytes: int) -> dict[str, str]:
+def kept_videos(store: OutputStore, galleries: dict[str, dict[str, Any]], spread_kept: list[dict[str, Any]],
+                captions: dict[str, dict[str, Any]], max_videos: int, max_video_bytes: int) -> dict[str, str]:
     """{clip_id: data:video/mp4 URL} of at most max_videos kept clips, max_video_bytes in all;
     their captions are added to `captions`."""
-    candidates = video_candidates(keep, galleries, max_videos)
-    video_bytes = read_payload(store, ledger, _wanted(clips, candidates), "video")
-    ids = clips.column("clip_id").to_pylist()
+    candidates = video_candidates(galleries, spread_kept, max_videos)
+    video_bytes = payload(store, set(candidates), "video")
+    spread = {c["clip_id"]: c for c in spread_kept}
     videos: dict[str, str] = {}
     budget = max_video_bytes
-    for row in candidates:
-        data = video_bytes.get(ids[row])
+    for cid in candidates:
+        data = video_bytes.get(cid)
         if len(videos) >= max_videos or not data or len(data) > budget:
             continue
         budget -= len(data)
-        videos[ids[row]] = data_url("video/mp4", data)
-        captions.setdefault(ids[row], clip_caption(clips, row))
+        videos[cid] = data_url("video/mp4", data)
+        if cid in spread:
+            captions.setdefault(cid, spread[cid])
     return videos

@@ -6,14 +6,30 @@ rules with their counts, overlaps, errors per stage, per-source rows, per-score 
 histograms, and the clips each rule's gallery shows. `funnel(out_dir)`: the short funnel
 (sources, clips, kept, rejections per reason). curation/report.py's docstring says where each
 number comes from.
+
+At any size: the scores are streamed a row group at a time, the columns the report needs only
+(curation/columns.py), into aggregates whose size is set by the rules and the page, not by the
+corpus:
+- pass 1: counts, the cascade, overlaps and exact combinations, errors by type, the
+  per-source rows (a source's rows are contiguous: they are a unit's, and a unit is never
+  split between files), handed to `on_source` (the report writes sources.csv from them) with
+  the largest `max_source_rows` kept for the page, each score's count, mean and kept share,
+  and per rule the `max_gallery` * 2/3 rejected clips nearest its threshold and the kept
+  clips just inside it (bounded heaps);
+- quantiles by exact order statistics (a few passes over one column each);
+- pass 2: the histograms over the range those quantiles give, and the galleries' spread
+  (the rejected clips at evenly spaced ranks of distance past the threshold).
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation import outdir, schema
+from curation import columns, schema
 from curation.report_rules import DUPLICATE_REASON, attribute_reason, rules_of_run, unexplained_rule
 from curation.writer import OutputStore
 from stages.rules import ABSOLUTE_KEYS
@@ -29,55 +45,17 @@ from stages.rules import ABSOLUTE_KEYS
 log = logging.getLogger(__name__)
 
 QUANTILES = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
+RANGE_QUANTILES = [0.005, 0.995]  # a histogram's range: the central 99% (and every threshold)
 HISTOGRAM_BINS = 40
 MAX_COMBINATIONS = 15
+MAX_ERROR_EXAMPLES = 20  # distinct source errors the short funnel lists
+ID_COLUMNS = ["clip_id", "source_id", "source_path", "start_frame", "start_s", "split_error", "source_status",
+              "keep", "reject_reasons"]
 
-
-# ---- the short funnel (kept for `curate report` callers and tests) ------------------------------
-
-def funnel(out_dir: str | Path) -> dict[str, Any]:
-    store = OutputStore(out_dir)
-    if not store.ledger_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} is not a curation output (no ledger/); run `curate run` first")
-    rows = store.read_scores().to_pylist()
-    clips = [r for r in rows if r["start_frame"] is not None]
-    failed_sources = {r["source_id"] for r in rows if r["split_error"] is not None}
-    outcomes = Counter(status_of(r.get("source_status")) for r in rows
-                       if r["split_error"] is not None and r["start_frame"] is None)
-    by_reason: Counter[str] = Counter()
-    alone: Counter[str] = Counter()
-    for r in clips:
-        reasons = [DUPLICATE_REASON if x.startswith(DUPLICATE_REASON + ":") else x for x in r["reject_reasons"] or []]
-        by_reason.update(reasons)
-        if len(reasons) == 1:
-            alone[reasons[0]] += 1
-    errors = {col: sum(1 for r in rows if r.get(col) is not None) for col in schema.ERROR_COLUMNS}
-    run = store.read_run()
-    return {
-        "status": run.get("status", "unknown"),
-        "sources": len({r["source_id"] for r in rows}),
-        "source_errors": len(failed_sources),
-        "source_outcomes": dict(sorted(outcomes.items())),
-        "clips": len(clips),
-        "kept": sum(1 for r in clips if r["keep"]),
-        "clip_hours": sum(r["duration_s"] or 0 for r in clips) / 3600,
-        "kept_hours": sum(r["duration_s"] or 0 for r in clips if r["keep"]) / 3600,
-        "rejections": {reason: {"total": n, "only_this": alone.get(reason, 0)}
-                       for reason, n in by_reason.most_common()},
-        "errors": {k: v for k, v in errors.items() if v},
-        "source_error_reasons": sorted({r["split_error"] for r in rows if r["split_error"]}),
-    }
 
 def status_of(status: str | None) -> str:
     """A non-clip row's status; outputs written before source_status existed read as unreadable."""
     return status or "unreadable"
-
-
-def source_outcomes(table: pa.Table, is_clip: np.ndarray) -> dict[str, int]:
-    """Distinct sources per status of their non-clip rows (a source counts once per status)."""
-    rows = table.filter(pa.array(~is_clip)).select(["source_id", "source_status"]).to_pylist()
-    pairs = {(r["source_id"], status_of(r["source_status"])) for r in rows}
-    return dict(sorted(Counter(status for _, status in pairs).items()))
 
 
 def format_outcomes(outcomes: dict[str, int]) -> str:
@@ -85,162 +63,71 @@ def format_outcomes(outcomes: dict[str, int]) -> str:
     return ", ".join(f"{n} {status}" for status, n in outcomes.items())
 
 
-# ---- reading ------------------------------------------------------------------------------------
-
-def read_scores_with_units(store: OutputStore) -> pa.Table:
-    """Every committed scores row, conformed to the contract, plus the unit it is stored in."""
-    tables = []
-    for unit_id, entry in store.committed().items():
-        path = store.scores_dir / entry["scores_file"]
-        if not path.exists():
-            log.warning("%s is listed in the ledger but missing; skipped", path)
-            continue
-        t = schema.conform(outdir.read_table(path), schema.SCORES_SCHEMA)
-        tables.append(t.append_column("unit_id", pa.array([unit_id] * t.num_rows, pa.string())))
-    if not tables:
-        empty = schema.SCORES_SCHEMA.empty_table()
-        return empty.append_column("unit_id", pa.array([], pa.string()))
-    return pa.concat_tables(tables)
+def _store(out_dir: str | Path) -> OutputStore:
+    store = OutputStore(out_dir)
+    if not (store.remote or store.ledger_dir.is_dir()) or not store.run_json.exists():
+        raise FileNotFoundError(f"{out_dir} is not a curation output (no ledger/); run `curate run` first")
+    return store
 
 
-def _floats(table: pa.Table, column: str) -> np.ndarray:
-    """A column as float64 with NaN for null (absent columns: all NaN)."""
-    if column not in table.column_names:
-        return np.full(table.num_rows, np.nan)
-    return pc.cast(table.column(column), pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+def _keep(table: pa.Table) -> np.ndarray:
+    return pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False).astype(bool)
 
 
-# ---- statistics ---------------------------------------------------------------------------------
+# ---- which rules rejected each clip -------------------------------------------------------------
 
-def _membership(clips: pa.Table, rules: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
-    """(bool matrix clips x rules: the rule rejected the clip, {reason: {total, only_this}})."""
-    n = clips.num_rows
-    reasons_col = clips.column("reject_reasons").combine_chunks() if n else pa.array([], pa.list_(pa.string()))
-    flat = pc.list_flatten(reasons_col)
-    # "duplicate_of:<clip_id>" names a clip: one reason for the counts, not one per kept clip.
-    flat = pc.if_else(pc.starts_with(flat, DUPLICATE_REASON + ":"), pa.scalar(DUPLICATE_REASON),
-                      flat).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(reasons_col).to_numpy(zero_copy_only=False)
-    lengths = pc.fill_null(pc.list_value_length(reasons_col), 0).to_numpy(zero_copy_only=False)
-    matrix = np.zeros((n, len(rules)), dtype=bool)
-    reasons: dict[str, dict[str, int]] = {}
-    if flat.size:
-        uniq, inverse = np.unique(flat.astype(str), return_inverse=True)
-        alone = lengths[parents] == 1
-        for u, reason in enumerate(uniq):
-            rows = parents[inverse == u]
-            reasons[str(reason)] = {"total": int(rows.size), "only_this": int(alone[inverse == u].sum())}
-            idx = attribute_reason(str(reason), rules)
-            if not idx:  # a reason no configured rule explains (e.g. an older config): its own line
-                rules.append(unexplained_rule(str(reason)))
-                matrix = np.concatenate([matrix, np.zeros((n, 1), dtype=bool)], axis=1)
-                idx = [len(rules) - 1]
-            for i in idx:
+class Membership:
+    """Per row group: a (rows x rules) matrix of which rule rejected each clip, from the stored
+    reject_reasons. Reasons are attributed once per distinct string; a reason no configured
+    rule explains gets a rule line of its own (appended: callers grow their arrays)."""
+
+    def __init__(self, rules: list[dict[str, Any]]):
+        self.rules = rules
+        self.of_reason: dict[str, list[int]] = {}
+        self.totals: Counter[str] = Counter()
+        self.alone: Counter[str] = Counter()
+
+    def matrix(self, clips: pa.Table, count: bool = False) -> np.ndarray:
+        n = clips.num_rows
+        reasons = clips.column("reject_reasons").combine_chunks() if n else pa.array([], pa.list_(pa.string()))
+        flat = pc.list_flatten(reasons)
+        # "duplicate_of:<clip_id>" names a clip: one reason for the counts, not one per kept clip.
+        flat = pc.if_else(pc.starts_with(flat, DUPLICATE_REASON + ":"), pa.scalar(DUPLICATE_REASON), flat)
+        parents = pc.list_parent_indices(reasons).to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.list_value_length(reasons), 0).to_numpy(zero_copy_only=False)
+        matrix = np.zeros((n, len(self.rules)), dtype=bool)
+        if not len(flat):
+            return matrix
+        encoded = flat.dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        for u, reason in enumerate(encoded.dictionary.to_pylist()):
+            rows = parents[codes == u]
+            if count:
+                self.totals[reason] += int(rows.size)
+                self.alone[reason] += int((lengths[rows] == 1).sum())
+            if reason not in self.of_reason:
+                idx = attribute_reason(reason, self.rules)
+                if not idx:  # a reason no configured rule explains (e.g. an older config): its own line
+                    self.rules.append(unexplained_rule(reason))
+                    idx = [len(self.rules) - 1]
+                self.of_reason[reason] = idx
+            if matrix.shape[1] < len(self.rules):
+                matrix = np.pad(matrix, ((0, 0), (0, len(self.rules) - matrix.shape[1])))
+            for i in self.of_reason[reason]:
                 matrix[rows, i] = True
-    reasons = dict(sorted(reasons.items(), key=lambda kv: -kv[1]["total"]))
-    return matrix, reasons
+        return matrix
+
+    def reasons(self) -> dict[str, dict[str, int]]:
+        return {r: {"total": n, "only_this": self.alone[r]} for r, n in
+                sorted(self.totals.items(), key=lambda kv: (-kv[1], kv[0]))}
 
 
-def _funnel_rows(matrix: np.ndarray, rules: list[dict[str, Any]], duration: np.ndarray,
-                 keep: np.ndarray) -> list[dict[str, Any]]:
-    dur = np.nan_to_num(duration)
-    rows = [{"label": "clips", "rule": None, "removed": 0, "removed_duration_s": 0.0,
-             "remaining": int(matrix.shape[0]), "remaining_duration_s": float(dur.sum())}]
-    gone = np.zeros(matrix.shape[0], dtype=bool)
-    for i, r in enumerate(rules):
-        new = matrix[:, i] & ~gone
-        gone |= matrix[:, i]
-        rows.append({"label": f"{r['label']} ({r['threshold']})" + ("" if r["applied"] else " [not applied]"),
-                     "rule": r["id"],
-                     "removed": int(new.sum()), "removed_duration_s": float(dur[new].sum()),
-                     "remaining": int((~gone).sum()), "remaining_duration_s": float(dur[~gone].sum())})
-    rows.append({"label": "kept", "rule": None, "removed": 0, "removed_duration_s": 0.0,
-                 "remaining": int(keep.sum()), "remaining_duration_s": float(dur[keep].sum())})
-    return rows
+def _grow(a: np.ndarray, size: int, axes: tuple[int, ...] = (0,)) -> np.ndarray:
+    pad = [(0, size - a.shape[k]) if k in axes else (0, 0) for k in range(a.ndim)]
+    return np.pad(a, pad) if any(p[1] for p in pad) else a
 
 
-def _errors(table: pa.Table) -> dict[str, dict[str, Any]]:
-    """Per stage: rows with an error, grouped by the error's type (text before the first ':')."""
-    out = {}
-    for column in schema.ERROR_COLUMNS:
-        if column not in table.column_names:
-            continue
-        values = [v for v in table.column(column).to_pylist() if v is not None]
-        if not values:
-            continue
-        groups: dict[str, list[str]] = {}
-        for v in values:
-            groups.setdefault(v.split(":", 1)[0].strip()[:80] or "error", []).append(v)
-        out[column[: -len("_error")]] = {
-            "rows": len(values),
-            "reasons": [{"reason": k, "count": len(v), "example": v[0][:300]}
-                        for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))],
-        }
-    return out
-
-
-def _sources(table: pa.Table, is_clip: np.ndarray, keep: np.ndarray, matrix_all: np.ndarray,
-             rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per source: clips, kept, minutes, unreadable (split_error), most frequent rejecting rule."""
-    ids = table.column("source_id").to_numpy(zero_copy_only=False).astype(str)
-    if not ids.size:
-        return []
-    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    paths = table.column("source_path").to_pylist()
-    errors = table.column("split_error").to_pylist()
-    dur = np.nan_to_num(_floats(table, "duration_s"))
-    clips = np.bincount(inverse, weights=is_clip, minlength=uniq.size)
-    kept = np.bincount(inverse, weights=keep & is_clip, minlength=uniq.size)
-    minutes = np.bincount(inverse, weights=dur * is_clip, minlength=uniq.size) / 60
-    by_rule = np.stack([np.bincount(inverse, weights=matrix_all[:, i], minlength=uniq.size)
-                        for i in range(len(rules))], axis=1) if rules else np.zeros((uniq.size, 0))
-    rows = []
-    for s in range(uniq.size):
-        top = None
-        if by_rule.shape[1] and by_rule[s].max() > 0:
-            i = int(by_rule[s].argmax())
-            top = {"rule": rules[i]["label"], "clips": int(by_rule[s, i])}
-        err = errors[first[s]] if not is_clip[first[s]] else None
-        rows.append({"source_id": str(uniq[s]), "source_path": paths[first[s]], "clips": int(clips[s]),
-                     "kept": int(kept[s]), "clip_minutes": round(float(minutes[s]), 3),
-                     "top_rejection": top, "error": err})
-    rows.sort(key=lambda r: (-r["clips"], r["error"] is None, r["source_path"]))
-    return rows
-
-
-def _score_stats(column: str, values: np.ndarray, keep: np.ndarray,
-                 rules: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = ~np.isnan(values)
-    thresholds = [(f"{r['label']} {k}", float(r["effective"][k])) for r in rules
-                  if r["column"] == column and r["applied"] for k in ABSOLUTE_KEYS if k in r["effective"]]
-    stats: dict[str, Any] = {"values": int(ok.sum()), "missing": int((~ok).sum()),
-                             "thresholds": [{"label": lbl, "value": v} for lbl, v in thresholds]}
-    if not ok.any():
-        stats["computed"] = False
-        return stats
-    v = values[ok]
-    k = keep[ok]
-    # Range: the central 99% and every threshold; the outer tails are clipped into the end
-    # bins (counts stay complete) so one extreme clip does not squash the plot.
-    p_lo, p_hi = np.quantile(v, [0.005, 0.995])
-    lo = min([float(p_lo)] + [t for _, t in thresholds])
-    hi = max([float(p_hi)] + [t for _, t in thresholds])
-    edges = np.histogram_bin_edges(v, bins=HISTOGRAM_BINS, range=(lo, hi) if hi > lo else None)
-    v_binned = np.clip(v, edges[0], edges[-1])
-    stats.update({
-        "computed": True,
-        "mean": float(v.mean()),
-        "quantiles": {f"p{round(q * 100)}": float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))},
-        "kept": int(k.sum()), "rejected": int((~k).sum()),
-        "histogram": {"edges": edges.tolist(),
-                      "kept": np.histogram(v_binned[k], edges)[0].tolist(),
-                      "rejected": np.histogram(v_binned[~k], edges)[0].tolist(),
-                      "clipped": int(((v < edges[0]) | (v > edges[-1])).sum())},
-    })
-    return stats
-
-
-def _distance_inside_and_outside(values: np.ndarray, effective: dict[str, float]) -> np.ndarray:
+def distance(values: np.ndarray, effective: dict[str, float]) -> np.ndarray:
     """Signed distance to the rule's threshold: > 0 outside (rejected side), <= 0 inside."""
     d = np.full(values.shape, -np.inf)
     if "min" in effective:
@@ -250,85 +137,476 @@ def _distance_inside_and_outside(values: np.ndarray, effective: dict[str, float]
     return d
 
 
-def _spread_pick(order: np.ndarray, n_near: int, n_spread: int) -> np.ndarray:
-    """The first n_near of `order`, then n_spread evenly spaced over the rest (in order)."""
-    near = order[:n_near]
-    rest = order[n_near:]
-    if rest.size and n_spread:
-        picks = np.unique(np.linspace(0, rest.size - 1, min(n_spread, rest.size)).round().astype(int))
-        near = np.concatenate([near, rest[picks]])
-    return near
+# ---- per source ---------------------------------------------------------------------------------
+
+class Sources:
+    """Per-source rows from contiguous runs of rows: clips, kept, minutes, the rule rejecting
+    most of its clips, and why it has none (its error row). Each finished source goes to
+    `on_source`; the `keep_top` largest are kept for the page, in the page's order."""
+
+    def __init__(self, on_source: Callable[[dict[str, Any]], None] | None, keep_top: int):
+        self.on_source, self.keep_top = on_source, keep_top
+        self.top: list[tuple] = []
+        self.count = 0
+        self.outcomes: Counter[str] = Counter()
+        self.open: dict[str, Any] | None = None
+
+    def add(self, table: pa.Table, is_clip: np.ndarray, keep: np.ndarray, matrix_all: np.ndarray,
+            rules: list[dict[str, Any]]) -> None:
+        ids = table.column("source_id").to_numpy(zero_copy_only=False).astype(str)
+        if not ids.size:
+            return
+        starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
+        ends = np.concatenate([starts[1:], [ids.size]])
+        paths, errors = table.column("source_path"), table.column("split_error")
+        statuses = table.column("source_status")
+        dur = np.nan_to_num(columns.floats(table, "duration_s"))
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            part = {"source_id": ids[s], "source_path": paths[s].as_py(),
+                    "clips": int(is_clip[s:e].sum()), "kept": int((keep[s:e] & is_clip[s:e]).sum()),
+                    "minutes": float((dur[s:e] * is_clip[s:e]).sum()) / 60,
+                    "by_rule": matrix_all[s:e].sum(axis=0),
+                    "error": next((errors[i].as_py() for i in range(s, e) if not is_clip[i]), None),
+                    "statuses": {status_of(statuses[i].as_py()) for i in range(s, e) if not is_clip[i]}}
+            if self.open is not None and self.open["source_id"] == part["source_id"]:
+                self._merge(part)
+            else:
+                self._finish()
+                self.open = part
+
+    def _merge(self, part: dict[str, Any]) -> None:
+        o = self.open
+        for key in ("clips", "kept", "minutes"):
+            o[key] += part[key]
+        n = max(o["by_rule"].size, part["by_rule"].size)
+        o["by_rule"] = _grow(o["by_rule"], n) + _grow(part["by_rule"], n)
+        o["error"] = o["error"] or part["error"]
+        o["statuses"] |= part["statuses"]
+
+    def _finish(self) -> None:
+        o, self.open = self.open, None
+        if o is None:
+            return
+        self.count += 1
+        self.outcomes.update(o["statuses"])
+        row = {"source_id": o["source_id"], "source_path": o["source_path"], "clips": o["clips"],
+               "kept": o["kept"], "clip_minutes": round(o["minutes"], 3), "top_rejection": None,
+               "error": o["error"] if not o["clips"] else None, "by_rule": o["by_rule"]}
+        if self.on_source is not None:
+            self.on_source(row)
+        key = (o["clips"], row["error"] is not None, _Reverse(o["source_path"]))
+        if len(self.top) < self.keep_top:
+            heapq.heappush(self.top, (key, self.count, row))
+        elif key > self.top[0][0]:
+            heapq.heapreplace(self.top, (key, self.count, row))
+
+    def rows(self) -> list[dict[str, Any]]:
+        self._finish()
+        return [r for _, _, r in sorted(self.top, key=lambda t: t[0], reverse=True)]
 
 
-def _galleries(clips: pa.Table, matrix: np.ndarray, keep: np.ndarray, rules: list[dict[str, Any]],
-               max_gallery: int, max_strip: int) -> dict[str, dict[str, Any]]:
-    """Per rule: rejected clips by distance to the threshold (borderline first, sampled), and
-    the kept clips just inside it."""
+@functools.total_ordering
+class _Reverse:
+    """A string that sorts backwards (ties between equal counts or distances: the smallest
+    path or clip_id wins, in heaps that keep the largest keys)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __lt__(self, other: "_Reverse") -> bool:
+        return self.text > other.text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Reverse) and self.text == other.text
+
+
+def top_rejection(row: dict[str, Any], rules: list[dict[str, Any]]) -> dict[str, Any]:
+    """The source row as written: its most frequent rejecting rule named."""
+    by_rule = row.pop("by_rule")
+    if by_rule.size and by_rule.max() > 0:
+        i = int(by_rule.argmax())
+        row["top_rejection"] = {"rule": rules[i]["label"], "clips": int(by_rule[i])}
+    return row
+
+
+# ---- the passes ---------------------------------------------------------------------------------
+
+class Pass1:
+    """Everything one streamed pass over the scores gives (module docstring)."""
+
+    def __init__(self, rules: list[dict[str, Any]], score_columns: list[str], max_gallery: int, max_strip: int,
+                 on_source: Callable[[dict[str, Any]], None] | None, max_source_rows: int,
+                 video_ranks: set[int] | None = None):
+        self.rules, self.score_columns = rules, score_columns
+        self.membership = Membership(rules)
+        self.n_near, self.max_strip = max(1, (2 * max_gallery) // 3), max_strip
+        self.sources = Sources(on_source, max_source_rows)
+        self.rows = self.clips = self.kept = 0
+        self.clip_s = self.kept_s = 0.0
+        r = len(rules)
+        self.rejected, self.only, self.missing = np.zeros(r, np.int64), np.zeros(r, np.int64), np.zeros(r, np.int64)
+        self.removed, self.removed_s = np.zeros(r, np.int64), np.zeros(r)
+        self.pairs = np.zeros((r, r), np.int64)
+        self.combos: Counter[tuple[int, ...]] = Counter()
+        self.errors: dict[str, dict[str, list]] = {}
+        self.stats = {c: {"values": 0, "missing": 0, "sum": 0.0, "kept": 0, "rejected": 0} for c in score_columns}
+        self.near: dict[int, list] = {}  # rule -> heap of (-distance, _Reverse(clip_id), item)
+        self.strip: dict[int, list] = {}
+        self.rejected_valued = np.zeros(r, np.int64)
+        self.video_ranks = video_ranks or set()
+        self.spread_kept: list[dict[str, Any]] = []  # kept clips at evenly spaced ranks (videos)
+
+    def add(self, table: pa.Table) -> None:
+        n = table.num_rows
+        self.rows += n
+        is_clip = columns.is_clip(table)
+        keep_all = _keep(table)
+        clips = table.filter(pa.array(is_clip))
+        keep = keep_all[is_clip]
+        matrix = self.membership.matrix(clips, count=True)
+        r = len(self.rules)
+        for name in ("rejected", "only", "missing", "removed", "rejected_valued"):
+            setattr(self, name, _grow(getattr(self, name), r))
+        self.removed_s = _grow(self.removed_s, r)
+        self.pairs = _grow(self.pairs, r, (0, 1))
+        duration = np.nan_to_num(columns.floats(clips, "duration_s"))
+        self.clips += clips.num_rows
+        for j in np.flatnonzero(keep)[[r - self.kept for r in sorted(self.video_ranks)
+                                       if self.kept <= r < self.kept + int(keep.sum())]].tolist():
+            self.spread_kept.append(caption_of(clips, j))
+        self.kept += int(keep.sum())
+        self.clip_s += float(duration.sum())
+        self.kept_s += float(duration[keep].sum())
+        self._rules(clips, matrix, duration)
+        matrix_all = np.zeros((n, r), dtype=bool)
+        matrix_all[is_clip] = matrix
+        self.sources.add(table, is_clip, keep_all, matrix_all, self.rules)
+        self._errors(table)
+        self._scores(clips, keep)
+        self._galleries(clips, matrix, keep)
+
+    def _rules(self, clips: pa.Table, matrix: np.ndarray, duration: np.ndarray) -> None:
+        single = matrix.sum(axis=1) == 1
+        self.rejected += matrix.sum(axis=0)
+        self.only += (matrix & single[:, None]).sum(axis=0)
+        for i, rule in enumerate(self.rules):
+            if rule["step"] != "dedup":
+                self.missing[i] += int((matrix[:, i] & np.isnan(columns.floats(clips, rule["column"]))).sum())
+        first = np.where(matrix.any(axis=1), matrix.argmax(axis=1), -1)  # the cascade: first rule in order
+        for i in range(len(self.rules)):
+            hit = first == i
+            self.removed[i] += int(hit.sum())
+            self.removed_s[i] += float(duration[hit].sum())
+        m = matrix.astype(np.int64)
+        self.pairs += m.T @ m
+        rejected = matrix[matrix.any(axis=1)]
+        if rejected.size:
+            patterns, counts = np.unique(rejected, axis=0, return_counts=True)
+            for p, c in zip(patterns, counts):
+                self.combos[tuple(np.flatnonzero(p).tolist())] += int(c)
+
+    def _errors(self, table: pa.Table) -> None:
+        for column in schema.ERROR_COLUMNS:
+            if column not in table.column_names or table.column(column).null_count == table.num_rows:
+                continue
+            groups = self.errors.setdefault(column, {})
+            for v in table.column(column).drop_null().to_pylist():
+                kind = v.split(":", 1)[0].strip()[:80] or "error"
+                g = groups.setdefault(kind, [0, v[:300]])
+                g[0] += 1
+
+    def _scores(self, clips: pa.Table, keep: np.ndarray) -> None:
+        for column in self.score_columns:
+            v = columns.floats(clips, column)
+            ok = ~np.isnan(v)
+            st = self.stats[column]
+            st["values"] += int(ok.sum())
+            st["missing"] += int((~ok).sum())
+            st["sum"] += float(v[ok].sum())
+            st["kept"] += int((keep & ok).sum())
+            st["rejected"] += int((~keep & ok).sum())
+
+    def _galleries(self, clips: pa.Table, matrix: np.ndarray, keep: np.ndarray) -> None:
+        ids = clips.column("clip_id")
+        for i, rule in enumerate(self.rules):
+            if not rule["effective"] or not rule["applied"]:
+                continue
+            values = columns.floats(clips, rule["column"])
+            dist = distance(values, rule["effective"])
+            rejected = np.flatnonzero(matrix[:, i] & ~np.isnan(values))
+            self.rejected_valued[i] += rejected.size
+            heap = self.near.setdefault(i, [])
+            for j in rejected[np.argsort(dist[rejected], kind="stable")][:self.n_near].tolist():
+                item = (-float(dist[j]), _Reverse(ids[j].as_py()))
+                self._push(heap, item, self.n_near, clips, j, float(values[j]), float(dist[j]))
+            strip = self.strip.setdefault(i, [])
+            inside = np.flatnonzero(keep & ~np.isnan(values))
+            for j in inside[np.argsort(-dist[inside], kind="stable")][:self.max_strip].tolist():
+                item = (float(dist[j]), _Reverse(ids[j].as_py()))
+                self._push(strip, item, self.max_strip, clips, j, float(values[j]), float(-dist[j]))
+
+    @staticmethod
+    def _push(heap: list, key: tuple, size: int, clips: pa.Table, j: int, value: float, dist: float) -> None:
+        """Keep the `size` items of smallest distance (ties: smallest clip_id), as a max-heap."""
+        if len(heap) >= size and not key > heap[0][0]:
+            return
+        item = {"clip_id": clips.column("clip_id")[j].as_py(), "value": value, "distance": dist,
+                "caption": caption_of(clips, j)}
+        if len(heap) < size:
+            heapq.heappush(heap, (key, item))
+        else:
+            heapq.heapreplace(heap, (key, item))
+
+
+def caption_of(clips: pa.Table, j: int) -> dict[str, Any]:
+    """What a thumbnail shows under it: identity, scores and every rejection reason."""
+    def value(c: str) -> Any:
+        return clips.column(c)[j].as_py() if c in clips.column_names else None
+
+    shown = {c: value(c) for c in ["duration_s"] + schema.SCORE_COLUMNS
+             if value(c) is not None and not (isinstance(value(c), float) and np.isnan(value(c)))}
+    return {"clip_id": value("clip_id"), "source": Path(value("source_path") or "?").name,
+            "start_s": value("start_s"), "scores": shown, "reasons": value("reject_reasons") or [],
+            "keep": bool(value("keep"))}
+
+
+def _rule_values(paths: list[Any], rule_index: int, rule: dict[str, Any], membership: Membership):
+    """The distances past the threshold of the clips a rule rejected that have a value
+    (for order statistics: a callable giving them again on each pass)."""
+    wanted = sorted({"clip_id", "split_error", "start_frame", "reject_reasons", rule["column"]})
+
+    def values():
+        for table in columns.scan(paths, wanted):
+            clips = table.filter(pa.array(columns.is_clip(table)))
+            m = membership.matrix(clips)
+            v = columns.floats(clips, rule["column"])
+            rejected = m[:, rule_index] & ~np.isnan(v)
+            yield distance(v[rejected], rule["effective"])
+    return values
+
+
+def _quantiles(paths: list[Any], column: str, n: int) -> dict[float, float]:
+    """{q: the q-quantile of the column's clip values} as np.quantile computes it (linear)."""
+    def values():
+        for table in columns.scan(paths, [column, "split_error", "start_frame"]):
+            v = columns.floats(table, column)[columns.is_clip(table)]
+            yield v[~np.isnan(v)]
+    qs = QUANTILES + RANGE_QUANTILES
+    where = {q: (n - 1) * q for q in qs}
+    ranks = {int(np.floor(x)) for x in where.values()} | {int(np.ceil(x)) for x in where.values()}
+    found = columns.order_statistics(values, ranks)
     out = {}
-    ids = clips.column("clip_id").to_numpy(zero_copy_only=False)
-    for i, r in enumerate(rules):
-        if not r["effective"] or not r["applied"]:
-            continue
-        values = _floats(clips, r["column"])
-        dist = _distance_inside_and_outside(values, r["effective"])
-        rejected = matrix[:, i] & ~np.isnan(values)
-        rej_idx = np.flatnonzero(rejected)
-        rej_idx = rej_idx[np.lexsort((ids[rej_idx], dist[rej_idx]))]  # ties: by clip_id, stable
-        n_near = max(1, (2 * max_gallery) // 3)
-        picked = _spread_pick(rej_idx, n_near, max_gallery - n_near)
-        inside = np.flatnonzero(keep & ~np.isnan(values))
-        inside = inside[np.lexsort((ids[inside], -dist[inside]))][:max_strip]  # closest first
-        out[r["id"]] = {
-            "rejected_total": int(matrix[:, i].sum()),
-            "rejected_missing": int((matrix[:, i] & np.isnan(values)).sum()),
-            "rejected": [{"row": int(j), "clip_id": str(ids[j]), "value": float(values[j]),
-                          "distance": float(dist[j])} for j in picked],
-            "kept_strip": [{"row": int(j), "clip_id": str(ids[j]), "value": float(values[j]),
-                            "distance": float(-dist[j])} for j in inside],
-        }
+    for q, x in where.items():
+        lo, hi = int(np.floor(x)), int(np.ceil(x))
+        out[q] = float(np.quantile(np.array([found[lo], found[hi]]), x - lo)) if hi > lo else found[lo]
     return out
 
 
-def _rule_counts(rules: list[dict[str, Any]], matrix: np.ndarray, clips: pa.Table) -> None:
-    """Per rule: clips it rejected, clips only it rejected, rejected ones with no value."""
-    single = matrix.sum(axis=1) == 1  # clips rejected by exactly one rule
-    for i, r in enumerate(rules):
-        only = matrix[:, i] & single
-        values = _floats(clips, r["column"])
-        r.update({"rejected": int(matrix[:, i].sum()), "only_this": int(only.sum()),
-                  "missing": 0 if r["step"] == "dedup" else int((matrix[:, i] & np.isnan(values)).sum())})
-        # A rule on a skipped stage's column still in the config (rules_of_run): not applied
-        # unless it rejected clips.
+# ---- the summary ------------------------------------------------------------------------------
+
+def _funnel_rows(p: Pass1) -> list[dict[str, Any]]:
+    rows = [{"label": "clips", "rule": None, "removed": 0, "removed_duration_s": 0.0,
+             "remaining": p.clips, "remaining_duration_s": p.clip_s}]
+    remaining, remaining_s = p.clips, p.clip_s
+    for i, r in enumerate(p.rules):
+        remaining -= int(p.removed[i])
+        remaining_s -= float(p.removed_s[i])
+        rows.append({"label": f"{r['label']} ({r['threshold']})" + ("" if r["applied"] else " [not applied]"),
+                     "rule": r["id"], "removed": int(p.removed[i]), "removed_duration_s": float(p.removed_s[i]),
+                     "remaining": remaining, "remaining_duration_s": remaining_s})
+    rows.append({"label": "kept", "rule": None, "removed": 0, "removed_duration_s": 0.0,
+                 "remaining": p.kept, "remaining_duration_s": p.kept_s})
+    return rows
+
+
+def _overlaps(p: Pass1) -> dict[str, Any]:
+    combos = [{"rules": [p.rules[i]["id"] for i in pattern], "clips": n}
+              for pattern, n in sorted(p.combos.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_COMBINATIONS]]
+    return {"rules": [r["id"] for r in p.rules], "matrix": p.pairs.tolist(), "combinations": combos}
+
+
+def _errors(p: Pass1) -> dict[str, dict[str, Any]]:
+    out = {}
+    for column in schema.ERROR_COLUMNS:
+        groups = p.errors.get(column)
+        if groups:
+            out[column[: -len("_error")]] = {
+                "rows": sum(g[0] for g in groups.values()),
+                "reasons": [{"reason": k, "count": g[0], "example": g[1]}
+                            for k, g in sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))]}
+    return out
+
+
+def _score_stats(p: Pass1, column: str, paths: list[Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+    """A score's statistics without its histogram counts, and the histogram's edges."""
+    st = p.stats[column]
+    thresholds = [(f"{r['label']} {k}", float(r["effective"][k])) for r in p.rules
+                  if r["column"] == column and r["applied"] for k in ABSOLUTE_KEYS if k in r["effective"]]
+    out: dict[str, Any] = {"values": st["values"], "missing": st["missing"],
+                           "thresholds": [{"label": lbl, "value": v} for lbl, v in thresholds]}
+    if not st["values"]:
+        out["computed"] = False
+        return out, None
+    q = _quantiles(paths, column, st["values"])
+    lo = min([q[RANGE_QUANTILES[0]]] + [t for _, t in thresholds])
+    hi = max([q[RANGE_QUANTILES[1]]] + [t for _, t in thresholds])
+    if hi > lo:
+        edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
+    else:  # np.histogram_bin_edges over the values themselves
+        vmin, vmax = q[0.0], q[1.0]
+        edges = np.linspace(vmin - 0.5, vmax + 0.5, HISTOGRAM_BINS + 1) if vmin == vmax else \
+            np.linspace(vmin, vmax, HISTOGRAM_BINS + 1)
+    out.update({"computed": True, "mean": st["sum"] / st["values"],
+                "quantiles": {f"p{round(k * 100)}": q[k] for k in QUANTILES},
+                "kept": st["kept"], "rejected": st["rejected"]})
+    return out, edges
+
+
+def summarize(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6, max_source_rows: int = 200,
+              on_source: Callable[[dict[str, Any]], None] | None = None,
+              max_videos: int = 6) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary, working data for the page) from OUT's tables and run.json (module docstring).
+    `on_source(row)` gets every source's row as it is finished (sources.csv)."""
+    started = time.monotonic()
+    store = _store(out_dir)
+    run = _read_run(store)
+    paths = store.ledger().files("scores")
+    rules = rules_of_run(run)
+    score_columns = list(dict.fromkeys(schema.SCORE_COLUMNS + ["duration_s"]
+                                       + [r["column"] for r in rules if r["step"] != "dedup"]))
+    wanted = list(dict.fromkeys(ID_COLUMNS + score_columns + schema.ERROR_COLUMNS))
+
+    # Pass 1: counts, the cascade, overlaps, errors, sources, score counts, nearest clips.
+    rows_out: list[dict[str, Any]] = []
+    kept_before = int(run.get("kept") or 0)  # kept clips spread over the run, for the page's videos
+    video_ranks = set(np.unique(np.linspace(0, kept_before - 1, min(kept_before, 4 * max_videos)).round()
+                                .astype(int)).tolist()) if kept_before else set()
+    p = Pass1(rules, score_columns, max_gallery, max_strip,
+              (lambda row: on_source(top_rejection(row, rules))) if on_source else None, max_source_rows,
+              video_ranks)
+    for table in columns.scan(paths, wanted):
+        p.add(table)
+    for row in p.sources.rows():
+        rows_out.append(top_rejection(row, rules) if "by_rule" in row else row)
+    _applied_or_not(p)
+
+    # Quantiles and histogram ranges; the galleries' spread ranks.
+    scores, edges = {}, {}
+    for column in score_columns:
+        scores[column], e = _score_stats(p, column, paths)
+        if e is not None:
+            edges[column] = e
+    spread = _spread_targets(p, paths, max_gallery)
+
+    # Pass 2: histograms and the spread picks.
+    _pass2(p, paths, wanted, scores, edges, spread)
+    galleries = _galleries(p, spread)
+
+    summary = {
+        "out_dir": str(store.root),
+        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "status": run.get("status", "unknown"),
+        "config_fingerprint": run.get("config_fingerprint"),
+        "totals": {"sources": p.sources.count, "source_errors": p.rows - p.clips,
+                   "source_outcomes": dict(sorted(p.sources.outcomes.items())), "clips": p.clips,
+                   "kept": p.kept, "rejected": p.clips - p.kept, "clip_duration_s": p.clip_s,
+                   "kept_duration_s": p.kept_s},
+        "funnel": _funnel_rows(p),
+        "rules": [dict(r) for r in rules],
+        "reasons": p.membership.reasons(),
+        "overlaps": _overlaps(p),
+        "errors": _errors(p),
+        "sources": {"total": p.sources.count, "rows": rows_out},
+        "scores": scores,
+        "galleries": galleries,
+        **_run_notes(run),
+    }
+    log.info("report: %d clips summarised in %.1fs", p.clips, time.monotonic() - started)
+    return summary, {"store": store, "rules": rules, "paths": paths, "spread_kept": p.spread_kept}
+
+
+def _applied_or_not(p: Pass1) -> None:
+    """Per rule: its counts; a rule on a skipped stage's column still in the config
+    (rules_of_run) is not applied unless it rejected clips."""
+    funnel = _funnel_rows(p)
+    for i, r in enumerate(p.rules):
+        r.update({"rejected": int(p.rejected[i]), "only_this": int(p.only[i]),
+                  "missing": 0 if r["step"] == "dedup" else int(p.missing[i]),
+                  "cascade_removed": funnel[i + 1]["removed"]})
         if r.get("stage_skipped") and r["rejected"] == 0:
             r["applied"] = False
 
 
-def _overlaps(matrix: np.ndarray, rules: list[dict[str, Any]]) -> dict[str, Any]:
-    """Clips rejected by both of two rules, and the most frequent exact combinations."""
-    pair = (matrix.T.astype(np.int64) @ matrix.astype(np.int64)) if rules else np.zeros((0, 0), np.int64)
-    combos: list[dict[str, Any]] = []
-    if rules and matrix.any():
-        rejected_rows = matrix[matrix.any(axis=1)]
-        patterns, counts = np.unique(rejected_rows, axis=0, return_counts=True)
-        for k in np.argsort(-counts, kind="stable")[:MAX_COMBINATIONS]:
-            combos.append({"rules": [rules[i]["id"] for i in np.flatnonzero(patterns[k])],
-                           "clips": int(counts[k])})
-    return {"rules": [r["id"] for r in rules], "matrix": pair.tolist(), "combinations": combos}
+def _spread_targets(p: Pass1, paths: list[Any], max_gallery: int) -> dict[int, dict[str, Any]]:
+    """Per rule with more rejected clips than its nearest ones: the distances at evenly spaced
+    ranks over the rest (the spread), to be picked in pass 2."""
+    out = {}
+    for i, rule in enumerate(p.rules):
+        total = int(p.rejected_valued[i]) if i < p.rejected_valued.size else 0
+        n_spread = max_gallery - p.n_near
+        rest = total - p.n_near
+        if i not in p.near or rest <= 0 or n_spread <= 0:
+            continue
+        picks = np.unique(np.linspace(0, rest - 1, min(n_spread, rest)).round().astype(int)) + p.n_near
+        found = columns.order_statistics(_rule_values(paths, i, rule, p.membership), picks.tolist())
+        out[i] = {"distances": sorted(found[r] for r in picks.tolist()), "picked": {}}
+    return out
 
 
-def _totals(table: pa.Table, is_clip: np.ndarray, keep: np.ndarray, duration: np.ndarray,
-            sources: int) -> dict[str, Any]:
-    dur = np.nan_to_num(duration)
-    return {
-        "sources": sources,
-        "source_errors": int((~is_clip).sum()),
-        "source_outcomes": source_outcomes(table, is_clip),
-        "clips": int(is_clip.sum()),
-        "kept": int(keep.sum()),
-        "rejected": int((~keep).sum()),
-        "clip_duration_s": float(dur.sum()),
-        "kept_duration_s": float(dur[keep].sum()),
-    }
+def _pass2(p: Pass1, paths: list[Any], wanted: list[str], scores: dict[str, Any],
+           edges: dict[str, np.ndarray], spread: dict[int, dict[str, Any]]) -> None:
+    hist = {c: (np.zeros(HISTOGRAM_BINS, np.int64), np.zeros(HISTOGRAM_BINS, np.int64), 0) for c in edges}
+    near_ids = {i: {item["clip_id"] for _, item in heap} for i, heap in p.near.items()}
+    if edges or spread:
+        for table in columns.scan(paths, wanted):
+            clips = table.filter(pa.array(columns.is_clip(table)))
+            keep = _keep(clips)
+            for column, e in edges.items():
+                v = columns.floats(clips, column)
+                ok = ~np.isnan(v)
+                binned = np.clip(v[ok], e[0], e[-1])
+                k, r, clipped = hist[column]
+                hist[column] = (k + np.histogram(binned[keep[ok]], e)[0], r + np.histogram(binned[~keep[ok]], e)[0],
+                                clipped + int(((v[ok] < e[0]) | (v[ok] > e[-1])).sum()))
+            if spread:
+                matrix = p.membership.matrix(clips)
+                for i, s in spread.items():
+                    _pick_spread(p.rules[i], i, s, clips, matrix, near_ids[i])
+    for column, (k, r, clipped) in hist.items():
+        scores[column]["histogram"] = {"edges": edges[column].tolist(), "kept": k.tolist(),
+                                       "rejected": r.tolist(), "clipped": clipped}
+
+
+def _pick_spread(rule: dict[str, Any], i: int, s: dict[str, Any], clips: pa.Table, matrix: np.ndarray,
+                 near: set[str]) -> None:
+    """For each spread distance, the clip at it with the smallest clip_id (not among the nearest)."""
+    values = columns.floats(clips, rule["column"])
+    dist = distance(values, rule["effective"])
+    rejected = np.flatnonzero(matrix[:, i] & ~np.isnan(values))
+    ids = clips.column("clip_id")
+    for d in set(s["distances"]):
+        for j in rejected[dist[rejected] == d].tolist():
+            cid = ids[j].as_py()
+            if cid in near:
+                continue
+            best = s["picked"].get(d)
+            if best is None or cid < best["clip_id"]:
+                s["picked"][d] = {"clip_id": cid, "value": float(values[j]), "distance": float(dist[j]),
+                                  "caption": caption_of(clips, j)}
+
+
+def _galleries(p: Pass1, spread: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for i, rule in enumerate(p.rules):
+        if not rule["effective"] or not rule["applied"]:
+            continue
+        near = [item for _, item in sorted(p.near.get(i, []), key=lambda t: t[0], reverse=True)]
+        picked = [s for d, s in sorted((spread.get(i) or {}).get("picked", {}).items())]
+        strip = [item for _, item in sorted(p.strip.get(i, []), key=lambda t: t[0], reverse=True)]
+        out[rule["id"]] = {"rejected_total": int(p.rejected[i]),
+                           "rejected_missing": int(p.missing[i]) if rule["step"] != "dedup" else 0,
+                           "rejected": near + picked, "kept_strip": strip}
+    return out
 
 
 def _run_notes(run: dict[str, Any]) -> dict[str, Any]:
@@ -352,52 +630,54 @@ def _read_run(store: OutputStore) -> dict[str, Any]:
     return run
 
 
-def summarize(out_dir: str | Path, max_gallery: int = 12, max_strip: int = 6) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(summary, working data for the page) from OUT's tables and run.json."""
-    store = OutputStore(out_dir)
-    if not store.ledger_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} is not a curation output (no ledger/); run `curate run` first")
-    run = _read_run(store)
-    table = read_scores_with_units(store)
-    is_clip = ~(pc.is_valid(table.column("split_error")).to_numpy(zero_copy_only=False)
-                & pc.is_null(table.column("start_frame")).to_numpy(zero_copy_only=False))
-    keep_all = pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False).astype(bool)
-    clips = table.filter(pa.array(is_clip))
-    keep = keep_all[is_clip]
+# ---- the short funnel (kept for `curate report` callers and tests) ------------------------------
 
-    # Which rules rejected each clip; per rule counts; the cascade in pipeline order.
-    rules = rules_of_run(run)
-    matrix, reasons = _membership(clips, rules)
-    _rule_counts(rules, matrix, clips)
-    duration = _floats(clips, "duration_s")
-    funnel_rows = _funnel_rows(matrix, rules, duration, keep)
-    for i, r in enumerate(rules):
-        r["cascade_removed"] = funnel_rows[i + 1]["removed"]
-
-    # Per source (error rows too), per score, and the clips each rule's gallery shows.
-    matrix_all = np.zeros((table.num_rows, len(rules)), dtype=bool)
-    matrix_all[is_clip] = matrix
-    sources = _sources(table, is_clip, keep_all, matrix_all, rules)
-    score_columns = list(dict.fromkeys(schema.SCORE_COLUMNS + ["duration_s"]
-                                       + [r["column"] for r in rules if r["step"] != "dedup"]))
-    scores = {c: _score_stats(c, _floats(clips, c), keep, rules) for c in score_columns}
-    galleries = _galleries(clips, matrix, keep, rules, max_gallery, max_strip)
-
-    summary = {
-        "out_dir": str(store.root),
-        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "status": run.get("status", "unknown"),
-        "config_fingerprint": run.get("config_fingerprint"),
-        "totals": _totals(table, is_clip, keep, duration, len(sources)),
-        "funnel": funnel_rows,
-        "rules": [{k: v for k, v in r.items()} for r in rules],
-        "reasons": reasons,
-        "overlaps": _overlaps(matrix, rules),
-        "errors": _errors(table),
-        "sources": {"total": len(sources), "rows": sources},
-        "scores": scores,
-        "galleries": galleries,
-        **_run_notes(run),
+def funnel(out_dir: str | Path) -> dict[str, Any]:
+    """Sources, clips, kept, rejections per reason, errors per stage: one streamed pass."""
+    store = _store(out_dir)
+    wanted = ["source_id", "split_error", "start_frame", "source_status", "keep", "reject_reasons",
+              "duration_s"] + schema.ERROR_COLUMNS
+    membership = Membership([])
+    sources = failed = 0
+    last, source_failed = None, False
+    outcomes: Counter[str] = Counter()
+    seen_status: set[str] = set()
+    clips = kept = 0
+    clip_s = kept_s = 0.0
+    errors: Counter[str] = Counter()
+    error_reasons: set[str] = set()
+    for table in columns.scan(store.ledger().files("scores"), list(dict.fromkeys(wanted))):
+        is_clip = columns.is_clip(table)
+        keep = _keep(table) & is_clip
+        dur = np.nan_to_num(columns.floats(table, "duration_s"))
+        clips += int(is_clip.sum())
+        kept += int(keep.sum())
+        clip_s += float(dur[is_clip].sum())
+        kept_s += float(dur[keep].sum())
+        membership.matrix(table.filter(pa.array(is_clip)), count=True)
+        statuses = table.column("source_status").to_pylist()
+        split_errors = table.column("split_error").to_pylist()
+        for k, sid in enumerate(table.column("source_id").to_pylist()):
+            if sid != last:  # a source's rows are contiguous
+                outcomes.update(seen_status)
+                failed += source_failed
+                seen_status, last, source_failed = set(), sid, False
+                sources += 1
+            if not is_clip[k]:
+                seen_status.add(status_of(statuses[k]))
+            if split_errors[k]:
+                source_failed = True
+                if len(error_reasons) < MAX_ERROR_EXAMPLES:
+                    error_reasons.add(split_errors[k])
+        for column in schema.ERROR_COLUMNS:
+            errors[column] += table.num_rows - table.column(column).null_count
+    outcomes.update(seen_status)
+    failed += source_failed
+    run = store.read_run()
+    return {
+        "status": run.get("status", "unknown"), "sources": sources, "source_errors": failed,
+        "source_outcomes": dict(sorted(outcomes.items())), "clips": clips, "kept": kept,
+        "clip_hours": clip_s / 3600, "kept_hours": kept_s / 3600,
+        "rejections": membership.reasons(), "errors": {k: v for k, v in errors.items() if v},
+        "source_error_reasons": sorted(error_reasons),
     }
-    work = {"store": store, "clips": clips, "keep": keep, "rules": rules}
-    return summary, work

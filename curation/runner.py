@@ -155,14 +155,6 @@ def nodes_summary(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]
     return nodes
 
 
-def sent_bytes_per_clip(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """step -> bytes of rows sent through the object store to its model actors, per clip."""
-    entries = list(entries)
-    clips = max(1, sum(e["clips"] for e in entries))
-    total: Counter = sum((Counter(e.get("model_sent_bytes", {})) for e in entries), Counter())
-    return {name: n / clips for name, n in total.items()}
-
-
 def attempt_storage(before: dict[str, float], workers: Counter) -> dict[str, float]:
     """An attempt's object-store traffic: this process's since `before` (discovery; the
     in-process runner's fetches) and the Ray workers' (from their units' ledger entries)."""
@@ -171,6 +163,45 @@ def attempt_storage(before: dict[str, float], workers: Counter) -> dict[str, flo
 
 def total_storage(attempts: list[dict[str, Any]]) -> dict[str, float]:
     return dict(sum((Counter(a.get("storage") or {}) for a in attempts), Counter()))
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+class LedgerCheckpoints:
+    """The driver's ledger checkpoints while a run goes on: after CHECKPOINT_EVERY_UNITS new
+    entries, or 5% of the units the checkpoint holds if that is more (so the units' table is
+    rewritten a few dozen times over a run, not once per few units), a checkpoint of the
+    ledger alone (no data file rewritten): a resume then reads it and a few entries. Skipped
+    while a `curate compact` holds the lock."""
+
+    def __init__(self, store: OutputStore):
+        self.store = store
+        self.new = 0
+        self.held = 0
+
+    def committed(self) -> None:
+        from curation.compact import CHECKPOINT_EVERY_UNITS, CompactionBusy, checkpoint
+
+        self.new += 1
+        if self.new < max(CHECKPOINT_EVERY_UNITS, 0.05 * self.held):
+            return
+        try:
+            manifest = checkpoint(self.store, compact=False, created_by="curate run (ledger)")
+        except CompactionBusy as exc:
+            log.info("ledger checkpoint skipped: %s", exc)
+            return
+        self.new, self.held = 0, int(manifest["units"])
+
+
+def compact_at_end(store: OutputStore) -> None:
+    """The finished run's per-unit files rewritten into large ones (curation/compact.py);
+    skipped, with a message, while another compaction holds the lock."""
+    from curation.compact import CompactionBusy, checkpoint
+
+    try:
+        checkpoint(store, compact=True, created_by="curate run")
+    except CompactionBusy as exc:
+        log.warning("not compacted at the end of the run: %s; run `curate compact %s` later", exc, store.root)
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -216,6 +247,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
 
     started = time.monotonic()
     progress = Progress(units)
+    checkpoints = LedgerCheckpoints(store)
     workers_storage: Counter = Counter()
     entries = executor(config, units, store)
     try:
@@ -228,6 +260,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
             store.write_ledger(entry)
             workers_storage.update(entry.get("storage") or {})
             progress.unit_done(units.finished(entry["unit_id"]), entry)
+            checkpoints.committed()
     except BaseException as exc:  # the attempt's record says what it did before it failed
         attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
                         "storage": attempt_storage(storage_before, workers_storage)})
@@ -241,38 +274,36 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     refilters = record.get("refilters") or []
     unfinished_refilter = bool(refilters) and not refilters[-1].get("finished")
     if needs_final_pass(config) or unfinished_refilter:
-        # Percentile rules need the whole run's scores: resolved now, keep/shards rewritten.
-        # The same pass finishes a refilter that was interrupted (its rules are this config's).
+        # Percentile rules need the whole run's scores: resolved now, keep/shards rewritten
+        # (into compacted files). The same pass finishes a refilter that was interrupted.
         record["resolved_rules"] = finalize(store.root, config)
         if unfinished_refilter:
             log.info("finished the interrupted `curate refilter %s`", " ".join(refilters[-1]["overrides"]))
             refilters[-1].update({"finished": True, "finished_by": "curate run"})
+    elif config.run.compact_at_end:
+        compact_at_end(store)
 
-    ledger = store.committed()
-    stage_seconds: dict[str, float] = defaultdict(float)
-    for entry in ledger.values():
-        for name, seconds in entry["stage_seconds"].items():
-            stage_seconds[name] += seconds
+    totals = store.ledger().totals()
     attempt["finished_at"] = time.time()
     attempt["wall_s"] = time.monotonic() - started
     # Everything up to run.json's last write (which cannot count itself).
     attempt["storage"] = attempt_storage(storage_before, workers_storage)
     if attempt["storage"].get("failed_requests"):
         log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
+    clips = int(totals.get("clips", 0))
     record.update({
         "status": "complete",
-        "sources": {"total": units.listed,
-                    "committed": len({sid for e in ledger.values() for sid in e["source_ids"]})},
-        "clips": sum(e["clips"] for e in ledger.values()),
-        "kept": sum(e["kept"] for e in ledger.values()),
-        "source_errors": sum(e["source_errors"] for e in ledger.values()),
-        "source_outcomes": dict(sum((Counter(e.get("source_outcomes", {})) for e in ledger.values()),
-                                    Counter())),
-        "units": len(ledger),
-        "units_retried": sum(1 for e in ledger.values() if e.get("attempts", 1) > 1),
-        "nodes": nodes_summary(ledger.values()),
-        "model_sent_bytes_per_clip": sent_bytes_per_clip(ledger.values()),
-        "stage_busy_seconds": dict(stage_seconds),
+        "sources": {"total": units.listed, "committed": int(totals.get("sources", 0))},
+        "clips": clips,
+        "kept": int(totals.get("kept", 0)),
+        "source_errors": int(totals.get("source_errors", 0)),
+        "source_outcomes": dict(totals.get("source_outcomes") or {}),
+        "units": int(totals.get("units", 0)),
+        "units_retried": int(totals.get("units_retried", 0)),
+        "nodes": dict(totals.get("nodes") or {}),
+        "model_sent_bytes_per_clip": {name: n / max(1, clips)
+                                      for name, n in (totals.get("model_sent_bytes") or {}).items()},
+        "stage_busy_seconds": dict(totals.get("stage_seconds") or {}),
         "storage": total_storage(attempts),
     })
     write_json(store.run_json, record)

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import outdir, schema
+from curation.ledger import Ledger, SourceIds
 from stages import redaction
 from curation.outdir import (  # noqa: F401 - the writers' names, used across the package
     tmp_name,
@@ -87,12 +88,6 @@ def split_by_size(table: pa.Table, target_bytes: float) -> list[pa.Table]:
     return parts
 
 
-def _entry_names(entry: dict[str, Any], kind: str) -> list[str]:
-    """The file names of one kind ("scores", "clips", "shards") a ledger entry lists."""
-    names = entry.get({"scores": "scores_file", "clips": "clips_file", "shards": "shard_files"}[kind])
-    return [names] if isinstance(names, str) else list(names or [])
-
-
 class OutputStore:
     """OUT_DIR, a local folder or an object-store prefix (curation/outdir.py): the ledgered
     commit of units, and the reading of what the ledger lists."""
@@ -132,31 +127,43 @@ class OutputStore:
             marker.unlink(missing_ok=True)
 
     def remove_uncommitted(self) -> int:
-        """Delete every data file no ledger entry lists: files of units that never committed,
-        of attempts whose unit another attempt committed, and temporary files. Returns how many."""
-        ledger = self.committed()
-        listed = {(kind, name) for entry in ledger.values() for kind in ("scores", "clips", "shards")
-                  for name in _entry_names(entry, kind)}
+        """Delete every data file the ledger does not list (files of units that never
+        committed, of attempts whose unit another attempt committed, of compactions that did
+        not finish, files a compaction replaced) and, in ledger/, older checkpoints and folded
+        entries; the files of a compaction running now are left alone. Returns how many."""
+        from curation.compact import LOCK, in_progress_prefixes
+
+        listed = self.ledger().listed()
+        busy = in_progress_prefixes(self)
         removed = 0
-        for kind, folder in (("scores", self.scores_dir), ("clips", self.clips_dir), ("shards", self.shards_dir)):
-            for path in folder.iterdir():
-                if (kind, path.name) not in listed:
-                    log.info("removing a file no ledger entry lists (an uncommitted attempt): %s", path)
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        for path in self.ledger_dir.iterdir():
-            if path.name.startswith(".tmp-"):
+        for kind in ("scores", "clips", "shards", "ledger"):
+            for path in (self.root / kind).iterdir():
+                name = path.name
+                if name in listed[kind] or name == LOCK or (busy and name.startswith(busy)):
+                    continue
+                if kind != "ledger" or not name.endswith(".json") or not name.startswith("u"):
+                    log.info("removing a file the ledger does not list (an uncommitted attempt or a "
+                             "replaced file): %s", path)
                 path.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     # ---- ledger -----------------------------------------------------------------------
-    def committed(self) -> dict[str, dict[str, Any]]:
-        """{unit_id: ledger entry} of every committed unit, in unit order."""
-        paths = sorted(self.ledger_dir.glob("u*.json"), key=lambda p: p.name)
-        return {path.stem: json.loads(data) for path, data in zip(paths, outdir.read_many(paths))}
+    def ledger(self) -> "Ledger":
+        """The committed state, read now (curation/ledger.py)."""
+        return Ledger(self)
 
-    def committed_source_ids(self) -> set[str]:
-        return {sid for entry in self.committed().values() for sid in entry["source_ids"]}
+    def committed(self) -> dict[str, dict[str, Any]]:
+        """{unit_id: its row of the units' table (curation/ledger.py UNITS_SCHEMA) or its newer
+        entry} of every committed unit, by unit id: for tests and small outputs (one dict a
+        unit); readers at scale use `ledger()`."""
+        ledger = self.ledger()
+        rows = {r["unit_id"]: r for r in ledger.units.to_pylist()}
+        rows.update(ledger.entries)
+        return dict(sorted(rows.items()))
+
+    def committed_source_ids(self) -> SourceIds:
+        return self.ledger().source_ids()
 
     def not_ready_reason(self) -> str | None:
         """Why the committed data is not a finished whole (None when it is): for readers that
@@ -175,9 +182,8 @@ class OutputStore:
         return None
 
     def committed_files(self, kind: str) -> list[Any]:
-        """The files of one kind ("scores", "shards", "clips") that the ledger lists, in unit order."""
-        folder = {"scores": self.scores_dir, "clips": self.clips_dir, "shards": self.shards_dir}[kind]
-        return [folder / name for entry in self.committed().values() for name in _entry_names(entry, kind)]
+        """The files of one kind ("scores", "shards", "clips") the ledger lists, in its order."""
+        return self.ledger().files(kind)
 
     def read_run(self) -> dict[str, Any]:
         try:
@@ -229,9 +235,11 @@ class OutputStore:
         }
         split_errors = table.column("split_error").to_pylist()
         starts = table.column("start_frame").to_pylist()
+        paths = table.column("source_path").to_pylist()
         entry = {
             "unit_id": unit_id,
             "source_ids": source_ids,
+            "first_source": min(paths) if paths else None,  # where the unit goes in source order
             "rows": table.num_rows,
             "clips": sum(1 for s in starts if s is not None),
             "kept": kept.num_rows,

@@ -199,14 +199,22 @@ def resolve_percentile(values: np.ndarray | Iterable[float | None], bounds: dict
     n = int(arr.size)
     out: dict[str, Any] = {k: bounds[k] for k in PERCENTILE_KEYS if k in bounds}
     out["values"] = n
+    for key, rank in percentile_ranks(bounds, n).items():
+        out[key] = float(arr[rank]) if n else None
+    return out
+
+
+def percentile_ranks(bounds: dict[str, float], n: int) -> dict[str, int]:
+    """{"min"/"max": the 0-based rank, in ascending order of n values, a percentile rule takes
+    its threshold at} (module docstring); a reader that cannot sort the values (curation/
+    finalize.py streams them) finds the values at these ranks."""
+    ranks = {}
     # The epsilon keeps q * n = 25.000000000000004 or 24.999999999999996 at 25.
     if "drop_bottom" in bounds:
-        k = min(n - 1, int(math.floor(bounds["drop_bottom"] * n + 1e-9)))
-        out["min"] = float(arr[k]) if n else None
+        ranks["min"] = min(n - 1, int(math.floor(bounds["drop_bottom"] * n + 1e-9)))
     if "drop_top" in bounds:
-        k = min(n - 1, int(math.floor(bounds["drop_top"] * n + 1e-9)))
-        out["max"] = float(arr[n - 1 - k]) if n else None
-    return out
+        ranks["max"] = n - 1 - min(n - 1, int(math.floor(bounds["drop_top"] * n + 1e-9)))
+    return ranks
 
 
 def effective_bounds(bounds: dict[str, float], resolved: dict[str, Any] | None) -> dict[str, float]:

@@ -399,20 +399,34 @@ def test_curate_dedup_command_changes_and_removes_dedup(corpus, tmp_path):
     assert "dedup" not in json.loads((out / "run.json").read_text())["config"]
 
 
-def test_an_interrupted_dedup_pass_is_finished_by_running_it_again(corpus, tmp_path):
+def test_an_interrupted_dedup_pass_is_finished_by_running_it_again(corpus, tmp_path, monkeypatch):
+    """A dedup pass (here: --off, then the dedup section back) killed after writing its files and
+    before the checkpoint that commits them: readers see the tables as before, and the same
+    pass run again gives the uninterrupted result and leaves no file the ledger does not list."""
+    from curation import compact
+    from curation.writer import OutputStore
+
     out = shutil.copytree(corpus[0], tmp_path / "out")
     expected = read(out, "scores")
-    units = sorted(p.stem for p in (out / "ledger").glob("u*.json"))
-    # Killed part-way: one unit's scores back to the rules alone, another unit's shards gone.
-    victim = out / "scores" / json.loads((out / "ledger" / f"{units[0]}.json").read_text())["scores_file"]
-    t = pq.read_table(victim).to_pylist()
-    for r in t:
-        r["reject_reasons"] = rule_reasons(r)
-        r["keep"] = r["start_frame"] is not None and not r["reject_reasons"]
-    pq.write_table(pq.read_table(victim).from_pylist(t, schema=pq.read_table(victim).schema), victim)
-    for shard in (out / "shards").glob(f"{units[1]}-*.parquet"):
-        shard.unlink()
-    finalize(out, load_config(REPO / "configs" / "spine.yaml", BASE))
+    config = load_config(REPO / "configs" / "spine.yaml", BASE)
+    assert curate(["dedup", str(out), "--off"]) == 0
+    without = read(out, "scores")
+    assert without != expected
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(compact, "commit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            finalize(out, config)
+    listed = OutputStore(out).ledger()
+    on_disk = {p.name for p in (out / "scores").glob("*.parquet")}
+    assert on_disk - set(listed.file_names("scores"))  # the killed pass's files, unlisted
+    rows = pq.read_table(out / "scores" / listed.file_names("scores")[0]).to_pylist()
+    assert {r["clip_id"]: r["reject_reasons"] for r in rows} == \
+           {k: r["reject_reasons"] for k, r in without.items()}  # readers: the tables as before
+    finalize(out, config)
     assert {k: r["reject_reasons"] for k, r in read(out, "scores").items()} == \
            {k: r["reject_reasons"] for k, r in expected.items()}
     assert set(read(out, "shards")) == {k for k, r in expected.items() if r["keep"]}

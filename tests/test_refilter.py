@@ -40,7 +40,8 @@ def fresh_run(footage, out: Path, rules: list[str]) -> Path:
 def runs(footage, tmp_path_factory):
     base = tmp_path_factory.mktemp("refilter")
     return {name: fresh_run(footage, base / name, rules) for name, rules in
-            [("base", []), ("tighter", TIGHTER), ("looser", LOOSER), ("percentile", PERCENTILE)]}
+            [("base", []), ("tighter", TIGHTER), ("looser", LOOSER), ("percentile", PERCENTILE),
+             ("noclips", ["run.store_all_clips=false"])]}
 
 
 def copy_of(src: Path, dst: Path) -> Path:
@@ -125,27 +126,67 @@ def test_refilter_to_a_percentile_rule_equals_a_fresh_run(runs, tmp_path):
     assert_same_outputs(out, runs["percentile"])
 
 
-def test_final_pass_is_idempotent_after_a_crash(runs, tmp_path):
+def killed_before_its_commit(monkeypatch, call) -> None:
+    """`call()` (a pass that rewrites the tables) killed after writing its files, before the
+    checkpoint that commits them."""
+    from curation import compact
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(compact, "commit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            call()
+
+
+def unlisted(out: Path) -> list[str]:
+    """Data files on disk that the ledger does not list."""
+    ledger = OutputStore(out).ledger()
+    return [f"{kind}/{p.name}" for kind in ("scores", "clips", "shards")
+            for p in sorted((out / kind).glob("*.parquet")) if p.name not in ledger.file_names(kind)]
+
+
+def plant_dead_lock(out: Path) -> None:
+    """The lock a compaction leaves when it is SIGKILLed on this machine."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / "ledger" / "compaction.lock").write_text(json.dumps(
+        {"pid": gone.pid, "host": socket.gethostname(), "seq": 99, "token": "deadbeef",
+         "started_at": time.time(), "refreshed_at": time.time()}))
+
+
+def test_final_pass_is_idempotent_after_a_crash(runs, tmp_path, monkeypatch):
     out = copy_of(runs["percentile"], tmp_path / "out")
     config = load_config(REPO / "configs" / "spine.yaml", BASE + PERCENTILE)
+    before = {kind: [p.name for p in OutputStore(out).committed_files(kind)] for kind in ("scores", "shards")}
+    killed_before_its_commit(monkeypatch, lambda: finalize(out, config))
+    # The killed pass's files are on disk; readers see the tables as they were.
+    assert unlisted(out)
+    assert {kind: [p.name for p in OutputStore(out).committed_files(kind)] for kind in before} == before
+    assert_same_outputs_listed(out, runs["percentile"])
+    plant_dead_lock(out)  # and its lock, of a process that is gone
     assert finalize(out, config) == json.loads((out / "run.json").read_text())["resolved_rules"]
-    # A pass killed part-way: one unit's scores back to the inline result (percentile rule
-    # skipped: everything kept), another unit's shards gone.
-    units = sorted(p.stem for p in (out / "ledger").glob("u*.json"))
-    victim = out / "scores" / json.loads((out / "ledger" / f"{units[0]}.json").read_text())["scores_file"]
-    t = pq.read_table(victim)
-    t = t.set_column(t.column_names.index("keep"), "keep",
-                     pa.array([r is None or r != ["split_error"] for r in t.column("reject_reasons").to_pylist()]))
-    pq.write_table(t, victim)
-    for shard in (out / "shards").glob(f"{units[1]}-*.parquet"):
-        shard.unlink()
-    finalize(out, config)
     assert_same_outputs(out, runs["percentile"])
-    # No leftover shard file: what is on disk is what the ledger lists (a rewritten unit's
-    # files carry a version in their names), as many files as the uninterrupted pass wrote.
+    # No leftover file: what is on disk is what the ledger lists, as many files as the
+    # uninterrupted pass wrote.
+    assert not unlisted(out)
     on_disk = sorted(p.name for p in (out / "shards").glob("*.parquet"))
-    assert on_disk == sorted(p.name for p in OutputStore(out).committed_files("shards"))
     assert len(on_disk) == len(list((runs["percentile"] / "shards").glob("*.parquet")))
+    assert not (out / "ledger" / "compaction.lock").exists()
+
+
+def assert_same_outputs_listed(a: Path, b: Path) -> None:
+    """The keep decisions of the files a's ledger lists equal b's."""
+    def decisions(out: Path) -> dict:
+        rows = pa.concat_tables([pq.read_table(p) for p in OutputStore(out).committed_files("scores")]).to_pylist()
+        return {r["clip_id"]: (r["keep"], r["reject_reasons"]) for r in rows}
+    assert decisions(a) == decisions(b)
 
 
 def test_removing_a_rule_with_null(runs, tmp_path):
@@ -173,50 +214,44 @@ def test_bad_overrides_name_the_key_and_change_nothing(runs, tmp_path, override,
 
 
 def test_loosening_without_stored_clips_is_refused(runs, tmp_path):
-    out = copy_of(runs["base"], tmp_path / "out")
-    shutil.rmtree(out / "clips")  # as with run.store_all_clips=false
+    out = copy_of(runs["noclips"], tmp_path / "out")
+    assert not list((out / "clips").glob("*.parquet"))  # run.store_all_clips=false
+    before = kept_ids(out)
     with pytest.raises(OutputError, match="store_all_clips"):
         refilter(out, LOOSER)
-    assert kept_ids(out) == kept_ids(runs["base"])
+    assert kept_ids(out) == before and not unlisted(out)  # nothing changed, nothing left
     refilter(out, TIGHTER)  # tightening needs only the shards' own payload
     assert kept_ids(out) == kept_ids(runs["tighter"])
     assert set(read_dir(out, "shards")) == kept_ids(out)
 
 
-KEEP_STATIC = ["filter.rules.motion_score.min=0"]  # static shots kept too: two units change
+KEEP_STATIC = ["filter.rules.motion_score.min=0"]  # static shots kept too
 
 
-def interrupted_refilter(runs, tmp_path: Path, name: str) -> tuple[Path, Path, list[str]]:
-    """(half, done, hidden): `half` is what a KEEP_STATIC refilter killed part-way leaves: run.json
-    with the new rules marked unfinished, one unit switched to its new shards, and the next
-    unit's new shard files written but not yet listed by its ledger entry (`hidden`)."""
+def interrupted_refilter(runs, tmp_path: Path, name: str, monkeypatch) -> tuple[Path, Path, list[str]]:
+    """(half, done, hidden): `half` is what a KEEP_STATIC refilter killed before its commit
+    leaves: run.json with the new rules marked unfinished, and the pass's new files written
+    but listed by no checkpoint (`hidden`); `done` is the same refilter finished."""
     done = copy_of(runs["base"], tmp_path / f"{name}-done")
     refilter(done, KEEP_STATIC)
     half = copy_of(runs["base"], tmp_path / name)
-    before = {p.name: json.loads(p.read_text()) for p in (half / "ledger").glob("*.json")}
-    after = {p.name: json.loads(p.read_text()) for p in (done / "ledger").glob("*.json")}
-    switched = [n for n in sorted(after) if after[n]["shard_files"] != before[n]["shard_files"]]
-    assert len(switched) >= 2, "the fixture must rewrite two units"
-    assert after[switched[1]]["shard_files"], "the second unit must have new shard files to hide"
-    first, second = switched[:2]
-    shutil.copy(done / "ledger" / first, half / "ledger" / first)
-    shutil.copy(done / "scores" / after[first]["scores_file"], half / "scores" / after[first]["scores_file"])
-    for shard in after[first]["shard_files"] + after[second]["shard_files"]:
-        shutil.copy(done / "shards" / shard, half / "shards" / shard)
-    run = json.loads((done / "run.json").read_text())
-    run["refilters"][-1]["finished"] = False
-    (half / "run.json").write_text(json.dumps(run))
-    return half, done, after[second]["shard_files"]
+    killed_before_its_commit(monkeypatch, lambda: refilter(half, KEEP_STATIC))
+    assert json.loads((half / "run.json").read_text())["refilters"][-1]["finished"] is False
+    hidden = [n.split("/", 1)[1] for n in unlisted(half) if n.startswith("shards/")]
+    assert hidden, "the killed pass must have written new shard files"
+    return half, done, hidden
 
 
-def test_interrupted_refilter_is_hidden_from_readers_and_the_same_refilter_finishes_it(runs, tmp_path):
+def test_interrupted_refilter_is_hidden_from_readers_and_the_same_refilter_finishes_it(runs, tmp_path,
+                                                                                        monkeypatch):
     from training.cli import train_command
     from training.data import shard_paths
 
-    half, done, hidden = interrupted_refilter(runs, tmp_path, "half")
+    half, done, hidden = interrupted_refilter(runs, tmp_path, "half", monkeypatch)
     assert all((half / "shards" / n).exists() for n in hidden)
     listed = [p.name for p in OutputStore(half).committed_files("shards")]
     assert not set(hidden) & set(listed)  # readers never see the pass's unlisted files
+    assert_same_outputs_listed(half, runs["base"])
     with pytest.raises(ValueError, match="refilter .* did not finish"):
         shard_paths(str(half))
     with pytest.raises(SystemExit) as refused:
@@ -224,12 +259,13 @@ def test_interrupted_refilter_is_hidden_from_readers_and_the_same_refilter_finis
     assert refused.value.code == 2
     refilter(half, KEEP_STATIC)  # the same command again finishes the pass
     assert_same_outputs(half, done)
+    assert not unlisted(half)
     assert sorted(Path(p).name for p in shard_paths(str(half))) == sorted(
         p.name for p in (half / "shards").glob("*.parquet"))
 
 
-def test_interrupted_refilter_is_finished_by_curate_run_with_the_new_rules(runs, footage, tmp_path):
-    half, done, _ = interrupted_refilter(runs, tmp_path, "half-run")
+def test_interrupted_refilter_is_finished_by_curate_run_with_the_new_rules(runs, footage, tmp_path, monkeypatch):
+    half, done, _ = interrupted_refilter(runs, tmp_path, "half-run", monkeypatch)
     record = run_pipeline(load_config(REPO / "configs" / "spine.yaml", BASE + KEEP_STATIC), [str(footage[0])],
                           half, run_local)
     assert record["refilters"][-1]["finished"] and record["refilters"][-1]["finished_by"] == "curate run"

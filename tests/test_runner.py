@@ -31,11 +31,11 @@ def config(extra=()):
     return load_config(REPO / "configs" / "spine.yaml", OVERRIDES + list(extra))
 
 
-def cli_run(root: Path, out: Path, ray_tmp: str) -> tuple[list[str], dict[str, str]]:
+def cli_run(root: Path, out: Path, ray_tmp: str, extra: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """`curate run` of the spine on the embedded cluster, one source per unit: (argv, env)."""
     cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "configs" / "spine.yaml"), "--input", str(root),
            "--output", str(out), "--num-cpus", "2", "--object-store-mb", "100",
-           *[a for o in OVERRIDES + ["run.sources_per_unit=1"] for a in ("--set", o)]]
+           *[a for o in OVERRIDES + ["run.sources_per_unit=1", *extra] for a in ("--set", o)]]
     return cmd, {**os.environ, "RAY_TMPDIR": ray_tmp}
 
 
@@ -62,7 +62,7 @@ def assert_only_committed_files(out: Path) -> None:
     for kind in ("scores", "shards", "clips"):
         on_disk = sorted(p.name for p in (out / kind).iterdir())
         assert on_disk == sorted(p.name for p in store.committed_files(kind)), kind
-    assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(f"{u}.json" for u in store.committed())
+    assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(store.ledger().listed()["ledger"])
 
 
 def shard_clip_ids(out: Path) -> list[str]:
@@ -130,36 +130,47 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(local_run, footage):
         run_pipeline(config(["split.min_duration_s=2"]), [str(root)], out, run_local)
 
 
-def test_leftovers_of_uncommitted_units_are_removed(local_run, footage, tmp_path):
+@pytest.mark.parametrize("compacted", [False, True])
+def test_leftovers_of_uncommitted_units_are_removed(local_run, footage, tmp_path, compacted):
+    """A run killed after a unit's data files were written and before its ledger entry (its
+    files stay, unlisted), with files of attempts and compactions nobody committed planted
+    beside: the same command finishes with every clip once and only the listed files. Over an
+    output of entries (no compaction at the end), and over a compacted one."""
     out, _ = local_run
     root, _ = footage
-    import shutil
-
+    loose = config(["run.compact_at_end=false"])
     copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    # Simulate a crash after a unit's data files were renamed but before its ledger entry.
-    entries = sorted((copy / "ledger").glob("*.json"))
+    run_pipeline(loose, [str(root)], copy, run_local)
+    entries = sorted((copy / "ledger").glob("u*.json"))
     victim, survivor = entries[0], entries[1].stem
     unit = victim.stem
     some_scores = (copy / "scores" / json.loads(victim.read_text())["scores_file"]).read_bytes()
     victim.unlink()
+    if compacted:  # the other units compacted and checkpointed, the victim's files left loose
+        from curation.compact import checkpoint
+
+        checkpoint(OutputStore(copy))
+        assert not list((copy / "ledger").glob("u*.json"))
     (copy / "scores" / ".tmp-zzz.parquet").write_bytes(b"partial")
     # Files under the writer's names that no unit of this run writes again, so only the clean-up
     # can remove them: a unit id that no unit of these sources hashes to, a shard number beyond
-    # any the victim's redo writes, a temporary shard of the victim, and the files of a second
-    # attempt at a unit that another attempt committed (an attempt thought dead that went on).
+    # any the victim's redo writes, a temporary shard of the victim, the files of a second
+    # attempt at a unit that another attempt committed (an attempt thought dead that went on),
+    # and the files of a compaction that died before its checkpoint.
     orphan = "u" + "0" * 16
     planted = [copy / "scores" / f"{orphan}-00000000.parquet", copy / "clips" / f"{orphan}-00000000.parquet",
                copy / "shards" / f"{orphan}-00000000-0000.parquet", copy / "shards" / f"{unit}-00000000-0099.parquet",
                copy / "shards" / f".tmp-123-abcdef12-{unit}-0000.parquet",
-               copy / "scores" / f"{survivor}-0badf00d.parquet", copy / "shards" / f"{survivor}-0badf00d-0000.parquet"]
+               copy / "scores" / f"{survivor}-0badf00d.parquet", copy / "shards" / f"{survivor}-0badf00d-0000.parquet",
+               copy / "scores" / "c00000009-deadbeef-00000.parquet", copy / "ledger" / "units-00000009-deadbeef.parquet"]
     assert orphan not in {u.unit_id for u in plan_units(discover([str(root)]), config().run.sources_per_unit)}
     for path in planted:
         assert not path.exists()
         path.write_bytes(some_scores)
-    run_pipeline(config(), [str(root)], copy, run_local)
+    record = run_pipeline(loose, [str(root)], copy, run_local)
+    assert record["attempts"][-1]["units"] == 1  # the victim's unit, done again
     assert clip_ids(copy) == clip_ids(out)
-    assert (copy / "ledger" / f"{unit}.json").exists()
+    assert unit in OutputStore(copy).ledger().unit_ids()
     assert not list((copy / "scores").glob(".tmp-*"))
     assert_only_committed_files(copy)
     assert not [p for p in planted if p.exists()]
@@ -214,11 +225,13 @@ def test_curate_run_on_a_two_node_cluster_uses_both_nodes_and_matches_the_embedd
 
 
 def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp_path, ray_tmp):
-    """The CLI on the embedded Ray cluster, killed part-way with SIGKILL, then rerun."""
+    """The CLI on the embedded Ray cluster, killed part-way with SIGKILL, then rerun (without
+    the compaction at the end, so that the committed units' own files can be watched; then
+    `curate compact`)."""
     out_local, _ = local_run
     root, _ = footage
     out = tmp_path / "out"
-    cmd, env = cli_run(root, out, ray_tmp)
+    cmd, env = cli_run(root, out, ray_tmp, ("run.compact_at_end=false",))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -266,6 +279,14 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     shard_ids = shard_clip_ids(out)
     assert len(shard_ids) == len(set(shard_ids))
     assert sorted(shard_ids) == sorted(shard_clip_ids(out_local))
+    # (4) Compacted afterwards: the same clips, in one file of each kind, no entry left.
+    compacted = subprocess.run([sys.executable, "-m", "curation.cli", "compact", str(out)], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert compacted.returncode == 0, compacted.stderr[-3000:]
+    assert clip_ids(out) == ids and sorted(shard_clip_ids(out)) == sorted(shard_ids)
+    assert_only_committed_files(out)
+    assert [len(list((out / kind).iterdir())) for kind in ("scores", "clips", "shards")] == [1, 1, 1]
+    assert not list((out / "ledger").glob("u*.json"))
 
 
 def test_sources_without_clips_commit_and_are_counted_apart(footage, tmp_path):

@@ -95,7 +95,7 @@ def check_exactly_once(fs, prefix: str, reference: dict) -> None:
     for kind in KINDS:
         stored = [k.rsplit("/", 1)[1] for k in keys(fs, f"{prefix}{kind}/")]
         assert stored == sorted(p.name for p in store.committed_files(kind)), kind
-    assert [k.rsplit("/", 1)[1] for k in keys(fs, f"{prefix}ledger/")] == sorted(f"{u}.json" for u in store.committed())
+    assert [k.rsplit("/", 1)[1] for k in keys(fs, f"{prefix}ledger/")] == sorted(store.ledger().listed()["ledger"])
     assert not keys(fs, f"{prefix}inflight/")
 
 
@@ -166,12 +166,11 @@ def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def unlisted(fs, prefix: str) -> list[str]:
-    """Data files under `prefix` that no ledger entry lists (read from the store directly)."""
-    listed = set()
-    for key in keys(fs, f"{prefix}ledger/"):
-        entry = json.loads(fs.cat_file(key))
-        listed |= {entry["scores_file"], entry["clips_file"], *entry["shard_files"]}
-    return [k for kind in KINDS for k in keys(fs, f"{prefix}{kind}/") if k.rsplit("/", 1)[1] not in listed]
+    """Data files under `prefix` that the ledger does not list."""
+    fs.invalidate_cache()
+    ledger = OutputStore(f"s3://{prefix}").ledger()
+    return [k for kind in KINDS for k in keys(fs, f"{prefix}{kind}/")
+            if k.rsplit("/", 1)[1] not in ledger.file_names(kind)]
 
 
 def test_runs_killed_while_the_store_fails_finish_with_every_clip_once(s3, footage, reference, tmp_path):

@@ -1,0 +1,274 @@
+"""The ledger of an OUT_DIR: which units are committed, and which data files hold their rows.
+
+Two parts, read together (as Delta Lake and Iceberg read a checkpoint and the log after it):
+- entries: ledger/<unit>.json, one per unit committed since the newest checkpoint; the
+  driver writes a unit's entry after its data files, and that write commits the unit;
+- the newest checkpoint: ledger/checkpoint-<seq>.json, which holds every unit committed
+  before it. It names
+    - its units' table, ledger/units-<seq>-<token>.parquet: one row per unit (UNITS_SCHEMA:
+      its source ids, first source path, counts, and for a unit whose rows were not
+      compacted yet, the names of its own data files);
+    - the compacted data files, per kind, in order (scores/, clips/, shards/
+      c<seq>-<token>-<k>.parquet, of about shard_target_mb each, units in source order);
+    - the totals of its units' records (clips, kept, errors, stage seconds, nodes, store
+      traffic), so a run's summary never reads every unit again.
+  Writing the checkpoint's JSON (one PUT on a store, a rename on a disk) commits it; the
+  files it names are written before, under names no earlier attempt used.
+
+Reading (`Ledger(store)`): one listing of ledger/, the newest checkpoint and the ids of its
+units, and only the entries of units it does not hold: an entry it holds was folded into it
+and is only waiting to be deleted (curation/compact.py deletes folded entries and files after
+the checkpoint is written; a compaction killed in between leaves them to the next one, or to
+`OutputStore.prepare`'s sweep). Nothing here is a Python object per unit of the checkpoint:
+its units are read as Arrow columns.
+
+Order: a kind's files are the checkpoint's compacted files, then the loose units' files
+(checkpoint units not compacted yet, then newer entries), loose units by their first source
+path. Scores and clips files of a unit hold its clips in the same order, and compaction keeps
+that order, so the clip rows of `files("scores")` and the rows of `files("clips")` come in
+the same sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation import outdir
+
+log = logging.getLogger(__name__)
+
+KINDS = ("scores", "clips", "shards")
+CHECKPOINT = re.compile(r"^checkpoint-(\d{8})\.json$")
+ENTRY = re.compile(r"^(u[0-9a-zA-Z]+)\.json$")
+FORMAT = 1
+
+UNITS_SCHEMA = pa.schema([
+    pa.field("unit_id", pa.string(), nullable=False),
+    pa.field("source_ids", pa.list_(pa.string())),
+    pa.field("first_source", pa.string()),
+    pa.field("rows", pa.int64()),
+    pa.field("clips", pa.int64()),
+    pa.field("kept", pa.int64()),
+    pa.field("source_errors", pa.int64()),
+    pa.field("attempts", pa.int32()),
+    pa.field("committed_at", pa.float64()),
+    pa.field("node_id", pa.string()),  # the Ray node that ran the unit and wrote its files
+    # Files of a unit whose rows are not in the compacted files yet (null once compacted).
+    pa.field("scores_file", pa.string()),
+    pa.field("clips_file", pa.string()),
+    pa.field("shard_files", pa.list_(pa.string())),
+])
+ENTRY_FILE_KEYS = {"scores": "scores_file", "clips": "clips_file", "shards": "shard_files"}
+
+
+def entry_names(entry: dict[str, Any], kind: str) -> list[str]:
+    """The file names of one kind a ledger entry (or units-table row) lists."""
+    names = entry.get(ENTRY_FILE_KEYS[kind])
+    return [names] if isinstance(names, str) else list(names or [])
+
+
+def checkpoint_name(seq: int) -> str:
+    return f"checkpoint-{seq:08d}.json"
+
+
+# ---- totals: what a run's summary needs of every unit ------------------------------------------
+
+def contribution(entry: dict[str, Any]) -> dict[str, Any]:
+    """What one unit's entry adds to the totals (merged with `merge`)."""
+    from curation.runner import nodes_summary  # the per-node record's shape lives there
+
+    return {
+        "units": 1, "rows": int(entry.get("rows", 0)), "clips": int(entry.get("clips", 0)),
+        "kept": int(entry.get("kept", 0)), "source_errors": int(entry.get("source_errors", 0)),
+        "sources": len(entry.get("source_ids") or []),
+        "units_retried": int(entry.get("attempts", 1) > 1),
+        "source_outcomes": dict(entry.get("source_outcomes") or {}),
+        "errors": dict(entry.get("errors") or {}),
+        "stage_seconds": dict(entry.get("stage_seconds") or {}),
+        "model_sent_bytes": dict(entry.get("model_sent_bytes") or {}),
+        "storage": dict(entry.get("storage") or {}),
+        "nodes": nodes_summary([entry]),
+    }
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """a + b, key by key: numbers add, mappings merge, lists are unioned in order, and for
+    anything else (a node's address) the first value stays."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = merge(out[key], value)
+        elif isinstance(value, (int, float)) and isinstance(out[key], (int, float)) \
+                and not isinstance(value, bool):
+            out[key] = out[key] + value
+        elif isinstance(value, list) and isinstance(out[key], list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+    return out
+
+
+def fold(entries: Iterable[dict[str, Any]], totals: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = dict(totals or {})
+    for entry in entries:
+        out = merge(out, contribution(entry))
+    return out
+
+
+# ---- source ids as integers ---------------------------------------------------------------------
+
+def source_keys(ids: pa.Array | list[str]) -> np.ndarray:
+    """uint64 keys of source ids: a 16-hex-digit id is its own value, anything else a hash
+    (a collision among 10^7 sources has a chance of about 3e-6)."""
+    values = ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
+    out = np.empty(len(values), np.uint64)
+    for i, sid in enumerate(values):
+        try:
+            out[i] = int(sid, 16) if len(sid) == 16 else _hashed(sid)
+        except ValueError:
+            out[i] = _hashed(sid)
+    return out
+
+
+def _hashed(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+class SourceIds:
+    """The committed sources, as a sorted uint64 array: 8 bytes a source (UnitFeed asks
+    `source_id in done` once per listed source)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.unique(keys)
+
+    def __contains__(self, source_id: str) -> bool:
+        k = source_keys([source_id])[0]
+        i = int(np.searchsorted(self.keys, k))
+        return i < self.keys.size and self.keys[i] == k
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+
+# ---- the ledger ---------------------------------------------------------------------------------
+
+class Ledger:
+    """The committed state of an OUT_DIR (module docstring), read once at construction."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        names = [p.name for p in store.ledger_dir.iterdir()] if _exists(store.ledger_dir) else []
+        checkpoints = sorted(n for n in names if CHECKPOINT.match(n))
+        self.checkpoint: dict[str, Any] | None = None
+        self.units = UNITS_SCHEMA.empty_table()
+        if checkpoints:
+            self.checkpoint = json.loads((store.ledger_dir / checkpoints[-1]).read_text())
+            self.units = self._read_units(self.checkpoint)
+        self.seq = int(self.checkpoint["seq"]) if self.checkpoint else 0
+        self.old_checkpoints = checkpoints[:-1]
+        entry_ids = sorted(m.group(1) for n in names if (m := ENTRY.match(n)))
+        held = pc.is_in(pa.array(entry_ids, pa.string()), value_set=self.units.column("unit_id")) \
+            if entry_ids and self.units.num_rows else pa.array([False] * len(entry_ids))
+        self.folded_entries = [u for u, h in zip(entry_ids, held.to_pylist()) if h]
+        new = [u for u, h in zip(entry_ids, held.to_pylist()) if not h]
+        paths = [store.ledger_dir / f"{u}.json" for u in new]
+        self.entries: dict[str, dict[str, Any]] = {
+            u: json.loads(data) for u, data in zip(new, outdir.read_many(paths))}
+        self.names = names
+
+    def _read_units(self, checkpoint: dict[str, Any]) -> pa.Table:
+        from curation import schema
+
+        path = self.store.ledger_dir / checkpoint["units_file"]
+        return schema.conform(outdir.read_table(path), UNITS_SCHEMA)
+
+    # ---- what is committed --------------------------------------------------------------
+    def unit_count(self) -> int:
+        return self.units.num_rows + len(self.entries)
+
+    def unit_ids(self) -> list[str]:
+        return sorted(self.units.column("unit_id").to_pylist() + list(self.entries))
+
+    def source_ids(self) -> SourceIds:
+        held = pc.list_flatten(self.units.column("source_ids")) if self.units.num_rows else pa.array([], pa.string())
+        keys = source_keys(held)
+        new = [sid for e in self.entries.values() for sid in e["source_ids"]]
+        return SourceIds(np.concatenate([keys, source_keys(new)]))
+
+    def fingerprint(self) -> str:
+        """A hash of which units are committed and when: the same whatever holds them (a
+        checkpoint or entries; a compaction does not change it; a new or redone unit does)."""
+        held = self.units.select(["unit_id", "committed_at"])
+        new = pa.table({"unit_id": pa.array(list(self.entries), pa.string()),
+                        "committed_at": pa.array([float(e.get("committed_at") or 0.0) for e in self.entries.values()],
+                                                 pa.float64())})
+        units = pa.concat_tables([held.cast(new.schema), new]).sort_by("unit_id")
+        digest = hashlib.sha1()
+        for batch in units.to_batches(65_536):
+            digest.update(json.dumps([batch.column(0).to_pylist(), batch.column(1).to_pylist()]).encode())
+        return digest.hexdigest()[:16]
+
+    def totals(self) -> dict[str, Any]:
+        """The merged records of every committed unit (see `contribution`)."""
+        return fold(self.entries.values(), (self.checkpoint or {}).get("totals"))
+
+    # ---- the data files ---------------------------------------------------------------------
+    def loose_units(self) -> list[dict[str, Any]]:
+        """Units whose rows are in files of their own (not compacted), in file order: the
+        checkpoint's, then the newer entries, each group by first source path."""
+        held = self.units.filter(pc.is_valid(self.units.column("scores_file"))) if self.units.num_rows \
+            else self.units
+        rows = held.select(["unit_id", "first_source", "scores_file", "clips_file", "shard_files",
+                            "source_ids", "kept", "clips"]).to_pylist()
+        rows.sort(key=lambda r: (r["first_source"] or "", r["unit_id"]))
+        new = sorted(self.entries.values(), key=lambda e: (e.get("first_source") or "", e["unit_id"]))
+        return rows + new
+
+    def compacted(self, kind: str) -> list[dict[str, Any]]:
+        """The checkpoint's compacted files of a kind: [{name, rows, bytes}], in order."""
+        return list(((self.checkpoint or {}).get("files") or {}).get(kind) or [])
+
+    def file_names(self, kind: str) -> list[str]:
+        names = [f["name"] for f in self.compacted(kind)]
+        for unit in self.loose_units():
+            names += entry_names(unit, kind)
+        return names
+
+    def files(self, kind: str) -> list[Any]:
+        """Paths of a kind's committed files, in order (module docstring)."""
+        folder = self.store.root / kind
+        return [folder / name for name in self.file_names(kind)]
+
+    def listed(self) -> dict[str, set[str]]:
+        """Every name the ledger needs kept: per data folder, and in ledger/ (the newest
+        checkpoint, its units table, the newer entries)."""
+        out = {kind: set(self.file_names(kind)) for kind in KINDS}
+        keep = {f"{u}.json" for u in self.entries}
+        if self.checkpoint:
+            keep |= {checkpoint_name(self.seq), self.checkpoint["units_file"]}
+        out["ledger"] = keep
+        return out
+
+
+def _exists(path: Any) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def iter_units(ledger: Ledger, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """Every committed unit's `columns` (of UNITS_SCHEMA), the checkpoint's then the newer
+    entries' (for tests and small outputs: one dict per unit)."""
+    yield from ledger.units.select(columns).to_pylist()
+    for entry in ledger.entries.values():
+        yield {c: entry.get(c) for c in columns}
