@@ -71,12 +71,15 @@ def floats(table: pa.Table, column: str) -> np.ndarray:
 class RowStream:
     """The rows of parquet files read in order, handed out `take(n)` rows at a time."""
 
-    def __init__(self, paths: Iterable[Any], columns: list[str] | None = None):
+    def __init__(self, paths: Iterable[Any], columns: list[str]):
         self._groups = scan(paths, columns)
+        self._columns = columns
         self._buffer: list[pa.Table] = []
         self._buffered = 0
 
     def take(self, n: int) -> pa.Table:
+        if n == 0:
+            return _with_nulls(pa.table({}), self._columns).slice(0, 0)
         while self._buffered < n:
             table = next(self._groups, None)
             if table is None:

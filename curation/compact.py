@@ -88,9 +88,11 @@ class Lock:
     def acquire(self) -> Ledger:
         """Take the lock (CompactionBusy while another process holds it), then read the ledger
         (read under the lock: no other checkpoint can be committed while this one is made),
-        and delete what compactions that died left (files c<seq>-<token>-* and units-* that
-        no checkpoint lists: with the lock held no other compaction is writing such files).
-        Returns the ledger; the new checkpoint's number is its seq + 1."""
+        and delete what compactions that died left: files c<seq>-<token>-* and units-* that no
+        checkpoint lists (with the lock held no other compaction is writing such files), and
+        the own files of units the checkpoint holds that it does not list (a clean-up cut
+        short; files of units in flight are never touched). Returns the ledger; the new
+        checkpoint's number is its seq + 1."""
         held = read_lock(self.store)
         if held is not None:
             raise CompactionBusy(
@@ -103,13 +105,19 @@ class Lock:
         self.seq = ledger.seq + 1
         self.refresh(force=True)
         listed = ledger.listed()
+        held = set(ledger.units.column("unit_id").to_pylist()) if ledger.units.num_rows < 1_000_000 else set()
         for kind in KINDS + ("ledger",):
             folder = self.store.root / kind
             for path in folder.iterdir() if folder.exists() else ():
                 name = path.name
-                dead = name.startswith("c") if kind != "ledger" else name.startswith("units-")
-                if dead and name not in listed[kind]:
-                    log.info("removing a file of a compaction that did not finish: %s", path)
+                if name in listed[kind]:
+                    continue
+                if kind == "ledger":
+                    dead = name.startswith("units-")
+                else:  # a dead compaction's file, or a compacted unit's own file left behind
+                    dead = name.startswith("c") or name.split("-", 1)[0] in held
+                if dead:
+                    log.info("removing a file no checkpoint needs (a compaction that did not finish): %s", path)
                     path.unlink(missing_ok=True)
         return ledger
 
@@ -166,7 +174,7 @@ class RollingWriter:
 
     def end_unit(self) -> None:
         """A unit ended: the file may end here."""
-        if self._writer is not None and self._size() + self.buffered_bytes >= self.target_bytes:
+        if self._size() + self.buffered_bytes >= self.target_bytes:
             self._flush()
             self._close()
         if self.lock is not None:
@@ -178,10 +186,12 @@ class RollingWriter:
         return self.files
 
     def abort(self) -> None:
-        if self._stack is not None:
+        """Give up the file being written (nothing of it is published)."""
+        if self._writer is not None:
             self._writer.close()
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)  # nothing is published
-            self._stack = self._writer = None
+        if self._stack is not None:
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._stack = self._writer = self._local = None
 
     def _size(self) -> int:
         return self._local.stat().st_size if self._local is not None and self._local.exists() else 0
@@ -193,8 +203,9 @@ class RollingWriter:
         self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
         if self._writer is None:
             name = f"{self.prefix}-{len(self.files):05d}.parquet"
-            self._stack = contextlib.ExitStack()
-            self._local = self._stack.enter_context(outdir.staged_file(self.folder / name))
+            stack = contextlib.ExitStack()
+            self._local = stack.enter_context(outdir.staged_file(self.folder / name))
+            self._stack = stack
             self._writer = pq.ParquetWriter(str(self._local), self.schema, compression="zstd")
             self._name, self._rows = name, 0
         self._writer.write_table(table, row_group_size=max(1, table.num_rows))

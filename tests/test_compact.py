@@ -1,0 +1,279 @@
+"""Compaction and ledger checkpoints (curation/compact.py, curation/ledger.py): every reader gives
+the same result before and after; a compaction killed at any moment leaves readers the same rows
+and the next one finishes; a compacted output mixed with newer units reads right; a run resumes
+after compaction with every clip once; a compaction while a run goes on loses nothing. On a
+folder, and the kill test also on a local S3 endpoint (moto)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation import compact
+from curation.config import load_config
+from curation.refilter import refilter
+from curation.report import summarize
+from curation.runner import run_local, run_pipeline
+from curation.writer import STAGE_SECONDS_PREFIX, OutputStore
+
+REPO = Path(__file__).resolve().parents[1]
+LOOSE = ["split.min_duration_s=1.0", "run.sources_per_unit=1", "run.compact_at_end=false"]
+TIGHTER = ["filter.rules.motion_score.min=2.5", "filter.rules.duration_s.min=2.8"]
+KINDS = ("scores", "clips", "shards")
+SMALL_MB = 0.15  # a compacted file target small enough that the fixture's clips fill several
+
+
+def config(extra=()):
+    return load_config(REPO / "configs" / "spine.yaml", LOOSE + list(extra))
+
+
+@pytest.fixture(scope="module")
+def loose(footage, tmp_path_factory):
+    """The fixture footage run one source a unit, left uncompacted (an entry per unit)."""
+    out = tmp_path_factory.mktemp("compact") / "loose"
+    run_pipeline(config(), [str(footage[0])], out, run_local)
+    assert len(list((out / "ledger").glob("u*.json"))) == 6
+    return out
+
+
+def rows(out, kind: str = "scores") -> dict[str, dict]:
+    """{clip_id: row} of the files the ledger lists, without the busy-time columns; asserts
+    every clip comes once."""
+    tables = [pq.read_table(p) if isinstance(p, Path) else None for p in OutputStore(out).committed_files(kind)]
+    table = pa.concat_tables(tables) if tables else None
+    out_rows = {}
+    for r in (table.to_pylist() if table is not None else []):
+        assert r["clip_id"] not in out_rows, f"clip {r['clip_id']} twice in {kind}"
+        out_rows[r["clip_id"]] = {k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()
+                                  if not k.startswith(STAGE_SECONDS_PREFIX)}
+    return out_rows
+
+
+def assert_only_listed(out: Path) -> None:
+    ledger = OutputStore(out).ledger()
+    for kind in KINDS:
+        assert sorted(p.name for p in (out / kind).iterdir()) == sorted(ledger.file_names(kind)), kind
+    assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(ledger.listed()["ledger"])
+
+
+def test_every_reader_gives_the_same_result_after_compaction(loose, tmp_path):
+    from curation.export import export
+    from training.config import preset
+    from training.data import shard_paths
+    from training.stream import plan_data
+
+    a = shutil.copytree(loose, tmp_path / "a")
+    b = shutil.copytree(loose, tmp_path / "b")
+    manifest = compact.checkpoint(OutputStore(b), target_mb=SMALL_MB)
+    assert manifest["units"] == 6 and not list((b / "ledger").glob("u*.json"))
+    assert_only_listed(b)
+    # Large files: each kind's files but its last hold at least the target's bytes (a file
+    # ends only between units, so it may hold more), and there are fewer of them.
+    for kind in KINDS:
+        files = manifest["files"][kind]
+        assert len(files) < len(OutputStore(a).committed_files(kind)), kind
+        assert all(f["bytes"] >= SMALL_MB * 2**20 for f in files[:-1]), (kind, files)
+    assert len(manifest["files"]["clips"]) >= 2  # the target made the clips span files
+
+    for kind in KINDS:
+        assert rows(a, kind) == rows(b, kind), kind
+    sa, sb = summarize(a)[0], summarize(b)[0]
+    for key in ("totals", "funnel", "reasons", "overlaps", "errors"):
+        assert sa[key] == sb[key], key
+    assert {r["id"]: r["rejected"] for r in sa["rules"]} == {r["id"]: r["rejected"] for r in sb["rules"]}
+    assert sa["scores"]["motion_score"]["quantiles"] == sb["scores"]["motion_score"]["quantiles"]
+    assert sa["scores"]["motion_score"]["histogram"] == sb["scores"]["motion_score"]["histogram"]
+    # The trainer's plan covers the same rows.
+    cfg = preset("image", "tiny")
+    covered = {str(p): 0 for p in []}
+    for out in (a, b):
+        plan = plan_data(shard_paths(str(out)), cfg, num_streams=2)
+        covered[str(out)] = sum(p.num_rows for p in plan.pieces)
+    assert covered[str(a)] == covered[str(b)] == len(rows(a, "shards"))
+    # Export and refilter.
+    for out in (a, b):
+        export(str(out), "files", str(out.parent / f"export-{out.name}"))
+    assert sorted(p.name for p in (tmp_path / "export-a" / "videos").rglob("*.mp4")) == \
+        sorted(p.name for p in (tmp_path / "export-b" / "videos").rglob("*.mp4"))
+    for out in (a, b):
+        refilter(out, TIGHTER)
+    keep = {out: {k for k, r in rows(out).items() if r["keep"]} for out in (a, b)}
+    assert keep[a] == keep[b] and 0 < len(keep[a]) < len(rows(loose))
+    assert set(rows(b, "shards")) == keep[b]
+    assert_only_listed(a)
+    assert_only_listed(b)
+
+
+class Killed(BaseException):
+    """A kill at a chosen step (BaseException: no `except Exception` of the code catches it)."""
+
+
+def kill_at(monkeypatch, step: int) -> list[str]:
+    """Make the `step`-th write or delete of a compaction raise Killed; returns the steps seen."""
+    seen: list[str] = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            seen.append(name)
+            if len(seen) == step:
+                raise Killed(f"killed at step {step}: {name}")
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(compact.outdir, "staged_file", counted("stage", compact.outdir.staged_file))
+    monkeypatch.setattr(compact.outdir, "write_json", counted("json", compact.outdir.write_json))
+    monkeypatch.setattr(compact, "clean_up", counted("clean_up", compact.clean_up))
+    return seen
+
+
+def count_steps(store_root, monkeypatch) -> int:
+    with monkeypatch.context() as m:
+        seen = kill_at(m, 10**9)
+        compact.checkpoint(OutputStore(store_root), target_mb=SMALL_MB)
+    return len(seen)
+
+
+@pytest.fixture(scope="module")
+def s3_store(tmp_path_factory):
+    from s3_server import s3_environment
+
+    with s3_environment(tmp_path_factory.mktemp("moto"), "testing-secret-0123456789", ("out",),
+                        tempdir=tmp_path_factory.mktemp("tmpdir")) as fs:
+        yield fs
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_compaction_killed_at_any_moment_leaves_readers_the_same_rows(loose, tmp_path, monkeypatch, where,
+                                                                         request):
+    expected = {kind: rows(loose, kind) for kind in ("scores", "shards")}
+    steps = count_steps(shutil.copytree(loose, tmp_path / "count"), monkeypatch)
+    assert steps >= 6  # files of three kinds, the units' table, the checkpoint, the clean-up
+    for step in range(1, steps + 1):
+        if where == "folder":
+            out = shutil.copytree(loose, tmp_path / f"k{step}")
+        else:
+            fs = request.getfixturevalue("s3_store")
+            fs.put(str(loose), f"out/k{step}", recursive=True)
+            out = f"s3://out/k{step}/"
+        with monkeypatch.context() as m:
+            kill_at(m, step)
+            with pytest.raises(Killed):
+                compact.checkpoint(OutputStore(out), target_mb=SMALL_MB)
+        as_if_its_process_died(OutputStore(out))
+        for kind in ("scores", "shards"):
+            assert remote_rows(out, kind) == expected[kind], (step, kind)
+        compact.checkpoint(OutputStore(out), target_mb=SMALL_MB)  # the next one finishes
+        for kind in ("scores", "shards"):
+            assert remote_rows(out, kind) == expected[kind], (step, kind)
+        store = OutputStore(out)
+        ledger = store.ledger()
+        assert not ledger.entries and ledger.unit_count() == 6
+        for kind in KINDS:  # nothing the ledger does not list, nothing it lists missing
+            assert sorted(p.name for p in (store.root / kind).iterdir()) == sorted(ledger.file_names(kind))
+        assert not (store.ledger_dir / compact.LOCK).exists()
+
+
+def as_if_its_process_died(store: OutputStore) -> None:
+    """A lock the killed compaction left names this (live) process: make it name one that is
+    gone, as after a SIGKILL."""
+    import subprocess
+    import sys
+
+    path = store.ledger_dir / compact.LOCK
+    if path.exists():
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        lock = json.loads(path.read_text())
+        path.write_text(json.dumps({**lock, "pid": gone.pid}))
+
+
+def remote_rows(out, kind: str) -> dict[str, dict]:
+    """As rows(), for a folder or a URI."""
+    from curation import outdir
+
+    table = pa.concat_tables([outdir.read_table(p) for p in OutputStore(out).committed_files(kind)])
+    found = {}
+    for r in table.to_pylist():
+        assert r["clip_id"] not in found, f"clip {r['clip_id']} twice"
+        found[r["clip_id"]] = {k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()
+                               if not k.startswith(STAGE_SECONDS_PREFIX)}
+    return found
+
+
+def test_a_compacted_output_with_newer_units_reads_right_and_resumes(footage, loose, tmp_path):
+    """Half the sources run and compacted, then the same run over all of them: the new units
+    come as entries after the checkpoint (read together), and the end's compaction merges them
+    with the checkpoint's last small file."""
+    root, _ = footage
+    half = [str(root / name) for name in sorted(p.name for p in root.iterdir())[:3]]
+    out = tmp_path / "out"
+    run_pipeline(config(), half, out, run_local)
+    compact.checkpoint(OutputStore(out))
+    record = run_pipeline(config(), [str(root)], out, run_local)  # the other half: entries
+    assert record["attempts"][-1]["units"] == 3 and record["units"] == 6
+    ledger = OutputStore(out).ledger()
+    assert ledger.checkpoint and len(ledger.entries) == 3  # mixed
+    expected = rows(loose)
+    assert rows(out) == expected
+    assert summarize(out)[0]["totals"] == summarize(loose)[0]["totals"]
+    compact.checkpoint(OutputStore(out))
+    assert rows(out).keys() == expected.keys()
+    assert [len(list((out / kind).iterdir())) for kind in KINDS] == [1, 1, 1]
+    assert_only_listed(out)
+
+
+def test_a_compaction_while_a_run_goes_on_loses_nothing(footage, loose, tmp_path, monkeypatch):
+    """`curate compact` started while units are being committed: the units committed after its
+    listing stay entries, and the run ends with every clip once."""
+    root, _ = footage
+    out = tmp_path / "out"
+    cfg = config()
+    started = threading.Event()
+    real = run_local
+
+    def slow_local(c, units, store):  # one unit at a time, a pause between commits
+        for entry in real(c, units, store, workers=1):
+            started.set()
+            time.sleep(0.3)
+            yield entry
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(record=run_pipeline(cfg, [str(root)], out, slow_local)))
+    thread.start()
+    try:
+        assert started.wait(120)
+        time.sleep(0.4)
+        manifest = compact.checkpoint(OutputStore(out))
+        assert 1 <= manifest["units"] < 6
+    finally:
+        thread.join(300)
+    assert result["record"]["status"] == "complete" and result["record"]["units"] == 6
+    assert rows(out).keys() == rows(loose).keys()
+    assert_only_listed(out)
+
+
+def test_the_lock_of_a_live_compaction_keeps_a_second_one_out(loose, tmp_path):
+    out = shutil.copytree(loose, tmp_path / "out")
+    store = OutputStore(out)
+    lock = compact.Lock(store)
+    lock.acquire()
+    try:
+        with pytest.raises(compact.CompactionBusy, match="a compaction is running"):
+            compact.checkpoint(store)
+        # The driver's checkpoints skip it, and a run's prepare leaves its files alone.
+        planted = out / "scores" / f"{lock.prefix}-00000.parquet"
+        planted.write_bytes(b"being written")
+        store.remove_uncommitted()
+        assert planted.exists()
+    finally:
+        lock.release()
+    store.remove_uncommitted()
+    assert not planted.exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
