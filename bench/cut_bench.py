@@ -402,9 +402,9 @@ class _RecordingMerger(split.CutMerger):
         self.merged = (self.merged | (before - self.cuts)) - self.cuts
         self.ever |= self.cuts
 
-    def join_fade(self, lo: int, hi: int, target) -> None:
+    def join(self, lo: int, hi: int, target) -> None:
         before = set(self.cuts)
-        super().join_fade(lo, hi, target)
+        super().join(lo, hi, target)
         self.merged = (self.merged | (before - self.cuts)) - self.cuts
         self.ever |= self.cuts
 

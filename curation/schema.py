@@ -62,6 +62,7 @@ IDENTITY_FIELDS: list[pa.Field] = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("dark_frames_trimmed", pa.int32()),  # fade frames cut from the clip's ends (black/white, the ramp)
+    pa.field("dissolve_frames_trimmed", pa.int32()),  # a dissolve's blended frames cut from the clip's ends
 ]
 
 SCORE_COLUMNS = ["motion_score", "text_area_ratio", "aesthetic_score", "clip_similarity"]

@@ -4,7 +4,9 @@ Used by the test suite, the benchmark and ``make demo``. Every video is built fr
 "shots": a seed picks a distinct look (hue, saturation and brightness fields), and the
 shot is static, a panning textured background, a square moving over a static
 background, or a static street with passers-by (traffic), with an optional text box and
-fades to/from black or white, linear or eased. ``make_video`` returns where the cuts and fades are, so detectors and filters can be checked against it.
+fades to/from black or white, linear or eased; a shot may also dissolve in from the one
+before it (a cross-fade, linear or eased). ``make_video`` returns where the cuts, fades and
+dissolves are, so detectors and filters can be checked against it.
 
 All randomness comes from ``numpy.random.default_rng(seed)``, so the same call encodes the
 same frames (x264 may still differ by a few bytes between runs; the decoded video does not
@@ -30,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MOTIONS = ("static", "pan", "square", "traffic")
-FADE_CURVES = ("linear", "ease")  # ease: smoothstep, slow at both ends
+FADE_CURVES = ("linear", "ease")  # ease: smoothstep, slow at both ends (fades and dissolves)
 FADE_TO = ("black", "white")
 # A cut must score well above ContentDetector's default threshold (27) to be a safe ground truth.
 MIN_CUT_SCORE = 35.0
@@ -55,6 +57,10 @@ class Shot:
     # traffic: the seed of the passers-by (None: the shot's seed), so one street (one `seed`)
     # can be filmed at other times (another objects_seed).
     objects_seed: int | None = None
+    # A cross-fade from the shot before: this shot's first `dissolve_in` frames are blended
+    # with that shot's last ones (make_video), the weight of this one going from 0 to 1.
+    dissolve_in: int = 0
+    dissolve_curve: str = "linear"  # "linear" or "ease" (smoothstep), as fade_curve
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -71,6 +77,11 @@ class Shot:
         if self.fade_curve not in FADE_CURVES or self.fade_to not in FADE_TO:
             raise ValueError(f"fade_curve must be one of {FADE_CURVES} and fade_to one of {FADE_TO}, "
                              f"got {self.fade_curve!r}, {self.fade_to!r}")
+        if not 0 <= self.dissolve_in <= self.frames - self.fade_out or self.dissolve_curve not in FADE_CURVES:
+            raise ValueError(f"dissolve_in must be in 0..frames - fade_out and dissolve_curve one of {FADE_CURVES}, "
+                             f"got {self.dissolve_in}, {self.dissolve_curve!r}")
+        if self.dissolve_in and self.fade_in:
+            raise ValueError("a shot dissolves in or fades in, not both")
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Shot:
@@ -290,6 +301,13 @@ def shot_frames(shot: Shot, size: tuple[int, int]) -> Iterator[np.ndarray]:
             yield np.round(frame * gain).astype(np.uint8)
 
 
+def dissolve_weights(frames: int, curve: str = "linear") -> np.ndarray:
+    """The incoming shot's weight in each of a dissolve's `frames` blended frames: (i + 1) /
+    (frames + 1), through smoothstep when `curve` is "ease"; the outgoing shot weighs the rest."""
+    u = np.arange(1, frames + 1) / (frames + 1)
+    return u * u * (3.0 - 2.0 * u) if curve == "ease" else u
+
+
 def content_score(rgb_a: np.ndarray, rgb_b: np.ndarray) -> float:
     """ContentDetector's default frame score: mean |delta| of the H, S and V planes."""
     hsv_a = cv2.cvtColor(rgb_a, cv2.COLOR_RGB2HSV).astype(np.int32)
@@ -305,21 +323,34 @@ def make_video(
 
     Ground truth: ``frames`` (total), ``cut_frames`` (first frame of each shot entered by
     a hard cut), ``fade_spans`` ([first fade-out frame, last fade-in frame] of each
-    boundary where either side fades), ``fps``, ``size`` and ``shots`` (the Shot fields
-    plus ``start``/``end`` frame, inclusive, and ``text_box_area_ratio``). Raises
-    ValueError, leaving no file, if a hard cut joins two looks too alike to be a sure cut.
+    boundary where either side fades), ``dissolves`` (per shot that dissolves in: ``start``
+    and ``end``, its first and last blended frame, ``frames``, ``curve`` and ``weights``,
+    the incoming shot's weight in each blended frame), ``fps``, ``size`` and ``shots`` (the
+    Shot fields plus ``start``/``end`` frame, inclusive, and ``text_box_area_ratio``; a
+    shot's blended frames are its own and the shot's before it). Raises ValueError, leaving
+    no file, if a hard cut joins two looks too alike to be a sure cut.
     """
     shots = [Shot.from_dict(s) for s in spec]
-    infos, cut_frames, fade_spans = [], [], []
+    infos, cut_frames, fade_spans, dissolves = [], [], [], []
     start = 0
     for i, shot in enumerate(shots):
+        if shot.dissolve_in:
+            prev = shots[i - 1] if i > 0 else None
+            if prev is None or shot.dissolve_in > prev.frames - prev.fade_in - prev.dissolve_in or prev.fade_out:
+                raise ValueError(f"shot {i} dissolves in over {shot.dissolve_in} frames: the shot before must "
+                                 "have that many frames past its fade-in or dissolve, and no fade-out")
+            start -= shot.dissolve_in
         end = start + shot.frames - 1
         ratio = 0.0
         if shot.text:
             x0, y0, x1, y1, _, _ = text_box(shot.text, size, shot.text_height_frac)
             ratio = (x1 - x0) * (y1 - y0) / (size[0] * size[1])
         infos.append({**asdict(shot), "start": start, "end": end, "text_box_area_ratio": ratio})
-        if i > 0:
+        if shot.dissolve_in:
+            weights = dissolve_weights(shot.dissolve_in, shot.dissolve_curve)
+            dissolves.append({"start": start, "end": start + shot.dissolve_in - 1, "frames": shot.dissolve_in,
+                              "curve": shot.dissolve_curve, "weights": [float(w) for w in weights]})
+        elif i > 0:
             prev = shots[i - 1]
             if prev.fade_out or shot.fade_in:
                 fade_spans.append([start - prev.fade_out, start + max(shot.fade_in, 1) - 1])
@@ -329,14 +360,24 @@ def make_video(
 
     def frames() -> Iterator[np.ndarray]:
         last = None
+        held: list[np.ndarray] = []  # the last frames of the shot before, blended with this one's first
         for i, shot in enumerate(shots):
+            blend = shots[i + 1].dissolve_in if i + 1 < len(shots) else 0
+            weights = dissolve_weights(shot.dissolve_in, shot.dissolve_curve)
+            coming: list[np.ndarray] = []
             for t, frame in enumerate(shot_frames(shot, size)):
                 if t == 0 and infos[i]["start"] in cut_frames:
                     score = content_score(last, frame)
                     if score < MIN_CUT_SCORE:
                         raise ValueError(f"seeds {shots[i - 1].seed}->{shot.seed}: cut score {score:.1f} too low")
+                if t < shot.dissolve_in:
+                    frame = np.round(held[t] * (1.0 - weights[t]) + frame * weights[t]).astype(np.uint8)
+                elif t >= shot.frames - blend:
+                    coming.append(frame)  # blended with the next shot's first frames
+                    continue
                 last = frame
                 yield frame
+            held = coming
 
     try:
         total = write_video(path, frames(), fps, **write_options)
@@ -346,7 +387,7 @@ def make_video(
     rate = as_fraction(fps)
     return {"path": str(path), "fps": float(rate), "fps_fraction": f"{rate.numerator}/{rate.denominator}",
             "size": list(size), "frames": total, "cut_frames": cut_frames, "fade_spans": fade_spans,
-            "shots": infos}
+            "dissolves": dissolves, "shots": infos}
 
 
 def write_reupload(src: str | Path, dst: str | Path, fps: float | Fraction, scale: float = 1.0,

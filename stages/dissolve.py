@@ -21,6 +21,16 @@ import cv2
 import numpy as np
 
 THUMB_WIDTH = 64
+# What two shots blended look like, on thumbnails (the defaults of DissolveDetector, and the
+# checks stages/split/dissolves.py applies to a dissolve's measured span): the ends differ by
+# at least MIN_CHANGE (mean absolute difference, 0-255), a blended frame is within
+# MAX_RESIDUAL of that change from its mix of the ends, ends darker than MIN_LEVEL are a
+# fade's, and ends correlated above MAX_CORRELATION are one picture (a fade, a change of
+# exposure or of light).
+MIN_CHANGE = 12.0
+MAX_RESIDUAL = 0.25
+MIN_LEVEL = 24.0
+MAX_CORRELATION = 0.6
 
 
 def thumbnail(bgr: np.ndarray, grey: bool = False) -> np.ndarray:
@@ -41,8 +51,8 @@ class DissolveDetector:
     min_scene_len frames between two cuts of this detector
     """
 
-    def __init__(self, window: int = 12, min_change: float = 12.0, max_residual: float = 0.25,
-                 min_level: float = 24.0, max_correlation: float = 0.6, min_scene_len: int = 15):
+    def __init__(self, window: int = 12, min_change: float = MIN_CHANGE, max_residual: float = MAX_RESIDUAL,
+                 min_level: float = MIN_LEVEL, max_correlation: float = MAX_CORRELATION, min_scene_len: int = 15):
         if window < 4 or min_change <= 0 or not 0 < max_residual < 0.5 or min_scene_len < 1:
             raise ValueError("dissolve: window >= 4, min_change > 0, 0 < max_residual < 0.5, "
                              "min_scene_len >= 1")

@@ -162,6 +162,7 @@ def test_fan_out_batch_carries_source_columns(footage):
     ({"preset": "veryfst"}, "preset='veryfst'"),  # x264 itself refuses these: checked at construction
     ({"x264_params": "me=diamond"}, "x264_params='me=diamond': libx264 says Error parsing option 'me = diamond'"),
     ({"x264_params": "nosuch=1"}, "nosuch = 1"),
+    ({"max_dissolve_s": -1.0}, "max_dissolve_s"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -646,19 +647,31 @@ def _dissolve(a: list, b: list, frames: int) -> list:
     return a[:len(a) - frames] + mix + b[frames:]
 
 
-def test_a_dissolve_is_cut_in_its_middle_and_no_clip_spans_it(tmp_path):
+def test_a_dissolve_is_cut_once_in_its_middle_and_its_blended_frames_go_to_no_clip(tmp_path):
+    """A 16-frame cross-fade (the new shot weighs 1/17 .. 16/17: every frame a blend, issue 36):
+    one cut at the half-way frame, the clips end and start just outside it (tests/test_dissolves.py
+    measures more); max_dissolve_s 0 gives the old single cut, the clips meeting there."""
     size = (320, 180)
     a = list(synth.shot_frames(synth.Shot(frames=80, seed=21, motion="pan", speed_px_per_frame=1.0), size))
     b = list(synth.shot_frames(synth.Shot(frames=80, seed=22, motion="pan", speed_px_per_frame=1.0), size))
     synth.write_video(tmp_path / "dissolve.mp4", iter(_dissolve(a, b, 16)), 25)
-    middle = 80 - 16 + 8  # the 50/50 frame
-    # PySceneDetect's own detectors see no cut in a slow cross-fade (each frame changes little).
-    plain = SplitStage(detector="cascade", min_duration_s=0.5, cascade=[
-        {"detector": "content"}, {"detector": "adaptive"}, {"detector": "threshold"}])
-    assert len(clips_of(plain, tmp_path / "dissolve.mp4")) == 1
-    rows = clips_of(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "dissolve.mp4")
+    first, last, middle = 80 - 16, 80 - 1, 80 - 16 + 8  # the blended frames; the 50/50 one
+    # PySceneDetect's own detectors see no cut in a slow cross-fade (each frame changes little);
+    # with dissolves trimmed, split's own search for long ones (LongDissolves) finds it too.
+    plain = [{"detector": "content"}, {"detector": "adaptive"}, {"detector": "threshold"}]
+    assert len(clips_of(SplitStage(detector="cascade", min_duration_s=0.5, cascade=plain, max_dissolve_s=0),
+                        tmp_path / "dissolve.mp4")) == 1
+    assert len(clips_of(SplitStage(detector="cascade", min_duration_s=0.5, cascade=plain),
+                        tmp_path / "dissolve.mp4")) == 2
+    rows, cuts = _split_with_cuts(SplitStage(detector="cascade", min_duration_s=0.5), tmp_path / "dissolve.mp4")
+    assert len(cuts) == 1 and abs(cuts[0] - middle) <= 1, cuts
     assert len(rows) == 2
-    assert abs(rows[1]["start_frame"] - middle) <= 2 and rows[0]["end_frame"] <= rows[1]["start_frame"]
+    assert abs(rows[0]["end_frame"] - first) <= 1 and abs(rows[1]["start_frame"] - (last + 1)) <= 1
+    assert rows[0]["dissolve_frames_trimmed"] + rows[1]["dissolve_frames_trimmed"] == \
+        rows[1]["start_frame"] - rows[0]["end_frame"]
+    old = clips_of(SplitStage(detector="cascade", min_duration_s=0.5, max_dissolve_s=0), tmp_path / "dissolve.mp4")
+    assert len(old) == 2 and abs(old[1]["start_frame"] - middle) <= 2
+    assert old[0]["end_frame"] == old[1]["start_frame"] and old[1]["dissolve_frames_trimmed"] == 0
 
 
 def test_the_dissolve_detector_leaves_fades_and_fast_motion_alone(tmp_path):

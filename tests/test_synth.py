@@ -204,3 +204,38 @@ def test_demo_footage_cli(tmp_path):
     assert count_frames(tmp_path / "fade_30fps.mp4") == valid["fade_30fps.mp4"]["frames"]
     with pytest.raises(SystemExit):  # refuses to overwrite without --overwrite
         synth.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("curve", ["linear", "ease"])
+def test_a_shot_dissolves_in_over_the_frames_it_says(tmp_path, curve):
+    """dissolve_in: the shot's first frames are blended with the last ones of the shot before,
+    its weight (i + 1) / (n + 1) (through smoothstep when eased); the boundary is neither a cut
+    nor a fade, and the shots overlap by those frames."""
+    a = {"frames": 30, "seed": 11, "motion": "pan", "speed_px_per_frame": 2.0}
+    b = {"frames": 30, "seed": 12, "motion": "square", "speed_px_per_frame": 3.0, "dissolve_in": 8,
+         "dissolve_curve": curve}
+    truth = synth.make_video(tmp_path / "d.mp4", [a, b, {"frames": 20, "seed": 13}], 25, SIZE)
+    assert truth["frames"] == 30 + 30 + 20 - 8 == count_frames(tmp_path / "d.mp4")
+    assert truth["cut_frames"] == [52] and truth["fade_spans"] == []
+    (d,) = truth["dissolves"]
+    assert (d["start"], d["end"], d["frames"], d["curve"]) == (22, 29, 8, curve)
+    assert [(s["start"], s["end"]) for s in truth["shots"]] == [(0, 29), (22, 51), (52, 71)]
+    u = np.arange(1, 9) / 9
+    assert np.allclose(d["weights"], u if curve == "linear" else u * u * (3 - 2 * u))
+    assert all(0 < x < y < 1 for x, y in zip(d["weights"], d["weights"][1:]))
+    # The frames fed to the encoder are the mix; decoded, within the codec's error of it.
+    first = list(synth.shot_frames(synth.Shot(**a), SIZE))
+    second = list(synth.shot_frames(synth.Shot(**b), SIZE))
+    with av.open(str(tmp_path / "d.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24").astype(float) for f in container.decode(video=0)]
+    for i, w in enumerate(d["weights"]):
+        mix = (1 - w) * first[22 + i] + w * second[i]
+        err = np.abs(decoded[22 + i] - mix).mean()
+        assert err < np.abs(decoded[22 + i] - first[22 + i]).mean() or w < 0.1, i
+        assert err < np.abs(decoded[22 + i] - second[i]).mean() or w > 0.9, i
+    with pytest.raises(ValueError, match="dissolve"):
+        synth.make_video(tmp_path / "x.mp4", [{"frames": 5, "seed": 1, "dissolve_in": 2}], 25, SIZE)
+    with pytest.raises(ValueError, match="dissolve"):
+        synth.make_video(tmp_path / "x.mp4", [a, {**b, "dissolve_in": 31}], 25, SIZE)
+    with pytest.raises(ValueError):
+        synth.Shot(frames=10, seed=1, dissolve_in=3, fade_in=2)

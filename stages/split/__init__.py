@@ -14,7 +14,8 @@ becomes one "no_clips" row saying so (e.g. "no shot of at least 2.0 s (longest 1
 that breaks part-way keeps the clips finished before the break and adds a "decode_error" row.
 
 Memory is bounded regardless of video length: only the last `lag_s` seconds of small frames
-are held (the detectors' decision latency), and `max_fade_s` (plus 3 frames) at each end of
+are held (the detectors' decision latency; longer when `max_dissolve_s` needs it: about
+max_dissolve_s + 1.5 s at the default 2 s), and `max_fade_s` (plus 3 frames) at each end of
 the clip being built (where a fade may be trimmed), clips are encoded as frames arrive, and a
 scene longer than `max_duration_s` is cut into chunks.
 
@@ -46,6 +47,18 @@ frame, precision 1.00 (0.57 before: 10 second cuts), clips starting or ending da
 0 of 53 (28 before); hard cuts and dissolves unchanged. `max_fade_s: 0` restores the old
 behaviour (dark frames only, the detectors' cuts as they are).
 
+Dissolves (dissolves.py): a cross-fade's span, the frames in which both shots weigh at least
+5% (the share fades are trimmed to), is measured at every cut (of any detector) and at the
+candidates of split's own search for dissolves too long for the dissolve detector's 12-frame
+windows (LongDissolves), and cut out of both clips: the clip before ends at the span's first
+frame, the clip after starts past its last, and the dissolve has one cut, in the span's
+middle (_Segmenter._join_dissolve_cuts). Each clip counts the frames it lost in
+`dissolve_frames_trimmed`. A frame's weight is its position on the line between a frame of
+each shot just outside the span, corrected for the shots' own motion; what is not a blend of
+two pictures (a hard cut, a fade, a change of light or exposure, a pan, a zoom) has no span
+and keeps its cut as it is. A dissolve longer than `max_dissolve_s` (2 s) keeps the one cut
+its detector gave it. `max_dissolve_s: 0` restores the old behaviour.
+
 Timing follows the frames' timestamps, so variable-frame-rate sources keep theirs:
 `start_s` is the first frame's time, `duration_s` the time to the frame after the clip's
 last one, motion samples are taken every 1/sample_fps seconds (not every n frames), and
@@ -63,6 +76,8 @@ The package: stage.py drives the rest, listed in the order a frame meets them.
               share_content_scores and the flash filter's constants
   fades.py    what a fade is: measure() (a frame's level and contrast), ramp(), edge_fade()
               (the fade frames at a clip's end) and fade_at() (the fade a cut falls in)
+  dissolves.py  what a dissolve is: dissolve_at() (the span a cut falls in, measured on
+              thumbnails) and LongDissolves (candidate cuts in long ones)
   clip.py     _ClipBuilder: one clip's frames held, trimmed, encoded, sampled
   encode.py   the x264 options, _BackgroundEncoder (H.264 on its own thread), encode_jpeg
 This module re-exports the public names; to monkeypatch one, patch it in the module that

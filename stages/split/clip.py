@@ -30,6 +30,7 @@ class _Frame(NamedTuple):
     dark: bool  # near black (a fade's dark frames): never the first or last frame of a clip
     level: float  # mean level (0-255) of the detectors' copy (stages/split/fades.py, measure)
     contrast: float  # standard deviation of its small grey copy
+    thumb: np.ndarray | None = None  # 64 px colour thumbnail (stages/dissolve.thumbnail) when dissolves are trimmed
 
 
 class _ClipBuilder:
@@ -66,6 +67,7 @@ class _ClipBuilder:
         self.tail: collections.deque[_Frame] = collections.deque()
         self.count = 0  # frames committed to the encoder
         self.dark_trimmed = 0
+        self.dissolve_trimmed = 0  # a dissolve's blended frames cut before the clip's start or after its end (the segmenter)
         self.last_ct = -math.inf  # clip time of the last committed frame
         self.first_jpeg: bytes | None = None
         self.last_bgr: np.ndarray | None = None
@@ -209,6 +211,7 @@ class _ClipBuilder:
             "width": self.size[0],
             "height": self.size[1],
             "dark_frames_trimmed": self.dark_trimmed,
+            "dissolve_frames_trimmed": self.dissolve_trimmed,
             "video": video,
             "keyframes": [self.first_jpeg, nearest[1], encode_jpeg(self.last_bgr, self.stage.jpeg_quality)],
             "sample_frames": [jpeg for _, jpeg in self.samples],

@@ -105,14 +105,14 @@ class CutMerger:
         self.cuts.add(best)
         self.by[best] = owner
 
-    def join_fade(self, lo: int, hi: int, target: int | None) -> None:
-        """The pending cuts in lo..hi are one fade's (_Segmenter._join_fade_cuts): one cut
-        at `target` replaces them (none when `target` is None: the fade's cut was applied
-        already, or the fade starts or ends the source)."""
+    def join(self, lo: int, hi: int, target: int | None) -> None:
+        """The pending cuts in lo..hi are one transition's, a fade's or a dissolve's
+        (_Segmenter._join_fade_cuts, _join_dissolve_cuts): one cut at `target` replaces them
+        (none when `target` is None: the transition's cut was applied already, or a fade
+        starts or ends the source), also where none was pending (a long dissolve found by
+        the segmenter alone)."""
         inside = sorted(c for c in self.cuts if lo <= c <= hi)
-        if not inside:
-            return
-        owner = self.by.get(inside[0])
+        owner = self.by.get(inside[0]) if inside else None
         self.cuts.difference_update(inside)
         if target is not None:
             self.cuts.add(target)

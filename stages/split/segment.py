@@ -1,6 +1,7 @@
 """One source's frames into clips: _Segmenter runs the detectors on each frame, applies the
-cuts (merged, the cuts inside one fade made one, flashes dropped, a backward timestamp jump
-cut) and assigns frames to clips once they are `lag` frames behind the decoder."""
+cuts (merged, the cuts inside one fade made one, a dissolve's span cut out, flashes dropped,
+a backward timestamp jump cut) and assigns frames to clips once they are `lag` frames behind
+the decoder."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from stages.split.cuts import (
     share_content_scores,
     spec_at_rate,
 )
+from stages.split.dissolves import LongDissolves, dissolve_at, ramp_margin, reach
 from stages.split.fades import fade_at, measure
 from stages.split.scale import FrameScaler, SourceColour, even, output_size
 
@@ -47,6 +49,7 @@ class _Scaled(NamedTuple):
     dark: bool
     level: float
     contrast: float
+    thumb: np.ndarray | None  # for the dissolve span (stages/split/dissolves.py), when dissolves are trimmed
 
 
 class _Segmenter:
@@ -80,6 +83,29 @@ class _Segmenter:
         self.fade_checked: set[int] = set()
         self.fades: collections.deque[tuple[int, int, int | None]] = collections.deque(maxlen=8)
         self.ended = False  # the decoder is done: the last pending frame is the source's last
+        # A dissolve's span cut out (_join_dissolve_cuts): the span is measured on thumbnails
+        # `dissolve_reach` frames either side of a cut (and `dissolve_ahead` more, where the shots'
+        # own motion is read) once they are decoded, and must still be waiting then; so the lag
+        # covers that (or the detectors' latency, or that of the long dissolves' candidates)
+        # and half the longest dissolve (the cut is about its middle). The fades' horizon above
+        # is left as it was. Frames of the last assigned ones since the shot began (their
+        # thumbnails), the cuts and candidates looked at, the spans decided (first, last frame,
+        # cut) and the next clip's share of the last one.
+        self.dissolve_frames = stage.dissolve_frames(rate)
+        self.dissolve_reach = reach(self.dissolve_frames) if self.dissolve_frames else 0
+        self.dissolve_ahead = self.dissolve_reach + ramp_margin(self.dissolve_frames) if self.dissolve_frames else 0
+        self.long_dissolves = LongDissolves(self.dissolve_frames) if self.dissolve_frames >= 4 else None
+        if self.dissolve_frames:
+            latency = max([getattr(d, "event_buffer_length", 0) for d in self.detectors]
+                          + [self.long_dissolves.latency if self.long_dissolves else 0])
+            self.lag = max(self.lag, max(self.dissolve_ahead, latency) + (self.dissolve_frames + 1) // 2 + 1)
+        self.thumbs: collections.deque[tuple[int, np.ndarray]] = collections.deque(maxlen=self.dissolve_ahead + 1)
+        self.candidates: set[int] = set()  # LongDissolves' cuts, cuts only if a dissolve is measured there
+        self.shot_start = 0  # the first frame after the last cut or dissolve applied
+        self.dissolve_checked: set[int] = set()
+        self.dissolves: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=8)
+        self.gaps: dict[int, tuple[int, int, int]] = {}  # first frame of a span not yet reached -> the span
+        self.dissolve_after = 0  # frames of the last dissolve cut from the start of the clip after it
         from scenedetect import FrameTimecode
 
         self._timecode = FrameTimecode
@@ -115,18 +141,24 @@ class _Segmenter:
         # Bilinear is 10x cheaper than area here, and detectors only compare frame statistics.
         detect = cv2.resize(small, self.detect_size, interpolation=cv2.INTER_LINEAR)
         level, contrast = measure(detect)
-        return _Scaled(frame.time, small, encodable, detect, level < self.stage.trim_dark_below, level, contrast)
+        thumb = thumbnail(detect) if self.dissolve_frames else None
+        return _Scaled(frame.time, small, encodable, detect, level < self.stage.trim_dark_below, level, contrast,
+                       thumb)
 
     def push(self, scaled: _Scaled):
         """Take the next prepared frame; yield the clips it lets finish."""
         self.index += 1
         small, encodable, detect = scaled.bgr, scaled.encodable, scaled.detect
         self.pending.append(_Frame(self.index, self._time(scaled.time), small, encodable, scaled.dark,
-                                   scaled.level, scaled.contrast))
+                                   scaled.level, scaled.contrast, scaled.thumb))
         timecode = self._timecode(self.index, fps=self.rate)
         for d in self.order:
             for cut in self.detectors[d].process_frame(timecode, detect):
                 self.merger.add(int(cut.frame_num), d, self.pending)
+        if self.long_dissolves is not None:
+            candidate = self.long_dissolves.push(self.index, scaled.thumb)
+            if candidate is not None:
+                self.candidates.add(candidate)
         while self.pending and self.pending[0].index <= self.index - self.lag:
             yield from self._assign(self.pending.popleft())
 
@@ -139,6 +171,10 @@ class _Segmenter:
             post = getattr(det, "post_process", None)
             for cut in (post(end) if post else []) or []:
                 self.merger.add(int(cut.frame_num), d, self.pending)
+        if self.long_dissolves is not None:
+            candidate = self.long_dissolves.end()
+            if candidate is not None:
+                self.candidates.add(candidate)
         self.ended = True
         self.fade_checked.clear()  # a fade that runs into the source's end is one now
         while self.pending:
@@ -188,7 +224,7 @@ class _Segmenter:
             if done is not None:  # a late cut in a fade already joined
                 others = any(d != c and done[0] - 1 <= d <= done[1] + 1 for d in self.cuts)
                 if done[2] is None or done[2] < k or others:
-                    self.merger.join_fade(c, c, None)
+                    self.merger.join(c, c, None)
                 continue
             if not 0 <= c - base < len(levels):
                 continue
@@ -200,15 +236,78 @@ class _Segmenter:
             cut = None if fade.cut is None else max(k, fade.cut + base)
             log.debug("cuts %s in the fade at frames %d-%d: one cut at %s",
                       sorted(d for d in self.cuts if lo - 1 <= d <= hi + 1), lo, hi, cut)
-            self.merger.join_fade(lo - 1, hi + 1, cut)
+            self.merger.join(lo - 1, hi + 1, cut)
             if cut is not None:
                 self.fade_checked.add(cut)
             self.fades.append((lo, hi, cut))
         self.fade_checked = {c for c in self.fade_checked if c >= k}
 
+    def _join_dissolve_cuts(self, frame: _Frame) -> None:
+        """A dissolve's span (stages/split/dissolves.py: the frames in which both shots weigh
+        at least 5%) is cut out of the clips on both sides, and its cuts (of any detector:
+        the dissolve detector about its middle, content or adaptive where a short one changes
+        most) become one, in the span's middle. Each cut, and each candidate of LongDissolves
+        (a cut only if a dissolve is measured there), is looked at once, when `dissolve_ahead`
+        frames past it are decoded (or the source has ended): the span's frames before `frame`
+        (the next to assign) are then thumbnails in `thumbs`, those from it on in `pending`.
+        A span longer than the longest trimmed, or not a dissolve, leaves a cut as it is.
+        Cuts that come later inside a decided span are dropped."""
+        k = frame.index
+        for lo, hi, cut in self.dissolves:
+            inside = {c for c in self.cuts if lo - 1 <= c <= hi + 1}
+            if lo in self.gaps and inside != {cut}:  # not applied yet: its one cut, and only it
+                self.merger.join(lo - 1, hi + 1, cut)
+            elif lo not in self.gaps and inside:
+                self.merger.join(lo - 1, hi + 1, None)
+        ripe = sorted(c for c in self.cuts | self.candidates if c not in self.dissolve_checked
+                      and (self.ended or c + self.dissolve_ahead <= self.index))
+        for c in ripe:
+            self.dissolve_checked.add(c)
+            self.candidates.discard(c)
+            if c < k or any(lo - 1 <= c <= hi + 1 for lo, hi, _ in [*self.fades, *self.dissolves]):
+                continue
+            first = max(self.shot_start, c - self.dissolve_ahead)
+            window = [(i, t) for i, t in self.thumbs if i >= first] + [(k, frame.thumb)] + [
+                (f.index, f.thumb) for f in self.pending if f.index <= c + self.dissolve_ahead]
+            base = window[0][0]
+            found = dissolve_at(np.stack([t for _, t in window]).astype(np.float32), c - base, self.dissolve_frames)
+            if found is None:
+                continue
+            lo, hi, cut = found.lo + base, found.hi + base, found.cut + base
+            if lo < k:  # its first frames went to the clip already (a source whose lag_s is too short)
+                log.debug("dissolve at frames %d-%d: frames %d-%d already assigned", lo, hi, lo, k - 1)
+                lo = k
+            log.debug("cuts %s in the dissolve at frames %d-%d: its span cut out, one cut at %d",
+                      sorted(d for d in self.cuts if lo - 1 <= d <= hi + 1), lo, hi, cut)
+            self.merger.join(lo - 1, hi + 1, cut)
+            self.dissolve_checked.add(cut)
+            self.fade_checked.add(cut)
+            self.dissolves.append((lo, hi, cut))
+            self.gaps[lo] = (lo, hi, cut)
+        self.dissolve_checked = {c for c in self.dissolve_checked if c >= k}
+
+    def _cut_dissolve(self, frame: _Frame):
+        """The first frame of a dissolve's span: the clip before ends here, the span's frames
+        go to no clip, and each clip counts the frames it lost (before the dissolve's cut the
+        clip before, from it on the clip after)."""
+        lo, hi, cut = self.gaps.pop(frame.index)
+        self.cuts.discard(cut)
+        self.stats.setdefault("cuts", []).append(cut)
+        if self.clip is not None:
+            self.clip.dissolve_trimmed += max(0, cut - lo)
+            yield from self._emit(drop_tail=True, next_t=frame.t)
+        self.dissolve_after = hi + 1 - max(cut, lo)
+        self.skip_until = hi + 1 + self.stage.trim_frames
+        self.shot_start = hi + 1
+
     def _assign(self, frame: _Frame):
         if self.fade_frames:
             self._join_fade_cuts(frame)
+        if self.dissolve_frames:
+            self._join_dissolve_cuts(frame)
+            self.thumbs.append((frame.index, frame.thumb))
+            if frame.index in self.gaps:
+                yield from self._cut_dissolve(frame)
         cut_here = [c for c in self.cuts if c <= frame.index]
         self.cuts.difference_update(cut_here)
         if cut_here and self._is_flash(frame):
@@ -225,7 +324,10 @@ class _Segmenter:
             self.stats.setdefault("cuts", []).append(frame.index)
             if self.clip is not None:
                 yield from self._emit(drop_tail=True, next_t=frame.t)
-            self.skip_until = frame.index + self.stage.trim_frames  # trim the new shot's first frames
+            # trim the new shot's first frames (not fewer than a dissolve's span being cut out)
+            self.skip_until = max(self.skip_until, frame.index + self.stage.trim_frames)
+            self.shot_start = max(self.shot_start, frame.index)
+            self.dissolve_after = 0
         if frame.index < self.skip_until:
             return
         if self.clip is not None and self.clip.length >= self.max_frames:
@@ -233,6 +335,7 @@ class _Segmenter:
             self.clip = _ClipBuilder(self.rate, self.scaler, self.stage, fade_start=False)
         if self.clip is None:
             self.clip = _ClipBuilder(self.rate, self.scaler, self.stage)
+            self.clip.dissolve_trimmed, self.dissolve_after = self.dissolve_after, 0
         self.clip.add(frame)
 
     def _emit(self, drop_tail: bool, next_t: float | None, fade_end: bool = True):

@@ -62,7 +62,8 @@ class SplitStage(Stage):
     name = "split"
     fan_out = True
     outputs = ("clip_id", "source_id", "source_path", "unit_id", "start_frame",
-               "end_frame", "start_s", "duration_s", "fps", "width", "height", "dark_frames_trimmed", "split_error",
+               "end_frame", "start_s", "duration_s", "fps", "width", "height", "dark_frames_trimmed",
+               "dissolve_frames_trimmed", "split_error",
                "source_status",
                "video", "keyframes", "sample_frames", "sample_fps", "temporal_signature")
 
@@ -90,6 +91,7 @@ class SplitStage(Stage):
         trim_dark_below: float = 12.0,
         decode_ahead_frames: int = 8,
         max_fade_s: float = 1.0,
+        max_dissolve_s: float = 2.0,
     ):
         if detector not in ("content", "adaptive", "threshold", "cascade"):
             raise ValueError(f"detector={detector!r}; allowed: content, adaptive, threshold, cascade")
@@ -99,6 +101,8 @@ class SplitStage(Stage):
                 raise ValueError(f"{key} must be > 0, got {value}")
         if not max_fade_s >= 0:
             raise ValueError(f"max_fade_s must be >= 0, got {max_fade_s}")
+        if not 0 <= max_dissolve_s < math.inf:
+            raise ValueError(f"max_dissolve_s must be >= 0 and finite, got {max_dissolve_s}")
         if max_duration_s < min_duration_s:
             raise ValueError(f"max_duration_s ({max_duration_s}) < min_duration_s ({min_duration_s})")
         if short_side_px < 16 or detect_width_px < 32:
@@ -144,11 +148,17 @@ class SplitStage(Stage):
         self.trim_dark_below = trim_dark_below
         self.decode_ahead_frames = decode_ahead_frames
         self.max_fade_s = max_fade_s
+        self.max_dissolve_s = max_dissolve_s
 
     def fade_frames(self, rate: Fraction) -> int:
         """The longest fade ramp, in frames, trimmed from a clip's ends and whose cuts are
         made one (stages/split/fades.py); 0: neither, only the dark frames are trimmed."""
         return max(0, math.ceil(self.max_fade_s * float(rate) - 1e-6))
+
+    def dissolve_frames(self, rate: Fraction) -> int:
+        """The longest dissolve, in frames, whose span is trimmed from the clips on both
+        sides (stages/split/dissolves.py); a longer one keeps its one cut. 0: none is."""
+        return max(0, math.ceil(self.max_dissolve_s * float(rate) - 1e-6))
 
     def min_frames(self, rate: Fraction) -> int:
         return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
