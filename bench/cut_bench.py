@@ -6,7 +6,8 @@
     python bench/cut_bench.py --json out.json --set split.trim_frames=2 --errors 20
 
 The footage is generated once into bench_out/cut_footage (--footage) and reused while its
-FOOTAGE_VERSION matches (about a minute to generate on 2 cores; each detector's pass ~40 s).
+FOOTAGE_VERSION matches (about 1.5 minutes to generate on 2 cores; each detector's pass ~40 s).
+--files N splits only the first N files (the 6 of mixed transitions come first), to iterate.
 
 Footage (deterministic, generated here, then encoded with libx264 through PyAV): 6 files of
 480x270 at 25 or 30 fps, each 9 distinct textured shots of 2.5-6 s (slow pans of multi-scale
@@ -17,10 +18,13 @@ fast motion: fast pans, a big object crossing fast, whip pans with motion blur),
   fade      fade-out (6-15 frames), 0-6 black frames, fade-in (6-15 frames). Dark span = the
             frames at most half as bright as the shot; cut frame = its middle. A cut anywhere
             in the dark span (+-1) counts as correct in the "span" columns.
-  dissolve  cross-fade of 10-20 frames; cut frame = the first frame the new shot weighs
-            more than half; "span" columns accept a cut anywhere in the cross-fade (+-1).
+  dissolve  cross-fade of 10-20 frames (linear); cut frame = the first frame the new shot
+            weighs more than half; "span" columns accept a cut anywhere in the cross-fade (+-1).
 and, inside shots, things that are NOT cuts: white flashes of 1-3 frames, fast motion, slow
-near-static scenes. Any cut there is a false positive.
+near-static scenes. Any cut there is a false positive. Then 2 files of dissolves alone (issue
+36), one at 25 fps and one at 30, the same kinds of shots (4-7 s of each alone) joined by 8
+dissolves each: linear and eased (smoothstep), of 6, 12, 24 and 48 frames. The hard cuts
+and fades, and their figures, are those of the first 6 files.
 
 The split stage is run in-process, with the `split` args of pipeline.yaml (loaded with
 curation/config.py, --set overrides as in `curate run`), on each file. The cuts it applies are
@@ -30,6 +34,13 @@ give the rest.
 
 Prints, per transition kind and overall: true cuts, detected, recall and precision of cut
 frames at +-1 frame (each true cut matched to at most one detected cut), and in the span;
+transition spans (issue 36): a fade's frames (ramps and black) and a dissolve's frames in
+which both shots weigh at least 5% (stages/split/dissolves.py, DISSOLVE_MIN_WEIGHT) are the
+true spans; the gaps between consecutive clips are the spans split cut out, read on a second
+pass with min_duration_s at one frame (so that a shot made too short by its transitions does
+not join two gaps into one); recall and precision at +-1 frame on both ends (a hard cut has
+no span: a gap there is a false span);
+clip edges holding a blend (a clip's first or last frame in which two shots weigh 5% or more);
 false positives on flashes, fast motion, slow scenes; clips spanning a true cut (a clip
 holding frames t-1 and t of a hard cut, frames mid-2..mid+1 of a dissolve, or the frames
 just outside a fade's dark span: must be 0); clips whose first or last frame is near-black
@@ -59,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from curation import synth  # noqa: E402
+from stages.split.dissolves import DISSOLVE_MIN_WEIGHT  # noqa: E402
 from curation.config import load_config  # noqa: E402
 import stages.split as split  # noqa: E402
 import stages.split.segment as split_segment  # noqa: E402  (where _Segmenter builds its CutMerger)
@@ -71,6 +83,10 @@ SHOTS_PER_FILE = 9
 DARK_LEVELS = (12.0, 32.0)
 DETECTORS = ("content", "adaptive", "threshold", "cascade")
 TRANSITIONS = ("hard", "fade", "dissolve")
+SPANNED = ("fade", "dissolve")  # transitions with frames of their own, cut out of the clips
+# Files of dissolves alone: their rate, and each dissolve's (frames, curve), shuffled per file.
+DISSOLVE_FILE_FPS = (25, 30)
+DISSOLVE_KINDS = [(n, curve) for n in (6, 12, 24, 48) for curve in ("linear", "ease")]
 NO_CUT = ("flash", "fast", "slow")
 
 Scene = Callable[[int], np.ndarray]  # local frame index -> RGB float32 (H, W, 3)
@@ -237,7 +253,10 @@ class Transition:
     lo: int     # a detected cut in lo..hi is correct in the "span" columns
     hi: int
     keep: tuple[int, int]  # a clip holding both these frames spans the cut
-    params: dict[str, int] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    # first and last frame that are the transition's own (a fade's ramps and black, a
+    # dissolve's frames with both shots at DISSOLVE_MIN_WEIGHT or more); None: a hard cut
+    span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -257,6 +276,7 @@ class FileTruth:
     stretches: list[Stretch]
     level: list[float]  # mean of R, G, B (0..255) of every frame as generated
     score: list[float]  # its HSV delta with the frame before (ContentDetector's score), at full size
+    blend: list[float] = field(default_factory=list)  # the lesser shot's share of every frame (0: one shot)
 
 
 @dataclass
@@ -279,6 +299,14 @@ def plan_file(index: int, fps: int, kinds: list[str]) -> tuple[list[_Shot], list
               FAST_SCENES[(index + 1) % 3], "slow"]
     rng.shuffle(scenes)
     shots = [_Shot(s, int(rng.uniform(2.5, 6.0) * fps)) for s in scenes]
+    if kinds and all(isinstance(k, tuple) for k in kinds):
+        # A file of dissolves alone (DISSOLVE_KINDS): each shot 4-7 s alone besides the
+        # frames it shares with its neighbours, so that every shot keeps a clip.
+        joins = [("dissolve", {"frames": n, "curve": curve}) for n, curve in kinds]
+        for k, shot in enumerate(shots):
+            shared = (joins[k - 1][1]["frames"] if k else 0) + (joins[k][1]["frames"] if k < len(joins) else 0)
+            shot.frames = shared + int(rng.uniform(4.0, 7.0) * fps)
+        return shots, joins
     joins = []
     for kind in kinds:
         params = {"hard": lambda: {},
@@ -303,11 +331,13 @@ def lay_out(shots: list[_Shot], joins: list[tuple[str, dict]]) -> tuple[int, lis
         elif kind == "dissolve":
             d = p["frames"]
             b.start = a.start + a.frames - d
-            alpha = np.arange(1, d + 1, dtype=np.float32) / (d + 1)
+            alpha = synth.dissolve_weights(d, p.get("curve", "linear")).astype(np.float32)
             a.weight[-d:] *= 1 - alpha
             b.weight[:d] *= alpha
-            cut = b.start + (d + 1) // 2
-            truth.append(Transition(kind, cut, b.start - 1, b.start + d, (cut - 2, cut + 1), p))
+            cut = b.start + (d + 1) // 2  # the first frame b weighs more than half (the curves are symmetric)
+            blended = np.flatnonzero(np.minimum(alpha, 1 - alpha) >= DISSOLVE_MIN_WEIGHT) + b.start
+            span = (int(blended[0]), int(blended[-1])) if len(blended) else None
+            truth.append(Transition(kind, cut, b.start - 1, b.start + d, (cut - 2, cut + 1), p, span))
         else:
             n, black, m = p["out"], p["black"], p["in"]
             b.start = a.start + a.frames + black
@@ -318,7 +348,8 @@ def lay_out(shots: list[_Shot], joins: list[tuple[str, dict]]) -> tuple[int, lis
             gains = np.concatenate([out_gain, np.zeros(black, np.float32), in_gain])
             dark = np.flatnonzero(gains <= 0.5) + a.start + a.frames - n
             lo, hi = int(dark[0]), int(dark[-1])
-            truth.append(Transition(kind, (lo + hi + 1) // 2, lo - 1, hi + 1, (lo - 1, hi + 1), p))
+            span = (a.start + a.frames - n, b.start + m - 1)  # every gain of a fade is under 1 - 5%
+            truth.append(Transition(kind, (lo + hi + 1) // 2, lo - 1, hi + 1, (lo - 1, hi + 1), p, span))
     return shots[-1].start + shots[-1].frames, truth
 
 
@@ -350,13 +381,17 @@ def render_file(path: Path, index: int, fps: int, kinds: list[str]) -> FileTruth
         stretches.append(Stretch(SCENE_KIND[s.scene], s.start, s.start + s.frames - 1, s.scene))
     level: list[float] = []
     score: list[float] = []
+    blend: list[float] = []
 
     def frames():
         for f in range(total):
             acc = np.zeros((SIZE[1], SIZE[0], 3), np.float32)
+            shares = []
             for s, scene in zip(shots, scenes):
                 if s.start <= f < s.start + s.frames:
                     acc += s.weight[f - s.start] * scene(f - s.start)
+                    shares.append(float(s.weight[f - s.start]))
+            blend.append(min(shares) / sum(shares) if len(shares) > 1 and sum(shares) > 0 else 0.0)
             acc = acc * (1 - white[f]) + 255 * white[f]
             rgb = np.clip(acc, 0, 255).astype(np.uint8)
             hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
@@ -369,16 +404,23 @@ def render_file(path: Path, index: int, fps: int, kinds: list[str]) -> FileTruth
     previous: list[np.ndarray] = []
 
     synth.write_video(path, frames(), fps, crf=20, preset="superfast")
-    return FileTruth(path.name, fps, total, transitions, stretches, level, score)
+    return FileTruth(path.name, fps, total, transitions, stretches, level, score, blend)
 
 
 def make_footage(root: Path) -> list[FileTruth]:
-    """The benchmark's files: 6 x 9 shots, 48 transitions (16 of each kind, shuffled)."""
+    """The benchmark's files: 6 x 9 shots, 48 transitions (16 of each kind, shuffled), then
+    2 x 9 shots joined by dissolves alone (DISSOLVE_KINDS, shuffled per file)."""
     kinds = [k for k in TRANSITIONS for _ in range(16)]
     np.random.default_rng(7).shuffle(kinds)
     per = SHOTS_PER_FILE - 1
-    return [render_file(root / f"cuts_{i}.mp4", i, fps, kinds[i * per:(i + 1) * per])
-            for i, fps in enumerate(FILE_FPS)]
+    files = [render_file(root / f"cuts_{i}.mp4", i, fps, kinds[i * per:(i + 1) * per])
+             for i, fps in enumerate(FILE_FPS)]
+    for j, fps in enumerate(DISSOLVE_FILE_FPS):
+        index = len(FILE_FPS) + j
+        order = list(DISSOLVE_KINDS)
+        np.random.default_rng(3000 + index).shuffle(order)
+        files.append(render_file(root / f"dissolves_{j}.mp4", index, fps, order))
+    return files
 
 
 # ---- running split --------------------------------------------------------------------------
@@ -495,8 +537,11 @@ def nearby(reports: list[tuple[int, str]], lo: int, hi: int, margin: int = 5) ->
     return " ".join(found) or "no detector reported"
 
 
-def score_file(truth: FileTruth, result: dict[str, Any]) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """Counts per kind for one file, and one line per error."""
+def score_file(truth: FileTruth, result: dict[str, Any],
+               every_clip: list[tuple[int, int]] | None = None) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Counts per kind for one file, and one line per error. `every_clip`: the clips of the
+    same split with no minimum length (the spans cut out are the gaps between them; with the
+    minimum, a shorter shot between two transitions leaves one gap for both)."""
     counts = {k: zero_counts() for k in (*TRANSITIONS, *NO_CUT, "other")}
     errors = []
     cuts, reports = result["cuts"], result["reports"]
@@ -530,13 +575,44 @@ def score_file(truth: FileTruth, result: dict[str, Any]) -> tuple[dict[str, dict
     edge = [min(truth.level[s], truth.level[e - 1]) for s, e in clips]
     counts["other"].update(clips=len(clips), dark_edge_12=sum(x < DARK_LEVELS[0] for x in edge),
                            dark_edge_32=sum(x < DARK_LEVELS[1] for x in edge),
-                           clip_frames=sum(e - s for s, e in clips), frames=truth.frames)
+                           clip_frames=sum(e - s for s, e in clips), frames=truth.frames,
+                           blend_edges=sum((truth.blend[s] >= DISSOLVE_MIN_WEIGHT) + (truth.blend[e - 1] >= DISSOLVE_MIN_WEIGHT)
+                                           for s, e in clips))
+    for s, e in clips:
+        for f in (s, e - 1):
+            if truth.blend[f] >= DISSOLVE_MIN_WEIGHT:
+                errors.append(f"{truth.name} clip {s}-{e} has a blend at its edge frame {f} "
+                              f"({100 * truth.blend[f]:.0f}% of the other shot)")
+    # Transition spans: the gaps between consecutive clips against the true spans, +-1 frame.
+    every = clips if every_clip is None else [c for c in every_clip if c[0] is not None]
+    gaps = [(e, s2 - 1) for (_, e), (s2, _) in zip(every, every[1:]) if s2 > e]
+    used = set()
+    for tr in truth.transitions:
+        if tr.span is None:
+            continue
+        counts[tr.kind]["spans"] += 1
+        hit = next((g for g in gaps if g not in used and abs(g[0] - tr.span[0]) <= 1 and abs(g[1] - tr.span[1]) <= 1),
+                   None)
+        if hit is not None:
+            used.add(hit)
+            counts[tr.kind]["spans_found"] += 1
+        else:
+            near = [g for g in gaps if g[0] <= tr.span[1] + NEAR_TRANSITION and g[1] >= tr.span[0] - NEAR_TRANSITION]
+            errors.append(f"{truth.name} {tr.kind} span {tr.span[0]}-{tr.span[1]} ({tr.params}) not cut out at +-1: "
+                          f"gaps near it {near or 'none'}")
+    for g in gaps:
+        if g in used:
+            continue
+        kind = next((tr.kind for tr in truth.transitions
+                     if g[0] <= tr.hi + NEAR_TRANSITION and g[1] >= tr.lo - NEAR_TRANSITION), "other")
+        counts[kind]["spans_false"] += 1
     return counts, errors
 
 
 def zero_counts() -> dict[str, int]:
     keys = ("true", "tp_pm1", "tp_span", "fp_pm1", "fp_span", "spanning", "instances", "instances_cut",
-            "clips", "dark_edge_12", "dark_edge_32", "clip_frames", "frames")
+            "clips", "dark_edge_12", "dark_edge_32", "clip_frames", "frames", "blend_edges",
+            "spans", "spans_found", "spans_false")
     return dict.fromkeys(keys, 0)
 
 
@@ -569,8 +645,17 @@ def summarize(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
                   "instances_cut": counts[k]["instances_cut"]} for k in (*NO_CUT, "other")}
     o = counts["other"]
     clips = {"clips": o["clips"], "spanning_true_cut": rows["all"]["spanning"],
-             "dark_edge_12": o["dark_edge_12"], "dark_edge_32": o["dark_edge_32"], "frames_in_clips": ratio(o["clip_frames"], o["frames"])}
-    return {"transitions": rows, "no_cut": no_cut, "clips": clips}
+             "dark_edge_12": o["dark_edge_12"], "dark_edge_32": o["dark_edge_32"], "frames_in_clips": ratio(o["clip_frames"], o["frames"]),
+             "blend_edges": o["blend_edges"]}
+    spans = {}
+    for kind in (*SPANNED, "all"):
+        kinds = SPANNED if kind == "all" else (kind,)
+        true = sum(counts[k]["spans"] for k in kinds)
+        found = sum(counts[k]["spans_found"] for k in kinds)
+        false = sum(counts[k]["spans_false"] for k in (counts if kind == "all" else kinds))
+        spans[kind] = {"true": true, "found": found, "false": false, "recall_pm1": ratio(found, true),
+                       "precision_pm1": ratio(found, found + false)}
+    return {"transitions": rows, "no_cut": no_cut, "clips": clips, "spans": spans}
 
 
 def _f(x: float | None) -> str:
@@ -591,19 +676,26 @@ def print_summary(name: str, s: dict[str, Any], seconds: float) -> None:
     c = s["clips"]
     print(f"clips:    {c['clips']}, spanning a true cut {c['spanning_true_cut']}; first or last frame darker "
           f"than 12: {c['dark_edge_12']}, than 32: {c['dark_edge_32']}; {100 * c['frames_in_clips']:.0f}% of "
-          f"frames in clips")
+          f"frames in clips; clip edges holding a blend (both shots >= {100 * DISSOLVE_MIN_WEIGHT:.0f}%): "
+          f"{c['blend_edges']}")
+    parts = [f"{k} {r['found']} of {r['true']} (recall {_f(r['recall_pm1'])}), {r['false']} false "
+             f"(precision {_f(r['precision_pm1'])})" for k, r in s["spans"].items()]
+    print("spans cut out (+-1 frame each end): " + "; ".join(parts))
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     """One line per detector (the README's table)."""
     print("\n| detector | recall +-1 | precision +-1 | recall in span | precision in span | "
-          "cuts on flashes | on fast motion | clips spanning a cut | clips with an edge frame < 12 / < 32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "cuts on flashes | on fast motion | clips spanning a cut | clips with an edge frame < 12 / < 32 | "
+          "spans cut out: recall / precision +-1 | clip edges holding a blend |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         a, n, c = r["summary"]["transitions"]["all"], r["summary"]["no_cut"], r["summary"]["clips"]
+        sp = r["summary"]["spans"]["all"]
         print(f"| {name} | {_f(a['recall_pm1'])} | {_f(a['precision_pm1'])} | {_f(a['recall_span'])} | "
               f"{_f(a['precision_span'])} | {n['flash']['false_cuts']} | {n['fast']['false_cuts']} | "
-              f"{c['spanning_true_cut']} | {c['dark_edge_12']} / {c['dark_edge_32']} of {c['clips']} |")
+              f"{c['spanning_true_cut']} | {c['dark_edge_12']} / {c['dark_edge_32']} of {c['clips']} | "
+              f"{_f(sp['recall_pm1'])} / {_f(sp['precision_pm1'])} | {c['blend_edges']} |")
 
 
 def difficulty(truths: list[FileTruth]) -> dict[str, float]:
@@ -642,7 +734,7 @@ def describe(truths: list[FileTruth]) -> str:
 
 # ---- main -----------------------------------------------------------------------------------
 
-FOOTAGE_VERSION = 3
+FOOTAGE_VERSION = 4
 
 
 def load_or_make_footage(root: Path) -> list[FileTruth]:
@@ -651,7 +743,8 @@ def load_or_make_footage(root: Path) -> list[FileTruth]:
     if index.is_file():
         saved = json.loads(index.read_text())
         if saved.get("version") == FOOTAGE_VERSION and all((root / t["name"]).is_file() for t in saved["files"]):
-            return [FileTruth(**{**t, "transitions": [Transition(**{**x, "keep": tuple(x["keep"])})
+            return [FileTruth(**{**t, "transitions": [Transition(**{**x, "keep": tuple(x["keep"]),
+                                                                   "span": tuple(x["span"]) if x["span"] else None})
                                                       for x in t["transitions"]],
                                  "stretches": [Stretch(**x) for x in t["stretches"]]})
                     for t in saved["files"]]
@@ -666,8 +759,11 @@ def evaluate(args: dict[str, Any], root: Path, truths: list[FileTruth]) -> dict[
     total: dict[str, dict[str, int]] = {}
     errors: list[str] = []
     started = time.perf_counter()
+    # The spans cut out are read on a second pass keeping clips of any length (one frame).
+    every_args = {**args, "min_duration_s": 1.0 / max(max(FILE_FPS), max(DISSOLVE_FILE_FPS))}
     for truth in truths:
-        counts, errs = score_file(truth, run_split(args, root / truth.name))
+        every = run_split(every_args, root / truth.name)["clips"]
+        counts, errs = score_file(truth, run_split(args, root / truth.name), every)
         add_counts(total, counts)
         errors += errs
     seconds = time.perf_counter() - started
@@ -686,11 +782,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--errors", type=int, default=None,
                    help="error lines to print per detector (default: all for one detector, none for all)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and error here")
+    p.add_argument("--files", type=int, default=None, help="split only the first N files (to iterate)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = list(DETECTORS) if a.detector == "all" else [a.detector]
     started = time.perf_counter()
-    truths = load_or_make_footage(a.footage)
+    truths = load_or_make_footage(a.footage)[:a.files]
     print(f"footage in {a.footage} ({time.perf_counter() - started:.1f} s): {describe(truths)}")
     results = {}
     for name in names:

@@ -1,38 +1,40 @@
-"""Dissolves (cross-fades): the span of frames in which two shots are blended, which is
-trimmed from both clips as a fade's ramp is (_Segmenter._join_dissolve_cuts), and the one
-cut the dissolve gets.
+"""Dissolves (cross-fades): the span of frames in which two shots are blended, which the
+segmenter cuts out of both clips as a fade's ramp is (_Segmenter._join_dissolve_cuts), the
+one cut the dissolve gets, and candidate cuts in dissolves too long for the dissolve detector.
 
 A dissolve mixes two moving pictures, frame t = (1 - a_t) * A_t + a_t * B_t, the weight a_t
 going steadily from 0 to 1 (linearly, or eased: slow at both ends). With P a frame of the
 first shot just before the dissolve and Q one of the second just after it, each frame's
-weight is its least-squares position on the line from P to Q (`weights`):
-    a_t = <F_t - P, Q - P> / |Q - P|^2
-on small colour thumbnails (stages/dissolve.thumbnail, 64 px wide), where the shots' own
-motion barely moves it while P and Q are near: a pan of 3 px/frame at 480 px moves the
-thumbnail 0.4 px a frame, and the weights of the frames next to P stay within a few tenths
-of a percent of their true value. The span is the frames around the cut in which both shots
-weigh at least DISSOLVE_MIN_WEIGHT: the 5% within which a fade's frame is at its shot's steady
-level (stages/split/fades.py, FADE_STEADY_TOL). A frame outside it belongs to one shot.
+weight is its least-squares position on the line from P to Q (`weights`),
+    a_t = <F_t - P, Q - P> / |Q - P|^2,
+on small colour thumbnails (stages/dissolve.thumbnail, 64 px wide) less their mean level.
+The shots' own motion adds to it: a picture that moves away from P is, on that line,
+|A_t - P|^2 / 2 further from P (and B_t from Q), which `_unbiased` takes out, the change
+measured over as many frames beyond the reference. The span is the frames around the cut in
+which both shots weigh at least DISSOLVE_MIN_WEIGHT: the 5% within which a fade's frame is at
+its shot's steady level (stages/split/fades.py, FADE_STEADY_TOL). A frame outside it belongs
+to one shot. The dissolve's one cut is in the span's middle.
 
 P and Q must be outside the span but near it, and are found by iteration (`dissolve_at`):
 references two frames either side of the cut, the span they give, new references
 `ramp_margin` frames outside that span, until the span stays put (within `reach` frames of
 the cut). Starting next to the cut, the references move out with the span and stop where
-the shots are alone; references far from the dissolve would read the shots' motion as blend. The margin is the part of
-an eased dissolve (smoothstep, the slowest start of the usual curves) under the threshold at
-one end, so that a reference is not a blended frame; a linear one needs less. A reference
-that still weighs w in the other shot moves the edge it measures by about w / slope frames.
+the shots are alone. The margin is the part of an eased dissolve (smoothstep, the slowest
+start of the usual curves) under the threshold at one end, so that a reference is not a
+blended frame (a linear one needs less). A reference that still weighs w of the other shot
+moves the edge it measures by about w / (the weights' slope there) frames.
 
 What is not a dissolve (None), by the tests the dissolve detector applies to its windows
 (stages/dissolve.py), here applied to the span and its references:
   - a hard cut: no frame at the cut has both shots at DISSOLVE_MIN_WEIGHT or more;
   - a fade, a light switched on, a change of exposure: P and Q are one picture (correlated
     above MAX_CORRELATION), or one of them is black or white (MIN_LEVEL from either end);
-  - motion (a pan, a zoom, a whip, a fast object): a moved picture is not a mix, so a frame
-    of the span lies further than MAX_RESIDUAL of the change from its mix of P and Q, or the
-    weights go back by more than DISSOLVE_MIN_WEIGHT, or P and Q differ by less than MIN_CHANGE;
-    also with the frames' brightness divided out, so that a change of exposure during a pan
-    (from one level to the other as a blend goes, but one moving picture) is not a mix;
+  - not a steady blend: the weights go back by more than DISSOLVE_MIN_WEIGHT, P and Q differ
+    by less than MIN_CHANGE, or a frame lies further from its mix of P and Q than
+    MAX_RESIDUAL of their change plus what the shots change by themselves over those frames;
+  - one moving picture (a pan, a zoom): over the span the frames keep one picture's contrast
+    instead of losing a blend's, which motion alone leaves as it is;
+  - a change of exposure during a pan: with each frame's brightness divided out, not a mix;
   - a dissolve longer than `max_frames`, or one whose references fall outside the frames
     given (another shot, the source's start or end, frames not decoded yet).
 """
