@@ -208,7 +208,9 @@ class RollingWriter:
             self._stack = stack
             self._writer = pq.ParquetWriter(str(self._local), self.schema, compression="zstd")
             self._name, self._rows = name, 0
-        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        # Row groups of ROW_GROUP rows, fewer when that many would pass GROUP_BYTES.
+        per_group = min(ROW_GROUP[self.kind], max(1, int(GROUP_BYTES * table.num_rows / max(1, table.nbytes))))
+        self._writer.write_table(table, row_group_size=per_group)
         self._rows += table.num_rows
 
     def _close(self) -> None:

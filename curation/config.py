@@ -36,7 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from curation.schema import NUMERIC_COLUMNS
-from stages import STAGES
+from stages import SPLITTERS, STAGES
 from stages.rules import validate_rules
 
 
@@ -338,7 +338,7 @@ def parse_config(raw: Any, source: str = "pipeline config") -> PipelineConfig:
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         steps.append(step)
-    if steps[0].stage != "split" or any(s.stage == "split" for s in steps[1:]):
+    if steps[0].stage not in SPLITTERS or any(s.stage in SPLITTERS for s in steps[1:]):
         raise ConfigError("steps: the first step must be the only 'split' step")
     return PipelineConfig(steps=steps, run=run, dedup=dedup)
 

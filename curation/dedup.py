@@ -172,12 +172,21 @@ def _perceptual_file(store: OutputStore, path: Any) -> tuple[list[str], np.ndarr
 
 
 def _clip_file(store: OutputStore, path: Any) -> tuple[list[str], np.ndarray]:
-    ids, vecs = [], []
-    for cid, v in _read_column([path], "image_embedding"):
-        if v:
-            ids.append(cid)
-            vecs.append(_unit(np.asarray(v, np.float32)).astype(np.float16))
-    return ids, np.stack(vecs) if vecs else np.zeros((0, 0), np.float16)
+    """A data file's image embeddings as float16 unit vectors, read as Arrow buffers."""
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for table in columns.scan([path], ["clip_id", "image_embedding"]):
+        col = table.column("image_embedding").combine_chunks()
+        has = pc.and_(col.is_valid(), pc.greater(pc.fill_null(pc.list_value_length(col), 0), 0))
+        if not pc.any(has).as_py():
+            continue
+        col = col.filter(has)
+        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32)
+        vecs = flat.reshape(len(col), -1)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-6
+        parts.append(vecs.astype(np.float16))
+        ids += table.column("clip_id").filter(has).to_pylist()
+    return ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
 
 
 def has_image_embeddings(files: list[Any]) -> bool:

@@ -170,7 +170,7 @@ def read_piece(shards_dir: Path, piece: Piece, select: rules.Rules,
                columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """The selected rows of a piece, BATCH_ROWS at a time (memory: a few videos)."""
     for name, rg in piece.chunks:
-        pf = outdir.parquet_file(shards_dir / name)
+        pf = outdir.open_parquet(shards_dir / name)
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=columns):
             mask = select_mask(batch, select)
             if mask.all():

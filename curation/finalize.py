@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_COLUMNS = [f.name for f in schema.PAYLOAD_FIELDS]
 PROGRESS_EVERY_S = 10.0
+PAYLOAD_SLICE_ROWS = 256  # scores rows whose kept clips' payload (videos) is in memory at once
 
 
 def _config_dict(config: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
@@ -314,10 +315,13 @@ def _stream(ledger: Ledger, rewrite: Rewrite, effective: list[Rules],
     clips, last, started = 0, time.monotonic(), time.monotonic()
     groups = score_inputs(ledger)
     for k, paths in enumerate(groups):
-        for table in columns.scan(paths):
-            keep, reasons = evaluate(table, effective, decisions)
-            rewrite.add(table, keep, reasons)
-            clips += int(columns.is_clip(table).sum())
+        for group in columns.scan(paths):
+            # In slices: each slice's kept clips are joined with their payload (videos) in memory.
+            for table in group.to_batches(max_chunksize=PAYLOAD_SLICE_ROWS):
+                table = pa.Table.from_batches([table])
+                keep, reasons = evaluate(table, effective, decisions)
+                rewrite.add(table, keep, reasons)
+                clips += int(columns.is_clip(table).sum())
         rewrite.end_group()
         if time.monotonic() - last > PROGRESS_EVERY_S:
             last = time.monotonic()

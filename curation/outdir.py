@@ -22,8 +22,10 @@ missing or forbidden object) or storage.StoreUnavailable (the store failed past 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import posixpath
@@ -41,6 +43,23 @@ from stages import storage
 
 
 UPLOAD_PART_BYTES = 64 * 2**20  # a part of a multipart upload to S3 (used above twice this size)
+# Objects this process read, wrote, deleted and listings it made in OUT_DIRs (a local file
+# counts as an object): bench/scale_bench.py reads them from the file CURATE_IO_STATS names.
+OBJECTS = {"read": 0, "written": 0, "deleted": 0, "listed": 0}
+
+
+def _count(kind: str, n: int = 1) -> None:
+    OBJECTS[kind] += n
+
+
+def _dump_counts() -> None:
+    target = os.environ.get("CURATE_IO_STATS")
+    if target:
+        with open(target, "w") as f:
+            json.dump(OBJECTS, f)
+
+
+atexit.register(_dump_counts)
 
 
 class StorePath:
@@ -129,6 +148,7 @@ class StorePath:
 
     def iterdir(self) -> Iterator["StorePath"]:
         """The entries directly under this prefix (none when it holds nothing)."""
+        _count("listed")
         self._fresh()
         try:
             names = self._call(self.fs.ls, self.path, detail=False)
@@ -154,12 +174,14 @@ class StorePath:
                            if fnmatch.fnmatchcase(posixpath.basename(n), pattern)))
 
     def read_bytes(self) -> bytes:
+        _count("read")
         return self._call(self.fs.cat_file, self.path)
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> int:
+        _count("written")
         self._call(self.fs.pipe_file, self.path, bytes(data))
         return len(data)
 
@@ -170,6 +192,7 @@ class StorePath:
         return self._call(self.fs.open, self.path, mode, **kwargs)
 
     def unlink(self, missing_ok: bool = False) -> None:
+        _count("deleted")
         try:
             self._call(self.fs.rm_file, self.path)
         except FileNotFoundError:
@@ -192,6 +215,7 @@ class StorePath:
         """One file: one PUT, or on S3 above 2 x UPLOAD_PART_BYTES a multipart upload (parts,
         then a complete, each request retried by the client)."""
         kwargs = {"chunksize": UPLOAD_PART_BYTES} if self.protocol in ("s3", "s3a") else {}
+        _count("written")
         self._call(self.fs.put_file, str(local), self.path, **kwargs)
 
 
@@ -245,6 +269,7 @@ def write_bytes_atomic(path: AnyPath, data: bytes, durable: bool = True) -> None
     if isinstance(path, StorePath):
         path.write_bytes(data)
         return
+    _count("written")
     tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
@@ -270,6 +295,7 @@ READ_BLOCK = 8 * 2**20  # a ranged read of a Parquet file in a store (s3fs's own
 
 
 def _open(path: StorePath) -> Any:
+    _count("read")
     return path.open("rb", cache_type="readahead", block_size=READ_BLOCK)
 
 
@@ -283,10 +309,12 @@ def read_many(paths: list[AnyPath]) -> list[bytes]:
     """The contents of many small files, in order (on a store: fetched concurrently)."""
     remote = [p for p in paths if isinstance(p, StorePath)]
     if not remote:
+        _count("read", len(paths))
         return [p.read_bytes() for p in paths]
     fs = remote[0].fs
     if len(remote) < len(paths) or any(p.fs is not fs for p in remote):
         return [p.read_bytes() for p in paths]
+    _count("read", len(remote))
     got = remote[0]._call(fs.cat, [p.path for p in remote], on_error="raise")
     if isinstance(got, bytes):  # fsspec answers one path with its bytes
         got = {remote[0].path: got}
@@ -299,6 +327,7 @@ def read_table(path: str | AnyPath, columns: list[str] | None = None, **kwargs: 
     if isinstance(path, StorePath):
         with _open(path) as f:
             return pq.read_table(f, columns=columns, **kwargs)
+    _count("read")
     return pq.read_table(path, columns=columns, **kwargs)
 
 
@@ -310,9 +339,25 @@ def read_schema(path: str | AnyPath) -> pa.Schema:
     return pq.read_schema(path)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_parquet_file(key: str, pid: int) -> pq.ParquetFile:
+    return parquet_file(key)
+
+
+def open_parquet(path: str | AnyPath) -> pq.ParquetFile:
+    """parquet_file, kept open for the next reads of the same file (a few at a time): readers
+    that take a file's row groups one by one parse its footer once, not once per row group.
+    Safe because a data file's name is never reused for other content (names are unique per
+    attempt and per compaction). Per process: a forked data-loader worker opens its own."""
+    return _cached_parquet_file(str(path), os.getpid())
+
+
 def parquet_file(path: str | AnyPath, **kwargs: Any) -> pq.ParquetFile:
     """A ParquetFile to read row groups from (on a store: an open file, read in ranges)."""
-    return pq.ParquetFile(_source(path), **kwargs)
+    source = _source(path)
+    if isinstance(source, str):
+        _count("read")
+    return pq.ParquetFile(source, **kwargs)
 
 
 def size(path: AnyPath) -> int:
@@ -333,6 +378,8 @@ def staged_file(path: AnyPath) -> Iterator[Path]:
     """A local file to write `path`'s content into (for writers that need a file name); when
     the block ends without error it becomes `path` atomically: renamed after an fsync on a local
     disk, uploaded in one PUT to a store (the local copy, in the temporary folder, deleted)."""
+    if not isinstance(path, StorePath):
+        _count("written")
     if isinstance(path, StorePath):
         if not _SWEPT:  # staged files of processes that were killed while uploading
             storage.sweep_orphans(prefix=STAGE_PREFIX)

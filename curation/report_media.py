@@ -57,11 +57,12 @@ def read_payload(paths: list[Any], wanted: set[str], column: str) -> dict[str, A
         if not hit.size:
             continue
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-        groups = sorted({int(g) for g in np.searchsorted(starts, hit, side="right") - 1})
-        t = pf.read_row_groups(groups, columns=["clip_id", column])
-        for cid, value in zip(t.column("clip_id").to_pylist(), t.column(column).to_pylist()):
-            if cid in wanted and value is not None:
-                found[cid] = value
+        for g in sorted({int(g) for g in np.searchsorted(starts, hit, side="right") - 1}):
+            t = pf.read_row_group(g, columns=["clip_id", column])  # one row group at a time
+            t = t.filter(pc.is_in(t.column("clip_id"), value_set=want))
+            for cid, value in zip(t.column("clip_id").to_pylist(), t.column(column).to_pylist()):
+                if value is not None:
+                    found[cid] = value
     return found
 
 

@@ -14,6 +14,7 @@ from stages.filter import FilterStage  # noqa: E402
 from stages.motion import MotionStage  # noqa: E402
 from stages.ocr import OcrStage  # noqa: E402
 from stages.split import SplitStage  # noqa: E402
+from stages.standin import StandinSplitStage  # noqa: E402
 
 STAGES = {
     "split": SplitStage,
@@ -24,4 +25,6 @@ STAGES = {
     "clip_similarity": ClipSimilarityStage,
     "filter": FilterStage,
     "fault": FaultStage,  # deliberate failures, for containment tests and the soak benchmark
+    "split_standin": StandinSplitStage,  # rows without decoding, for bench/scale_bench.py
 }
+SPLITTERS = ("split", "split_standin")  # the stages a pipeline may start with

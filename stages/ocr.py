@@ -51,7 +51,7 @@ import numpy as np
 
 from stages import instrument
 from stages.base import Batch, Stage
-from stages.text_detector import Precision, TextDetector, passes, resolve_precision
+from stages.text_detector import Precision, TextDetector, passes, resolve_precision, validate_precision
 from stages.model_batch import error_text, forward_keyframes, is_clip_row, is_kept, nan_list
 from stages.torch_setup import resolve_device, set_torch_threads, validate_device_args
 from stages.weights import WeightRequirement, missing_weights_message
@@ -177,7 +177,7 @@ class OcrStage(Stage):
         self.device = device
         self.torch_threads = torch_threads
         self.only_kept = only_kept
-        resolve_precision(precision, "cpu")  # validates
+        validate_precision(precision)
         if frames_per_pass is not None and frames_per_pass < 1:
             raise ValueError(f"frames_per_pass must be >= 1 (or null: 1 on CPU, 16 on GPU), got {frames_per_pass}")
         if pad_multiple_px < 32 or pad_multiple_px % 32:

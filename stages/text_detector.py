@@ -21,11 +21,11 @@ easyocr's own functions), but runs the network differently:
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import cv2
 import numpy as np
-import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
 CANVAS_PX = 2560  # easyocr's canvas_size: frames larger than this are scaled down first
@@ -35,16 +35,22 @@ SLOPE_THS, YCENTER_THS, HEIGHT_THS = 0.1, 0.5, 0.5
 
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles)."""
+    import torch
+
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without the probes: assume not
         return False
 
 
-def resolve_precision(precision: Precision, device: str) -> str:
-    """"auto": bf16 on CPUs with native bf16, fp32 elsewhere (on GPUs too: CRAFT is cheap there)."""
+def validate_precision(precision: str) -> None:
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+
+
+def resolve_precision(precision: Precision, device: str) -> str:
+    """"auto": bf16 on CPUs with native bf16, fp32 elsewhere (on GPUs too: CRAFT is cheap there)."""
+    validate_precision(precision)
     if precision == "auto":
         return "bf16" if device == "cpu" and native_bf16() else "fp32"
     return precision
@@ -97,16 +103,22 @@ def passes(shapes: list[tuple[int, ...]], frames_per_pass: int) -> list[list[int
             for start in range(0, len(indices), frames_per_pass)]
 
 
-class Float32(torch.nn.Module):
-    """A module run in float32 whatever the autocast around it (bfloat16 inputs are widened)."""
+@functools.cache
+def float32_module() -> type:
+    """The class of a module run in float32 whatever the autocast around it (bfloat16 inputs
+    are widened); made on first use, so importing this module does not import torch."""
+    import torch
 
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module = module
+    class Float32(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module):
+            super().__init__()
+            self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return self.module(x.float())
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.module(x.float())
+
+    return Float32
 
 
 class TextDetector:
@@ -117,15 +129,19 @@ class TextDetector:
         if frames_per_pass < 1 or pad_multiple_px < 32 or pad_multiple_px % 32:
             raise ValueError(f"frames_per_pass must be >= 1 and pad_multiple_px a multiple of 32, got "
                              f"{frames_per_pass}, {pad_multiple_px}")
+        import torch
+
         self.device, self.precision = device, precision
         self.frames_per_pass, self.pad_multiple_px = frames_per_pass, pad_multiple_px
         self.net = net.eval().to(memory_format=torch.channels_last)
         craft = getattr(net, "module", net)  # easyocr wraps it in DataParallel on GPUs
-        if precision == "bf16" and not isinstance(craft.conv_cls, Float32):
-            craft.conv_cls = Float32(craft.conv_cls)  # the score head in float32 (module docstring)
+        if precision == "bf16" and not isinstance(craft.conv_cls, float32_module()):
+            craft.conv_cls = float32_module()(craft.conv_cls)  # the score head in float32 (module docstring)
 
     def score_maps(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """Per frame: (text score map, link score map, easyocr's resize ratio), at easyocr's size."""
+        import torch
+
         inputs = [network_input(f, self.pad_multiple_px) for f in frames]
         out: list = [None] * len(frames)
         with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16,

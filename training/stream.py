@@ -152,7 +152,7 @@ def caption_dim_of_pieces(pieces: list[Piece], select: dict) -> int:
 
 def read_row_group(path: str, row_group: int, columns: list[str]) -> pa.Table:
     """The given shard columns of one row group (columns a file lacks become nulls)."""
-    f = outdir.parquet_file(path)
+    f = outdir.open_parquet(path)
     present = set(f.schema_arrow.names)
     table = f.read_row_group(row_group, columns=[c for c in columns if c in present])
     return conform(table, pa.schema([SHARDS_SCHEMA.field(c) for c in columns]))
