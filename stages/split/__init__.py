@@ -15,7 +15,7 @@ that breaks part-way keeps the clips finished before the break and adds a "decod
 
 Memory is bounded regardless of video length: only the last `lag_s` seconds of small frames
 are held (the detectors' decision latency; longer when `max_dissolve_s` needs it: about
-max_dissolve_s + 1.5 s at the default 2 s), and `max_fade_s` (plus 3 frames) at each end of
+1.5 times it, 3 s at the default 2 s), and `max_fade_s` (plus 3 frames) at each end of
 the clip being built (where a fade may be trimmed), clips are encoded as frames arrive, and a
 scene longer than `max_duration_s` is cut into chunks.
 
@@ -57,7 +57,11 @@ middle (_Segmenter._join_dissolve_cuts). Each clip counts the frames it lost in
 each shot just outside the span, corrected for the shots' own motion; what is not a blend of
 two pictures (a hard cut, a fade, a change of light or exposure, a pan, a zoom) has no span
 and keeps its cut as it is. A dissolve longer than `max_dissolve_s` (2 s) keeps the one cut
-its detector gave it. `max_dissolve_s: 0` restores the old behaviour.
+its detector gave it. `max_dissolve_s: 0` restores the old behaviour. bench/cut_bench.py
+(cascade, 32 dissolves of 6-48 frames, linear and eased): spans cut out at +-1 frame 28 of 32
+with precision 1.00 (none before), clip edges holding a blend 5 (61 before), dissolve cuts
+at +-1 29 of 32 with precision 0.91 (26, 0.76); hard cuts and fades unchanged. The 4 missed
+are dissolves into or out of a frame-high object crossing fast, which is not a steady blend.
 
 Timing follows the frames' timestamps, so variable-frame-rate sources keep theirs:
 `start_s` is the first frame's time, `duration_s` the time to the frame after the clip's

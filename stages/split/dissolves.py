@@ -32,9 +32,9 @@ What is not a dissolve (None), by the tests the dissolve detector applies to its
   - not a steady blend: the weights go back by more than DISSOLVE_MIN_WEIGHT, P and Q differ
     by less than MIN_CHANGE, or a frame lies further from its mix of P and Q than
     MAX_RESIDUAL of their change plus what the shots change by themselves over those frames;
-  - one moving picture (a pan, a zoom): over the span the frames keep one picture's contrast
-    instead of losing a blend's, which motion alone leaves as it is;
-  - a change of exposure during a pan: with each frame's brightness divided out, not a mix;
+  - one moving picture (a pan, a zoom, a change of exposure during a pan): over the span the
+    frames keep one picture's contrast instead of losing a blend's, which motion alone leaves
+    as it is;
   - a dissolve longer than `max_frames`, or one whose references fall outside the frames
     given (another shot, the source's start or end, frames not decoded yet).
 """
@@ -179,13 +179,7 @@ def _is_mix(thumbs: np.ndarray, w: np.ndarray, lo: int, hi: int, p: int, q: int)
     one = [(1 - w[t]) * float(first.std()) + w[t] * float(last.std()) for t in span]
     if sum(abs(x - y) for x, y in zip(contrast, blend)) >= sum(abs(x - y) for x, y in zip(contrast, one)):
         return False
-    # Also with each frame's brightness taken out (divided by its mean level): a change of
-    # exposure during a pan goes from one end's level to the other's as a blend does, but
-    # what it scales is one moving picture.
-    shapes = thumbs / np.maximum(thumbs.mean(axis=(1, 2, 3), keepdims=True), 1.0)
-    centred = shapes - shapes.mean(axis=(1, 2, 3), keepdims=True)
-    return _blends(thumbs, w, lo, hi, p, q) and _blends(shapes, _unbiased(centred, weights(centred, p, q), p, q),
-                                                        lo, hi, p, q)
+    return _blends(thumbs, w, lo, hi, p, q)
 
 
 def dissolve_at(thumbs: np.ndarray, c: int, max_frames: int) -> Dissolve | None:
