@@ -576,8 +576,8 @@ def score_file(truth: FileTruth, result: dict[str, Any],
     counts["other"].update(clips=len(clips), dark_edge_12=sum(x < DARK_LEVELS[0] for x in edge),
                            dark_edge_32=sum(x < DARK_LEVELS[1] for x in edge),
                            clip_frames=sum(e - s for s, e in clips), frames=truth.frames,
-                           blend_edges=sum((truth.blend[s] >= DISSOLVE_MIN_WEIGHT) + (truth.blend[e - 1] >= DISSOLVE_MIN_WEIGHT)
-                                           for s, e in clips))
+                           blend_edges=sum((truth.blend[s] >= DISSOLVE_MIN_WEIGHT)
+                                           + (truth.blend[e - 1] >= DISSOLVE_MIN_WEIGHT) for s, e in clips))
     for s, e in clips:
         for f in (s, e - 1):
             if truth.blend[f] >= DISSOLVE_MIN_WEIGHT:

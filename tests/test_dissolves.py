@@ -113,7 +113,8 @@ def _not_dissolves() -> dict[str, np.ndarray]:
         "slow change of exposure": a * np.clip(np.linspace(0.5, 1.2, n), 0, 1)[:, None, None, None],
         "flash": a * (1 - flash[:, None, None, None]) + 255 * flash[:, None, None, None],
         "fast pan": _moving(6, n, (4.0, 0.5)),
-        "whip": np.concatenate([_moving(7, 40, (0.2, 0.0)), _moving(7, 20, (9.0, 0.0))[1:], _moving(8, 41, (0.2, 0.0))]),
+        "whip": np.concatenate([_moving(7, 40, (0.2, 0.0)), _moving(7, 20, (9.0, 0.0))[1:],
+                                _moving(8, 41, (0.2, 0.0))]),
         "zoom": zoom,
     }
 

@@ -67,7 +67,7 @@ class _ClipBuilder:
         self.tail: collections.deque[_Frame] = collections.deque()
         self.count = 0  # frames committed to the encoder
         self.dark_trimmed = 0
-        self.dissolve_trimmed = 0  # a dissolve's blended frames cut before the clip's start or after its end (the segmenter)
+        self.dissolve_trimmed = 0  # a dissolve's blended frames cut at the clip's ends (the segmenter counts them)
         self.last_ct = -math.inf  # clip time of the last committed frame
         self.first_jpeg: bytes | None = None
         self.last_bgr: np.ndarray | None = None
