@@ -293,6 +293,11 @@ def run_control(n_sources: int, runner: str, kills: int, keep: Path | None) -> N
     cpu_total = sum(a["driver_cpu_s"] or 0 for a in attempts)
     print(f"driver CPU {cpu_total:.1f} s = {1000 * cpu_total / run['units']:.2f} ms a unit; driver peak RSS "
           f"{max(a['driver_peak_mb'] or 0 for a in attempts):.0f} MB; last attempt {final['wall_s']:.0f} s")
+    for a in run["attempts"]:
+        cpu = a.get("driver_cpu_s")
+        if cpu and a.get("units"):
+            print(f"  attempt of {a['units']:,} units: driver CPU planning {cpu['planning']:.1f} s, units "
+                  f"{cpu['units']:.1f} s = {1000 * cpu['units'] / a['units']:.2f} ms a unit, end {cpu['end']:.1f} s")
     clip_ids = OutputStore(out).read_scores().column("clip_id").to_pylist()
     assert len(clip_ids) == len(set(clip_ids)), "a clip twice"
     assert per_source[0].size == n_sources, "a source without rows"

@@ -143,11 +143,14 @@ def _upload_orphan_logs() -> None:
 def _run(args: argparse.Namespace, checked, out) -> int:
     from curation.runner import run_local, run_pipeline
 
+    offload = None
     if args.runner == "local":
         def executor(cfg, units, store):
             return run_local(cfg, units, store, workers=args.num_cpus)
     else:
-        from curation.pipeline import run_ray
+        from curation.pipeline import on_cluster, run_ray
+
+        offload = on_cluster
 
         if args.ray_address is None:
             # An embedded cluster's processes must not outlive this one, even if it is SIGKILLed.
@@ -159,7 +162,7 @@ def _run(args: argparse.Namespace, checked, out) -> int:
             return run_ray(cfg, units, store, address=args.ray_address, num_cpus=args.num_cpus,
                            num_gpus=args.num_gpus, object_store_mb=args.object_store_mb)
     record = run_pipeline(checked.config, args.input, out, executor, overwrite=args.overwrite,
-                          command=sys.argv, notes=checked.record())
+                          command=sys.argv, notes=checked.record(), offload=offload)
     outcomes = ", ".join(f"{n} {k}" for k, n in sorted(record["source_outcomes"].items()))
     log.info("done: %d sources (%s), %d clips, %d kept -> %s", record["sources"]["total"],
              outcomes or "all gave clips", record["clips"], record["kept"], out)

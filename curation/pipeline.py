@@ -728,6 +728,18 @@ def setup_failure(name: str, exc: BaseException) -> str:
     return f"step {name}: its actors could not start ({death_cause(exc)})"
 
 
+def on_cluster(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) as one task on the Ray cluster the run used (here when Ray is not running):
+    the end of a run (its final pass, its compaction) reads and writes every unit's files, and
+    belongs on a worker, not in the driver's process. `fn` is a module-level function."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args)
+    log.info("%s on the cluster", fn.__name__.replace("_", " "))
+    return ray.get(ray.remote(fn).options(num_cpus=1, max_retries=0).remote(*args))
+
+
 def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, address: str | None = None,
             num_cpus: int | None = None, object_store_mb: int | None = None,
             temp_dir: str | None = None, num_gpus: int | None = None,

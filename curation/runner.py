@@ -193,11 +193,12 @@ class LedgerCheckpoints:
         self.new, self.held = 0, int(manifest["units"])
 
 
-def compact_at_end(store: OutputStore) -> None:
+def compact_at_end(out_dir: str) -> None:
     """The finished run's per-unit files rewritten into large ones (curation/compact.py);
     skipped, with a message, while another compaction holds the lock."""
     from curation.compact import CompactionBusy, checkpoint
 
+    store = OutputStore(out_dir)
     try:
         checkpoint(store, compact=True, created_by="curate run")
     except CompactionBusy as exc:
@@ -212,12 +213,18 @@ Executor = Callable[[PipelineConfig, Iterable[Unit], OutputStore], Iterable[dict
 
 def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path, executor: Executor,
                  overwrite: bool = False, command: list[str] | None = None,
-                 notes: dict[str, Any] | None = None) -> dict[str, Any]:
+                 notes: dict[str, Any] | None = None,
+                 offload: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the pipeline into out_dir; returns the run summary written to run.json.
 
     `notes` are merged into run.json (for example the steps skipped for missing weights).
+    `offload(fn, *args)` runs the end of the run (the final pass, the compaction) where the
+    units ran (curation.pipeline.on_cluster: a task on the Ray cluster, so the driver's
+    machine does not do it); by default here.
     """
+    offload = offload or (lambda fn, *args: fn(*args))
     store = OutputStore(out_dir)
+    cpu_started = time.process_time()  # this process's CPU (the driver's, on Ray)
     storage_before = storage.counters()
     sources = iter_sources(inputs)  # streamed; a missing input or an empty listing raises here
     store.prepare(config.fingerprint(), overwrite=overwrite)
@@ -246,6 +253,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     write_json(store.run_json, record)
 
     started = time.monotonic()
+    cpu_units = time.process_time()
     progress = Progress(units)
     checkpoints = LedgerCheckpoints(store)
     workers_storage: Counter = Counter()
@@ -268,6 +276,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         write_json(store.run_json, record)
         raise
     attempt["units"] = units.units
+    cpu_end = time.process_time()
     missing = sorted(units.open)  # given out, never committed
     if missing:
         raise RuntimeError(f"{len(missing)} units were not committed: {missing[:5]}")
@@ -276,16 +285,20 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     if needs_final_pass(config) or unfinished_refilter:
         # Percentile rules need the whole run's scores: resolved now, keep/shards rewritten
         # (into compacted files). The same pass finishes a refilter that was interrupted.
-        record["resolved_rules"] = finalize(store.root, config)
+        record["resolved_rules"] = offload(finalize, str(store.root), config.to_dict())
         if unfinished_refilter:
             log.info("finished the interrupted `curate refilter %s`", " ".join(refilters[-1]["overrides"]))
             refilters[-1].update({"finished": True, "finished_by": "curate run"})
     elif config.run.compact_at_end:
-        compact_at_end(store)
+        offload(compact_at_end, str(store.root))
 
     totals = store.ledger().totals()
     attempt["finished_at"] = time.time()
     attempt["wall_s"] = time.monotonic() - started
+    # Where this process's CPU went: planning (listing the ledger, the sweep), the units (their
+    # commits; on Ray the workers' CPU is not in it) and the end (final pass or compaction).
+    attempt["driver_cpu_s"] = {"planning": cpu_units - cpu_started, "units": cpu_end - cpu_units,
+                               "end": time.process_time() - cpu_end}
     # Everything up to run.json's last write (which cannot count itself).
     attempt["storage"] = attempt_storage(storage_before, workers_storage)
     if attempt["storage"].get("failed_requests"):
