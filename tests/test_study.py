@@ -467,3 +467,31 @@ def test_ray_runner_gives_the_local_numbers(curated, corpus, tmp_path, ray_tmp):
     finally:
         ray.shutdown()
     assert [r["eval"] for r in remote] == [r["eval"] for r in local]
+
+
+def test_a_large_output_is_sampled_by_whole_sources(curated, corpus):
+    """With more clips than max_clips the corpus is a sample of whole sources (a hash of the
+    source id below the share), the same sample each time; every clip of a sampled source
+    comes, no clip of another."""
+    n = corpus.clips.num_rows
+    assert n >= 4
+    sample = study.load_corpus(str(curated), max_clips=n // 2)
+    again = study.load_corpus(str(curated), max_clips=n // 2)
+    assert sample.ids == again.ids and len(sample.ids) <= n
+    chosen = set(sample.sources)
+    assert sorted(sample.ids) == sorted(c for c, s in zip(corpus.ids, corpus.sources) if s in chosen)
+    assert study.load_corpus(str(curated), max_clips=n).ids == corpus.ids  # all fit: all taken
+
+
+def test_the_sample_takes_the_share_of_sources_a_hash_gives():
+    import pyarrow as pa
+
+    ids = [f"{i:016x}" for i in range(0, 4000, 2)] * 3  # 2000 sources, 3 rows each
+    inside = study._sampled(pa.chunked_array([pa.array(ids)]), 0.3).to_numpy(zero_copy_only=False)
+    per_source = {}
+    for sid, k in zip(ids, inside):
+        per_source.setdefault(sid, set()).add(bool(k))
+    assert all(len(v) == 1 for v in per_source.values())  # a source is in or out whole
+    taken = sum(v == {True} for v in per_source.values())
+    # Binomial(2000, 0.3): mean 600, sd 20.5; 5 sd either side.
+    assert 600 - 103 <= taken <= 600 + 103

@@ -5,8 +5,10 @@ uncurated set of the same size, and its way of choosing thresholds (App. E) is t
 proxy models on subsets filtered at different thresholds and compare them. This module does
 both on top of the trainer (training/loop.py), from one finished curation output OUT_DIR:
 
-Data (`load_corpus`): every clip row of scores/, its payload from clips/ (run.store_all_clips),
-and whether its video decodes (decoded here, in full). Only decodable clips take part.
+Data (`load_corpus`): the clip rows of scores/ (at most about `max_clips`: whole sources drawn
+by a hash of their id when the output has more), their payload from clips/
+(run.store_all_clips), and whether each video decodes (decoded here, in full). Only decodable
+clips take part.
 
 Split (`split_sources`): held-out *sources* (not clips: the clips of one source share shots,
 looks and motion, so a clip split would leak), drawn by a seeded hash of the source id,
@@ -71,6 +73,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from curation import outdir, schema
@@ -117,6 +120,9 @@ class StudySpec:
     eval_sigmas: int = 8
     eval_seed: int = 1234
     eval_max_clips: int = 512  # per eval set; more are subsampled by a seeded hash of the clip id
+    # The corpus: at most about this many clips, whole sources drawn by a hash of their id
+    # (a proxy study trains small models; a 10^7-clip output is sampled, never loaded whole).
+    max_clips: int = 20_000
     bootstrap: int = 2000
     bootstrap_seed: int = 0
 
@@ -144,6 +150,8 @@ class StudySpec:
             raise StudyError(f"sweep metric must be one of {EVAL_SETS}")
         if self.eval_windows < 1 or self.eval_sigmas < 1 or self.bootstrap < 100:
             raise StudyError("eval windows and sigmas must be >= 1, bootstrap draws >= 100")
+        if self.max_clips < 1:
+            raise StudyError(f"max clips must be >= 1, got {self.max_clips}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -190,8 +198,12 @@ class Corpus:
         return np.asarray([bool(k) for k in self.clips.column("keep").to_pylist()])
 
 
-def load_corpus(out_dir: str) -> Corpus:
-    """Read scores/, decode every clip's video from clips/, and take the rules from run.json."""
+def load_corpus(out_dir: str, max_clips: int | None = None) -> Corpus:
+    """The clips of a finished output (all of them, or with `max_clips` a sample of whole
+    sources of about that many clips, drawn by a hash of the source id: the same sample every
+    time), streamed from scores/, each video decoded from clips/ once to know it decodes;
+    and the rules from run.json."""
+    from curation import columns
     from training.data import decode_video
 
     store = OutputStore(out_dir)
@@ -199,38 +211,58 @@ def load_corpus(out_dir: str) -> Corpus:
     if problem:
         raise StudyError(problem)
     run = store.read_run()
-    scores = store.read_scores()
-    is_clip = np.asarray([s is not None for s in scores.column("start_frame").to_pylist()], dtype=bool)
-    clips = scores.filter(pa.array(is_clip))
-    if clips.num_rows == 0:
+    ledger = store.ledger()
+    total = int(ledger.totals().get("clips", 0))
+    share = 1.0 if not max_clips or total <= max_clips else max_clips / total
+    parts = []
+    for table in columns.scan(ledger.files("scores")):
+        table = schema.conform(table, schema.SCORES_SCHEMA).filter(pa.array(columns.is_clip(table)))
+        if share < 1.0:
+            table = table.filter(_sampled(table.column("source_id"), share))
+        if table.num_rows:
+            parts.append(table)
+    if not parts:
         raise StudyError(f"{out_dir} has no clips")
-    clip_files = [p for p in store.committed_files("clips") if p.exists()]
+    clips = pa.concat_tables(parts)
+    if share < 1.0:
+        log.info("study corpus: %d of the output's %d clips (whole sources, a %.3g share)", clips.num_rows,
+                 total, share)
+    clip_files = [p for p in ledger.files("clips") if p.exists()]
     if not clip_files:
         raise StudyError(f"{out_dir} has no clips/ files: the study needs every clip's video, kept or not "
                          "(run.store_all_clips: true, the default); rerun `curate run` with it")
     index = {cid: i for i, cid in enumerate(clips.column("clip_id").to_pylist())}
+    wanted = clips.column("clip_id").combine_chunks()
     decodable = np.zeros(clips.num_rows, dtype=bool)
     errors: dict[str, str] = {}
-    for path in clip_files:
-        f = outdir.parquet_file(path)
-        for rg in range(f.metadata.num_row_groups):
-            part = f.read_row_group(rg, columns=["clip_id", "video"])
-            for cid, video in zip(part.column("clip_id").to_pylist(), part.column("video").to_pylist()):
-                if cid not in index:
-                    continue
-                if video is None:
-                    errors[cid] = "no video stored"
-                    continue
-                try:
-                    decode_video(video)
-                    decodable[index[cid]] = True
-                except Exception as exc:  # noqa: BLE001  (any decoder failure leaves the clip out)
-                    errors[cid] = f"{type(exc).__name__}: {exc}"
+    for part in columns.scan(clip_files, ["clip_id", "video"]):
+        if share < 1.0:
+            part = part.filter(pa.compute.is_in(part.column("clip_id"), value_set=wanted))
+        for cid, video in zip(part.column("clip_id").to_pylist(), part.column("video").to_pylist()):
+            if cid not in index:
+                continue
+            if video is None:
+                errors[cid] = "no video stored"
+                continue
+            try:
+                decode_video(video)
+                decodable[index[cid]] = True
+            except Exception as exc:  # noqa: BLE001  (any decoder failure leaves the clip out)
+                errors[cid] = f"{type(exc).__name__}: {exc}"
     for cid, i in index.items():
         if not decodable[i] and cid not in errors:
             errors[cid] = "no payload in clips/"
     return Corpus(str(out_dir), clips, decodable, errors, filter_steps(run.get("config") or {}),
                   run.get("resolved_rules") or {}, run)
+
+
+def _sampled(source_ids: pa.ChunkedArray, share: float) -> pa.Array:
+    """Rows whose source is in the sample: a hash of the source id below `share`."""
+    encoded = source_ids.combine_chunks().dictionary_encode()
+    inside = np.array([int(_rank(0, sid)[:13], 16) < share * 16**13 for sid in encoded.dictionary.to_pylist()],
+                      dtype=bool)
+    return pa.array(inside[encoded.indices.to_numpy(zero_copy_only=False)]) if len(inside) else \
+        pa.array(np.zeros(len(source_ids), bool))
 
 
 # ---- rules -> keep ----------------------------------------------------------------------
@@ -794,7 +826,7 @@ def _versions() -> dict[str, str]:
 
 def prepare_study(out_dir: str, spec: StudySpec, corpus: Corpus | None = None) -> dict[str, Any]:
     """Split, arms, data files and tasks of a study; returns the study record (study.json)."""
-    corpus = corpus or load_corpus(out_dir)
+    corpus = corpus or load_corpus(out_dir, spec.max_clips)
     root = study_dir(out_dir, spec.name)
     dec = corpus.decodable
     sources = corpus.sources
@@ -910,7 +942,7 @@ def run_study(out_dir: str, spec: StudySpec, runner: str = "local", ray_address:
     """Plan (or take `record`), train and evaluate every arm, write results.json and the page."""
     import shutil
 
-    corpus = corpus or load_corpus(out_dir)
+    corpus = corpus or load_corpus(out_dir, spec.max_clips)
     record = record or prepare_study(out_dir, spec, corpus)
     root = Path(record["root"])
     if overwrite and root.exists():
@@ -1091,6 +1123,9 @@ def ablate_command(argv: list[str]) -> int:
     p.add_argument("--eval-windows", type=int, default=4, help="frame windows per held-out clip (default 4)")
     p.add_argument("--eval-sigmas", type=int, default=8, help="noise levels in the fixed grid (default 8)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
+    p.add_argument("--max-clips", type=int, default=20_000,
+                   help="the study's corpus: at most about this many clips, whole sources sampled by a hash "
+                        "of their id (default 20000)")
     p.add_argument("--runner", default="local", choices=["local", "ray"],
                    help="local: runs one after another here; ray: every (arm, seed) as a Ray task")
     p.add_argument("--ray-address", default=None, help="ray runner: a cluster (e.g. auto); default embedded")
@@ -1119,7 +1154,7 @@ def ablate_command(argv: list[str]) -> int:
                 leave_one_out=tuple(c.strip() for c in args.leave_one_out.split(",") if c.strip()),
                 sweep_column=args.sweep, sweep_percentiles=_floats(args.percentiles) if args.sweep else (),
                 sweep_side=args.sweep_side, sweep_metric=args.sweep_metric, eval_windows=args.eval_windows,
-                eval_sigmas=args.eval_sigmas, bootstrap=args.bootstrap)
+                eval_sigmas=args.eval_sigmas, bootstrap=args.bootstrap, max_clips=args.max_clips)
             results = run_study(args.out_dir, spec, **kwargs)
         print(format_results(results))
         print(f"page: {study_dir(args.out_dir, args.name) / 'index.html'}")
