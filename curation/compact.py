@@ -47,6 +47,7 @@ LOCK = "compaction.lock"
 LOCK_STALE_S = 600.0  # a lock not refreshed for this long belongs to a compaction that died
 LOCK_REFRESH_S = 60.0
 CHECKPOINT_EVERY_UNITS = 2000  # the driver checkpoints the ledger after this many new entries
+PROGRESS_EVERY_S = 10.0
 SMALL_SHARE = 0.5  # a last compacted file under this share of the target is rewritten with the next
 ROW_GROUP = {"scores": 65_536, "clips": 64, "shards": 64}  # rows: scores are small, clips carry videos
 GROUP_BYTES = 64 * 2**20  # and a row group is written once it holds this many bytes
@@ -352,11 +353,16 @@ def compact_kind(store: Any, ledger: Ledger, kind: str, loose: list[dict[str, An
         replaced += names
         inputs.append([store.root / kind / n for n in names])
     writer = RollingWriter(store.root / kind, lock.prefix, kind, target_bytes, lock)
+    started = last = time.monotonic()
     try:
-        for paths in inputs:
+        for k, paths in enumerate(inputs):
             for table in row_groups(paths):
                 writer.add(table)
             writer.end_unit()
+            if time.monotonic() - last > PROGRESS_EVERY_S:
+                last = time.monotonic()
+                log.info("compacting %s: %d/%d units, %d files written, %.0fs", kind, k + 1, len(inputs),
+                         len(writer.files), last - started)
         written = writer.close()
     except BaseException:
         writer.abort()
