@@ -41,15 +41,21 @@ def clip_ids(rows: dict[str, list[dict]], names) -> list[str]:
     return sorted(r["clip_id"] for n in names for r in rows[n])
 
 
+HANG_FRAMES, STALL_FRAMES, HUNG_FPS = 3, 8, 10  # the hung sources: 0.3 s and 0.8 s
+
+
 @pytest.fixture(scope="module")
 def corpus(footage, tmp_path_factory):
-    """The fixture footage plus copies of a good source that the fault stage will fail on."""
+    """The fixture footage plus sources that the fault stage will fail on: copies of a good one
+    (segfault_me, kill_me) and a short clip (hang_me: a hung source's limit is set by its
+    duration, and a short one's stays far below a good source's)."""
     root, _ = footage
     folder = tmp_path_factory.mktemp("containment")
     for p in root.iterdir():
         shutil.copy(p, folder / p.name)
-    for name in ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4"):
+    for name in ("segfault_me.mp4", "kill_me.mp4"):
         shutil.copy(root / "pan.mp4", folder / name)
+    synth.make_video(folder / "hang_me.mp4", [{"frames": HANG_FRAMES, "seed": 32}], HUNG_FPS, (160, 90))
     reference = folder.parent / "reference"
     run_pipeline(spine_config(), [str(folder)], reference, run_local)
     return folder, rows_by_source(reference)
@@ -75,17 +81,17 @@ def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, f
 
     folder, reference = corpus
     _, truth = footage
-    floor_s, per_video_s = 12.0, 1.0
-    # hang_me.mp4 is a copy of pan.mp4 (6 s): its limit is the floor. stall_me.mp4 (16 s) gets
-    # per_video_s x its duration, above the floor.
-    pan_s = truth["pan.mp4"]["frames"] / truth["pan.mp4"]["fps"]
-    extra = tmp_path / "long"
+    floor_s, per_video_s = 10.0, 20.0
+    # A source's limit is max(floor, per_video_s x its duration). hang_me.mp4 (0.3 s) gets the
+    # floor; stall_me.mp4 (0.8 s) per_video_s x its duration, above the floor; every good source
+    # (5.7 s and longer) over 100 s, so however busy the machine, only the hung ones time out.
+    extra = tmp_path / "stall"
     extra.mkdir()
-    frames, fps = 160, 10
-    synth.make_video(extra / "stall_me.mp4", [{"frames": frames, "seed": 31, "motion": "pan",
-                                               "speed_px_per_frame": 2.0}], fps, (160, 90))
-    limits = {"hang_me.mp4": floor_s, "stall_me.mp4": per_video_s * frames / fps}
-    assert per_video_s * pan_s < floor_s < limits["stall_me.mp4"]
+    synth.make_video(extra / "stall_me.mp4", [{"frames": STALL_FRAMES, "seed": 31, "motion": "pan",
+                                               "speed_px_per_frame": 2.0}], HUNG_FPS, (160, 90))
+    limits = {"hang_me.mp4": floor_s, "stall_me.mp4": per_video_s * STALL_FRAMES / HUNG_FPS}
+    good_s = min(t["frames"] / t["fps"] for t in truth.values())
+    assert per_video_s * HANG_FRAMES / HUNG_FPS < floor_s < limits["stall_me.mp4"] < 100.0 < per_video_s * good_s
     faulty = ("segfault_me.mp4", "kill_me.mp4", "hang_me.mp4", "stall_me.mp4")
     cfg = spine_config({"segfault_me": "segfault", "kill_me": "kill", "hang_me": "hang", "stall_me": "hang"},
                        {"source_timeout_floor_s": floor_s, "source_timeout_per_video_s": per_video_s,
@@ -117,7 +123,7 @@ def test_crashing_and_hanging_sources_are_recorded_and_the_rest_finish(corpus, f
     try:
         thread.start()
         # Only a guard against a run that never ends (the check below is what times each hang):
-        # idle, the run takes about 50 s; with both cores kept busy by other work, over 300 s.
+        # idle, the run takes about 50 s; with both cores kept busy by other work, up to 300 s.
         deadline = time.monotonic() + RUN_GUARD_S
         while thread.is_alive():
             assert time.monotonic() < deadline, f"the run did not finish in {RUN_GUARD_S:.0f} s"
