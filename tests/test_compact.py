@@ -277,3 +277,23 @@ def test_the_lock_of_a_live_compaction_keeps_a_second_one_out(loose, tmp_path):
     store.remove_uncommitted()
     assert not planted.exists()
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_the_driver_checkpoints_its_ledger_while_it_runs(footage, loose, tmp_path, monkeypatch):
+    """Every CHECKPOINT_EVERY_UNITS commits the driver checkpoints the ledger alone (no data
+    file rewritten): the units stay in their own files, listed by the checkpoint's table, and
+    only the units committed since are entries. Readers, a resume and a compaction agree."""
+    root, _ = footage
+    monkeypatch.setattr(compact, "CHECKPOINT_EVERY_UNITS", 2)
+    out = tmp_path / "out"
+    run_pipeline(config(), [str(root)], out, run_local)
+    ledger = OutputStore(out).ledger()
+    assert ledger.checkpoint and ledger.seq == 3 and len(ledger.entries) == 0  # after units 2, 4, 6
+    assert not ledger.compacted("scores") and ledger.units.num_rows == 6  # a ledger-only checkpoint
+    assert sorted(p.name for p in (out / "scores").iterdir()) == sorted(ledger.file_names("scores"))
+    assert rows(out) == rows(loose)
+    again = run_pipeline(config(), [str(root)], out, run_local)
+    assert again["attempts"][-1]["units"] == 0 and again["units"] == 6
+    compact.checkpoint(OutputStore(out))
+    assert rows(out) == rows(loose)
+    assert_only_listed(out)
