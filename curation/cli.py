@@ -196,7 +196,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     overrides = [f"dedup.{key}={value}" for key, value in (("eps", args.eps), ("embedding", args.embedding),
                                                            ("min_match", args.min_match),
                                                            ("max_shift_s", args.max_shift_s),
-                                                           ("keep_by", args.keep_by)) if value is not None]
+                                                           ("keep_by", args.keep_by),
+                                                           ("memory_mb", args.memory_mb)) if value is not None]
     if args.off and overrides:
         raise ConfigError("curate dedup: --off takes no other option")
     has_section = (OutputStore(args.output).read_run().get("config") or {}).get("dedup") is not None
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--embedding", choices=["auto", "image_embedding", "perceptual"], default=None)
     dd.add_argument("--keep-by", default=None, metavar="[COL, ...]",
                     help="columns choosing the kept clip of a group, e.g. '[aesthetic_score, motion_score]'")
+    dd.add_argument("--memory-mb", type=int, default=None,
+                    help="memory the pass may hold besides fixed blocks, whatever the clips' number "
+                         "(default 256; the rest goes to temporary files in $TMPDIR)")
     dd.add_argument("--off", action="store_true", help="remove the dedup section (duplicates kept again)")
     dd.set_defaults(func=cmd_dedup)
 

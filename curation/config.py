@@ -97,6 +97,10 @@ class DedupOptions:
     keep_by: list[str] = field(default_factory=lambda: ["aesthetic_score", "motion_score", "duration_s",
                                                         "height"])
     bucket_size: int = 1000  # k-means buckets of about this many clips; pairs are compared within
+    # Memory a dedup pass may hold besides its fixed blocks (about 250 MB), whatever the number of
+    # clips: the rest goes to temporary files ($TMPDIR), sorted in partitions of a quarter of it.
+    # Lower it if the machine has less; it changes nothing in the results.
+    memory_mb: int = 256
 
 
 def check_dedup(raw: Any) -> DedupOptions | None:
@@ -115,6 +119,8 @@ def check_dedup(raw: Any) -> DedupOptions | None:
         raise ConfigError(f"dedup.keep_by: unknown column {bad[0]!r}; allowed: {', '.join(NUMERIC_COLUMNS)}")
     if opts.bucket_size < 2:
         raise ConfigError(f"dedup.bucket_size: must be >= 2, got {opts.bucket_size}")
+    if opts.memory_mb < 16:
+        raise ConfigError(f"dedup.memory_mb: must be >= 16 (MB held besides fixed blocks), got {opts.memory_mb}")
     return opts
 
 

@@ -1,0 +1,358 @@
+"""Near-duplicate removal at corpus scale (curation/dedup_index.py): the out-of-core search gives
+the decisions of the rule applied to every pair, in bounded memory, at the cost of the distinct
+clips however many exact copies there are.
+
+The corpora are vectors and signatures drawn in memory with known structure: classes of exact
+copies (the same float16 vector and signature bytes), near copies (a vector within eps, the
+signature with a little noise), copies whose signatures do not even match themselves (too short
+to overlap, or of low contrast: a low-contrast picture matches its high-contrast version better
+than itself, stages/signature.py's floor), and clips without a signature.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation import dedup, dedup_index
+from curation.dedup_index import Budget, Matching, Prioritised, Search
+from stages import signature
+
+SAMPLE = signature.SAMPLE_BYTES
+
+
+def random_signature(rng: np.random.Generator, samples: int) -> bytes:
+    """Moving content: each sample a random 8x8 picture."""
+    return rng.integers(0, 256, samples * SAMPLE, dtype=np.uint8).tobytes()
+
+
+def noisy(sig: bytes, rng: np.random.Generator, level: int = 3) -> bytes:
+    """The same footage re-encoded: each grey level moved by up to `level`."""
+    a = np.frombuffer(sig, np.uint8).astype(np.int16) + rng.integers(-level, level + 1, len(sig))
+    return np.clip(a, 0, 255).astype(np.uint8).tobytes()
+
+
+def low_and_high_contrast(rng: np.random.Generator, samples: int) -> tuple[bytes, bytes]:
+    """A picture of low contrast (4 grey levels of spread) and the same at 10x the contrast: the
+    pair matches at ~0.89, the low one with itself at ~0.8 (the floor of the layout cosine)."""
+    pattern = rng.standard_normal((samples, SAMPLE))
+    pattern = 4.0 * pattern / pattern.std(axis=1, keepdims=True)
+    low = np.clip(np.round(128 + pattern), 0, 255).astype(np.uint8)
+    high = np.clip(np.round(128 + 10 * pattern), 0, 255).astype(np.uint8)
+    return low.tobytes(), high.tobytes()
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def make_corpus(distinct: int, copies: tuple[int, ...], dim: int = 16, seed: int = 0,
+                near_share: float = 0.1, contrast_pairs: int = 3, short: int = 3, unsigned: int = 3,
+                reps_first: bool = False) -> tuple[np.ndarray, list[bytes | None], np.ndarray]:
+    """(float16 vectors, signatures, identity of the distinct clip each row copies) of `distinct`
+    clips, each in a class of a number of exact copies drawn from `copies`, in shuffled rows
+    (reps_first: the distinct clips first, in order, then the copies shuffled)."""
+    rng = np.random.default_rng(seed)
+    base = unit(rng.standard_normal((distinct, dim)))
+    sigs: list[bytes | None] = [random_signature(rng, int(rng.integers(8, 40))) for _ in range(distinct)]
+    near = int(near_share * distinct)
+    for j in range(distinct - near, distinct):  # near copies of the clips before them
+        src = j - near
+        base[j] = unit(base[src] + 0.04 * rng.standard_normal(dim))
+        sigs[j] = noisy(sigs[src], rng)
+    for p in range(contrast_pairs):  # clips 2p (low contrast) and 2p + 1 (high): a near pair
+        low, high = low_and_high_contrast(rng, 24)
+        sigs[2 * p], sigs[2 * p + 1] = low, high
+        base[2 * p + 1] = unit(base[2 * p] + 0.04 * rng.standard_normal(dim))
+    k = 2 * contrast_pairs
+    for j in range(k, k + short):  # too short to match anything, themselves included
+        sigs[j] = random_signature(rng, 3)
+    for j in range(k + short, k + short + unsigned):  # no signature: never a duplicate
+        sigs[j] = None
+    count = rng.choice(copies, size=distinct)
+    count[:k + short + unsigned] = np.maximum(count[:k + short + unsigned], 3)
+    ident = np.repeat(np.arange(distinct), count)
+    if reps_first:
+        rest = np.repeat(np.arange(distinct), count - 1)
+        rng.shuffle(rest)
+        ident = np.concatenate([np.arange(distinct), rest])
+    else:
+        rng.shuffle(ident)
+    return base[ident].astype(np.float16), [sigs[i] for i in ident], ident
+
+
+def clip_ids(n: int, seed: int = 1) -> list[str]:
+    """Ids in another order than the rows (ties of priority go by id)."""
+    rng = np.random.default_rng(seed)
+    return [f"{v:012x}" for v in rng.choice(16**12, size=n, replace=False)]
+
+
+def priorities(n: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """keep under the rules and two keep_by columns with ties and missing values."""
+    rng = np.random.default_rng(seed)
+    keep = rng.random(n) < 0.7
+    values = rng.choice([1.0, 2.0, 3.0, np.nan], size=(n, 2))
+    return keep, values
+
+
+def run_engine(x: np.ndarray, sigs: list[bytes | None], ids: list[str], keep: np.ndarray, values: np.ndarray,
+               work: Path, search: Search, matching: Matching, budget: Budget, collapse: bool = True) -> dict:
+    """find_groups then choose_duplicates over an in-memory corpus; the tables they write."""
+    work.mkdir(parents=True, exist_ok=True)
+    n, d = x.shape
+    vectors = dedup_index.RowFile(work / "vectors", np.dtype((np.float16, (d,))), 0, budget)
+    keys = dedup_index.RowFile(work / "keys", dedup_index.KEY, 0, budget)
+    for s in range(0, n, 500):
+        vectors.append(x[s:s + 500])
+        keys.append(dedup_index.row_keys(x[s:s + 500], sigs[s:s + 500], s))
+
+    def fetch(chunks):
+        for rows in chunks:
+            yield rows, [sigs[r] for r in rows.tolist()]
+
+    def id_of(rows):
+        return pa.array([ids[r] for r in np.asarray(rows).tolist()], pa.string())
+
+    out: dict[str, list[pa.Table]] = {"groups": [], "pairs": [], "classes": []}
+    writers = dedup_index.Writers(*(out[k].append for k in ("groups", "pairs", "classes")))
+    stats = dedup_index.find_groups(dedup_index.Corpus(vectors, keys, fetch, id_of), search, matching, work,
+                                    budget, writers, collapse=collapse)
+
+    def prioritised():
+        for t in out["groups"]:
+            rows = t.column("row").to_numpy()
+            yield Prioritised(t, keep[rows], values[rows])
+
+    written: list[pa.Table] = []
+    sizes = {"rows": n, "clips_in_groups": stats.clips_in_groups, "id_bytes": stats.id_bytes,
+             "signature_bytes": stats.signature_bytes}
+    chosen = dedup_index.choose_duplicates(prioritised(), out["classes"], out["pairs"], sizes, values.shape[1],
+                                           matching, work, budget, written.append)
+    tables = {k: pa.concat_tables(v) if v else None for k, v in out.items()}
+    dups = pa.concat_tables(written) if written else pa.table({"clip_id": pa.array([], pa.string())})
+    return {"stats": stats, "chosen": chosen, **tables, "duplicates": dups}
+
+
+def decisions_of(result: dict) -> dict[str, tuple[str, float, float]]:
+    d = result["duplicates"]
+    if not d.num_rows:
+        return {}
+    return {c: (k, s, h) for c, k, s, h in zip(*(d.column(n).to_pylist()
+                                                  for n in ("clip_id", "duplicate_of", "similarity", "shift_s")))}
+
+
+def brute_force(x: np.ndarray, sigs: list[bytes | None], ids: list[str], keep: np.ndarray, values: np.ndarray,
+                eps: float, matching: Matching) -> dict[str, tuple[str, float, float]]:
+    """dedup's rule on every pair: each pair at cosine >= 1 - eps matched by signature, groups the
+    components of the matching pairs, dedup.choose in each; with dedup.record's shift sign."""
+    xf = x.astype(np.float32)
+    a, b = np.nonzero(np.triu(xf @ xf.T >= 1 - eps, k=1))
+    uf = dedup.UnionFind(len(x))
+    matched = {}
+    for i, j in zip(a.tolist(), b.tolist()):
+        if sigs[i] and sigs[j]:
+            score, shift = signature.match(sigs[i], sigs[j], matching.max_shift_s)
+            if score >= matching.min_match:
+                matched[(i, j)] = (score, shift)
+                uf.union(i, j)
+    labels = uf.roots(np.arange(len(x)))
+    grouped = np.flatnonzero(np.bincount(labels, minlength=len(x))[labels] > 1)
+    local = {int(r): k for k, r in enumerate(grouped)}
+    groups = dedup.Groups("perceptual", eps, matching.min_match, len(x), [ids[i] for i in grouped],
+                          labels[grouped], {(local[i], local[j]): v for (i, j), v in matched.items()}, 0,
+                          [sigs[i] for i in grouped], matching.max_shift_s)
+    priority = {ids[i]: dedup.priority_of(bool(keep[i]), [None if np.isnan(v) else float(v) for v in values[i]],
+                                          ids[i]) for i in grouped.tolist()}
+    chosen = dedup.choose(groups, priority)
+    row = {c: k for k, c in enumerate(groups.ids)}
+    out = {}
+    for dup, (kept, score) in chosen.items():
+        i, k = row[dup], row[kept]
+        shift = groups.score(i, k)[1]
+        out[dup] = (kept, score, shift if k > i else -shift)
+    return out
+
+
+MATCHING = Matching(0.85, 2.0, workers=1)
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+def test_decisions_are_the_rule_applied_to_every_pair(tmp_path, collapse):
+    """Exhaustive search (one bucket), with classes of copies, near copies, copies that do not
+    match themselves (short, low contrast) and clips without signature: the same duplicates,
+    kept clips, scores and shifts as dedup.choose over every pair; also with every row its own
+    class (collapse=False): the collapse of exact copies changes no decision."""
+    x, sigs, ident = make_corpus(120, (1, 1, 2, 3, 6))
+    ids = clip_ids(len(x))
+    keep, values = priorities(len(x))
+    eps = 0.3
+    result = run_engine(x, sigs, ids, keep, values, tmp_path, Search(eps, bucket_size=1000), MATCHING, Budget(),
+                        collapse)
+    expected = brute_force(x, sigs, ids, keep, values, eps, MATCHING)
+    got = decisions_of(result)
+    assert set(got) == set(expected)
+    for dup, (kept, score, shift) in expected.items():
+        assert got[dup][0] == kept and got[dup][1] == pytest.approx(score, abs=1e-9)
+        assert got[dup][2] == pytest.approx(shift, abs=1e-9)
+    # The corpus has what it is meant to: groups of copies, near copies joining classes, a
+    # low-contrast class whose copies are all kept apart from each other, yet duplicates of
+    # the high-contrast clip when that ranks first.
+    stats = result["stats"]
+    assert stats.edges >= 10 and stats.without_signature >= 3 and stats.copy_classes >= 30 * collapse
+    assert len(expected) >= 150
+    grouped = set(result["groups"].column("clip_id").to_pylist())
+    assert {ids[r] for r in np.flatnonzero(ident <= 1)} <= grouped  # low contrast with high
+    if collapse:  # the low-contrast copies do not match one another
+        classes = result["classes"].to_pylist()
+        low = [c for c in classes if ident[c["row"]] == 0]
+        assert len(low) == 1 and low[0]["copies"] >= 3 and low[0]["self_score"] < MATCHING.min_match
+    unsigned = {ids[r] for r, s in enumerate(sigs) if s is None}
+    assert not unsigned & set(got) and not unsigned & set(result["groups"].column("clip_id").to_pylist())
+    if collapse:
+        # Classes: one per distinct clip, but a clip without signature is never a copy.
+        assert stats.distinct == 120 - 3 + len(unsigned) and stats.clips_in_groups < len(x)
+
+
+def same_table(a: pa.Table, b: pa.Table) -> bool:
+    """Equal tables, NaN equal to NaN (a class of one clip has no self-match)."""
+    if a.schema != b.schema or a.num_rows != b.num_rows:
+        return False
+    for x, y in zip(a.columns, b.columns):
+        if pa.types.is_floating(x.type):
+            if not np.array_equal(x.to_numpy(), y.to_numpy(), equal_nan=True):
+                return False
+        elif not x.equals(y):
+            return False
+    return True
+
+
+def test_out_of_core_gives_the_same_groups_as_in_memory(tmp_path):
+    """A tree of buckets two levels deep over 3000 distinct clips with copies: with a memory
+    budget of 20 kB (every sort in many partitions, every mapping a few hundred rows) the
+    groups, pairs, classes and decisions are those of the 256 MB default."""
+    x, sigs, _ = make_corpus(3000, (1, 1, 2, 5), seed=4, near_share=0.05)
+    ids = clip_ids(len(x), seed=5)
+    keep, values = priorities(len(x), seed=6)
+    search = Search(0.3, bucket_size=20)
+    small = Budget(0.02)
+    assert small.parts(len(x) * 24 * 4) > 20  # the setting does partition this corpus
+    results = [run_engine(x, sigs, ids, keep, values, tmp_path / name, search, MATCHING, budget)
+               for name, budget in (("memory", Budget()), ("disk", small))]
+    a, b = results
+    for name in ("groups", "pairs", "classes", "duplicates"):
+        assert same_table(a[name], b[name]), name
+    assert a["stats"].groups >= 100 and a["duplicates"].num_rows >= 500
+    assert a["stats"].seconds.keys() == b["stats"].seconds.keys()
+
+
+def test_copies_cost_what_the_distinct_clips_cost(tmp_path):
+    """The same distinct clips alone and with 30 exact copies each (the distinct ones first, in
+    the same order): the same cosines compared and pairs matched, plus one self-match per class;
+    each class of copies has one kept clip and names it."""
+    distinct = 400
+    x1, s1, _ = make_corpus(distinct, (1,), seed=8, contrast_pairs=0, short=0, unsigned=0, reps_first=True)
+    x30, s30, ident = make_corpus(distinct, (30,), seed=8, contrast_pairs=0, short=0, unsigned=0, reps_first=True)
+    assert np.array_equal(x30[:distinct], x1) and s30[:distinct] == s1
+    search = Search(0.3, bucket_size=50)
+    one = run_engine(x1, s1, clip_ids(len(x1)), *priorities(len(x1)), tmp_path / "one", search, MATCHING, Budget())
+    ids = clip_ids(len(x30))
+    many = run_engine(x30, s30, ids, *priorities(len(x30)), tmp_path / "many", search, MATCHING, Budget())
+    a, b = one["stats"], many["stats"]
+    assert b.distinct == distinct and b.copy_classes == distinct
+    assert b.compared == a.compared and b.candidate_pairs == a.candidate_pairs and b.edges == a.edges
+    assert b.verified == a.verified + distinct  # one self-match per class
+    # Choosing matches a pair of classes the other way round at most once (a copy of the larger
+    # row may come first), not once per pair of copies.
+    assert many["chosen"]["late_matches"] <= one["chosen"]["late_matches"] + b.edges
+    # Every copy is grouped; of each class at most one clip is kept, and every duplicate names a
+    # kept clip of its class or of a near copy's.
+    dups = decisions_of(many)
+    by_id = dict(zip(ids, ident.tolist()))
+    assert len(dups) >= len(x30) - distinct
+    for c in range(distinct):
+        members = [ids[r] for r in np.flatnonzero(ident == c)]
+        assert sum(m not in dups for m in members) <= 1
+    offset = int(0.1 * distinct)  # make_corpus: the last `offset` clips are near copies of the ones before
+    assert all(abs(by_id[k] - by_id[d]) in (0, offset) for d, (k, _, _) in dups.items())
+    assert all(k not in dups for k, _, _ in dups.values())
+
+
+def test_memory_is_bounded_whatever_the_number_of_clips(tmp_path):
+    """Python and numpy allocations (tracemalloc) of a whole search and choice over 5,000 and
+    20,000 distinct clips (with copies) under a 1 MB budget: the peak does not grow with n.
+    (Both are past the fixed sizes: a k-means sample of 64 x 64 rows, leaves of 4 x 50 rows.)"""
+    peaks = []
+    for n in (300, 5000, 20000):  # the first run warms up (lazy imports and caches)
+        x, sigs, _ = make_corpus(n, (1, 1, 1, 2), seed=10, near_share=0.02, dim=32)
+        ids = clip_ids(len(x))
+        keep, values = priorities(len(x))
+        tracemalloc.start()
+        run_engine(x, sigs, ids, keep, values, tmp_path / str(n), Search(0.3, bucket_size=50), MATCHING, Budget(1))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        del x, sigs
+    # The corpus itself (vectors, signatures, ids) is the caller's, allocated before tracing.
+    peaks = peaks[1:]
+    print(f"peak allocations {peaks[0] / 2**20:.1f} MB, then {peaks[1] / 2**20:.1f} MB")
+    assert peaks[1] <= 1.25 * peaks[0] + 2**20, peaks
+
+
+def test_row_keys_tell_exact_copies_only():
+    rng = np.random.default_rng(0)
+    x = unit(rng.standard_normal((6, 143))).astype(np.float16)
+    x[1] = x[0]
+    x[2] = x[0]
+    x[2, 5] = np.float16(x[2, 5] + np.float16(0.001))  # one value's last bits
+    sig = random_signature(rng, 10)
+    sigs = [sig, sig, sig, sig, noisy(sig, rng, 1), None]
+    x[3], x[4], x[5] = x[0], x[0], x[0]
+    sigs[3] = sig[:-SAMPLE]  # one sample shorter
+    keys = dedup_index.row_keys(x, sigs, 100)
+    pairs = {(int(k["k0"]), int(k["k1"])) for k in keys}
+    assert keys[0] == keys[1] and len(pairs) == 5  # only rows 0 and 1 are copies
+    assert dedup_index.row_keys(x[5:], [None], 7)[0] != dedup_index.row_keys(x[5:], [None], 8)[0]
+
+
+def test_row_files_and_partitions_round_trip(tmp_path):
+    budget = Budget(0.001)  # a mapping of 256 rows at a time
+    vecs = dedup_index.RowFile(tmp_path / "v", np.dtype((np.float16, (3,))), 0, budget)
+    data = np.arange(3000, dtype=np.float16).reshape(1000, 3)
+    vecs.append(data[:400])
+    vecs.append(data[400:])
+    rows = np.array([999, 0, 500, 500, 3])
+    assert np.array_equal(vecs.take(rows), data[rows]) and np.array_equal(vecs.read(10, 12), data[10:12])
+    flags = dedup_index.RowFile(tmp_path / "f", np.int64, 1000, budget)
+    flags.put(np.array([7, 999, 3]), np.array([1, 2, 3]))
+    assert flags.take(np.array([3, 7, 999, 0])).tolist() == [3, 1, 2, 0]
+    parts = dedup_index.Parts(tmp_path, "p", np.int64, 3, budget)
+    values = np.arange(5000)
+    parts.add(values, values % 3)
+    parts.add(values + 5000, (values + 5000) % 3)
+    for p in range(3):
+        got = parts.read(p)
+        assert np.array_equal(got, np.arange(p, 10000, 3))  # in the order added
+    blobs = dedup_index.BytesFile(tmp_path, "b", 0, budget)
+    blobs.append([b"abc", None, b""])
+    blobs.append([b"xyz"])
+    assert blobs.take(np.array([3, 1, 0, 2])) == [b"xyz", None, b"abc", b""]
+
+
+def test_decisions_are_looked_up_in_the_order_of_scores(tmp_path):
+    path = tmp_path / "duplicates.parquet"
+    pq.write_table(pa.table({"clip_id": ["b", "d", "e"], "duplicate_of": ["a", "c", "a"],
+                             "similarity": [0.9, 0.95, 0.99], "shift_s": [0.0, 0.0, 0.0], "group": [0, 1, 0]}),
+                   path, row_group_size=2)
+    decisions = dedup.Decisions(path, 3)
+    assert decisions.lookup(pa.array(["a", "b", "c"]))[0].tolist() == [False, True, False]
+    hit, kept = decisions.lookup(pa.array(["x", "d", "y", "e"]))
+    assert hit.tolist() == [False, True, False, True] and kept == [None, "c", None, "a"]
+    assert decisions.unmatched() == 0
+    assert dict(decisions) == {"b": ("a", 0.9), "d": ("c", 0.95), "e": ("a", 0.99)}
+    scrambled = dedup.Decisions(path, 3)
+    with pytest.raises(dedup.OutputError, match="order"):
+        scrambled.lookup(pa.array(["d", "b"]))  # d before b: not the order they were written in
