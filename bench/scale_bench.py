@@ -30,6 +30,7 @@ peak RSS, units, and a check that every source gave its rows once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def fabricate(out: Path, rows: int, sources_dir: Path) -> dict:
     n_sources = int(math.ceil(rows / CLIPS_PER_SOURCE))
     sizes = payload_sizes(rows)
     per_clip = 3 * sizes["keyframe_bytes"] + sizes["video_bytes"] + 4 * sizes["embedding_dims"] + 2000
-    scale = per_clip / NOMINAL_CLIP_BYTES
+    scale = stored_bytes_per_clip(sizes) / NOMINAL_CLIP_BYTES  # the files' target, as the payload shrank
     store = OutputStore(out)
     for d in (store.scores_dir, store.clips_dir, store.shards_dir, store.ledger_dir, store.logs_dir,
               store.inflight_dir, sources_dir):
@@ -115,14 +116,22 @@ def fabricate(out: Path, rows: int, sources_dir: Path) -> dict:
                                        pa.list_(pa.string())))
         table = add_derived_columns(table)
         writers["scores"].add(table)
-        writers["clips"].add(table.filter(is_clip))
-        writers["shards"].add(table.filter(is_clip))
-        for w in writers.values():
-            w.end_unit()
+        writers["scores"].end_unit()
         counts = np.bincount(pc.index_in(table.column("source_id"), pa.array(ids)).to_numpy(),
                              minlength=len(ids))
-        clips = np.bincount(pc.index_in(table.filter(is_clip).column("source_id"), pa.array(ids)).to_numpy(),
+        clip_rows = table.filter(is_clip)
+        clips = np.bincount(pc.index_in(clip_rows.column("source_id"), pa.array(ids)).to_numpy(),
                             minlength=len(ids))
+        # Unit by unit: a compacted file of clips or shards ends only between units.
+        ends = np.cumsum(clips)[SOURCES_PER_UNIT - 1::SOURCES_PER_UNIT].tolist()
+        if len(ids) % SOURCES_PER_UNIT:
+            ends.append(int(clips.sum()))
+        start = 0
+        for end in ends:
+            for kind in ("clips", "shards"):
+                writers[kind].add(clip_rows.slice(start, end - start))
+                writers[kind].end_unit()
+            start = end
         for u in range(0, len(ids), SOURCES_PER_UNIT):
             unit = make_unit(tuple(_Src(p, s) for p, s in zip(paths[u:u + SOURCES_PER_UNIT],
                                                              ids[u:u + SOURCES_PER_UNIT])))
@@ -158,6 +167,20 @@ def fabricate(out: Path, rows: int, sources_dir: Path) -> dict:
             "payload_bytes_per_clip": per_clip}
 
 
+def stored_bytes_per_clip(sizes: dict[str, int]) -> float:
+    """Bytes a fabricated clip takes in a compressed clips file (written once, on 100 sources)."""
+    ids = [f"{i:016x}" for i in range(100)]
+    table = table_for(ids, [f"/calibration/{i}.mp4" for i in ids], seed=1, clips_per_source=CLIPS_PER_SOURCE,
+                      **sizes)
+    clips = table.filter(pc.is_null(table.column("split_error")))
+    with tempfile.TemporaryDirectory() as tmp:
+        import pyarrow.parquet as pq
+
+        pq.write_table(schema.conform(clips, schema.CLIPS_SCHEMA), f"{tmp}/c.parquet", compression="zstd",
+                       row_group_size=64)
+        return os.path.getsize(f"{tmp}/c.parquet") / clips.num_rows
+
+
 class _Src:
     def __init__(self, path: str, source_id: str):
         self.path, self.source_id, self.size_bytes = path, source_id, 0
@@ -191,7 +214,7 @@ def curate(*args: str) -> list[str]:
     return [sys.executable, "-m", "curation.cli", *args]
 
 
-def reader_commands(out: Path, work: Path, sources: Path) -> dict[str, list[str]]:
+def reader_commands(out: Path | str, work: Path, sources: Path) -> dict[str, list[str]]:
     config = work / "config.yaml"
     return {
         "resume": curate("run", str(config), "--input", str(sources), "--output", str(out), "--runner", "local"),
@@ -204,12 +227,12 @@ def reader_commands(out: Path, work: Path, sources: Path) -> dict[str, list[str]
         "train (first step)": curate("train", str(out), "--stage", "image", "--preset-size", "tiny",
                                      "--work-dir", str(work / "train"), "--set", "total_steps=1",
                                      "--set", "batch_size=4", "--threads", "1"),
-        "ablate corpus": [sys.executable, "-c", "import sys; from training.study import load_corpus; "
-                          "c = load_corpus(sys.argv[1]); print(c.clips.num_rows)", str(out)],
+        "ablate corpus": [sys.executable, "-c", "import sys; from training.study import StudySpec, load_corpus; "
+                          "c = load_corpus(sys.argv[1], StudySpec().max_clips); print(c.clips.num_rows)", str(out)],
     }
 
 
-def run_readers(sizes: list[int], only: set[str] | None, keep: Path | None) -> None:
+def run_readers(sizes: list[int], only: set[str] | None, keep: Path | None, store: str = "local") -> None:
     results = []
     for rows in sizes:
         work = Path(tempfile.mkdtemp(prefix=f"scale{rows}-", dir=keep or None))
@@ -217,18 +240,48 @@ def run_readers(sizes: list[int], only: set[str] | None, keep: Path | None) -> N
         print(f"fabricating {rows:,} rows in {out}", flush=True)
         facts = fabricate(out, rows, sources)
         print(f"  {facts}", flush=True)
-        for name, argv in reader_commands(out, work, sources).items():
-            if only and name.split()[0] not in only:
-                continue
-            r = measure(argv)
-            r.update({"command": name, "rows": facts["rows"], "units": facts["units"]})
-            results.append(r)
-            status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r['err'][-400:]}"
-            print(f"  {name:<22} {r['wall_s']:8.1f} s {r['peak_mb']:8.0f} MB peak {r['cpu_s']:8.1f} s CPU "
-                  f"{1e6 * r['wall_s'] / facts['rows']:8.1f} us/row  objects r/w {r['objects'].get('read', '?')}/"
-                  f"{r['objects'].get('written', '?')}  {status}", flush=True)
+        with remote_copy(out, work) if store == "s3" else _as_is(out) as (target, env):
+            for name, argv in reader_commands(target, work, sources).items():
+                if only and name.split()[0] not in only:
+                    continue
+                r = measure(argv, env)
+                r.update({"command": f"{name} ({store})", "rows": facts["rows"], "units": facts["units"]})
+                results.append(r)
+                status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r['err'][-400:]}"
+                print(f"  {name:<22} {r['wall_s']:8.1f} s {r['peak_mb']:8.0f} MB peak {r['cpu_s']:8.1f} s CPU "
+                      f"{1e6 * r['wall_s'] / facts['rows']:8.1f} us/row  objects r/w "
+                      f"{r['objects'].get('read', '?')}/{r['objects'].get('written', '?')}  {status}", flush=True)
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
+    _table(results)
+
+
+@contextlib.contextmanager
+def _as_is(out: Path):
+    yield out, {}
+
+
+@contextlib.contextmanager
+def remote_copy(out: Path, work: Path):
+    """OUT_DIR uploaded to a local S3 endpoint (moto, started here): (its URI, the environment
+    that reaches it)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from s3_server import moto_endpoint
+
+    import fsspec
+
+    with moto_endpoint(work / "moto.log") as url:
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+               "AWS_REGION": "us-east-1"}
+        fs = fsspec.filesystem("s3", endpoint_url=url, key="bench", secret="bench-secret", skip_instance_cache=True)
+        fs.mkdir("scale")
+        started = time.monotonic()
+        fs.put(str(out), "scale/out", recursive=True)
+        print(f"  uploaded to s3://scale/out/ in {time.monotonic() - started:.0f}s", flush=True)
+        yield "s3://scale/out/", env
+
+
+def _table(results: list[dict]) -> None:
     print("\n| command | rows | wall s | peak RSS MB | CPU s | us/row | objects read/written |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -320,6 +373,8 @@ def main() -> None:
     r.add_argument("--rows", type=int, action="append", default=[])
     r.add_argument("--only", default="", help="comma list of command names' first words")
     r.add_argument("--keep-dir", type=Path, default=None, help="keep the outputs under this folder")
+    r.add_argument("--store", choices=["local", "s3"], default="local",
+                   help="s3: OUT_DIR uploaded to a local S3 endpoint (moto, started here) and read there")
     c = sub.add_parser("control")
     c.add_argument("--sources", type=int, default=100_000)
     c.add_argument("--runner", choices=["ray", "local"], default="ray")
@@ -327,7 +382,8 @@ def main() -> None:
     c.add_argument("--keep-dir", type=Path, default=None)
     args = p.parse_args()
     if args.what == "readers":
-        run_readers(args.rows or [100_000], set(filter(None, args.only.split(","))) or None, args.keep_dir)
+        run_readers(args.rows or [100_000], set(filter(None, args.only.split(","))) or None, args.keep_dir,
+                    args.store)
     else:
         run_control(args.sources, args.runner, args.kills, args.keep_dir)
 

@@ -162,7 +162,7 @@ class RollingWriter:
         self._stack: contextlib.ExitStack | None = None
         self._writer: pq.ParquetWriter | None = None
         self._local: Path | None = None
-        self._rows = 0
+        self._rows = self._written_nbytes = 0
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -174,8 +174,11 @@ class RollingWriter:
             self._flush()
 
     def end_unit(self) -> None:
-        """A unit ended: the file may end here."""
-        if self._size() + self.buffered_bytes >= self.target_bytes:
+        """A unit ended: the file may end here (once its bytes, the buffered rows counted at
+        the compression the file has had so far, reach the target)."""
+        size = self._size()
+        ratio = size / self._written_nbytes if self._written_nbytes else 1.0
+        if size + ratio * self.buffered_bytes >= self.target_bytes:
             self._flush()
             self._close()
         if self.lock is not None:
@@ -208,11 +211,12 @@ class RollingWriter:
             self._local = stack.enter_context(outdir.staged_file(self.folder / name))
             self._stack = stack
             self._writer = pq.ParquetWriter(str(self._local), self.schema, compression="zstd")
-            self._name, self._rows = name, 0
+            self._name, self._rows, self._written_nbytes = name, 0, 0
         # Row groups of ROW_GROUP rows, fewer when that many would pass GROUP_BYTES.
         per_group = min(ROW_GROUP[self.kind], max(1, int(GROUP_BYTES * table.num_rows / max(1, table.nbytes))))
         self._writer.write_table(table, row_group_size=per_group)
         self._rows += table.num_rows
+        self._written_nbytes += table.nbytes
 
     def _close(self) -> None:
         if self._writer is None:

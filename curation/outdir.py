@@ -339,7 +339,7 @@ def read_schema(path: str | AnyPath) -> pa.Schema:
     return pq.read_schema(path)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _cached_parquet_file(key: str, pid: int) -> pq.ParquetFile:
     return parquet_file(key)
 
