@@ -396,6 +396,7 @@ def row_keys(vecs: np.ndarray, signatures: list[bytes | None], first_row: int) -
 class Classes:
     rep: RowFile  # int64 per row: its class's representative (its first row)
     copies: RowFile  # int64 per row: at a representative, its class's size; 0 elsewhere
+    last: RowFile  # int64 per row: at a representative, its class's last row
     representatives: RowFile  # int64: the representatives, ascending
     multi: int  # classes of two or more rows
 
@@ -413,6 +414,7 @@ def exact_classes(keys: RowFile, work: Path, budget: Budget) -> Classes:
         progress("keyed %d/%d rows", start + len(block), n)
     rep = RowFile(work / "rep.i8", np.int64, n, budget)
     copies = RowFile(work / "copies.i8", np.int64, n, budget)
+    last = RowFile(work / "last.i8", np.int64, n, budget)
     multi = 0
     for p in range(parts.count):
         r = parts.read(p)
@@ -424,8 +426,10 @@ def exact_classes(keys: RowFile, work: Path, budget: Budget) -> Classes:
         starts = np.flatnonzero(new)
         first = r["row"][starts]
         rep.put(r["row"], first[np.cumsum(new) - 1])
-        sizes = np.diff(np.append(starts, len(r)))
+        ends = np.append(starts[1:], len(r))
+        sizes = ends - starts
         copies.put(first, sizes)
+        last.put(first, r["row"][ends - 1])
         multi += int((sizes > 1).sum())
         progress("classes of %d/%d partitions", p + 1, parts.count)
     parts.remove()
@@ -433,7 +437,7 @@ def exact_classes(keys: RowFile, work: Path, budget: Budget) -> Classes:
     for start, block in rep.blocks():
         reps.append(np.flatnonzero(block == np.arange(start, start + len(block))) + start)
     progress("%d rows, %d distinct, %d classes of copies", n, len(reps), multi, force=True)
-    return Classes(rep, copies, reps, multi)
+    return Classes(rep, copies, last, reps, multi)
 
 
 # ---- 2. candidates: a tree of k-means buckets --------------------------------------------------
@@ -675,10 +679,13 @@ class Matching:
 
 
 def verify(pairs: Parts, sigs: BytesFile, matching: Matching, edges: RowFile, selfs: RowFile,
-           self_rows: RowFile) -> dict[str, int]:
-    """Match every unique candidate pair of `pairs` (a < b) whose rows have signatures (matches
-    at >= min_match go to `edges`), and every row of `self_rows` with itself (a class of copies:
-    its (score, shift) goes to `selfs` at the row, whatever the score). Returns counts."""
+           self_rows: RowFile, last: RowFile) -> dict[str, int]:
+    """Match every unique candidate pair of `pairs` (representatives a < b) whose rows have
+    signatures, b's signature against a's, and also a's against b's when a copy of b comes before
+    a copy of a (last[a] > b: the clips are then matched that way round too, and the score
+    depends a little on it): the matches at >= min_match go to `edges`, oriented. And every row
+    of `self_rows` with itself (a class of copies: its (score, shift) goes to `selfs` at the row,
+    whatever the score). Returns counts."""
     total = int(pairs.sizes.sum()) + len(self_rows)
     matcher = Matcher(matching.workers, total > PARALLEL_MIN_PAIRS)
     progress = Progress("verification")
@@ -705,7 +712,13 @@ def verify(pairs: Parts, sigs: BytesFile, matching: Matching, edges: RowFile, se
                 rec = np.unique(rec)  # sorted by (a, b), each pair once
                 stats["candidate_pairs"] += len(rec)
                 for s in range(0, len(rec), VERIFY_BLOCK):
-                    yield rec[s:s + VERIFY_BLOCK], matching.min_match
+                    block = rec[s:s + VERIFY_BLOCK]
+                    back = block[last.take(block["a"]) > block["b"]]
+                    if len(back):
+                        rev = np.empty(len(back), PAIR)
+                        rev["a"], rev["b"] = back["b"], back["a"]
+                        block = np.concatenate([block, rev])
+                    yield block, matching.min_match
         for _, rows in self_rows.blocks(VERIFY_BLOCK):
             rec = np.empty(len(rows), PAIR)
             rec["a"] = rec["b"] = rows
@@ -861,7 +874,8 @@ def find_groups(corpus: Corpus, search: Search, matching: Matching, work: Path, 
     """Steps 1-4 of the module docstring over `corpus`, the result written to `out`:
     groups (every clip of a group of two or more: clip_id, row, group = the group's smallest
     row, copy_of = its class's representative), pairs (the edges: matching pairs of distinct
-    representatives, a < b, oriented as matched: b against a) and classes (each grouped
+    representatives, b's signature against a's; both ways round when copies of the two come in
+    both orders, `verify`) and classes (each grouped
     representative: copies, its self-match, its signature), all in row order.
     collapse=False treats every row as its own class (for tests: the decisions must not change)."""
     n = len(corpus.vectors)
@@ -932,7 +946,7 @@ def find_groups(corpus: Corpus, search: Search, matching: Matching, work: Path, 
     t = time.monotonic()
     edges = RowFile(work / "edges", EDGE, 0, budget)
     selfs = RowFile(work / "selfs", SELF, n, budget)
-    counts = verify(pairs, sigs, matching, edges, selfs, self_rows)
+    counts = verify(pairs, sigs, matching, edges, selfs, self_rows, classes.last)
     pairs.remove()
     stats.candidate_pairs, stats.verified, stats.edges = counts["candidate_pairs"], counts["verified"], counts["edges"]
     stats.seconds["verification"] = time.monotonic() - t
@@ -1131,7 +1145,7 @@ def choose_duplicates(prioritised: Iterable[Prioritised], classes: Iterable[pa.T
             nonlocal sigs
             if ca == cb:
                 return selfm.get(ca)
-            found = edges.get((ca, cb)) if ca < cb else None  # edges are matched smaller row first
+            found = edges.get((ca, cb))  # the pair matched this way round (when it matches)
             if found is not None:
                 return found
             if (ca, cb) not in late:
