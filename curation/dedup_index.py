@@ -89,13 +89,14 @@ KMEANS_ITERS = 8
 # and the groups must not depend on the memory setting.
 BLOCK_ROWS = 1024
 BLOCK_COLS = 4096
+LEAF_BLOCK = 2048  # rows and columns of a leaf's cosine blocks (16 MB of float32)
+TRIANGLE_MAX = 16_384  # leaves up to this size compute each cosine once (leaf_pairs)
 ASSIGN_ROWS = 4096  # rows assigned to centroids per product (fixed for the same reason)
 # Candidate pairs per verification task: ~0.7 s of matching (a task's start-up is a few ms),
 # with the signatures of its pairs (up to ~5 MB) in flight twice per worker.
 VERIFY_BLOCK = 1024
 ROW_OUT_BYTES = 256  # a row of an output table while built (its clip id a Python string)
 PARALLEL_MIN_PAIRS = 20_000  # more than this: verified over a process per CPU
-NOKEY = np.iinfo(np.int64).min
 
 
 # ---- progress and memory ----------------------------------------------------------------------
@@ -507,30 +508,53 @@ def top_partners(a: np.ndarray, cols: Callable[[int, int], np.ndarray], m: int, 
                  threshold: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, column) positions of each of a's rows' top_k most similar columns at cosine >=
     threshold among the m columns (`cols(start, stop)` gives their vectors, float32); a's row i
-    is column first + i, never its own partner; ties go to the smaller column."""
-    r = a.shape[0]
-    best = np.full((r, top_k), NOKEY, np.int64)
+    is column first + i, never its own partner; ties go to the smaller column. The cosines at or
+    above the threshold are collected (few, in most leaves) and cut to each row's top_k by one
+    sort key per pair (the cosine's bits, then the column) whenever they pass a block's worth."""
     low = np.int64(0xFFFFFFFF)
-    floor = orderable(np.array([threshold], np.float32))[0] << 32
+    rows: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    held = 0
+
     for t in range(0, m, BLOCK_COLS):
-        c = a @ cols(t, min(m, t + BLOCK_COLS)).T  # (r, <= BLOCK_COLS) cosines
-        own = np.arange(r) + first - t
+        c = a @ cols(t, min(m, t + BLOCK_COLS)).T  # (rows, <= BLOCK_COLS) cosines
+        own = np.arange(a.shape[0]) + first - t
         inside = (own >= 0) & (own < c.shape[1])
         c[np.flatnonzero(inside), own[inside]] = -np.inf  # not its own partner
-        keys = (orderable(c) << 32) + (low - np.arange(t, t + c.shape[1], dtype=np.int64))
-        keys[keys < floor] = NOKEY
-        both = np.concatenate([best, keys], axis=1)
-        keep = np.argpartition(both, both.shape[1] - top_k, axis=1)[:, -top_k:]
-        best = np.take_along_axis(both, keep, axis=1)
-    rows, k = np.nonzero(best != NOKEY)
-    return rows, low - (best[rows, k] & low)
+        r, j = np.nonzero(c >= threshold)
+        if r.size:
+            rows.append(r)
+            keys.append((orderable(c[r, j]) << 32) + (low - (t + j)))
+            held += r.size
+        if held > BLOCK_ROWS * top_k * 4:  # bounded: at most a few times the result
+            r, k = _cut(np.concatenate(rows), np.concatenate(keys), top_k)
+            rows[:], keys[:] = [r], [k]
+            held = r.size
+    if not held:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    r, k = _cut(np.concatenate(rows), np.concatenate(keys), top_k)
+    return r, low - (k & low)
+
+
+def _cut(rows: np.ndarray, keys: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of each row's top_k keys (rows ascending, best first)."""
+    order = np.lexsort((-keys, rows))
+    rows, keys = rows[order], keys[order]
+    keep = np.arange(rows.size) - np.searchsorted(rows, rows, side="left") < top_k
+    return rows[keep], keys[keep]
 
 
 def leaf_pairs(vectors: RowFile, members: np.ndarray, threshold: float, top_k: int | None,
-               budget: Budget, sink: Callable[[np.ndarray, np.ndarray], None]) -> int:
+               budget: Budget, sink: Callable[[np.ndarray, np.ndarray], None],
+               triangle_max: int = TRIANGLE_MAX) -> int:
     """sink(a, b), a < b rows, with the pairs of a leaf's `members` (ascending rows) at cosine >=
     threshold: all of them, or each member's top_k (a pair may come twice); returns the pairs
-    compared. The members' vectors are held when they fit a budget's part, else read per block."""
+    compared. The members' vectors are held when they fit a budget's part, else read per block.
+    A leaf of up to `triangle_max` members computes each pair's cosine once (the blocks on and
+    above the diagonal; the few cosines at or above the threshold are kept both ways round, cut
+    to each row's top_k as they pass a block's worth); a larger one (thousands of nearly equal
+    clips k-means could not split) takes a block of rows against every column at a time, so
+    that what it holds stays a block's worth."""
     m = members.size
     held = vectors.take(members).astype(np.float32) if m * vectors.dtype.itemsize * 2 <= budget.part_bytes \
         else None
@@ -538,17 +562,39 @@ def leaf_pairs(vectors: RowFile, members: np.ndarray, threshold: float, top_k: i
     def cols(s: int, t: int) -> np.ndarray:
         return held[s:t] if held is not None else vectors.take(members[s:t]).astype(np.float32)
 
-    for s in range(0, m, BLOCK_ROWS):
-        a = cols(s, min(m, s + BLOCK_ROWS))
-        if top_k is None:
-            for t in range(s, m, BLOCK_COLS):  # this block against itself and the later rows
-                c = a @ cols(t, min(m, t + BLOCK_COLS)).T
-                rows, cs = np.nonzero(c >= threshold)
-                later = t + cs > s + rows
-                sink(members[s + rows[later]], members[t + cs[later]])
-            continue
-        rows, partner = top_partners(a, cols, m, s, threshold, top_k)
-        x, y = members[s + rows], members[partner]
+    if top_k is not None and m > triangle_max:
+        for s in range(0, m, BLOCK_ROWS):
+            rows, partner = top_partners(cols(s, min(m, s + BLOCK_ROWS)), cols, m, s, threshold, top_k)
+            x, y = members[s + rows], members[partner]
+            sink(np.minimum(x, y), np.maximum(x, y))
+        return m * (m - 1) // 2
+    low = np.int64(0xFFFFFFFF)
+    rows: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    count = 0
+    for s in range(0, m, LEAF_BLOCK):
+        a = cols(s, min(m, s + LEAF_BLOCK))
+        for t in range(s, m, LEAF_BLOCK):
+            c = a @ (a if t == s else cols(t, min(m, t + LEAF_BLOCK))).T  # each pair of blocks once
+            i, j = np.nonzero(c >= threshold)
+            if t == s:
+                later = j > i
+                i, j = i[later], j[later]
+            if not i.size:
+                continue
+            if top_k is None:
+                sink(members[s + i], members[t + j])
+                continue
+            bits = orderable(c[i, j]) << 32  # the sort key: the cosine, then the smaller partner
+            rows += [s + i, t + j]
+            keys += [bits + (low - (t + j)), bits + (low - (s + i))]
+            count += 2 * i.size
+            if count > LEAF_BLOCK * top_k * 4:
+                r, k = _cut(np.concatenate(rows), np.concatenate(keys), top_k)
+                rows[:], keys[:], count = [r], [k], r.size
+    if count:
+        r, k = _cut(np.concatenate(rows), np.concatenate(keys), top_k)
+        x, y = members[r], members[low - (k & low)]
         sink(np.minimum(x, y), np.maximum(x, y))
     return m * (m - 1) // 2
 

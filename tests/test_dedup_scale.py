@@ -353,6 +353,26 @@ def test_memory_is_bounded_whatever_the_number_of_clips(tmp_path):
     assert peaks[1] <= 1.25 * peaks[0] + 2**20, peaks
 
 
+def test_a_leaf_too_large_for_one_pass_gives_the_same_pairs(tmp_path):
+    """leaf_pairs' two ways: each cosine once over the whole leaf, or (a leaf past triangle_max)
+    a block of rows against every column at a time; each row's top_k partners either way."""
+    rng = np.random.default_rng(12)
+    x = unit(rng.standard_normal((2500, 8)))
+    x[2000:] = unit(x[:500] + 0.05 * rng.standard_normal((500, 8)))
+    vectors = dedup_index.RowFile(tmp_path / "v", np.dtype((np.float16, (8,))), 0, Budget())
+    vectors.append(x)
+    found = []
+    for triangle_max in (10**6, 100):
+        pairs: list[np.ndarray] = []
+        dedup_index.leaf_pairs(vectors, np.arange(len(x)), 0.9, 4, Budget(),
+                               lambda a, b: pairs.append(a * len(x) + b), triangle_max=triangle_max)
+        found.append(np.unique(np.concatenate(pairs)))
+    assert np.array_equal(found[0], found[1]) and found[0].size >= 2000
+    xf = vectors.take(np.arange(len(x))).astype(np.float32)
+    a, b = found[0] // len(x), found[0] % len(x)
+    assert np.all((xf[a] * xf[b]).sum(1) >= 0.9)
+
+
 def test_row_keys_tell_exact_copies_only():
     rng = np.random.default_rng(0)
     x = unit(rng.standard_normal((6, 143))).astype(np.float16)
