@@ -4,6 +4,7 @@
     python bench/scale_bench.py readers --rows 100000 [--rows 1000000 ...] [--only report,refilter]
     python bench/scale_bench.py control --sources 100000 [--runner ray|local] [--kills 2]
     python bench/scale_bench.py readers --rows 100000 --store s3     # OUT_DIR in a local S3 endpoint
+    python bench/scale_bench.py runners --sources 100               # Ray against --runner local
 
 readers: an OUT_DIR is fabricated in the exact format `curate run` leaves (a compacted
 checkpoint: the units' table, scores/clips/shards files, run.json), from stages/standin.py's
@@ -156,6 +157,7 @@ def fabricate(out: Path, rows: int, sources_dir: Path) -> dict:
     compact.commit(store, lock.seq, units_file, len(units_rows), files, totals, "bench/scale_bench.py")
     lock.release()
     config = json.loads(json.dumps(CONFIG))
+    config["run"]["shard_target_mb"] = TARGET_MB * scale  # refilter's shards: as many files as nominal
     from curation.config import parse_config
     parsed = parse_config(config)
     write_json(store.run_json, {"status": "complete", "config": parsed.to_dict(),
@@ -358,6 +360,55 @@ def run_control(n_sources: int, runner: str, kills: int, keep: Path | None) -> N
         shutil.rmtree(work, ignore_errors=True)
 
 
+# ---- the Ray runner's fixed costs ----------------------------------------------------------------
+
+def cpu_jiffies() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def run_runners(n_sources: int, config: Path, keep: Path | None, runners: list[str]) -> None:
+    """The same pipeline over `n_sources` web-like generated sources (bench/web_footage.py) with
+    each runner on 2 CPUs, start-up included: wall, cores busy, clips; run.json's per-unit
+    figures on Ray (unit wall, waits on model actors) and the driver's CPU."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from web_footage import make_footage
+
+    work = Path(tempfile.mkdtemp(prefix="runners-", dir=keep or None))
+    footage = work / "footage"
+    started = time.monotonic()
+    make_footage(footage, n_sources)
+    print(f"{n_sources} web-like sources in {footage} ({time.monotonic() - started:.0f}s)", flush=True)
+    results = {}
+    for runner in runners:
+        out = work / f"out-{runner}"
+        argv = curate("run", str(config), "--input", str(footage), "--output", str(out), "--runner", runner,
+                      "--num-cpus", "2", "--skip-unavailable-models", "--overwrite")
+        busy0, total0 = cpu_jiffies()
+        t0 = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        wall = time.monotonic() - t0
+        busy1, total1 = cpu_jiffies()
+        cores = (busy1 - busy0) / max(1.0, total1 - total0) * (os.cpu_count() or 1)
+        if done.returncode:
+            print(f"  {runner}: FAILED {done.stderr[-2000:]}")
+            continue
+        run = json.loads((out / "run.json").read_text())
+        attempt = run["attempts"][-1]
+        results[runner] = wall
+        print(f"  {runner:<6} wall {wall:6.1f} s  cores busy {cores:.2f} of {os.cpu_count()}  clips {run['clips']}  "
+              f"kept {run['kept']}  driver CPU {attempt.get('driver_cpu_s')}", flush=True)
+        if runner == "ray":
+            units = OutputStore(out).ledger().units
+            print(f"    units {units.num_rows}; pools {json.dumps(attempt.get('model_pools', {}))}")
+    if len(results) == 2:
+        print(f"ray / local wall: {results['ray'] / results['local']:.2f}")
+    if keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _committed(out: Path) -> int:
     try:
         ledger = OutputStore(out).ledger()
@@ -380,7 +431,15 @@ def main() -> None:
     c.add_argument("--runner", choices=["ray", "local"], default="ray")
     c.add_argument("--kills", type=int, default=0)
     c.add_argument("--keep-dir", type=Path, default=None)
+    rr = sub.add_parser("runners", help="the Ray runner against --runner local on web-like sources")
+    rr.add_argument("--sources", type=int, default=100)
+    rr.add_argument("--config", type=Path, default=REPO / "pipeline.yaml")
+    rr.add_argument("--runner", action="append", default=[], choices=["ray", "local"])
+    rr.add_argument("--keep-dir", type=Path, default=None)
     args = p.parse_args()
+    if args.what == "runners":
+        run_runners(args.sources, args.config, args.keep_dir, args.runner or ["local", "ray"])
+        return
     if args.what == "readers":
         run_readers(args.rows or [100_000], set(filter(None, args.only.split(","))) or None, args.keep_dir,
                     args.store)

@@ -210,7 +210,8 @@ class RollingWriter:
             stack = contextlib.ExitStack()
             self._local = stack.enter_context(outdir.staged_file(self.folder / name))
             self._stack = stack
-            self._writer = pq.ParquetWriter(str(self._local), self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(str(self._local), self.schema, compression="zstd",
+                                            write_statistics=schema.statistics_columns(self.schema))
             self._name, self._rows, self._written_nbytes = name, 0, 0
         # Row groups of ROW_GROUP rows, fewer when that many would pass GROUP_BYTES.
         per_group = min(ROW_GROUP[self.kind], max(1, int(GROUP_BYTES * table.num_rows / max(1, table.nbytes))))

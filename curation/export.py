@@ -228,7 +228,8 @@ def write_tar_piece(path: outdir.AnyPath, batches: Iterator[pa.RecordBatch]) -> 
 def write_parquet_piece(path: outdir.AnyPath, batches: Iterator[pa.RecordBatch]) -> int:
     rows = 0
     with outdir.staged_file(path) as tmp, \
-            pq.ParquetWriter(tmp, schema.SHARDS_SCHEMA, compression="zstd") as writer:
+            pq.ParquetWriter(tmp, schema.SHARDS_SCHEMA, compression="zstd",
+                             write_statistics=schema.statistics_columns(schema.SHARDS_SCHEMA)) as writer:
         for batch in batches:
             table = schema.conform(pa.Table.from_batches([batch]), schema.SHARDS_SCHEMA)
             writer.write_table(table, row_group_size=64)

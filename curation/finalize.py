@@ -204,6 +204,7 @@ class Rewrite:
         for name in PAYLOAD_COLUMNS:
             kept_rows = kept_rows.append_column(name, kept_payload.column(name))
         self.shards.add(add_derived_columns(kept_rows))
+        self.shards.end_unit()  # shards may end anywhere (readers take them a row group at a time)
         self.kept += int(keep.sum())
 
     def end_group(self) -> None:

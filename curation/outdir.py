@@ -39,6 +39,7 @@ from typing import Any, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation import schema
 from stages import storage
 
 
@@ -286,7 +287,8 @@ def write_json(path: AnyPath, obj: Any, durable: bool = True) -> None:
 def write_table(path: AnyPath, table: pa.Table, row_group_size: int | None = None) -> None:
     """A Parquet file (zstd), atomically as `staged_file` says."""
     with staged_file(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size,
+                       write_statistics=schema.statistics_columns(table.schema))
 
 
 # ---- reading ------------------------------------------------------------------------------------

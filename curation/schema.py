@@ -134,6 +134,15 @@ ALL_FIELDS: dict[str, pa.Field] = {
 }
 
 
+def statistics_columns(schema: pa.Schema) -> list[str]:
+    """The columns whose min/max a Parquet file should keep: the scalar ones (filters and
+    readers can skip row groups by them), not the payload (a binary column's statistics are
+    kilobytes of its values per row group, in the footer every reader parses and the writer
+    holds until the file is closed)."""
+    return [f.name for f in schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+                                           or pa.types.is_list(f.type))]
+
+
 def arrow_type(name: str) -> pa.DataType | None:
     field = ALL_FIELDS.get(name)
     return field.type if field is not None else None

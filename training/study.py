@@ -530,7 +530,8 @@ def write_clip_files(corpus: Corpus, wanted: dict[str, list[str]]) -> None:
         for path in todo:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = tmp_name(Path(path))
-            writers[path] = (pq.ParquetWriter(tmp, schema.SHARDS_SCHEMA, compression="zstd"), tmp)
+            writers[path] = (pq.ParquetWriter(tmp, schema.SHARDS_SCHEMA, compression="zstd",
+                                              write_statistics=schema.statistics_columns(schema.SHARDS_SCHEMA)), tmp)
         store = OutputStore(corpus.out_dir)
         for clips_file in store.committed_files("clips"):
             if not clips_file.exists():
