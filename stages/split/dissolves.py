@@ -155,17 +155,24 @@ def _blends(thumbs: np.ndarray, w: np.ndarray, lo: int, hi: int, p: int, q: int)
     return True
 
 
-def _is_mix(thumbs: np.ndarray, w: np.ndarray, lo: int, hi: int, p: int, q: int) -> bool:
-    """Whether frames lo..hi are a steady blend of two different pictures, thumbs[p] and
-    thumbs[q] (the module docstring's tests)."""
-    first, last = thumbs[p], thumbs[q]
+def two_pictures(first: np.ndarray, last: np.ndarray) -> bool:
+    """Whether two thumbnails are two different pictures a dissolve could join: neither dark
+    nor white (a fade's end), far enough apart, and not one picture brightened or dimmed
+    (their mean-removed patterns not correlated)."""
     levels = (float(first.mean()), float(last.mean()))
     if min(levels) < MIN_LEVEL or max(levels) > 255.0 - MIN_LEVEL:
         return False
     if float(np.abs(last - first).mean()) < MIN_CHANGE:
         return False
     a, b = first - levels[0], last - levels[1]
-    if float((a * b).sum()) > MAX_CORRELATION * float(np.sqrt((a * a).sum() * (b * b).sum())):
+    return float((a * b).sum()) <= MAX_CORRELATION * float(np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _is_mix(thumbs: np.ndarray, w: np.ndarray, lo: int, hi: int, p: int, q: int) -> bool:
+    """Whether frames lo..hi are a steady blend of two different pictures, thumbs[p] and
+    thumbs[q] (the module docstring's tests)."""
+    first, last = thumbs[p], thumbs[q]
+    if not two_pictures(first, last):
         return False
     if float(np.diff(w[p:q + 1]).min()) < -DISSOLVE_MIN_WEIGHT:
         return False
@@ -250,13 +257,7 @@ class LongDissolves:
 
     def _passes(self) -> bool:
         first, middle, last = self.thumbs[0], self.thumbs[self.window // 2], self.thumbs[-1]
-        levels = (float(first.mean()), float(last.mean()))
-        if min(levels) < MIN_LEVEL or max(levels) > 255.0 - MIN_LEVEL:
-            return False
-        if float(np.abs(last - first).mean()) < MIN_CHANGE:
-            return False
-        a, b = first - levels[0], last - levels[1]
-        if float((a * b).sum()) > MAX_CORRELATION * float(np.sqrt((a * a).sum() * (b * b).sum())):
+        if not two_pictures(first, last):
             return False
         blend = float(((first + last) / 2).std())
         one = (float(first.std()) + float(last.std())) / 2
