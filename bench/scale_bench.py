@@ -225,13 +225,18 @@ def reader_commands(out: Path | str, work: Path, sources: Path) -> dict[str, lis
         "dedup": curate("dedup", str(out), "--embedding", "image_embedding"),
         "report": curate("report", str(out)),
         "export webdataset": curate("export", str(out), "--format", "webdataset", "--to", str(work / "export"),
-                                    "--overwrite"),
+                                    "--overwrite", "--target-mb", str(_shard_target_mb(work))),
         "train (first step)": curate("train", str(out), "--stage", "image", "--preset-size", "tiny",
                                      "--work-dir", str(work / "train"), "--set", "total_steps=1",
                                      "--set", "batch_size=4", "--threads", "1"),
         "ablate corpus": [sys.executable, "-c", "import sys; from training.study import StudySpec, load_corpus; "
                           "c = load_corpus(sys.argv[1], StudySpec().max_clips); print(c.clips.num_rows)", str(out)],
     }
+
+
+def _shard_target_mb(work: Path) -> float:
+    """The fabricated run's shard target (scaled with its payload): export's pieces alike."""
+    return float(json.loads((work / "config.yaml").read_text())["run"]["shard_target_mb"])
 
 
 def run_readers(sizes: list[int], only: set[str] | None, keep: Path | None, store: str = "local") -> None:

@@ -222,6 +222,7 @@ def write_tar_piece(path: outdir.AnyPath, batches: Iterator[pa.RecordBatch]) -> 
                 for ext, data in sample_members(row):
                     add_member(tar, f"{row['clip_id']}.{ext}", data)
                 rows += 1
+            tar.members.clear()  # tarfile keeps every member's header for reading back: not needed
     return rows
 
 
