@@ -273,7 +273,7 @@ def collect(store: OutputStore, files: list[Any], kind: str, work: Path, budget:
                                  "in one run")
             vectors.append(batch.vectors)
             keys.append(row_keys(batch.vectors, batch.signatures, n))
-            ids.append([v.encode() for v in batch.ids.to_pylist()])
+            ids.append_binary(batch.ids)
             file_rows.append(batch.positions)
             n += len(batch.positions)
         spans.append((path, start, n))
@@ -362,14 +362,14 @@ def _file_signatures(store: OutputStore, path: Any, rows: np.ndarray, positions:
         missing = rows.tolist()
     if missing:  # outputs written before the column: decoded from the video (cached)
         miss = np.array(missing, np.int64)
-        ids = [v.decode() for v in collected.ids.take(miss)]
+        ids = collected.ids.take_binary(miss).cast(pa.string()).to_pylist()
         found = _decoded_signatures(store, path, set(ids))
         yield miss, [found.get(cid) for cid in ids]
 
 
 def clip_ids(collected: Collected):
     def ids(rows: np.ndarray) -> pa.Array:
-        return pa.array([v.decode() for v in collected.ids.take(np.asarray(rows, np.int64))], pa.string())
+        return collected.ids.take_binary(np.asarray(rows, np.int64)).cast(pa.string())
 
     return ids
 

@@ -73,6 +73,8 @@ log = logging.getLogger("curation.dedup")
 
 ENGINE_VERSION = "ooc-v1"  # part of dedup.py's cache key: the groups cache's format and the search's rule
 PROGRESS_EVERY_S = 10.0
+FAULT_AROUND_BYTES = 68 * 1024
+GATHER_BYTES = 1 << 16  # values gathered from a read span at a time (their index: 8 bytes a byte)  # mapped per page fault of a file mapping: 64 kB around it, and its page
 DEFAULT_MEMORY_MB = 256
 MIN_MEMORY_MB = 16
 # Tree of buckets: a split costs each row FANOUT dot products; 64 keeps that a small share of a
@@ -120,9 +122,10 @@ class Progress:
 
 @dataclass(frozen=True)
 class Budget:
-    """What memory_mb allows at once: a partition read back (a quarter: sorting it needs about
-    three times its size again), buffered partition writes (an eighth) and the pages of one
-    mapped read or write (an eighth)."""
+    """What memory_mb allows at once: a partition read back with what sorting it takes (a
+    quarter: callers size partitions at four times their records' bytes), buffered partition
+    writes (an eighth, shared by the few partitioned spills open at once: a thirty-second each),
+    the pages of one mapped read or write (an eighth) and a streamed block (a sixteenth)."""
 
     memory_mb: float = DEFAULT_MEMORY_MB  # tests take fractions of a MB, to have many partitions
 
@@ -132,7 +135,7 @@ class Budget:
 
     @property
     def buffer_bytes(self) -> int:
-        return max(1, int(self.memory_mb * 2**20 / 8))
+        return max(1, int(self.memory_mb * 2**20 / 32))
 
     def parts(self, total_bytes: float) -> int:
         """Partitions for records of about `total_bytes` in all."""
@@ -143,9 +146,10 @@ class Budget:
         return max(256, int(self.memory_mb * 2**20 / 16 / max(1, bytes_per_row)))
 
     def map_rows(self, itemsize: int) -> int:
-        """Rows per mapping: each may touch a page (4 kB) or more of the file."""
-        per_row = max(4096, itemsize + 4096)
-        return max(256, int(self.memory_mb * 2**20 / 8 / per_row))
+        """Rows per mapping: a row read through a mapping brings the pages around it too (Linux
+        maps up to fault_around_bytes, 64 kB, per fault: 7,600 scattered rows of a 2M-row file
+        held 546 MB while mapped)."""
+        return max(16, int(self.memory_mb * 2**20 / 8 / (FAULT_AROUND_BYTES + itemsize)))
 
 
 # ---- per-row files -----------------------------------------------------------------------------
@@ -273,8 +277,60 @@ class BytesFile:
         """The values of the next rows (a file grown row by row)."""
         self.index.append(self._store(values))
 
+    def append_binary(self, values: pa.Array | pa.ChunkedArray) -> None:
+        """append() of an Arrow string or binary array, from its buffers."""
+        arr = pc.cast(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values,
+                      pa.large_binary())
+        offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+        data = arr.buffers()[2]
+        blob = b"" if data is None else memoryview(data)[offsets[0]:offsets[-1]]
+        index = np.empty(len(arr), self.INDEX)
+        index["off"] = self.size + offsets[:-1] - offsets[0]
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        index["len"] = np.where(valid, np.diff(offsets) + 1, 0)
+        with open(self.data, "ab") as f:
+            f.write(blob)
+        self.size += int(offsets[-1] - offsets[0])
+        self.index.append(index)
+
     def has(self, rows: np.ndarray) -> np.ndarray:
         return self.index.take(rows)["len"] > 1
+
+    def take_binary(self, rows: np.ndarray) -> pa.Array:
+        """The values of `rows` (any order) as an Arrow binary array (nulls: no value), without a
+        Python object per value: one read of the span they are in when that is dense (rows
+        stored near one another), else a read per value."""
+        index = self.index.take(np.asarray(rows, np.int64))
+        valid = index["len"] > 0
+        lens = np.maximum(index["len"] - 1, 0)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        total = int(offsets[-1])
+        if total:
+            lo, hi = int(index["off"][valid].min()), int((index["off"] + lens)[valid].max())
+            if hi - lo <= 4 * total + (1 << 20):
+                with open(self.data, "rb") as f:
+                    f.seek(lo)
+                    span = np.fromfile(f, np.uint8, hi - lo)
+                buffer = pa.allocate_buffer(total)  # Arrow's memory: the array keeps it, no copy
+                data = np.frombuffer(buffer, np.uint8)
+                src = index["off"] - lo
+                i = 0
+                while i < len(index):  # gathered about GATHER_BYTES at a time (an int64 index a byte)
+                    j = min(len(index), max(i + 1, int(np.searchsorted(offsets, offsets[i] + GATHER_BYTES, "right")) - 1))
+                    rel = offsets[i:j] - offsets[i]
+                    at = np.repeat(src[i:j] - rel, lens[i:j]) + np.arange(offsets[j] - offsets[i])
+                    data[offsets[i]:offsets[j]] = span[at]
+                    i = j
+            else:
+                values = self.take(np.asarray(rows, np.int64))
+                buffer = pa.py_buffer(b"".join(v for v in values if v))
+        else:
+            buffer = pa.py_buffer(b"")
+        kind = pa.binary() if total < 2**31 else pa.large_binary()
+        width = np.int32 if kind == pa.binary() else np.int64
+        mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little").tobytes())
+        return pa.Array.from_buffers(kind, len(index), [mask, pa.py_buffer(offsets.astype(width).tobytes()),
+                                                        buffer])
 
     def take(self, rows: np.ndarray) -> list[bytes | None]:
         """The values of `rows` (any order); reads each value's bytes from the file."""
@@ -293,7 +349,7 @@ class BytesFile:
 class Parts:
     """Records of one numpy dtype spread over `count` partition files by a partition number per
     record, kept in the order added within a partition; writes buffered up to the budget's
-    buffer_bytes in all; each partition read back whole."""
+    buffer_bytes over all partitions; each partition read back whole."""
 
     def __init__(self, folder: Path, name: str, dtype: Any, count: int, budget: Budget = Budget()):
         self.dtype, self.count, self.budget = np.dtype(dtype), int(count), budget
@@ -1030,13 +1086,13 @@ def find_groups(corpus: Corpus, search: Search, matching: Matching, work: Path, 
             s = selfs.take(reps)
             copies = classes.copies.take(reps)
             single = copies < 2
-            values = sigs.take(reps)
+            values = sigs.take_binary(reps)
             stats.grouped_classes += reps.size
-            stats.signature_bytes += sum(len(v or b"") for v in values)
+            stats.signature_bytes += values.nbytes
             out.classes(pa.table([pa.array(reps), pa.array(group[is_rep]), pa.array(copies),
                                   pa.array(np.where(single, np.nan, s["score"])),
                                   pa.array(np.where(single, np.nan, s["shift"])),
-                                  pa.array(values, pa.binary())], schema=CLASSES_SCHEMA))
+                                  values], schema=CLASSES_SCHEMA))
         progress("%d/%d rows, %d in groups", start + len(rep), n, stats.clips_in_groups)
     for p in range(group_sizes.count):
         stats.groups += int(np.unique(group_sizes.read(p)).size)
@@ -1264,15 +1320,24 @@ def choose_duplicates(prioritised: Iterable[Prioritised], classes: Iterable[pa.T
 
 
 def _fixed_bytes(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
-    """Strings as numpy bytes of `width` (UTF-8, whose byte order is the strings' order)."""
-    values = [v.encode() for v in column.to_pylist()]
-    if values and max(map(len, values)) > width:
+    """Strings as numpy bytes of `width` (their UTF-8, whose byte order is the strings' order),
+    from the Arrow buffers (no Python object per value)."""
+    arr = pc.cast(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, pa.large_binary())
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(1, np.uint8)
+    lens = np.diff(offsets)
+    if lens.size and lens.max() > width:
         raise ValueError(f"dedup: a clip id longer than the {width} bytes the groups cache recorded")
-    return np.array(values, f"S{width}")
+    out = np.zeros((len(arr), width), np.uint8)
+    for j in range(int(lens.max()) if lens.size else 0):  # a byte position at a time: no int64 per byte
+        has = lens > j
+        out[has, j] = data[offsets[:-1][has] + j]
+    return out.view(f"S{width}").ravel()
 
 
 def _strings(values: np.ndarray) -> pa.Array:
-    return pa.array([v.decode() for v in values.tolist()], pa.string())
+    """numpy bytes (UTF-8) as Arrow strings."""
+    return pa.array(values, pa.binary()).cast(pa.string())
 
 
 def _shift(score: Score, i: int, k: int) -> float:
