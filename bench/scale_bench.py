@@ -242,11 +242,20 @@ def _shard_target_mb(work: Path) -> float:
 def run_readers(sizes: list[int], only: set[str] | None, keep: Path | None, store: str = "local") -> None:
     results = []
     for rows in sizes:
-        work = Path(tempfile.mkdtemp(prefix=f"scale{rows}-", dir=keep or None))
-        out, sources = work / "out", work / "sources"
-        print(f"fabricating {rows:,} rows in {out}", flush=True)
-        facts = fabricate(out, rows, sources)
+        work = keep / f"scale{rows}" if keep else Path(tempfile.mkdtemp(prefix=f"scale{rows}-"))
+        out, sources, made = work / "out", work / "sources", work / "fabricated.json"
+        if made.exists():  # kept by an earlier --keep-dir run (the commands may have refiltered it)
+            facts = json.loads(made.read_text())
+            print(f"reusing the {rows:,} rows fabricated in {out}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            print(f"fabricating {rows:,} rows in {out}", flush=True)
+            facts = fabricate(out, rows, sources)
+            made.write_text(json.dumps(facts))
         print(f"  {facts}", flush=True)
+        if only == {"fabricate"}:
+            continue
         with remote_copy(out, work) if store == "s3" else _as_is(out) as (target, env):
             for name, argv in reader_commands(target, work, sources).items():
                 if only and name.split()[0] not in only:
@@ -427,8 +436,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("readers")
     r.add_argument("--rows", type=int, action="append", default=[])
-    r.add_argument("--only", default="", help="comma list of command names' first words")
-    r.add_argument("--keep-dir", type=Path, default=None, help="keep the outputs under this folder")
+    r.add_argument("--only", default="", help="comma list of command names' first words ('fabricate': none)")
+    r.add_argument("--keep-dir", type=Path, default=None, help="keep the outputs under this folder (KEEP/scaleROWS);"
+                                                                " a later run with it reuses them")
     r.add_argument("--store", choices=["local", "s3"], default="local",
                    help="s3: OUT_DIR uploaded to a local S3 endpoint (moto, started here) and read there")
     c = sub.add_parser("control")
