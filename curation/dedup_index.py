@@ -279,18 +279,13 @@ class BytesFile:
 
     def append_binary(self, values: pa.Array | pa.ChunkedArray) -> None:
         """append() of an Arrow string or binary array, from its buffers."""
-        arr = pc.cast(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values,
-                      pa.large_binary())
-        offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
-        data = arr.buffers()[2]
-        blob = b"" if data is None else memoryview(data)[offsets[0]:offsets[-1]]
-        index = np.empty(len(arr), self.INDEX)
-        index["off"] = self.size + offsets[:-1] - offsets[0]
-        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        offsets, data, valid = _binary_buffers(values)
+        index = np.empty(len(valid), self.INDEX)
+        index["off"] = self.size + offsets[:-1]
         index["len"] = np.where(valid, np.diff(offsets) + 1, 0)
         with open(self.data, "ab") as f:
-            f.write(blob)
-        self.size += int(offsets[-1] - offsets[0])
+            f.write(data)
+        self.size += len(data)
         self.index.append(index)
 
     def has(self, rows: np.ndarray) -> np.ndarray:
@@ -1319,16 +1314,25 @@ def choose_duplicates(prioritised: Iterable[Prioritised], classes: Iterable[pa.T
     return stats
 
 
+def _binary_buffers(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An Arrow string or binary array's bytes without a Python object per value: each value's
+    offset into `data` (n + 1, from 0), the values' bytes (uint8) and which are not null."""
+    arr = pc.cast(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values, pa.large_binary())
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    buffer = arr.buffers()[2]
+    data = np.frombuffer(buffer, np.uint8) if buffer is not None else np.zeros(0, np.uint8)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], data[offsets[0]:offsets[-1]], valid
+
+
 def _fixed_bytes(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     """Strings as numpy bytes of `width` (their UTF-8, whose byte order is the strings' order),
     from the Arrow buffers (no Python object per value)."""
-    arr = pc.cast(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, pa.large_binary())
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(1, np.uint8)
+    offsets, data, _ = _binary_buffers(column)
     lens = np.diff(offsets)
     if lens.size and lens.max() > width:
         raise ValueError(f"dedup: a clip id longer than the {width} bytes the groups cache recorded")
-    out = np.zeros((len(arr), width), np.uint8)
+    out = np.zeros((len(lens), width), np.uint8)
     for j in range(int(lens.max()) if lens.size else 0):  # a byte position at a time: no int64 per byte
         has = lens > j
         out[has, j] = data[offsets[:-1][has] + j]
