@@ -71,6 +71,8 @@ A stream whose timestamps jump back (a splice) is cut there.
 
 The package: stage.py drives the rest, listed in the order a frame meets them.
   stage.py    SplitStage (its options, one source to its rows) and no_clip_row
+  settings.py SplitSettings: the options the modules below read, handed down by the stage
+              (nothing below it imports stage.py)
   decode.py   probe(), the source's frame rate, _DecodeAhead (decoding and scaling in a thread)
   scale.py    output_size(), SourceColour and FrameScaler (source frames to the clip size, BGR
               and yuv420p, read in the source's own colour)
@@ -104,12 +106,13 @@ from stages.split.cuts import (
 from stages.split.decode import probe, source_frame_rate
 from stages.split.encode import CLIP_TIME_BASE, DEFAULT_X264_PARAMS, check_encoder, encode_jpeg, encoder_options
 from stages.split.scale import HD_MIN_HEIGHT, FrameScaler, SourceColour, even, output_size
+from stages.split.settings import SplitSettings
 from stages.split.stage import DetectorName, SplitStage, no_clip_row
 
 __all__ = [
     "CLIP_TIME_BASE", "DEFAULT_CASCADE", "DEFAULT_X264_PARAMS", "FLASH_MATCH_SHARE", "FLASH_MAX_FRAMES",
     "FLASH_MAX_MATCH", "FLASH_MIN_JUMP", "HD_MIN_HEIGHT", "REFERENCE_FPS", "CutMerger", "DetectorName",
-    "FrameScaler", "SourceColour", "SplitStage", "check_encoder", "encode_jpeg", "encoder_options", "even",
+    "FrameScaler", "SourceColour", "SplitSettings", "SplitStage", "check_encoder", "encode_jpeg", "encoder_options", "even",
     "frame_distance", "make_detector", "no_clip_row", "output_size", "probe", "share_content_scores",
     "source_frame_rate", "spec_at_rate",
 ]

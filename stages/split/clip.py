@@ -15,9 +15,10 @@ from stages.signature import SignatureBuilder
 from stages.split.encode import CLIP_TIME_BASE, _BackgroundEncoder, encode_jpeg
 from stages.split.fades import FADE_SETTLE_FRAMES, edge_fade
 
+from stages.split.settings import SplitSettings
+
 if TYPE_CHECKING:
     from stages.split.scale import FrameScaler
-    from stages.split.stage import SplitStage
 
 
 class _Frame(NamedTuple):
@@ -54,11 +55,11 @@ class _ClipBuilder:
     samples are taken every 1/sample_fps s.
     """
 
-    def __init__(self, rate: Fraction, scaler: FrameScaler, stage: "SplitStage", fade_start: bool = True):
-        self.rate, self.scaler, self.size, self.stage = rate, scaler, scaler.size, stage
+    def __init__(self, rate: Fraction, scaler: FrameScaler, settings: SplitSettings, fade_start: bool = True):
+        self.rate, self.scaler, self.size, self.settings = rate, scaler, scaler.size, settings
         self.start_frame: int | None = None
         self.start_s = 0.0
-        self.fade_frames = stage.fade_frames(rate)  # the longest fade ramp trimmed (0: none)
+        self.fade_frames = settings.fade_frames(rate)  # the longest fade ramp trimmed (0: none)
         self.hold = self.fade_frames + FADE_SETTLE_FRAMES if self.fade_frames else 0
         self.fade_start = fade_start and self.fade_frames > 0
         self.lead: list[_Frame] = []  # the start, until it is known what of it is a fade's
@@ -105,26 +106,26 @@ class _ClipBuilder:
         drop = self.first_lit
         if self.fade_start:
             drop = max(drop, edge_fade([f.level for f in lead], [f.contrast for f in lead],
-                                       self.stage.trim_dark_below, self.fade_frames))
+                                       self.settings.trim_dark_below, self.fade_frames))
         self.dark_trimmed += drop
         for frame in lead[drop:]:
             self._hold(frame)
 
     def _hold(self, frame: _Frame) -> None:
         self.tail.append(frame)
-        while len(self.tail) > self.stage.trim_frames and self._front_stays():
+        while len(self.tail) > self.settings.trim_frames and self._front_stays():
             self._commit(self.tail.popleft())
 
     def _extreme(self, frame: _Frame) -> bool:
         """Black (or, when fades are trimmed, white): a fade's frames past its ramp."""
-        black = self.stage.trim_dark_below
+        black = self.settings.trim_dark_below
         return frame.dark or (self.fade_frames > 0 and frame.level > 255.0 - black)
 
     def _front_stays(self) -> bool:
         """Whether the oldest held frame is in the clip whatever comes next: more than `hold`
         frames that are not black (white) follow it outside the last trim_frames, or it is
         not dark and nothing is held for fades."""
-        last = len(self.tail) - self.stage.trim_frames - 1
+        last = len(self.tail) - self.settings.trim_frames - 1
         while last >= 0 and self._extreme(self.tail[last]):
             last -= 1
         return last >= self.hold
@@ -136,8 +137,8 @@ class _ClipBuilder:
     def _commit(self, frame: _Frame) -> None:
         if self._encoder is None:
             self.start_frame, self.start_s = frame.index, frame.t
-            self._encoder = _BackgroundEncoder(self.rate, self.size, self.stage.crf, self.stage.preset,
-                                               self.stage.x264_params, self.scaler.colour)
+            self._encoder = _BackgroundEncoder(self.rate, self.size, self.settings.crf, self.settings.preset,
+                                               self.settings.x264_params, self.scaler.colour)
         ct = self._clip_time(frame)
         out = frame.encodable if frame.encodable is not None else self.scaler.to_yuv(frame.bgr)
         # A decoded frame keeps the source's time base and picture type: set both, or the
@@ -147,12 +148,12 @@ class _ClipBuilder:
         out.pict_type = av.video.frame.PictureType.NONE
         self._encoder.put(out)
         if self.count == 0:
-            self.first_jpeg = encode_jpeg(frame.bgr, self.stage.jpeg_quality)
+            self.first_jpeg = encode_jpeg(frame.bgr, self.settings.jpeg_quality)
         self.signature.add(frame.bgr, ct, 1.0 / float(self.rate))
         # Sample k is the first frame at least k / sample_fps s into the clip (half a frame early is on time).
-        if ct + 0.5 / float(self.rate) >= self._next_sample / self.stage.sample_fps:
-            self.samples.append((ct, encode_jpeg(frame.bgr, self.stage.jpeg_quality)))
-            self._next_sample = math.floor((ct + 0.5 / float(self.rate)) * self.stage.sample_fps) + 1
+        if ct + 0.5 / float(self.rate) >= self._next_sample / self.settings.sample_fps:
+            self.samples.append((ct, encode_jpeg(frame.bgr, self.settings.jpeg_quality)))
+            self._next_sample = math.floor((ct + 0.5 / float(self.rate)) * self.settings.sample_fps) + 1
         self.last_bgr, self.last_ct = frame.bgr, ct
         self.count += 1
 
@@ -160,7 +161,7 @@ class _ClipBuilder:
         """The rate the samples were taken at, from their real spacing in seconds: sample_fps,
         or the source's rate when slower (each frame is then a sample)."""
         if len(self.samples) < 2:
-            return min(self.stage.sample_fps, float(self.rate))
+            return min(self.settings.sample_fps, float(self.rate))
         return (len(self.samples) - 1) / (self.samples[-1][0] - self.samples[0][0])
 
     def finish(self, drop_tail: bool, next_t: float | None, fade_end: bool = True) -> dict[str, Any] | None:
@@ -175,14 +176,14 @@ class _ClipBuilder:
         held = list(self.tail) if self.started else self.lead  # a dark shot is kept as it is
         keep = len(held)
         if self.started:
-            keep = max(0, keep - (self.stage.trim_frames if drop_tail else 0))
+            keep = max(0, keep - (self.settings.trim_frames if drop_tail else 0))
             drop = 0
             while drop < keep and held[keep - 1 - drop].dark:
                 drop += 1
             if fade_end and self.fade_frames:
                 end = held[keep - 1::-1] if keep else []
                 drop = max(drop, edge_fade([f.level for f in end], [f.contrast for f in end],
-                                           self.stage.trim_dark_below, self.fade_frames))
+                                           self.settings.trim_dark_below, self.fade_frames))
             self.dark_trimmed += drop
             keep -= drop
         for frame in held[:keep]:
@@ -195,7 +196,7 @@ class _ClipBuilder:
             return None
         encoder, self._encoder = self._encoder, None
         video = encoder.close()
-        if self.count < self.stage.min_frames(self.rate):
+        if self.count < self.settings.min_frames(self.rate):
             return None
         end_ct = self.last_ct + 1.0 / float(self.rate)
         if next_t is not None and next_t - self.start_s > self.last_ct:
@@ -213,7 +214,7 @@ class _ClipBuilder:
             "dark_frames_trimmed": self.dark_trimmed,
             "dissolve_frames_trimmed": self.dissolve_trimmed,
             "video": video,
-            "keyframes": [self.first_jpeg, nearest[1], encode_jpeg(self.last_bgr, self.stage.jpeg_quality)],
+            "keyframes": [self.first_jpeg, nearest[1], encode_jpeg(self.last_bgr, self.settings.jpeg_quality)],
             "sample_frames": [jpeg for _, jpeg in self.samples],
             "temporal_signature": self.signature.value(),
             "sample_fps": self.sample_rate(),

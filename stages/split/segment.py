@@ -10,7 +10,7 @@ import itertools
 import logging
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import av
 import cv2
@@ -33,8 +33,7 @@ from stages.split.dissolves import LongDissolves, dissolve_at, ramp_margin, reac
 from stages.split.fades import fade_at, measure
 from stages.split.scale import FrameScaler, SourceColour, even, output_size
 
-if TYPE_CHECKING:
-    from stages.split.stage import SplitStage
+from stages.split.settings import SplitSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +55,17 @@ class _Segmenter:
     """One source's frames into clips: detectors, cut merging, and the assignment of frames
     to clips once they are `lag` frames behind the decoder (see stages/split/__init__.py)."""
 
-    def __init__(self, stage: "SplitStage", rate: Fraction, stats: dict[str, Any]):
-        self.stage, self.rate, self.stats = stage, rate, stats
-        self.detectors = [make_detector(spec_at_rate(spec, rate)) for spec in stage.detector_specs]
+    def __init__(self, settings: SplitSettings, rate: Fraction, stats: dict[str, Any]):
+        self.settings, self.rate, self.stats = settings, rate, stats
+        self.detectors = [make_detector(spec_at_rate(spec, rate)) for spec in settings.detector_specs]
         self.order = share_content_scores(self.detectors)
-        self.lag = max(int(math.ceil(stage.lag_s * float(rate))),
+        self.lag = max(int(math.ceil(settings.lag_s * float(rate))),
                        max(getattr(d, "event_buffer_length", 0) for d in self.detectors) + 2,
-                       stage.trim_frames + 1)
-        self.max_frames = max(1, int(math.floor(stage.max_duration_s * float(rate) + 1e-6)))
+                       settings.trim_frames + 1)
+        self.max_frames = max(1, int(math.floor(settings.max_duration_s * float(rate) + 1e-6)))
         self.pending: collections.deque[_Frame] = collections.deque()  # decoded, not yet assigned
         self.cuts: set[int] = set()
-        self.merger = CutMerger(self.cuts, stage.merge_cuts_within_frames, rate)
+        self.merger = CutMerger(self.cuts, settings.merge_cuts_within_frames, rate)
         self.clip: _ClipBuilder | None = None
         self.skip_until = -1
         self.index = -1
@@ -77,7 +76,7 @@ class _Segmenter:
         self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=FLASH_MAX_FRAMES)  # last assigned frames' BGR
         # One cut per fade (_join_fade_cuts): the levels of the last assigned frames, the cuts
         # already looked at, and the fades whose cuts were joined (first, last frame, cut).
-        self.fade_frames = stage.fade_frames(rate)
+        self.fade_frames = settings.fade_frames(rate)
         self.fade_horizon = min(self.fade_frames, self.lag // 3)
         self.history: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=self.lag)
         self.fade_checked: set[int] = set()
@@ -91,7 +90,7 @@ class _Segmenter:
         # is left as it was. Frames of the last assigned ones since the shot began (their
         # thumbnails), the cuts and candidates looked at, the spans decided (first, last frame,
         # cut) and the next clip's share of the last one.
-        self.dissolve_frames = stage.dissolve_frames(rate)
+        self.dissolve_frames = settings.dissolve_frames(rate)
         self.dissolve_reach = reach(self.dissolve_frames) if self.dissolve_frames else 0
         self.dissolve_ahead = self.dissolve_reach + ramp_margin(self.dissolve_frames) if self.dissolve_frames else 0
         self.long_dissolves = LongDissolves(self.dissolve_frames) if self.dissolve_frames >= 4 else None
@@ -113,9 +112,9 @@ class _Segmenter:
     def _start(self, frame: av.VideoFrame) -> None:
         rotation = int(getattr(frame, "rotation", 0) or 0) % 360
         w, h = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
-        size = output_size(w, h, self.stage.short_side_px)
+        size = output_size(w, h, self.settings.short_side_px)
         self.scaler = FrameScaler(size, rotation, SourceColour.of(frame))
-        small_w = min(self.stage.detect_width_px, size[0])
+        small_w = min(self.settings.detect_width_px, size[0])
         self.detect_size = (even(small_w), even(small_w * size[1] / size[0]))
 
     def _time(self, time: float | None) -> float:
@@ -142,7 +141,7 @@ class _Segmenter:
         detect = cv2.resize(small, self.detect_size, interpolation=cv2.INTER_LINEAR)
         level, contrast = measure(detect)
         thumb = thumbnail(detect) if self.dissolve_frames else None
-        return _Scaled(frame.time, small, encodable, detect, level < self.stage.trim_dark_below, level, contrast,
+        return _Scaled(frame.time, small, encodable, detect, level < self.settings.trim_dark_below, level, contrast,
                        thumb)
 
     def push(self, scaled: _Scaled):
@@ -228,7 +227,7 @@ class _Segmenter:
                 continue
             if not 0 <= c - base < len(levels):
                 continue
-            fade = fade_at(levels, contrast, c - base, self.stage.trim_dark_below, self.fade_frames,
+            fade = fade_at(levels, contrast, c - base, self.settings.trim_dark_below, self.fade_frames,
                            open_start=base == 0, open_end=self.ended)
             if fade is None:
                 continue
@@ -297,7 +296,7 @@ class _Segmenter:
             self.clip.dissolve_trimmed += max(0, cut - lo)
             yield from self._emit(drop_tail=True, next_t=frame.t)
         self.dissolve_after = hi + 1 - max(cut, lo)
-        self.skip_until = hi + 1 + self.stage.trim_frames
+        self.skip_until = hi + 1 + self.settings.trim_frames
         self.shot_start = hi + 1
 
     def _assign(self, frame: _Frame):
@@ -325,16 +324,16 @@ class _Segmenter:
             if self.clip is not None:
                 yield from self._emit(drop_tail=True, next_t=frame.t)
             # trim the new shot's first frames (not fewer than a dissolve's span being cut out)
-            self.skip_until = max(self.skip_until, frame.index + self.stage.trim_frames)
+            self.skip_until = max(self.skip_until, frame.index + self.settings.trim_frames)
             self.shot_start = max(self.shot_start, frame.index)
             self.dissolve_after = 0
         if frame.index < self.skip_until:
             return
         if self.clip is not None and self.clip.length >= self.max_frames:
             yield from self._emit(drop_tail=False, next_t=frame.t, fade_end=False)  # chunk boundary, not a cut
-            self.clip = _ClipBuilder(self.rate, self.scaler, self.stage, fade_start=False)
+            self.clip = _ClipBuilder(self.rate, self.scaler, self.settings, fade_start=False)
         if self.clip is None:
-            self.clip = _ClipBuilder(self.rate, self.scaler, self.stage)
+            self.clip = _ClipBuilder(self.rate, self.scaler, self.settings)
             self.clip.dissolve_trimmed, self.dissolve_after = self.dissolve_after, 0
         self.clip.add(frame)
 

@@ -19,6 +19,7 @@ from stages.split.cuts import DEFAULT_CASCADE, make_detector
 from stages.split.decode import _DecodeAhead, source_frame_rate
 from stages.split.encode import DEFAULT_X264_PARAMS, check_encoder
 from stages.split.segment import _Segmenter
+from stages.split.settings import SplitSettings
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +151,14 @@ class SplitStage(Stage):
         self.max_fade_s = max_fade_s
         self.max_dissolve_s = max_dissolve_s
 
-    def fade_frames(self, rate: Fraction) -> int:
-        """The longest fade ramp, in frames, trimmed from a clip's ends and whose cuts are
-        made one (stages/split/fades.py); 0: neither, only the dark frames are trimmed."""
-        return max(0, math.ceil(self.max_fade_s * float(rate) - 1e-6))
-
-    def dissolve_frames(self, rate: Fraction) -> int:
-        """The longest dissolve, in frames, whose span is trimmed from the clips on both
-        sides (stages/split/dissolves.py); a longer one keeps its one cut. 0: none is."""
-        return max(0, math.ceil(self.max_dissolve_s * float(rate) - 1e-6))
-
-    def min_frames(self, rate: Fraction) -> int:
-        return max(1, math.ceil(self.min_duration_s * float(rate) - 1e-6))
+    @property
+    def settings(self) -> SplitSettings:
+        """What the segmenter and the clip builder read (built anew: tests may change an option)."""
+        return SplitSettings(tuple(self.detector_specs), self.min_duration_s, self.max_duration_s,
+                             self.trim_frames, self.short_side_px, self.detect_width_px, self.sample_fps,
+                             self.jpeg_quality, self.crf, self.preset, self.x264_params, self.lag_s,
+                             self.merge_cuts_within_frames, self.trim_dark_below, self.max_fade_s,
+                             self.max_dissolve_s)
 
     def __call__(self, batch: Batch) -> Batch:
         rows: list[dict[str, Any]] = []
@@ -253,7 +250,7 @@ class SplitStage(Stage):
             container.close()
 
     def _segment(self, frames, rate: Fraction, stats: dict[str, Any]):
-        segmenter = _Segmenter(self, rate, stats)
+        segmenter = _Segmenter(self.settings, rate, stats)
         ahead = _DecodeAhead(frames, segmenter.prepare, self.decode_ahead_frames)
         try:
             for frame in ahead:
