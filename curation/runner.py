@@ -235,22 +235,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         log.info("resuming: %d sources already committed", len(done_sources))
     log.info("listing sources and running units as they are planned -> %s", store.root)
 
-    record = store.read_run()
-    attempts = record.get("attempts", [])
-    attempt = {"started_at": time.time(), "command": command or sys.argv}
-    attempts.append(attempt)
-    record.update({
-        "status": "running",
-        "config": config.to_dict(),
-        "config_fingerprint": config.fingerprint(),
-        "inputs": [storage.redact(i) for i in inputs],
-        "versions": package_versions(),
-        "attempts": attempts,
-        "skipped_steps": [],
-        "rules_not_applied": [],
-        **(notes or {}),
-    })
-    write_json(store.run_json, record)
+    record, attempt = start_attempt(store, config, inputs, command, notes)
 
     started = time.monotonic()
     cpu_units = time.process_time()
@@ -272,7 +257,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     except BaseException as exc:  # the attempt's record says what it did before it failed
         attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
                         "storage": attempt_storage(storage_before, workers_storage)})
-        record.update({"status": "failed", "storage": total_storage(attempts)})
+        record.update({"status": "failed", "storage": total_storage(record["attempts"])})
         write_json(store.run_json, record)
         raise
     attempt["units"] = units.units
@@ -280,18 +265,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     missing = sorted(units.open)  # given out, never committed
     if missing:
         raise RuntimeError(f"{len(missing)} units were not committed: {missing[:5]}")
-    refilters = record.get("refilters") or []
-    unfinished_refilter = bool(refilters) and not refilters[-1].get("finished")
-    if needs_final_pass(config) or unfinished_refilter:
-        # Percentile rules need the whole run's scores: resolved now, keep/shards rewritten
-        # (into compacted files). The same pass finishes a refilter that was interrupted.
-        record["resolved_rules"] = offload(finalize, str(store.root), config.to_dict())
-        if unfinished_refilter:
-            log.info("finished the interrupted `curate refilter %s`", " ".join(refilters[-1]["overrides"]))
-            refilters[-1].update({"finished": True, "finished_by": "curate run"})
-    elif config.run.compact_at_end:
-        offload(compact_at_end, str(store.root))
-
+    end_of_run(config, store, record, offload)
     totals = store.ledger().totals()
     attempt["finished_at"] = time.time()
     attempt["wall_s"] = time.monotonic() - started
@@ -303,10 +277,55 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     attempt["storage"] = attempt_storage(storage_before, workers_storage)
     if attempt["storage"].get("failed_requests"):
         log.info("object store: %d failed requests retried", attempt["storage"]["failed_requests"])
-    clips = int(totals.get("clips", 0))
+    record.update(run_totals(totals, units.listed))
+    record.update({"status": "complete", "storage": total_storage(record["attempts"])})
+    write_json(store.run_json, record)
+    return record
+
+
+def end_of_run(config: PipelineConfig, store: OutputStore, record: dict[str, Any],
+               offload: Callable[..., Any]) -> None:
+    """After the last unit: the final pass when percentile rules need the whole run's scores
+    (resolved now, keep/shards rewritten into compacted files; the same pass finishes a
+    refilter that was interrupted), else the compaction."""
+    refilters = record.get("refilters") or []
+    unfinished_refilter = bool(refilters) and not refilters[-1].get("finished")
+    if needs_final_pass(config) or unfinished_refilter:
+        record["resolved_rules"] = offload(finalize, str(store.root), config.to_dict())
+        if unfinished_refilter:
+            log.info("finished the interrupted `curate refilter %s`", " ".join(refilters[-1]["overrides"]))
+            refilters[-1].update({"finished": True, "finished_by": "curate run"})
+    elif config.run.compact_at_end:
+        offload(compact_at_end, str(store.root))
+
+
+def start_attempt(store: OutputStore, config: PipelineConfig, inputs: list[str], command: list[str] | None,
+                  notes: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """run.json marked running, with this attempt appended: (the record, the attempt)."""
+    record = store.read_run()
+    attempts = record.get("attempts", [])
+    attempt = {"started_at": time.time(), "command": command or sys.argv}
+    attempts.append(attempt)
     record.update({
-        "status": "complete",
-        "sources": {"total": units.listed, "committed": int(totals.get("sources", 0))},
+        "status": "running",
+        "config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(),
+        "inputs": [storage.redact(i) for i in inputs],
+        "versions": package_versions(),
+        "attempts": attempts,
+        "skipped_steps": [],
+        "rules_not_applied": [],
+        **(notes or {}),
+    })
+    write_json(store.run_json, record)
+    return record, attempt
+
+
+def run_totals(totals: dict[str, Any], listed: int) -> dict[str, Any]:
+    """run.json's figures of a finished run, from the ledger's totals."""
+    clips = int(totals.get("clips", 0))
+    return {
+        "sources": {"total": listed, "committed": int(totals.get("sources", 0))},
         "clips": clips,
         "kept": int(totals.get("kept", 0)),
         "source_errors": int(totals.get("source_errors", 0)),
@@ -317,7 +336,4 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         "model_sent_bytes_per_clip": {name: n / max(1, clips)
                                       for name, n in (totals.get("model_sent_bytes") or {}).items()},
         "stage_busy_seconds": dict(totals.get("stage_seconds") or {}),
-        "storage": total_storage(attempts),
-    })
-    write_json(store.run_json, record)
-    return record
+    }

@@ -34,6 +34,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -502,6 +503,35 @@ def _finish(result: TrainResult, run_dir: str, cfg: TrainConfig, step: int, rank
 
 # ---- the loop ---------------------------------------------------------------------------
 
+def _build_model(cfg: TrainConfig, in_channels: int, init: dict | None, init_checkpoint: str | None,
+                 device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, bool]:
+    """(model, its EMA, the network a step runs: DDP-wrapped or sharded, compiled when asked;
+    whether it is sharded)."""
+    model = _init_model(cfg, in_channels, init, init_checkpoint, device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    model.checkpointing = cfg.activation_checkpointing
+    sharded = sharding.wants_sharding(cfg.sharding, model, device, world, device_memory_bytes(device))
+    if sharded:
+        log.info("sharding weights, gradients and optimizer state over %d ranks (FSDP2)", world)
+        sharding.shard(model, device)
+        sharding.shard(ema, device)
+        net = model
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    return model, ema, compiled(net, cfg, device), sharded
+
+
+def _record_step(result: TrainResult, metrics: MetricsLog, cfg: TrainConfig, step: int, loss: float, lr: float,
+                 grad_norm: Any, sigma: torch.Tensor, step_s: float, data_wait_s: float) -> None:
+    """A step's loss and times into the result, and its line of metrics."""
+    result.losses[step] = loss
+    result.data_wait_s, result.step_s = result.data_wait_s + data_wait_s, result.step_s + step_s
+    result.samples += cfg.batch_size
+    metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": sharding.as_float(grad_norm),
+                   "sigma_median": float(sigma.median()), "step_s": step_s,
+                   "data_wait_s": data_wait_s, "bad_rows": result.bad_rows})
+
+
 def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoint: str | None = None,
           stop_after_step: int | None = None) -> TrainResult:
     """Train one stage on the rows of the shard files `shard_paths`; resumes from run_dir's checkpoints.
@@ -526,18 +556,7 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
     plan, in_channels, x_shape = _prepare_inputs(cfg, plan, run_dir, rank, world)  # latent cache (latent mode)
 
     # Model, EMA, DDP wrapper and optimizer; a resumed run's state on top.
-    model = _init_model(cfg, in_channels, init, init_checkpoint, device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    model.checkpointing = cfg.activation_checkpointing
-    sharded = sharding.wants_sharding(cfg.sharding, model, device, world, device_memory_bytes(device))
-    if sharded:
-        log.info("sharding weights, gradients and optimizer state over %d ranks (FSDP2)", world)
-        sharding.shard(model, device)
-        sharding.shard(ema, device)
-        net = model
-    else:
-        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = compiled(net, cfg, device)
+    model, ema, net, sharded = _build_model(cfg, in_channels, init, init_checkpoint, device, world)
     optimizer = make_optimizer(model, cfg, device)
     result = TrainResult(model=model, ema=ema, optimizer=optimizer)
     start_step = result.resumed_from_step = _restore(resume, resume_path, model, ema, optimizer, result)
@@ -570,12 +589,7 @@ def train(cfg: TrainConfig, shard_paths: list[str], run_dir: str, init_checkpoin
             loss_f = _step_loss(result, weighted, batch, cfg, step, world)
             t_prev = time.perf_counter()
             step_s = t_prev - t_data + data_wait_s
-            result.losses[step] = loss_f
-            result.data_wait_s, result.step_s = result.data_wait_s + data_wait_s, result.step_s + step_s
-            result.samples += cfg.batch_size
-            metrics.write({"step": step, "loss": loss_f, "lr": lr, "grad_norm": sharding.as_float(grad_norm),
-                           "sigma_median": float(sigma.median()), "step_s": step_s,
-                           "data_wait_s": data_wait_s, "bad_rows": result.bad_rows})
+            _record_step(result, metrics, cfg, step, loss_f, lr, grad_norm, sigma, step_s, data_wait_s)
             step += 1
 
             # Checkpoint periodically and at the end; a requested stop acts like a kill.
