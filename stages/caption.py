@@ -14,9 +14,11 @@ Backends:
             same tag on GPU.
   endpoint  any OpenAI-compatible chat-completions server with image input (vLLM serving a
             VLM, or a hosted API): the keyframes (`frames`: the middle one or all three) as
-            base64 JPEG data URLs, with bounded concurrency, a timeout per request and
-            retries with exponential backoff for timeouts, connection errors, 5xx/408/429
-            answers and malformed answers. Other 4xx answers fail at once.
+            base64 JPEG data URLs, through httpx: one pool of kept-alive connections,
+            at most `max_concurrency` requests in flight, a timeout per request and
+            retries with exponential backoff (or a 429/503's Retry-After, up to a minute)
+            for timeouts, connection errors, 5xx/408/429 answers and malformed answers.
+            Other 4xx answers fail at once.
 With `merge: true` two more calls per clip (to endpoint_url) reproduce SVD's third caption:
 a multi-frame caption of all keyframes (SVD used a video captioner), then a text-only call
 that merges the frame caption and the multi-frame caption into one.
@@ -34,12 +36,11 @@ import json
 import logging
 import math
 import os
-import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from typing import Any, Literal
+
+import httpx
 
 from stages import instrument
 from stages.base import Batch, Stage
@@ -75,18 +76,32 @@ def chat_url(endpoint_url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
-@dataclass
-class ChatClient:
-    """Minimal OpenAI chat-completions client (stdlib only) with timeouts and retries."""
+RETRY_AFTER_CAP_S = 60.0  # the longest a server's Retry-After is obeyed
 
-    url: str
-    model: str
-    api_key: str | None = None
-    timeout_s: float = 60.0
-    retries: int = 3
-    backoff_s: float = 1.0
-    max_tokens: int = 77
-    temperature: float = 0.0
+
+class ChatClient:
+    """OpenAI chat-completions client on httpx. One connection pool for every thread of the
+    stage, so connections are reused (keep-alive) instead of opened per request; at most
+    `max_in_flight` requests at once (a semaphore, so waiting for a slot does not eat into a
+    request's timeout); retries with exponential backoff on 408, 429, 5xx, timeouts and
+    dropped connections, waiting as long as a 429 or 503's Retry-After asks (up to a minute)
+    when that is longer. Other 4xx fail at once: a bad request stays bad."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
+                 retries: int = 3, backoff_s: float = 1.0, max_tokens: int = 77, temperature: float = 0.0,
+                 max_in_flight: int = 8):
+        self.url, self.model, self.timeout_s, self.retries, self.backoff_s = url, model, timeout_s, retries, backoff_s
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s),
+                                  limits=httpx.Limits(max_connections=max_in_flight,
+                                                      max_keepalive_connections=max_in_flight))
+
+    def close(self) -> None:
+        self._http.close()
 
     def complete(self, text: str, images: list[bytes] = (), stats: collections.Counter | None = None) -> str:
         """The answer's text; raises EndpointError naming the last failure once retries are spent."""
@@ -95,41 +110,47 @@ class ChatClient:
         content.append({"type": "text", "text": text})
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
                            "max_tokens": self.max_tokens, "temperature": self.temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = "no attempt"
+        last, wait_s = "no attempt", 0.0
         for attempt in range(self.retries + 1):
             if attempt:
                 # Exponential backoff so a struggling server is not hammered by every actor.
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff_s * 2 ** (attempt - 1), wait_s))
             if stats is not None:
                 stats["requests"] += 1
             try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
-                if exc.code < 500 and exc.code not in (408, 429):
-                    raise EndpointError(last) from exc  # a bad request stays bad: do not retry
+                with self._slots:
+                    response = self._http.post(self.url, content=body)
+            except httpx.TimeoutException:
+                last, wait_s = f"timed out after {self.timeout_s:g}s", 0.0
                 continue
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = f"timed out after {self.timeout_s:g}s" if isinstance(reason, (TimeoutError, socket.timeout)) \
-                    else f"{type(reason).__name__}: {reason}"
+            except httpx.TransportError as exc:  # refused, reset, closed half-way
+                last, wait_s = f"{type(exc).__name__}: {exc}", 0.0
+                continue
+            if response.status_code != 200:
+                last = f"HTTP {response.status_code}: {response.content[:200]!r}"
+                if response.status_code < 500 and response.status_code not in (408, 429):
+                    raise EndpointError(last)
+                wait_s = retry_after_s(response.headers.get("Retry-After"))
                 continue
             try:
-                answer = json.loads(raw)["choices"][0]["message"]["content"]
+                answer = json.loads(response.content)["choices"][0]["message"]["content"]
                 if isinstance(answer, list):  # some servers answer with content parts
                     answer = " ".join(p.get("text", "") for p in answer if isinstance(p, dict))
                 if not isinstance(answer, str) or not answer.strip():
                     raise ValueError("empty content")
             except (ValueError, KeyError, IndexError, TypeError) as exc:
-                last = f"malformed answer ({type(exc).__name__}: {exc}): {raw[:200]!r}"
+                last, wait_s = f"malformed answer ({type(exc).__name__}: {exc}): {response.content[:200]!r}", 0.0
                 continue
             return answer.strip()
         raise EndpointError(f"{last} (after {self.retries + 1} attempts)")
+
+
+def retry_after_s(header: str | None) -> float:
+    """A Retry-After header's seconds (a number; an HTTP date counts as none), capped."""
+    try:
+        return min(RETRY_AFTER_CAP_S, max(0.0, float(header))) if header else 0.0
+    except ValueError:
+        return 0.0
 
 
 # ---- CoCa greedy decoding -----------------------------------------------------------------
@@ -286,7 +307,8 @@ class CaptionStage(Stage):
                 if not api_key:
                     raise RuntimeError(f"{self.name}.api_key_env: environment variable {self.api_key_env} is not set")
             self._client = ChatClient(chat_url(self.endpoint_url), self.endpoint_model, api_key, self.timeout_s,
-                                      self.retries, self.backoff_s, self.max_tokens)
+                                      self.retries, self.backoff_s, self.max_tokens,
+                                      max_in_flight=self.max_concurrency)
         self._ready = True
         self.load_seconds = time.perf_counter() - started
         log.info("caption: backend %s%s ready in %.1fs", self.backend, " + merge" if self.merge else "",

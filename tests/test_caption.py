@@ -29,19 +29,25 @@ class ChatServer:
         self.headers: list[dict] = []
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        self.connections: set[tuple[str, int]] = set()  # the client's (host, port) of each connection
+        self.times: list[float] = []  # when each request arrived
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers: a client may reuse its connections
+
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append(body)
                     server.headers.append(dict(self.headers))
+                    server.connections.add(self.client_address)
+                    server.times.append(time.monotonic())
                     seen = sum(1 for r in server.requests if key_of(r) == key_of(body))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    status, payload, delay = server.answer(body, seen)
+                    status, payload, delay, *extra = server.answer(body, seen)
                     time.sleep(delay)
                 finally:
                     # Out of flight before answering: once the client has the answer it may
@@ -52,6 +58,8 @@ class ChatServer:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
@@ -158,11 +166,29 @@ def test_client_errors_are_not_retried():
     assert len(server.requests) == 1
 
 
-def test_concurrency_is_bounded():
+def test_concurrency_is_bounded_and_connections_are_reused():
     with ChatServer(lambda request, seen: (200, ok("x"), 0.1)) as server:
-        out = endpoint_stage(server.url, max_concurrency=3)(mf.clip_batch([mf.keyframes(s) for s in range(9)]))
-    assert out["caption"] == ["x"] * 9
+        stage = endpoint_stage(server.url, max_concurrency=3)
+        out = stage(mf.clip_batch([mf.keyframes(s) for s in range(9)]))
+        again = stage(mf.clip_batch([mf.keyframes(s) for s in range(9, 15)]))
+    assert out["caption"] == ["x"] * 9 and again["caption"] == ["x"] * 6
     assert 1 < server.max_in_flight <= 3
+    # 15 requests over at most 3 kept-alive connections (a connection per request: 15).
+    assert len(server.requests) == 15 and len(server.connections) <= 3
+
+
+def test_429_is_retried_after_the_servers_retry_after():
+    """A 429 with Retry-After: 0.5 is retried once half a second has passed, though the
+    backoff alone (0.01 s) would have retried at once; the answer then comes through."""
+    def answer(request, seen):
+        if seen == 1:
+            return 429, b'{"error": "rate limited"}', 0.0, {"Retry-After": "0.5"}
+        return 200, ok("a calm sea"), 0.0
+
+    with ChatServer(answer) as server:
+        out = endpoint_stage(server.url, retries=2, backoff_s=0.01)(mf.clip_batch([mf.keyframes(1)]))
+    assert out["caption"] == ["a calm sea"] and out["caption_error"] == [None]
+    assert len(server.times) == 2 and server.times[1] - server.times[0] >= 0.5
 
 
 def test_merge_combines_a_frame_caption_and_a_multi_frame_caption():
