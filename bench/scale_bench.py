@@ -391,7 +391,7 @@ def run_runners(n_sources: int, config: Path, keep: Path | None, runners: list[s
     from web_footage import make_footage
 
     work = Path(tempfile.mkdtemp(prefix="runners-", dir=keep or None))
-    footage = work / "footage"
+    footage = (keep / "footage") if keep else work / "footage"  # with --keep-dir, made once and reused
     started = time.monotonic()
     make_footage(footage, n_sources)
     print(f"{n_sources} web-like sources in {footage} ({time.monotonic() - started:.0f}s)", flush=True)
