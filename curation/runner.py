@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import io
 import itertools
 import logging
 import os
@@ -22,7 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from curation.config import PipelineConfig
 from curation.finalize import finalize, needs_final_pass
@@ -97,10 +98,12 @@ def run_local(config: PipelineConfig, units: Iterable[Unit], store: OutputStore,
 # ---- progress -------------------------------------------------------------------------------
 
 class Progress:
-    """Sources done/listed, clips and kept so far, elapsed and ETA (by bytes of sources done,
-    once the listing has ended; while it goes on, the totals so far have a "+")."""
+    """Sources done/listed, clips and kept so far, the slowest step, elapsed and ETA (by bytes
+    of sources done, once the listing has ended; while it goes on, the totals so far have a
+    "+"). On a terminal (`stream` a TTY) this is one live bar (tqdm) and the log's lines are
+    printed above it; elsewhere, a plain log line every `log_every_s`."""
 
-    def __init__(self, feed: UnitFeed, log_every_s: float = 5.0):
+    def __init__(self, feed: UnitFeed, log_every_s: float = 5.0, stream: TextIO | None = None):
         self.feed = feed
         self.sources = self.bytes = self.clips = self.kept = self.errors = 0
         self.stage_errors: dict[str, int] = defaultdict(int)
@@ -108,6 +111,8 @@ class Progress:
         self.started = time.monotonic()
         self.last_log = 0.0
         self.log_every_s = log_every_s
+        stream = sys.stderr if stream is None else stream
+        self.bar = LiveBar(stream) if stream.isatty() else None
 
     def unit_done(self, unit: Unit, entry: dict[str, Any]) -> None:
         self.sources += len(unit.sources)
@@ -121,20 +126,96 @@ class Progress:
             self.stage_seconds[stage] += seconds
         self.report(force=self.feed.complete and self.sources == self.feed.todo)
 
+    def eta(self, elapsed: float) -> str:
+        frac = self.bytes / max(1, self.feed.todo_bytes)
+        return f"{elapsed * (1 - frac) / frac:.0f}s" if frac > 0 and self.feed.complete else "?"
+
+    def slowest(self) -> str:
+        """The step whose busy seconds lead in the units done so far (the bottleneck)."""
+        return max(self.stage_seconds, key=self.stage_seconds.get) if self.stage_seconds else "-"
+
     def report(self, force: bool = False) -> None:
         now = time.monotonic()
+        elapsed = now - self.started
+        if self.bar is not None:
+            self.bar.show(self.sources, self.feed.todo if self.feed.complete else None,
+                          f"clips {self.clips} kept {self.kept} | errors {self.errors} | "
+                          f"bottleneck {self.slowest()} | {elapsed:.0f}s, ETA {self.eta(elapsed)}")
         if not force and now - self.last_log < self.log_every_s:
             return
         self.last_log = now
-        elapsed = now - self.started
-        frac = self.bytes / max(1, self.feed.todo_bytes)
-        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if frac > 0 and self.feed.complete else "?"
         total = f"{self.feed.todo}" + ("" if self.feed.complete else "+ listed")
         # Per stage: clips that failed in it, and busy seconds spent in it so far.
         stages = " ".join(f"{name} {self.stage_seconds[name]:.0f}s/{self.stage_errors.get(name, 0)}err"
                           for name in self.stage_seconds)
-        log.info("sources %d/%s | clips %d kept %d | source errors %d | stages %s | elapsed %.0fs ETA %s",
-                 self.sources, total, self.clips, self.kept, self.errors, stages or "-", elapsed, eta)
+        # Under a live bar the line goes to the log file only (DEBUG): the bar says it.
+        log.log(logging.DEBUG if self.bar else logging.INFO,
+                "sources %d/%s | clips %d kept %d | source errors %d | stages %s | elapsed %.0fs ETA %s",
+                self.sources, total, self.clips, self.kept, self.errors, stages or "-", elapsed, self.eta(elapsed))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LiveBar:
+    """One tqdm bar on a terminal stream. While it is up, the root logger's handlers that
+    write to that terminal write above it (the bar cleared, the line written, the bar drawn
+    again), so log lines and the bar do not overwrite each other."""
+
+    def __init__(self, stream: TextIO):
+        from tqdm import tqdm
+
+        self.stream = stream
+        self.tqdm = tqdm(total=None, unit="src", file=stream, dynamic_ncols=True, mininterval=0.5,
+                         bar_format="sources {n_fmt}/{total_fmt} |{bar}| {desc}")
+        self.handlers: list[tuple[logging.StreamHandler, TextIO]] = []
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and _same_terminal(handler.stream, stream):
+                self.handlers.append((handler, handler.stream))
+                handler.setStream(_AboveBar(self.tqdm, handler.stream))
+
+    def show(self, done: int, total: int | None, postfix: str) -> None:
+        if total is not None and self.tqdm.total != total:
+            self.tqdm.total = total
+        self.tqdm.n = done
+        self.tqdm.set_description_str(postfix, refresh=False)
+        self.tqdm.refresh()
+
+    def close(self) -> None:
+        for handler, stream in self.handlers:
+            handler.setStream(stream)
+        self.tqdm.close()
+
+
+class _AboveBar(io.TextIOBase):
+    """A stream whose writes clear the bar, print, and draw it again."""
+
+    def __init__(self, bar: Any, stream: TextIO):
+        self.bar, self.stream = bar, stream
+
+    def write(self, text: str) -> int:
+        self.bar.clear()
+        self.stream.write(text)
+        self.stream.flush()
+        self.bar.refresh()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def _same_terminal(a: Any, b: Any) -> bool:
+    """Whether two streams write to the same terminal (the redacting wrappers included)."""
+    try:
+        return a is b or (a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno())))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def nodes_summary(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -255,11 +336,13 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
             progress.unit_done(units.finished(entry["unit_id"]), entry)
             checkpoints.committed()
     except BaseException as exc:  # the attempt's record says what it did before it failed
+        progress.close()
         attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
                         "storage": attempt_storage(storage_before, workers_storage)})
         record.update({"status": "failed", "storage": total_storage(record["attempts"])})
         write_json(store.run_json, record)
         raise
+    progress.close()
     attempt["units"] = units.units
     cpu_end = time.process_time()
     missing = sorted(units.open)  # given out, never committed
