@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.plots import _png, plt
-from curation.report_html import CSS, RawHtml, _table, e
+from curation.report.plots import _png, plt
+from curation.report.html import CSS, RawHtml, _table, e
 from stages.rules import fmt
 
 ARM_COLORS = {"curated": "#2e7d32", "uncurated": "#c62828", "curated_no_image_pretraining": "#6a1b9a"}

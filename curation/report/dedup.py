@@ -1,6 +1,7 @@
-"""The report's near-duplicate section: counts from OUT/dedup/dedup.json, example pairs from
-OUT/dedup/duplicates.parquet (curation/dedup.py), with keyframe thumbnails, the temporal match
-score and the time shift at which the clips matched.
+"""The numbers of the report's near-duplicate section (its HTML: html.render_dedup): counts from
+OUT/dedup/dedup.json, example pairs from OUT/dedup/duplicates.parquet (curation/dedup/), with
+the temporal match score and the time shift at which the clips matched; `wanted_clips`: the
+clips whose keyframe thumbnails the pairs show (media.py).
 
 Example pairs: the least similar duplicates first (the borderline decisions a reader should
 check against min_match), then the most similar; at most `max_pairs`.
@@ -9,8 +10,6 @@ check against min_match), then the most similar; at most `max_pairs`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -66,41 +65,3 @@ def dedup_section(store: OutputStore, run: dict[str, Any], paths: list[Any],
 def wanted_clips(section: dict[str, Any] | None) -> set[str]:
     """The clip_ids whose keyframes the example pairs show."""
     return {cid for p in (section or {}).get("pairs", []) for cid in (p["duplicate"], p["kept"])}
-
-
-def render_dedup(section: dict[str, Any] | None, thumbs: dict[str, str],
-                 fmt: Callable[[float], str] = lambda v: f"{v:.4g}") -> str:
-    """The section's HTML (empty when the run has no dedup section)."""
-    if section is None:
-        return ""
-    out = ["<h2 id='dedup'>Near-duplicates</h2>"]
-    if "missing" in section:
-        return out[0] + f"<p class='muted'>{escape(section['missing'])}</p>"
-    sim = section.get("similarity")
-    out.append(f"<p><b>{section['duplicates']:,}</b> duplicates rejected "
-               f"({section['duplicate_minutes']:.1f} min) in <b>{section['groups']:,}</b> groups of "
-               f"{section['clips_in_groups']:,} clips; {section['clips_embedded']:,} clips compared: "
-               f"candidates by <code>{escape(section['embedding'])}</code> vectors, cosine &ge; "
-               f"{fmt(section['min_cosine'])} (eps {fmt(section['eps'])}), duplicates when their temporal "
-               f"signatures match at &ge; {fmt(section.get('min_match', 0.0))} within a shift of "
-               f"{fmt(section.get('max_shift_s', 0.0))} s; kept: passing the rules first, then "
-               f"{escape(', '.join(section['keep_by']) or 'clip_id')}"
-               + (f". Match score of the duplicates: min {fmt(sim['min'])}, median {fmt(sim['median'])}, "
-                  f"max {fmt(sim['max'])}" if sim else "") + ".</p>")
-    if section["pairs"]:
-        out.append("<p class='muted'>Example pairs, least similar first: duplicate (rejected) | kept.</p>"
-                   "<div class='gallery dedup-pairs'>")
-        for p in section["pairs"]:
-            cards = []
-            for cid, src, start, cls in ((p["duplicate"], p["duplicate_source"], p["duplicate_start_s"], "rej"),
-                                         (p["kept"], p["kept_source"], p["kept_start_s"], "kept")):
-                img = (f"<img src='{thumbs[cid]}' alt='keyframes of {escape(cid)}'>" if cid in thumbs
-                       else "<div class='noimg'>no keyframes stored</div>")
-                cards.append(f"<div class='card {cls}' title='{escape(cid)}'>{img}{escape(src)} @ "
-                             f"{fmt(start or 0.0)}s</div>")
-            shift = "" if p.get("shift_s") is None else f", shift {fmt(p['shift_s'])} s"
-            out.append(f"<div class='dedup-pair'><b>match {fmt(p['similarity'])}{shift}</b>"
-                       + ("" if p["kept_passes"] else " <span class='bad'>(kept clip fails other rules)</span>")
-                       + "<div class='gallery'>" + "".join(cards) + "</div></div>")
-        out.append("</div>")
-    return "\n".join(out)

@@ -1,4 +1,4 @@
-"""The report page: one self-contained HTML file built from the summary (curation/report_summary.py).
+"""The report page: one self-contained HTML file built from the summary (summary.py).
 
 Everything the page shows is inline: plots and thumbnails as data:image URLs, kept clips as
 data:video/mp4 URLs (H.264, which Chromium and Firefox play). No script, font or style is
@@ -9,10 +9,11 @@ be mailed or archived as one file. Every string from the data is HTML-escaped.
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
+from html import escape
 from typing import Any
 
-from curation.dedup_report import render_dedup
-from curation.report_summary import format_outcomes
+from curation.report.summary import format_outcomes
 from stages.rules import fmt
 
 CSS = """
@@ -99,7 +100,7 @@ def render(summary: dict[str, Any], images: dict[str, str], thumbs: dict[str, st
     parts += _sources_section(summary)
     parts += _scores_section(summary, images)
     parts += _galleries_section(summary, thumbs, captions)
-    parts.append(render_dedup(summary.get("dedup"), thumbs, fmt))  # curation/dedup_report.py
+    parts.append(render_dedup(summary.get("dedup"), thumbs, fmt))  # the near-duplicate section (below)
     parts += _videos_section(summary, videos, captions)
     return "\n".join(parts)
 
@@ -283,3 +284,43 @@ def _videos_section(summary: dict[str, Any], videos: dict[str, str],
                      f"{fmt(c.get('start_s') or 0.0)}s<br>{scores}</div>")
     parts.append("</div></body></html>")
     return parts
+
+
+# ---- the near-duplicate section (its numbers: dedup.py) -----------------------------------------
+
+def render_dedup(section: dict[str, Any] | None, thumbs: dict[str, str],
+                 fmt: Callable[[float], str] = lambda v: f"{v:.4g}") -> str:
+    """The section's HTML (empty when the run has no dedup section)."""
+    if section is None:
+        return ""
+    out = ["<h2 id='dedup'>Near-duplicates</h2>"]
+    if "missing" in section:
+        return out[0] + f"<p class='muted'>{escape(section['missing'])}</p>"
+    sim = section.get("similarity")
+    out.append(f"<p><b>{section['duplicates']:,}</b> duplicates rejected "
+               f"({section['duplicate_minutes']:.1f} min) in <b>{section['groups']:,}</b> groups of "
+               f"{section['clips_in_groups']:,} clips; {section['clips_embedded']:,} clips compared: "
+               f"candidates by <code>{escape(section['embedding'])}</code> vectors, cosine &ge; "
+               f"{fmt(section['min_cosine'])} (eps {fmt(section['eps'])}), duplicates when their temporal "
+               f"signatures match at &ge; {fmt(section.get('min_match', 0.0))} within a shift of "
+               f"{fmt(section.get('max_shift_s', 0.0))} s; kept: passing the rules first, then "
+               f"{escape(', '.join(section['keep_by']) or 'clip_id')}"
+               + (f". Match score of the duplicates: min {fmt(sim['min'])}, median {fmt(sim['median'])}, "
+                  f"max {fmt(sim['max'])}" if sim else "") + ".</p>")
+    if section["pairs"]:
+        out.append("<p class='muted'>Example pairs, least similar first: duplicate (rejected) | kept.</p>"
+                   "<div class='gallery dedup-pairs'>")
+        for p in section["pairs"]:
+            cards = []
+            for cid, src, start, cls in ((p["duplicate"], p["duplicate_source"], p["duplicate_start_s"], "rej"),
+                                         (p["kept"], p["kept_source"], p["kept_start_s"], "kept")):
+                img = (f"<img src='{thumbs[cid]}' alt='keyframes of {escape(cid)}'>" if cid in thumbs
+                       else "<div class='noimg'>no keyframes stored</div>")
+                cards.append(f"<div class='card {cls}' title='{escape(cid)}'>{img}{escape(src)} @ "
+                             f"{fmt(start or 0.0)}s</div>")
+            shift = "" if p.get("shift_s") is None else f", shift {fmt(p['shift_s'])} s"
+            out.append(f"<div class='dedup-pair'><b>match {fmt(p['similarity'])}{shift}</b>"
+                       + ("" if p["kept_passes"] else " <span class='bad'>(kept clip fails other rules)</span>")
+                       + "<div class='gallery'>" + "".join(cards) + "</div></div>")
+        out.append("</div>")
+    return "\n".join(out)

@@ -1,5 +1,5 @@
 """The report's pictures: plots, keyframe thumbnails and playable kept clips, as bytes and as
-data: URLs for the page (curation/report_html.py), from the summary (curation/report_summary.py).
+data: URLs for the page (html.py), from the summary (summary.py).
 
 Size at scale: plots are drawn from the summary's histogram counts; thumbnails are made only
 for the clips the galleries, the kept strips and the near-duplicate pairs show; at most
@@ -23,7 +23,7 @@ from curation.writer import OutputStore
 
 def plot_images(summary: dict[str, Any], rules: list[dict[str, Any]]) -> dict[str, bytes]:
     """PNG bytes by name: the funnel, the overlaps (two rules or more), a histogram per computed score."""
-    from curation import plots  # noqa: PLC0415  (matplotlib: only when a page is written)
+    from curation.report import plots  # noqa: PLC0415  (matplotlib: only when a page is written)
 
     images: dict[str, bytes] = {}
     f = summary["funnel"]
@@ -110,8 +110,8 @@ def data_url(mime: str, data: bytes) -> str:
 def gallery_thumbnails(store: OutputStore, galleries: dict[str, dict[str, Any]], dedup_wanted: set[str],
                        height_px: int) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """(thumbnail data: URL, caption) by clip_id for the gallery clips and the kept strips, and
-    thumbnails for the near-duplicate pairs (`dedup_wanted`, curation/dedup_report.py). The
-    gallery items carry their captions (curation/report_summary.py); they are taken off them."""
+    thumbnails for the near-duplicate pairs (`dedup_wanted`, dedup.py). The gallery items
+    carry their captions (summary.py); they are taken off them."""
     captions = {}
     for g in galleries.values():
         for item in g["rejected"] + g["kept_strip"]:

@@ -19,7 +19,7 @@ from stages.rules import effective_bounds, fmt, is_percentile, reason_column, va
 
 log = logging.getLogger(__name__)
 
-DUPLICATE_REASON = "duplicate_of"  # reasons "duplicate_of:<clip_id>" (curation/dedup.py)
+DUPLICATE_REASON = "duplicate_of"  # reasons "duplicate_of:<clip_id>" (curation/dedup/)
 
 
 def _not_applied_items(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ def rules_of_run(run: dict[str, Any]) -> list[dict[str, Any]]:
                                      x["reason"] or skipped_note.get(x["column"]) or "not applied",
                                      x["column"] in skipped_note))
     dedup = (run.get("config") or {}).get("dedup")
-    if dedup is not None:  # near-duplicate removal (curation/dedup.py) acts like one more rule
+    if dedup is not None:  # near-duplicate removal (curation/dedup/) acts like one more rule
         entry = _rule_entry("dedup", DUPLICATE_REASON, {}, None, True, "near-duplicate removal", False)
         done = run.get("dedup") or {}
         entry["threshold"] = (f"cosine >= {fmt(1 - done.get('eps', dedup.get('eps') or 0))}, match >= "

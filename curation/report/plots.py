@@ -1,8 +1,8 @@
 """The report's plots as PNG bytes (matplotlib, Agg backend: no display needed).
 
 Every plot is drawn from aggregated numbers (histogram counts, funnel counts, an overlap
-matrix) computed by curation/report.py, so its cost and size do not grow with the number of
-clips.
+matrix) computed by the summary (summary.py), so its cost and size do not grow with the number
+of clips.
 """
 
 from __future__ import annotations
