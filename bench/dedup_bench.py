@@ -1,4 +1,4 @@
-"""Benchmarks of near-duplicate removal (curation/dedup.py): candidate grouping at scale, the
+"""Benchmarks of near-duplicate removal (curation/dedup/): candidate grouping at scale, the
 whole out-of-core pass over a corpus full of exact copies, and the calibration of the temporal
 match (stages/signature.py) on generated footage.
 
@@ -8,7 +8,7 @@ match (stages/signature.py) on generated footage.
     python bench/dedup_bench.py --copies 100 --clips 10000000         # the whole pass, 10^7 clips
     python bench/dedup_bench.py --signatures [--families 12]          # match score distributions
 
---copies K: the whole pass of curation/dedup_index.py (exact copies, candidates, verification,
+--copies K: the whole pass of curation/dedup/groups.py (exact copies, candidates, verification,
 components, the groups cache, the choice of the kept clips, duplicates.parquet) over `--clips`
 rows of which a share `--copied` (0.5) are exact copies in classes of K (the same vector and the
 same signature bytes, rows spread over the corpus), the rest distinct clips, every 100th of
@@ -185,8 +185,14 @@ def copies_bench(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation import dedup, dedup_index
-    from curation.dedup_index import Budget, Matching, Prioritised, Search
+    from curation import dedup
+    from curation.dedup.budget import Budget, Progress
+    from curation.dedup.candidates import Search
+    from curation.dedup.choosing import Prioritised, choose_duplicates
+    from curation.dedup.copies import KEY, row_keys
+    from curation.dedup.groups import Corpus, find_groups
+    from curation.dedup.matching import Matching
+    from curation.dedup.spill import RowFile
     from curation.writer import OutputStore
 
     corpus = CopiesCorpus(args.clips, args.copies, args.copied, args.dim, 100, args.seed)
@@ -203,15 +209,15 @@ def copies_bench(args: argparse.Namespace) -> None:
         work.mkdir()
         cache = dedup.GroupsCache(OutputStore(Path(tmp) / "out"))
         n, block = args.clips, 8192
-        vectors = dedup_index.RowFile(work / "vectors", np.dtype((np.float16, (args.dim,))), 0, budget)
-        keys = dedup_index.RowFile(work / "keys", dedup_index.KEY, 0, budget)
-        progress = dedup_index.Progress("bench corpus")
+        vectors = RowFile(work / "vectors", np.dtype((np.float16, (args.dim,))), 0, budget)
+        keys = RowFile(work / "keys", KEY, 0, budget)
+        progress = Progress("bench corpus")
         for start in range(0, n, block):
             rows = np.arange(start, min(n, start + block))
             ident = corpus.identity(rows)
             vecs = corpus.vectors(ident)
             vectors.append(vecs)
-            keys.append(dedup_index.row_keys(vecs, corpus.signatures(ident), start))
+            keys.append(row_keys(vecs, corpus.signatures(ident), start))
             copied = np.flatnonzero(ident < corpus.classes)
             if copied.size:
                 keep, values = corpus.priorities(rows[copied])
@@ -234,8 +240,8 @@ def copies_bench(args: argparse.Namespace) -> None:
 
         t = time.monotonic()
         with cache.writers() as out:
-            stats = dedup_index.find_groups(dedup_index.Corpus(vectors, keys, fetch, ids),
-                                            Search(eps, args.bucket_size), matching, work, budget, out)
+            stats = find_groups(Corpus(vectors, keys, fetch, ids),
+                                Search(eps, args.bucket_size), matching, work, budget, out)
         seconds.update(stats.seconds)
         seconds["find_groups"] = time.monotonic() - t
 
@@ -251,8 +257,8 @@ def copies_bench(args: argparse.Namespace) -> None:
         sizes = {"rows": stats.clips_embedded, "clips_in_groups": stats.clips_in_groups, "id_bytes": stats.id_bytes,
                  "signature_bytes": stats.signature_bytes}
         with pq.ParquetWriter(path, schema) as writer:
-            chosen = dedup_index.choose_duplicates(prioritised(), cache.tables("classes"), cache.tables("pairs"),
-                                                   sizes, 2, matching, work, budget, writer.write_table)
+            chosen = choose_duplicates(prioritised(), cache.tables("classes"), cache.tables("pairs"),
+                                       sizes, 2, matching, work, budget, writer.write_table)
         seconds["choose_duplicates"] = time.monotonic() - t
         wall = time.monotonic() - started
         peak_self, peak_children = rss_mb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

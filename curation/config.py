@@ -3,7 +3,7 @@
     run:                      # optional, how outputs are cut and written
       sources_per_unit: 4     # sources per atomically committed work unit
       shard_target_mb: 256    # a unit's kept clips are split into shard files of about this size
-    dedup:                    # optional: near-duplicate removal at the end of the run (curation/dedup.py)
+    dedup:                    # optional: near-duplicate removal at the end of the run (curation/dedup/)
       eps: 0.2                # near-duplicates: cosine >= 1 - eps (default per embedding)
     steps:                    # ordered; each step is {stage, name?, args?, ray?}
       - stage: split
@@ -80,7 +80,7 @@ EXECUTION_ONLY = ("source_timeout_floor_s", "source_timeout_per_video_s", "model
 
 @dataclass
 class DedupOptions:
-    """The `dedup:` section (curation/dedup.py): near-duplicate groups over the whole run."""
+    """The `dedup:` section (curation/dedup/): near-duplicate groups over the whole run."""
 
     # Candidates: clips whose vectors are at cosine >= 1 - eps; null: the embedding's default
     # (0.3 perceptual, 0.1 image_embedding). A candidate pair is a duplicate when the clips'

@@ -1,4 +1,4 @@
-"""Near-duplicate removal at corpus scale (curation/dedup_index.py): the out-of-core search gives
+"""Near-duplicate removal at corpus scale (curation/dedup/groups.py): the out-of-core search gives
 the decisions of the rule applied to every pair, in bounded memory, at the cost of the distinct
 clips however many exact copies there are.
 
@@ -19,8 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation import dedup, dedup_index
-from curation.dedup_index import Budget, Matching, Prioritised, Search
+from curation import dedup
+from curation.dedup.budget import Budget
+from curation.dedup.candidates import Search, leaf_pairs
+from curation.dedup.choosing import Prioritised, choose_duplicates, choose_group
+from curation.dedup.copies import KEY, row_keys
+from curation.dedup.groups import Corpus, Writers, find_groups
+from curation.dedup.matching import Matching
+from curation.dedup.spill import BytesFile, Parts, RowFile
 from stages import signature
 
 SAMPLE = signature.SAMPLE_BYTES
@@ -133,11 +139,11 @@ def run_engine(x: np.ndarray, sigs: list[bytes | None], ids: list[str], keep: np
     """find_groups then choose_duplicates over an in-memory corpus; the tables they write."""
     work.mkdir(parents=True, exist_ok=True)
     n, d = x.shape
-    vectors = dedup_index.RowFile(work / "vectors", np.dtype((np.float16, (d,))), 0, budget)
-    keys = dedup_index.RowFile(work / "keys", dedup_index.KEY, 0, budget)
+    vectors = RowFile(work / "vectors", np.dtype((np.float16, (d,))), 0, budget)
+    keys = RowFile(work / "keys", KEY, 0, budget)
     for s in range(0, n, 500):
         vectors.append(x[s:s + 500])
-        keys.append(dedup_index.row_keys(x[s:s + 500], sigs[s:s + 500], s))
+        keys.append(row_keys(x[s:s + 500], sigs[s:s + 500], s))
 
     def fetch(chunks):
         for rows in chunks:
@@ -147,9 +153,9 @@ def run_engine(x: np.ndarray, sigs: list[bytes | None], ids: list[str], keep: np
         return pa.array([ids[r] for r in np.asarray(rows).tolist()], pa.string())
 
     out: dict[str, list[pa.Table]] = {"groups": [], "pairs": [], "classes": []}
-    writers = dedup_index.Writers(*(out[k].append for k in ("groups", "pairs", "classes")))
-    stats = dedup_index.find_groups(dedup_index.Corpus(vectors, keys, fetch, id_of), search, matching, work,
-                                    budget, writers, collapse=collapse)
+    writers = Writers(*(out[k].append for k in ("groups", "pairs", "classes")))
+    stats = find_groups(Corpus(vectors, keys, fetch, id_of), search, matching, work, budget, writers,
+                        collapse=collapse)
 
     def prioritised():
         for t in out["groups"]:
@@ -159,8 +165,8 @@ def run_engine(x: np.ndarray, sigs: list[bytes | None], ids: list[str], keep: np
     written: list[pa.Table] = []
     sizes = {"rows": n, "clips_in_groups": stats.clips_in_groups, "id_bytes": stats.id_bytes,
              "signature_bytes": stats.signature_bytes}
-    chosen = dedup_index.choose_duplicates(prioritised(), out["classes"], out["pairs"], sizes, values.shape[1],
-                                           matching, work, budget, written.append)
+    chosen = choose_duplicates(prioritised(), out["classes"], out["pairs"], sizes, values.shape[1],
+                               matching, work, budget, written.append)
     tables = {k: pa.concat_tables(v) if v else None for k, v in out.items()}
     dups = pa.concat_tables(written) if written else pa.table({"clip_id": pa.array([], pa.string())})
     return {"stats": stats, "chosen": chosen, **tables, "duplicates": dups}
@@ -275,8 +281,8 @@ def test_choose_group_takes_a_class_of_copies_as_its_clips():
         order = rng.permutation(n)
         priority = {ids[i]: (int(rank),) for rank, i in enumerate(order)}
         expected = dedup.choose(groups, priority)
-        got = dedup_index.choose_group(order.tolist(), lambda i: int(cls[i]),
-                                       lambda i, k: (float(scores[cls[min(i, k)], cls[max(i, k)]]), 0.0), 0.85)
+        got = choose_group(order.tolist(), lambda i: int(cls[i]),
+                           lambda i, k: (float(scores[cls[min(i, k)], cls[max(i, k)]]), 0.0), 0.85)
         assert {ids[i]: (ids[k], s) for i, k, s in got} == expected, trial
 
 
@@ -359,13 +365,13 @@ def test_a_leaf_too_large_for_one_pass_gives_the_same_pairs(tmp_path):
     rng = np.random.default_rng(12)
     x = unit(rng.standard_normal((2500, 8)))
     x[2000:] = unit(x[:500] + 0.05 * rng.standard_normal((500, 8)))
-    vectors = dedup_index.RowFile(tmp_path / "v", np.dtype((np.float16, (8,))), 0, Budget())
+    vectors = RowFile(tmp_path / "v", np.dtype((np.float16, (8,))), 0, Budget())
     vectors.append(x)
     found = []
     for triangle_max in (10**6, 100):
         pairs: list[np.ndarray] = []
-        dedup_index.leaf_pairs(vectors, np.arange(len(x)), 0.9, 4, Budget(),
-                               lambda a, b: pairs.append(a * len(x) + b), triangle_max=triangle_max)
+        leaf_pairs(vectors, np.arange(len(x)), 0.9, 4, Budget(),
+                   lambda a, b: pairs.append(a * len(x) + b), triangle_max=triangle_max)
         found.append(np.unique(np.concatenate(pairs)))
     assert np.array_equal(found[0], found[1]) and found[0].size >= 2000
     xf = vectors.take(np.arange(len(x))).astype(np.float32)
@@ -383,31 +389,31 @@ def test_row_keys_tell_exact_copies_only():
     sigs = [sig, sig, sig, sig, noisy(sig, rng, 1), None]
     x[3], x[4], x[5] = x[0], x[0], x[0]
     sigs[3] = sig[:-SAMPLE]  # one sample shorter
-    keys = dedup_index.row_keys(x, sigs, 100)
+    keys = row_keys(x, sigs, 100)
     pairs = {(int(k["k0"]), int(k["k1"])) for k in keys}
     assert keys[0] == keys[1] and len(pairs) == 5  # only rows 0 and 1 are copies
-    assert dedup_index.row_keys(x[5:], [None], 7)[0] != dedup_index.row_keys(x[5:], [None], 8)[0]
+    assert row_keys(x[5:], [None], 7)[0] != row_keys(x[5:], [None], 8)[0]
 
 
 def test_row_files_and_partitions_round_trip(tmp_path):
     budget = Budget(0.001)  # a mapping of 256 rows at a time
-    vecs = dedup_index.RowFile(tmp_path / "v", np.dtype((np.float16, (3,))), 0, budget)
+    vecs = RowFile(tmp_path / "v", np.dtype((np.float16, (3,))), 0, budget)
     data = np.arange(3000, dtype=np.float16).reshape(1000, 3)
     vecs.append(data[:400])
     vecs.append(data[400:])
     rows = np.array([999, 0, 500, 500, 3])
     assert np.array_equal(vecs.take(rows), data[rows]) and np.array_equal(vecs.read(10, 12), data[10:12])
-    flags = dedup_index.RowFile(tmp_path / "f", np.int64, 1000, budget)
+    flags = RowFile(tmp_path / "f", np.int64, 1000, budget)
     flags.put(np.array([7, 999, 3]), np.array([1, 2, 3]))
     assert flags.take(np.array([3, 7, 999, 0])).tolist() == [3, 1, 2, 0]
-    parts = dedup_index.Parts(tmp_path, "p", np.int64, 3, budget)
+    parts = Parts(tmp_path, "p", np.int64, 3, budget)
     values = np.arange(5000)
     parts.add(values, values % 3)
     parts.add(values + 5000, (values + 5000) % 3)
     for p in range(3):
         got = parts.read(p)
         assert np.array_equal(got, np.arange(p, 10000, 3))  # in the order added
-    blobs = dedup_index.BytesFile(tmp_path, "b", 0, budget)
+    blobs = BytesFile(tmp_path, "b", 0, budget)
     blobs.append([b"abc", None, b""])
     blobs.append([b"xyz"])
     assert blobs.take(np.array([3, 1, 0, 2])) == [b"xyz", None, b"abc", b""]
