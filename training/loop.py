@@ -4,7 +4,7 @@ Writes into run_dir (OUT_DIR/train/<stage>/):
     checkpoint-<step>.pt  {"model", "ema", "optimizer": state dicts, "config": resolved config,
                            "step", "rng": torch RNG states (recorded, not restored: every step
                            reseeds), "in_channels", "data": stream counters, "format"} (no pickled
-                           modules); written to a temporary file, fsynced, renamed
+                           modules); written to a temporary file, fsynced, renamed (training/checkpoint.py)
     metrics.csv           one row per step: step, loss, lr, grad_norm, sigma_median, step_s, data_wait_s,
                           bad_rows (undecodable rows skipped so far, all ranks)
     loss.png              loss per step (and its running mean)
@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import copy
 import csv
-import glob
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +39,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from training import diffusion, sharding
+from training.checkpoint import latest_checkpoint, latest_good_checkpoint, load_checkpoint, save_checkpoint
 from training.config import MODEL_FIELDS, TrainConfig, from_dict, to_dict
 from training.data import autoencoder_factor, load_autoencoder
 from training.unet import VideoUNet, extend_to_video
@@ -49,7 +48,6 @@ from training.stream import DataPlan, StreamDataset, plan_data
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2  # 2: optimizer state keyed by parameter name (training/sharding.py); 1: by position
-KEEP_CHECKPOINTS = 3
 # The bad-row cap is checked against at least this many rows, so that one bad row among the
 # first few batches does not stop a run, while a corpus of bad rows stops within a few steps.
 BAD_ROW_MIN_DENOMINATOR = 256
@@ -76,44 +74,6 @@ class BadRowsError(RuntimeError):
     """Too many undecodable rows: the corpus, not the trainer, needs fixing."""
 
 
-# ---- checkpoints ------------------------------------------------------------------------
-
-def checkpoint_paths(run_dir: str) -> list[str]:
-    """Checkpoints in run_dir, oldest first."""
-    paths = glob.glob(os.path.join(run_dir, "checkpoint-*.pt"))
-    return sorted(paths, key=lambda p: int(re.findall(r"checkpoint-(\d+)\.pt$", p)[0]))
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    paths = checkpoint_paths(run_dir)
-    return paths[-1] if paths else None
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint dict; only tensors and plain values are stored, so weights_only loading works."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def latest_good_checkpoint(run_dir: str) -> tuple[str | None, dict | None]:
-    """The newest checkpoint of run_dir that loads, and its dict; (None, None) when there is none.
-
-    A checkpoint that cannot be read (truncated by a crash of the storage, say) is skipped with a
-    warning for the one before it; the steps since that one are trained again.
-    """
-    for path in reversed(checkpoint_paths(run_dir)):
-        try:
-            state = load_checkpoint(path)
-            if not {"model", "ema", "optimizer", "config", "step"} <= set(state):
-                raise ValueError(f"keys {sorted(state)}")
-            return path, state
-        except Exception as exc:  # noqa: BLE001  (any unreadable file: zip, pickle, EOF errors)
-            log.warning("checkpoint %s cannot be read (%s: %s); falling back to the previous one",
-                        path, type(exc).__name__, exc)
-    return None, None
-
-
 def model_from_config(cfg: TrainConfig, in_channels: int) -> VideoUNet:
     """The network a resolved config describes (temporal layers in the video stages)."""
     return VideoUNet(in_channels=in_channels, model_channels=cfg.model_channels,
@@ -121,25 +81,6 @@ def model_from_config(cfg: TrainConfig, in_channels: int) -> VideoUNet:
                      attention_levels=tuple(cfg.attention_levels), num_heads=cfg.num_heads,
                      caption_dim=cfg.caption_dim, context_tokens=cfg.context_tokens,
                      context_dim=cfg.context_dim, temporal=cfg.is_video, dropout=cfg.dropout)
-
-
-def save_checkpoint(run_dir: str, state: dict) -> str:
-    """Write checkpoint-<step>.pt durably (temporary file, fsync, rename, fsync of the folder); keep the last few."""
-    path = os.path.join(run_dir, f"checkpoint-{state['step']:07d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint
-    dir_fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power loss
-    finally:
-        os.close(dir_fd)
-    for old in checkpoint_paths(run_dir)[:-KEEP_CHECKPOINTS]:
-        os.remove(old)
-    return path
 
 
 # ---- helpers ----------------------------------------------------------------------------
