@@ -3,13 +3,13 @@
     curate run pipeline.yaml --input RAW --output OUT [--set step.arg=value] [--ray-address auto]
     curate report OUT                                (OUT/report/index.html + terminal table)
     curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
-    curate dedup OUT [--eps E] [--off]               (near-duplicate removal, curation/dedup.py)
+    curate dedup OUT [--eps E] [--off]               (near-duplicate removal, curation/dedup/)
     curate compact OUT                               (large files, a ledger checkpoint: curation/compact.py)
     curate models check|download [pipeline.yaml]     (curation/weights_command.py)
     curate train OUT --stage image|video|hq|all      (training/cli.py)
     curate export OUT --format webdataset|files|hf --to DIR   (curation/export.py)
     curate sample CHECKPOINT --prompt "..."          (training/cli.py)
-    curate ablate OUT [--leave-one-out all] [--sweep COLUMN]  (proxy-model study, training/study.py)
+    curate ablate OUT [--leave-one-out all] [--sweep COLUMN]  (proxy-model study, training/study/)
     curate demo-footage DIR                          (deterministic sample footage)
 
 Exit codes: 0 the run finished (sources that could not be read are recorded as error rows

@@ -8,7 +8,7 @@ streams the stored tables through it and writes the results. `apply_rules`:
    values of every committed clip (convention in stages/rules.py: drop_bottom 0.25 ->
    min = the value with 25% of the clips below it; values below min are rejected), by exact
    order statistics in a few streamed passes over the ruled columns (curation/columns.py);
-2. with a `dedup:` section, the near-duplicate decisions (curation/dedup.py), which need
+2. with a `dedup:` section, the near-duplicate decisions (curation/dedup/), which need
    each grouped clip's keep under the rules;
 3. one streamed pass over scores/, a row group at a time: every rule of every filter step,
    in pipeline order, evaluated on every row -> keep and reject_reasons, exactly as the filter

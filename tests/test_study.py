@@ -1,4 +1,4 @@
-"""The proxy-model study (training/study.py, `curate ablate`): the machinery, not the sign of any result.
+"""The proxy-model study (training/study/, `curate ablate`): the machinery, not the sign of any result.
 
 One curated output of the shared synthetic footage (configs/spine.yaml, --runner local) feeds
 every test; runs use a very small model and a few steps.
@@ -330,6 +330,7 @@ def changed(before: dict, after: dict) -> list[str]:
 
 def test_study_end_to_end_resumes_and_reruns_bit_for_bit(curated, tmp_path, monkeypatch):
     from training import loop
+    from training.checkpoint import checkpoint_paths
 
     out = copy_of(curated, tmp_path / "out")
     # A checkpoint every 2 steps: the image stage (4 steps) writes two, the video stage (3) two.
@@ -358,7 +359,7 @@ def test_study_end_to_end_resumes_and_reruns_bit_for_bit(curated, tmp_path, monk
     assert trained == [str(root / r / s) for r in finished for s in ("image", "video")] + [str(root / victim / "image")]
     assert all((root / r / "eval.json").exists() for r in finished)
     assert not (root / victim / "eval.json").exists() and not (root / victim / "video").exists()
-    assert [Path(p).name for p in loop.checkpoint_paths(str(root / victim / "image"))] == ["checkpoint-0000002.pt"]
+    assert [Path(p).name for p in checkpoint_paths(str(root / victim / "image"))] == ["checkpoint-0000002.pt"]
     assert not any((root / r).exists() for r in later) and not (root / "results.json").exists()
     before = files_of(root, finished)
     assert before
@@ -396,7 +397,7 @@ def test_study_end_to_end_resumes_and_reruns_bit_for_bit(curated, tmp_path, monk
     # Only each stage's last checkpoint is kept (each stage wrote two), the killed run's too.
     for r in (finished[0], victim):
         for stage, last in (("image", 4), ("video", 3)):
-            assert [Path(p).name for p in loop.checkpoint_paths(str(root / r / stage))] == [f"checkpoint-{last:07d}.pt"]
+            assert [Path(p).name for p in checkpoint_paths(str(root / r / stage))] == [f"checkpoint-{last:07d}.pt"]
 
     # The main report links the study page.
     from curation.report import write_report
@@ -478,7 +479,7 @@ def test_a_large_output_is_sampled_by_whole_sources(curated, corpus):
     n = corpus.clips.num_rows
     assert n >= 4
     share = (n // 2) / n
-    expected = study._sampled(pa.chunked_array([corpus.clips.column("source_id").combine_chunks()]), share)
+    expected = study.corpus._sampled(pa.chunked_array([corpus.clips.column("source_id").combine_chunks()]), share)
     expected_ids = sorted(c for c, k in zip(corpus.ids, expected.to_pylist()) if k)
     if not expected_ids:  # the hash of this run's (temporary) paths drew no source
         with pytest.raises(study.StudyError, match="has no clips"):
@@ -496,7 +497,7 @@ def test_the_sample_takes_the_share_of_sources_a_hash_gives():
     import pyarrow as pa
 
     ids = [f"{i:016x}" for i in range(0, 4000, 2)] * 3  # 2000 sources, 3 rows each
-    inside = study._sampled(pa.chunked_array([pa.array(ids)]), 0.3).to_numpy(zero_copy_only=False)
+    inside = study.corpus._sampled(pa.chunked_array([pa.array(ids)]), 0.3).to_numpy(zero_copy_only=False)
     per_source = {}
     for sid, k in zip(ids, inside):
         per_source.setdefault(sid, set()).add(bool(k))

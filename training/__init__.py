@@ -7,10 +7,11 @@ stream.py     the data stream: shard row groups in seeded, resumable order, boun
 latents.py    latent mode: the autoencoder's latents of every row group, cached as parquet
 config.py     TrainConfig, the image/video/hq presets, key=value overrides
 loop.py       the training loop of one stage: EMA, checkpoints, exact resume, metrics
+checkpoint.py the checkpoint files: listed, loaded, the newest that loads, written durably
 ray_train.py  the same loop on Ray Train workers (DDP)
 sample.py     sampling a checkpoint to mp4 + GIF
 cli.py        `curate train` and `curate sample`
 synthetic.py  small synthetic shards for tests, the bench and smoke runs
-study.py      `curate ablate`: proxy models on curated / uncurated / ablated subsets, held-out loss
-study_report.py  the study's page (tables and plots)
+study/        `curate ablate`: proxy models on curated / uncurated / ablated subsets, held-out loss,
+              and the study's page (study/report.py)
 """

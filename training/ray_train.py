@@ -1,6 +1,6 @@
 """Data-parallel training of one stage with Ray Train (TorchTrainer, DDP).
 
-The trainer's one use of Ray Train; training/study.py's `--runner ray` uses plain Ray tasks instead.
+The trainer's one use of Ray Train; training/study/'s `--runner ray` uses plain Ray tasks instead.
 
 Only the shard file paths travel to the workers (no table goes through the object store): each
 worker plans the stream from the files' metadata and reads only its own data streams' row groups

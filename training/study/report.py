@@ -1,6 +1,6 @@
 """The page of a proxy-model study: OUT_DIR/study/<name>/index.html and plots/*.png.
 
-Built from results.json and study.json (training/study.py writes both) and, for the training
+Built from results.json and study.json (training/study/ writes both) and, for the training
 curves, the runs' metrics.csv files, so it can be rebuilt without training:
 `write_page(root, record, results)`. One self-contained file, in the main report's style
 (curation/report_html.py): plots inline as data: URLs, no script.
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.report.plots import _png, plt
 from curation.report.html import CSS, RawHtml, _table, e
+from curation.report.plots import _png, plt
 from stages.rules import fmt
 
 ARM_COLORS = {"curated": "#2e7d32", "uncurated": "#c62828", "curated_no_image_pretraining": "#6a1b9a"}
