@@ -256,7 +256,8 @@ def test_a_dying_model_actor_costs_only_the_rows_of_the_source_that_killed_it(ra
     import ray
 
     from curation.config import RayOptions, Step
-    from curation.pipeline import init_ray, start_actor_pools
+    from curation.pipeline import init_ray
+    from curation.pools import start_actor_pools
 
     raw = yaml.safe_load((REPO / "configs" / "spine.yaml").read_text())
     raw["steps"].append({"stage": "fault", "args": {"faults": {"kill_me": "kill", "hang_me": "hang"}},
@@ -290,7 +291,8 @@ def test_a_busy_model_actor_holds_up_no_batch_another_actor_is_free_for(ray_tmp)
 
     import ray
 
-    from curation.pipeline import init_ray, start_actor_pools
+    from curation.pipeline import init_ray
+    from curation.pools import start_actor_pools
 
     raw = yaml.safe_load((REPO / "configs" / "spine.yaml").read_text())
     raw["steps"].append({"stage": "fault", "args": {"faults": {"hang_me": "hang"}},

@@ -16,7 +16,8 @@ import yaml
 
 from curation import synth
 from curation.config import parse_config
-from curation.pipeline import ModelSetupError, init_ray, pools_bounds, run_ray, start_actor_pools
+from curation.pipeline import init_ray, run_ray
+from curation.pools import ModelSetupError, pools_bounds, start_actor_pools
 from curation.runner import run_local, run_pipeline
 from curation.writer import OutputStore
 
