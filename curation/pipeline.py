@@ -332,9 +332,12 @@ class StepMonitor:
             return
         self.last_log = now
         shares = self.shares(stats)
-        parts = [f"{name} {rate:.2f} rows/s {100 * share:.0f}% busy" + (f" ({detail})" if detail else "")
-                 for name, (rate, share, detail) in shares.items()]
-        worst = max(shares, key=lambda n: shares[n][1]) if shares else "-"
+        # A step with nothing done yet is "starting" (models loading, the first unit decoding),
+        # not "0.00 rows/s 0% busy", and cannot be the bottleneck.
+        started = {name: v for name, v in shares.items() if v[0] > 0 or v[1] > 0}
+        parts = [f"{name} " + (f"{rate:.2f} rows/s {100 * share:.0f}% busy" if name in started else "starting")
+                 + (f" ({detail})" if detail else "") for name, (rate, share, detail) in shares.items()]
+        worst = max(started, key=lambda n: started[n][1]) if started else "none yet"
         log.info("steps: %s | %d units running | bottleneck: %s", "; ".join(parts), running, worst)
 
 

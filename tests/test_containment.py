@@ -349,3 +349,10 @@ def test_the_progress_line_names_the_busiest_step(caplog):
     assert "bottleneck: ocr" in line
     assert "ocr 0.20 rows/s 95% busy (2 actors, 3 batches queued)" in line
     assert "split 0.40 rows/s 25% busy" in line
+    # At start-up, before any row: every step says "starting", and no step is the bottleneck.
+    fresh = StepMonitor(cfg, slots=2, every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="curation.pipeline"):
+        fresh.report({"ocr": {"actors": 2, "queued": 0, "rows": 0, "busy_s": 0.0}}, running=2)
+    line = caplog.records[-1].getMessage()
+    assert "rows/s" not in line and "% busy" not in line and "bottleneck: none yet" in line
+    assert "split starting" in line and "ocr starting (2 actors, 0 batches queued)" in line
