@@ -3,6 +3,7 @@
     curate run pipeline.yaml --input RAW --output OUT [--set step.arg=value] [--ray-address auto]
     curate report OUT                                (OUT/report/index.html + terminal table)
     curate refilter OUT --set filter.rules...        (new thresholds, no recompute)
+    curate review OUT [--config FILE] [--port N]     (a local page: thresholds by dragging, curation/review/)
     curate dedup OUT [--eps E] [--off]               (near-duplicate removal, curation/dedup/)
     curate compact OUT                               (large files, a ledger checkpoint: curation/compact.py)
     curate models check|download [pipeline.yaml]     (curation/weights_command.py)
@@ -179,6 +180,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from curation.review import ReviewError, serve
+
+    try:
+        return serve(args.output, args.config, args.host, args.port, browser=not args.no_browser)
+    except ReviewError as exc:
+        log.error("%s", exc)
+        return 2
+
+
 def cmd_refilter(args: argparse.Namespace) -> int:
     from curation.refilter import refilter
 
@@ -282,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--to", default=None, metavar="DIR",
                      help="write the report here (a local folder or a URI) instead of OUT_DIR/report/")
     rep.set_defaults(func=cmd_report)
+
+    rv = sub.add_parser("review", help="a local page: drag the filters' thresholds and watch the funnel follow")
+    rv.add_argument("output", help="a curation output (OUT_DIR: a folder or an s3://, gs://, az:// URI)")
+    rv.add_argument("--config", default=None, help="start from this pipeline config's rules (default: the run's)")
+    rv.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
+    rv.add_argument("--host", default="127.0.0.1",
+                    help="the address to bind (default 127.0.0.1: this machine only; the token guards it)")
+    rv.add_argument("--no-browser", action="store_true", help="print the address, do not open a browser")
+    rv.set_defaults(func=cmd_review)
 
     rf = sub.add_parser("refilter", help="new filter rules on the stored scores (no decoding, no scoring)")
     rf.add_argument("output")

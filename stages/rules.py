@@ -141,6 +141,31 @@ def is_source_error(split_error: Any, start_frame: Any) -> bool:
     return split_error is not None and start_frame is None
 
 
+def rule_checks(is_error: np.ndarray, values: dict[str, np.ndarray],
+                steps: Sequence[Rules]) -> list[tuple[int, str, str, np.ndarray]]:
+    """Every check of every (absolute) rule, in evaluation order: (step index, column, reason,
+    the clip rows it rejects). A rule's checks are "<column>:missing", then its min, then its
+    max; source-error rows are never rejected by a rule (they are "split_error"). The one
+    evaluation both `evaluate_rows` (refilter, the end-of-run pass) and the review page's
+    counts are built from, so they cannot disagree."""
+    n = int(is_error.shape[0])
+    clip = ~is_error
+    out = []
+    for index, rules in enumerate(steps):
+        for column, bounds in rules.items():
+            v = values.get(column)
+            if v is None:
+                v = np.full(n, np.nan)
+            missing = np.isnan(v)
+            out.append((index, column, f"{column}:missing", clip & missing))
+            with np.errstate(invalid="ignore"):
+                if "min" in bounds:
+                    out.append((index, column, f"{column}<{fmt(bounds['min'])}", clip & ~missing & (v < bounds["min"])))
+                if "max" in bounds:
+                    out.append((index, column, f"{column}>{fmt(bounds['max'])}", clip & ~missing & (v > bounds["max"])))
+    return out
+
+
 def evaluate_rows(is_error: np.ndarray, values: dict[str, np.ndarray],
                   steps: Sequence[Rules]) -> tuple[list[bool], list[list[str]]]:
     """keep and reject_reasons of every row under the (absolute) rules of each filter step.
@@ -148,27 +173,14 @@ def evaluate_rows(is_error: np.ndarray, values: dict[str, np.ndarray],
     is_error: bool per row, the row is a source error (`is_source_error`); values: float64
     per row for each ruled column, NaN where missing (a column absent from it is missing for
     every row). Same reasons, order and de-duplication as the filter stage applied step after
-    step, so a row's reasons are identical to a fresh run's; vectorised per rule because
-    refilter runs it over every clip of a run.
+    step, so a row's reasons are identical to a fresh run's; vectorised per rule (`rule_checks`)
+    because refilter runs it over every clip of a run.
     """
     n = int(is_error.shape[0])
     reasons: list[list[str]] = [[] for _ in range(n)]
-    clip = ~is_error
-    for rules in steps:
-        for column, bounds in rules.items():
-            v = values.get(column)
-            if v is None:
-                v = np.full(n, np.nan)
-            missing = np.isnan(v)
-            checks = [(clip & missing, f"{column}:missing")]
-            with np.errstate(invalid="ignore"):
-                if "min" in bounds:
-                    checks.append((clip & ~missing & (v < bounds["min"]), f"{column}<{fmt(bounds['min'])}"))
-                if "max" in bounds:
-                    checks.append((clip & ~missing & (v > bounds["max"]), f"{column}>{fmt(bounds['max'])}"))
-            for mask, reason in checks:
-                for i in np.flatnonzero(mask):
-                    reasons[i].append(reason)
+    for _, _, reason, mask in rule_checks(is_error, values, steps):
+        for i in np.flatnonzero(mask):
+            reasons[i].append(reason)
     for i in np.flatnonzero(is_error):
         reasons[i] = ["split_error"]
     reasons = [list(dict.fromkeys(r)) if len(r) > 1 else r for r in reasons]
@@ -195,7 +207,12 @@ def resolve_percentile(values: np.ndarray | Iterable[float | None], bounds: dict
     then rejected as missing anyway).
     """
     arr = np.asarray(values, dtype=np.float64) if isinstance(values, np.ndarray) else float_values(list(values))
-    arr = np.sort(arr[~np.isnan(arr)])
+    return resolve_sorted(np.sort(arr[~np.isnan(arr)]), bounds)
+
+
+def resolve_sorted(arr: np.ndarray, bounds: dict[str, float]) -> dict[str, Any]:
+    """`resolve_percentile` over values already sorted ascending, without NaN (the review
+    page keeps each column sorted, so a dragged percentile resolves without a sort)."""
     n = int(arr.size)
     out: dict[str, Any] = {k: bounds[k] for k in PERCENTILE_KEYS if k in bounds}
     out["values"] = n

@@ -1,0 +1,193 @@
+"""The review page's data: a finished run's score columns held once in memory, and the rules
+evaluated on them by the same code as `curate refilter` (stages/rules.py: percentile rules
+resolved by `resolve_sorted`, every check by `rule_checks`), so the page and refilter cannot
+disagree.
+
+What is held, for R rows: each numeric scores column as float64 (8 R bytes), its clip values
+sorted (for percentile rules and histograms, at most 8 R more), which rows are clips, which
+rows the run's dedup pass rejected, and each row's source (an int32 code). At 10^6 rows and
+the default pipeline's dozen numeric columns that is about 200 MB. Nothing per row is a
+Python object.
+
+Near-duplicates: a dedup decision depends on the rules (a group keeps its best clip under
+them), so refilter decides them again; the page counts the duplicates the run's last pass
+rejected as they stand and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation import columns, schema
+from curation.dedup import REASON_PREFIX
+from curation.writer import OutputStore
+from stages.rules import Rules, effective_bounds, filter_steps, percentile_rules, resolve_sorted, rule_checks
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_BINS = 60
+
+
+@dataclass
+class Rule:
+    """One rule's share of an evaluation."""
+
+    step: str
+    column: str
+    bounds: dict[str, float]  # as written (absolute or percentile)
+    effective: dict[str, float]  # the min/max it applies
+    rejects: int = 0  # clips it rejects
+    alone: int = 0  # clips it alone rejects (no other rule, not a duplicate)
+    after: int = 0  # clips left after it in the funnel (rules in pipeline order)
+
+
+@dataclass
+class Evaluation:
+    clips: int
+    kept: int
+    duplicates: int  # clips kept by the rules but rejected by the run's dedup pass
+    rules: list[Rule]
+    overlaps: list[list[int]]  # [i][j]: clips both rule i and rule j reject
+    keep: np.ndarray = field(repr=False)  # per row
+    seconds: float = 0.0  # the server time this evaluation took
+
+    def as_json(self) -> dict[str, Any]:
+        return {"clips": self.clips, "kept": self.kept, "duplicates": self.duplicates,
+                "rules": [{"step": r.step, "column": r.column, "bounds": r.bounds, "effective": r.effective,
+                           "rejects": r.rejects, "alone": r.alone, "after": r.after} for r in self.rules],
+                "overlaps": self.overlaps, "server_ms": round(1000 * self.seconds, 1)}
+
+
+class ReviewData:
+    """A run's score columns (module docstring). `load` reads them once, streaming the
+    committed scores files a row group at a time."""
+
+    def __init__(self, values: dict[str, np.ndarray], is_clip: np.ndarray, duplicate: np.ndarray,
+                 source: np.ndarray, source_ids: list[str]):
+        self.values, self.is_clip, self.duplicate = values, is_clip, duplicate
+        self.source, self.source_ids = source, source_ids
+        self.rows = int(is_clip.size)
+        self.clips = int(is_clip.sum())
+        self.sorted = {c: np.sort(v[is_clip & ~np.isnan(v)]) for c, v in values.items()}
+
+    @classmethod
+    def load(cls, store: OutputStore) -> ReviewData:
+        started = time.monotonic()
+        files = store.ledger().files("scores")
+        numeric = list(schema.NUMERIC_COLUMNS)
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
+        is_clip, duplicate, source = [], [], []
+        codes: dict[str, int] = {}
+        wanted = ["source_id", "split_error", "start_frame", "reject_reasons", *numeric]
+        for table in columns.scan(files, wanted):
+            is_clip.append(columns.is_clip(table))
+            for c in numeric:
+                parts[c].append(columns.floats(table, c))
+            duplicate.append(_duplicates(table.column("reject_reasons")))
+            ids = pc.dictionary_encode(table.column("source_id")).combine_chunks()
+            dictionary = ids.dictionary.to_pylist()  # one string per source in the row group
+            remap = np.array([codes.setdefault(s, len(codes)) for s in dictionary], np.int32)
+            source.append(remap[ids.indices.to_numpy(zero_copy_only=False)] if len(remap) else
+                          np.zeros(0, np.int32))
+        cat = (lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype))
+        clip_mask = cat(is_clip, bool)
+        values = {c: cat(parts[c], np.float64) for c in numeric}
+        # Columns no clip has a value in (a stage that did not run) are left out of the page.
+        values = {c: v for c, v in values.items() if np.any(~np.isnan(v[clip_mask]))}
+        data = cls(values, clip_mask, cat(duplicate, bool), cat(source, np.int32), list(codes))
+        log.info("review: %d rows (%d clips, %d sources) of %d columns in %.1fs", data.rows, data.clips,
+                 len(codes), len(values), time.monotonic() - started)
+        return data
+
+    def resolve(self, steps: list[tuple[str, Rules]]) -> list[tuple[str, str, dict[str, float], dict[str, float]]]:
+        """(step, column, bounds, effective min/max) of every rule, percentile rules resolved
+        over the held sorted values exactly as finalize resolves them."""
+        out = []
+        for name, rules in steps:
+            percentile = percentile_rules(rules)
+            for column, bounds in rules.items():
+                resolved = None
+                if column in percentile:
+                    resolved = resolve_sorted(self.sorted.get(column, np.zeros(0)), bounds)
+                out.append((name, column, bounds, effective_bounds(bounds, resolved)))
+        return out
+
+    def evaluate(self, steps: list[tuple[str, Rules]]) -> Evaluation:
+        """The funnel, each rule's rejects (all, alone), the overlaps and the kept total."""
+        started = time.perf_counter()
+        resolved = self.resolve(steps)
+        effective: list[Rules] = []
+        index_of = {name: i for i, (name, _) in enumerate(steps)}
+        for _ in steps:
+            effective.append({})
+        for name, column, _, bounds in resolved:
+            effective[index_of[name]][column] = bounds
+        masks: dict[tuple[int, str], np.ndarray] = {}
+        for index, column, _, mask in rule_checks(~self.is_clip, self.values, effective):
+            key = (index, column)
+            masks[key] = masks[key] | mask if key in masks else mask
+        rules = [Rule(name, column, bounds, eff) for name, column, bounds, eff in resolved]
+        stack = [masks[(index_of[r.step], r.column)] for r in rules]
+        count = np.zeros(self.rows, np.int16)
+        for m in stack:
+            count += m
+        rejected = count > 0
+        left = self.is_clip.copy()
+        for r, m in zip(rules, stack):
+            r.rejects = int(m.sum())
+            r.alone = int((m & (count == 1) & ~self.duplicate).sum())
+            left &= ~m
+            r.after = int(left.sum())
+        overlaps = [[int((a & b).sum()) for b in stack] for a in stack]
+        keep = self.is_clip & ~rejected & ~self.duplicate
+        duplicates = int((self.is_clip & ~rejected & self.duplicate).sum())
+        return Evaluation(self.clips, int(keep.sum()), duplicates, rules, overlaps, keep,
+                          time.perf_counter() - started)
+
+    def histogram(self, column: str, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+        """Counts of the clips' values of `column` in `bins` equal bins over the 0.5th to
+        99.5th percentile (the outermost bins take the tails), and the values missing."""
+        values = self.sorted[column]
+        n = int(values.size)
+        lo = float(values[int(0.005 * (n - 1))]) if n else 0.0
+        hi = float(values[int(0.995 * (n - 1))]) if n else 1.0
+        if hi <= lo:
+            lo, hi = (float(values[0]), float(values[-1])) if n else (0.0, 1.0)
+            hi = hi if hi > lo else lo + 1.0
+        edges = np.linspace(lo, hi, bins + 1)
+        counts = np.bincount(np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1),
+                             minlength=bins)
+        return {"column": column, "edges": edges.tolist(), "counts": counts.tolist(),
+                "missing": self.clips - n, "min": float(values[0]) if n else None,
+                "max": float(values[-1]) if n else None}
+
+    def percentile_of(self, column: str, value: float) -> float:
+        """The share of the clips' values of `column` below `value`."""
+        values = self.sorted[column]
+        return float(np.searchsorted(values, value, side="left")) / max(1, values.size)
+
+
+def _duplicates(reasons: pa.ChunkedArray) -> np.ndarray:
+    """Per row: a reason of the run's dedup pass is among its reject_reasons."""
+    reasons = reasons.combine_chunks() if isinstance(reasons, pa.ChunkedArray) else reasons
+    n = len(reasons)
+    flat = pc.list_flatten(reasons)
+    if not len(flat):
+        return np.zeros(n, bool)
+    hit = pc.starts_with(flat, REASON_PREFIX).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(reasons).to_numpy(zero_copy_only=False)
+    out = np.zeros(n, bool)
+    out[parents[np.asarray(hit, bool)]] = True
+    return out
+
+
+def rules_of(config: dict[str, Any]) -> list[tuple[str, Rules]]:
+    """The filter steps' rules of a config dict, checked (stages.rules.filter_steps)."""
+    return filter_steps(config)

@@ -1,0 +1,131 @@
+"""`curate review`: the page's counts come from refilter's code and equal `curate refilter`'s;
+the server refuses requests without its token and thresholds that are not numbers; the page
+in a real browser follows a dragged handle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from curation.refilter import refilter
+from curation.review import Review, ReviewError, ReviewServer
+from curation.writer import OutputStore
+from stages.rules import reason_column
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from scale_bench import fabricate  # noqa: E402  (a committed output of real score columns, in seconds)
+
+ABSOLUTE = {"duration_s": {"min": 4.0}, "motion_score": {"min": 2.5}, "text_area_ratio": {"max": 0.05}}
+PERCENTILE = {"duration_s": {"min": 3.0}, "motion_score": {"drop_bottom": 0.3}, "text_area_ratio": {"drop_top": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def run_out(tmp_path_factory) -> Path:
+    """About 5,000 clip rows of 500 sources (3% unreadable) in 125 units, compacted."""
+    base = tmp_path_factory.mktemp("review")
+    fabricate(base / "out", 5000, base / "sources")
+    # The fabricated rows are all kept: the rules applied once, as a run's end would.
+    refilter(base / "out", ["filter.rules.duration_s.min=2.0"])
+    return base / "out"
+
+
+@pytest.fixture(scope="module")
+def server(run_out):
+    srv = ReviewServer(Review(run_out)).start()
+    yield srv
+    srv.close()
+
+
+def call(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def refiltered(run_out: Path, tmp_path: Path, rules: dict) -> dict:
+    """`curate refilter` with these rules on a copy: kept, and per rule what its stored reasons
+    say (rejects, alone, the funnel after it, overlaps), read back from the rewritten scores."""
+    out = tmp_path / "copy"
+    shutil.copytree(run_out, out)
+    result = refilter(out, [f"filter.rules.{c}={json.dumps(b)}" for c, b in rules.items()])
+    table = OutputStore(out).read_scores()
+    names = list(rules)  # validated rules are in column-name order, as here
+    per_row = [{reason_column(r) for r in reasons}
+               for reasons, start in zip(table.column("reject_reasons").to_pylist(),
+                                         table.column("start_frame").to_pylist()) if start is not None]
+    after = [sum(1 for cols in per_row if not cols & set(names[:i + 1])) for i in range(len(names))]
+    return {"kept": result["kept"], "clips": len(per_row),
+            "rejects": [sum(1 for cols in per_row if n in cols) for n in names],
+            "alone": [sum(1 for cols in per_row if cols == {n}) for n in names],
+            "after": after,
+            "overlaps": {(a, b): sum(1 for cols in per_row if {a, b} <= cols) for a, b in combinations(names, 2)}}
+
+
+@pytest.mark.parametrize("rules", [ABSOLUTE, PERCENTILE], ids=["absolute", "percentile"])
+def test_the_pages_counts_equal_refilters(server, run_out, tmp_path, rules):
+    status, page = call(f"{server.base}/api/evaluate", {"rules": {"filter": rules}}, {"X-Review-Token": server.token})
+    assert status == 200, page
+    truth = refiltered(run_out, tmp_path, rules)
+    assert page["clips"] == truth["clips"] and page["kept"] == truth["kept"]
+    assert page["duplicates"] == 0
+    assert [r["column"] for r in page["rules"]] == list(rules)
+    assert [r["rejects"] for r in page["rules"]] == truth["rejects"]
+    assert [r["alone"] for r in page["rules"]] == truth["alone"]
+    assert [r["after"] for r in page["rules"]] == truth["after"]
+    names = list(rules)
+    for (a, b), n in truth["overlaps"].items():
+        assert page["overlaps"][names.index(a)][names.index(b)] == n == page["overlaps"][names.index(b)][names.index(a)]
+    assert all(r["rejects"] > 0 for r in page["rules"]) and page["kept"] < page["clips"]  # every rule bites here
+
+
+def test_the_state_holds_the_runs_rules_and_histograms(server):
+    status, state = call(f"{server.base}/api/state?token={server.token}")
+    assert status == 200
+    assert state["rules"] == {"filter": {"duration_s": {"min": 2.0}, "motion_score": {"min": 1.0},
+                                         "text_area_ratio": {"max": 0.07}}}
+    h = state["histograms"]["motion_score"]
+    assert sum(h["counts"]) + h["missing"] == state["clips"] and len(h["edges"]) == len(h["counts"]) + 1
+    assert state["evaluation"]["kept"] == OutputStore(Path(state["out_dir"])).ledger().totals()["kept"]
+
+
+def test_every_request_without_the_token_is_refused(server):
+    for url, body, headers in [(f"{server.base}/", None, {}), (f"{server.base}/api/state", None, {}),
+                               (f"{server.base}/api/state?token=wrong", None, {}),
+                               (f"{server.base}/api/evaluate", {"rules": {"filter": ABSOLUTE}}, {}),
+                               (f"{server.base}/api/evaluate", {"rules": {"filter": ABSOLUTE}},
+                                {"X-Review-Token": server.token[:-1]}),
+                               (f"{server.base}/nothing", None, {})]:
+        status, answer = call(url, body, headers)
+        assert status == 403, (url, headers)
+        assert "token" in answer["error"]
+    with urllib.request.urlopen(f"{server.base}/?token={server.token}", timeout=30) as r:
+        assert r.status == 200 and b"curate review" in r.read()
+
+
+def test_a_threshold_typed_as_text_is_refused_with_a_message(server):
+    for bounds, says in [({"min": "abc"}, "motion_score.min must be a number, got 'abc'"),
+                         ({"drop_bottom": 1.5}, "strictly between 0 and 1"),
+                         ({"min": 3, "max": 1}, "min 3 > max 1")]:
+        status, answer = call(f"{server.base}/api/evaluate", {"rules": {"filter": {"motion_score": bounds}}},
+                              {"X-Review-Token": server.token})
+        assert status == 400 and says in answer["error"], answer
+    status, answer = call(f"{server.base}/api/evaluate", {"rules": {"nofilter": {}}}, {"X-Review-Token": server.token})
+    assert status == 400 and "unknown filter step" in answer["error"]
+
+
+def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ReviewError, match="not a curation output"):
+        Review(tmp_path)
+

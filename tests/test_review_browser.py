@@ -1,0 +1,78 @@
+"""The review page in a real headless browser (Debian's chromium, driven by playwright, as the
+report's test): a dragged handle moves the threshold, the counts follow, and they equal
+`curate refilter`'s for the threshold the page ends on; nothing is fetched from elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from curation.refilter import refilter
+from curation.review import Review, ReviewServer
+from test_report_browser import browser  # noqa: F401  (the chromium fixture)
+from test_review import run_out  # noqa: F401  (a fabricated, refiltered output)
+
+
+@pytest.fixture
+def page_on(browser, run_out):  # noqa: F811
+    server = ReviewServer(Review(run_out)).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    outside: list[str] = []
+    context.route("**/*", lambda route: (outside.append(route.request.url), route.abort())
+                  if not route.request.url.startswith(server.base) else route.continue_())
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield server, page, outside, errors
+    context.close()
+    server.close()
+
+
+def test_dragging_a_handle_gives_refilters_counts(page_on, run_out, tmp_path):
+    server, page, outside, errors = page_on
+    page.goto(server.url)
+    kept = page.locator("#kept")
+    page.wait_for_function("document.querySelector('#kept').textContent.match(/[0-9]/)")
+    before = int(kept.text_content().replace(",", ""))
+    handle = page.locator('tr[data-rule="filter.motion_score"] circle.grip')
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 9):  # a drag to the right, in steps, as a hand moves
+        page.mouse.move(x + 12 * step, y)
+    page.mouse.up()
+    threshold = page.locator('input[aria-label="filter.motion_score.min"]')
+    page.wait_for_function(
+        "([b]) => +document.querySelector('#kept').textContent.replace(/,/g, '') < b", arg=[before])
+    page.wait_for_load_state("networkidle")
+    value = float(threshold.input_value())
+    assert value > 1.0  # the run's rule was min 1.0; the handle went right
+    shown = {name: int(page.locator(f'tr[data-rule="filter.motion_score"] .{name}').text_content().replace(",", ""))
+             for name in ("rejects", "alone")}
+    copy = tmp_path / "copy"
+    shutil.copytree(run_out, copy)
+    result = refilter(copy, [f"filter.rules.motion_score={json.dumps({'min': value})}"])
+    assert int(kept.text_content().replace(",", "")) == result["kept"] < before
+    assert shown["rejects"] > 0 and shown["alone"] > 0
+    assert not outside and not errors
+    # The README's picture of the page: CURATE_SCREENSHOT_DIR=docs/images pytest ... writes it.
+    shot = Path(os.environ.get("CURATE_SCREENSHOT_DIR") or tmp_path) / "review.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def test_a_word_for_a_threshold_is_refused_on_the_page(page_on):
+    server, page, outside, errors = page_on
+    page.goto(server.url)
+    page.wait_for_function("document.querySelector('#kept').textContent.match(/[0-9]/)")
+    kept = page.locator("#kept").text_content()
+    page.locator('input[aria-label="filter.motion_score.min"]').fill("high")
+    page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+    assert "must be a number, got 'high'" in page.locator("#error").text_content()
+    assert page.locator("#kept").text_content() == kept  # nothing recounted
+    assert not outside and not errors
