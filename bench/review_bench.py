@@ -10,6 +10,7 @@ starts the server, and prints
 - a drag: the server time of /api/evaluate over 40 thresholds swept across a score's range,
   absolute and percentile rules, median and worst (the goal: under 200 ms at 10^6 rows);
 - the page: the time until /api/state has answered (what the page waits for), its bytes;
+- a gallery: the clips just kept and dropped at 10 thresholds, round trip;
 - the peak RSS of the process (the goal: under 1 GB at 10^6 rows); the output is made in a
   child process, so this is the server's.
 """
@@ -99,6 +100,16 @@ def main() -> None:
             print(f"drag ({kind} rule, 40 thresholds): server {statistics.median(server_ms):.0f} ms median, "
                   f"{max(server_ms):.0f} ms worst; round trip {statistics.median(round_ms):.0f} ms median",
                   flush=True)
+        times = []
+        for i in range(10):
+            rules = {"duration_s": {"min": 2.0}, "text_area_ratio": {"max": 0.07},
+                     "motion_score": {"min": lo + (hi - lo) * i / 9}}
+            started = time.perf_counter()
+            post(f"{server.base}/api/gallery", server.token,
+                 {"rules": {"filter": rules}, "step": "filter", "column": "motion_score", "n": 8})
+            times.append(1000 * (time.perf_counter() - started))
+        print(f"gallery (8 kept and 8 dropped clips at 10 thresholds): {statistics.median(times):.0f} ms median, "
+              f"{max(times):.0f} ms worst, round trip", flush=True)
     finally:
         server.close()
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -12,6 +12,8 @@ import urllib.request
 from itertools import combinations
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation.refilter import refilter
@@ -129,3 +131,48 @@ def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(ReviewError, match="not a curation output"):
         Review(tmp_path)
 
+
+
+def test_the_gallery_holds_the_clips_nearest_the_threshold(server, run_out, tmp_path):
+    rules = {"duration_s": {"min": 2.0}, "motion_score": {"min": 2.5}, "text_area_ratio": {"max": 0.07}}
+    status, g = call(f"{server.base}/api/gallery", {"rules": {"filter": rules}, "step": "filter",
+                                                    "column": "motion_score", "n": 5}, {"X-Review-Token": server.token})
+    assert status == 200, g
+    assert len(g["kept"]) == 5 and len(g["dropped"]) == 5
+    # Brute force over what refilter stores under the same rules: among the clips no other
+    # rule rejects, the kept ones just above 2.5 and the dropped ones just below, nearest first.
+    out = tmp_path / "copy"
+    shutil.copytree(run_out, out)
+    refilter(out, [f"filter.rules.{c}={json.dumps(b)}" for c, b in rules.items()])
+    rows = [r for r in OutputStore(out).read_scores().to_pylist() if r["start_frame"] is not None]
+    others = [r for r in rows if not {reason_column(x) for x in r["reject_reasons"]} - {"motion_score"}]
+    kept = sorted((r for r in others if r["keep"]), key=lambda r: abs(r["motion_score"] - 2.5))[:5]
+    dropped = sorted((r for r in others if not r["keep"]), key=lambda r: abs(r["motion_score"] - 2.5))[:5]
+    assert [c["clip_id"] for c in g["kept"]] == [r["clip_id"] for r in kept]
+    assert [c["clip_id"] for c in g["dropped"]] == [r["clip_id"] for r in dropped]
+    stored = {r["clip_id"]: r for r in rows}
+    for c in g["kept"] + g["dropped"]:  # each card: its source, span, scores and every reason, as stored
+        r = stored[c["clip_id"]]
+        assert c["reasons"] == r["reject_reasons"] and c["source"] == r["source_path"]
+        assert c["start_s"] == r["start_s"] and c["scores"]["motion_score"] == r["motion_score"]
+
+
+def test_a_clip_is_served_with_range_requests(server, run_out):
+    status, g = call(f"{server.base}/api/gallery", {"rules": {"filter": ABSOLUTE}, "step": "filter",
+                                                    "column": "motion_score", "n": 1}, {"X-Review-Token": server.token})
+    clip_id = g["kept"][0]["clip_id"]
+    clips = pa.concat_tables(pq.read_table(f, columns=["clip_id", "video"])
+                             for f in OutputStore(run_out).committed_files("clips"))
+    stored = dict(zip(clips.column("clip_id").to_pylist(), clips.column("video").to_pylist()))[clip_id]
+    url = f"{server.base}/clip/{clip_id}.mp4?token={server.token}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200 and r.headers["Accept-Ranges"] == "bytes" and r.read() == stored
+    request = urllib.request.Request(url, headers={"Range": "bytes=10-99"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.status == 206 and r.headers["Content-Range"] == f"bytes 10-99/{len(stored)}"
+        assert r.read() == stored[10:100]
+    request = urllib.request.Request(url, headers={"Range": "bytes=-16"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.status == 206 and r.read() == stored[-16:]
+    assert call(f"{server.base}/clip/{clip_id}.mp4")[0] == 403
+    assert call(f"{server.base}/clip/nope.mp4?token={server.token}")[0] == 404

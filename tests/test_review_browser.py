@@ -16,6 +16,8 @@ from curation.review import Review, ReviewServer
 from test_report_browser import browser  # noqa: F401  (the chromium fixture)
 from test_review import run_out  # noqa: F401  (a fabricated, refiltered output)
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def page_on(browser, run_out):  # noqa: F811
@@ -76,3 +78,39 @@ def test_a_word_for_a_threshold_is_refused_on_the_page(page_on):
     assert "must be a number, got 'high'" in page.locator("#error").text_content()
     assert page.locator("#kept").text_content() == kept  # nothing recounted
     assert not outside and not errors
+
+
+@pytest.fixture(scope="module")
+def real_out(footage, tmp_path_factory):
+    """A real run of the spine on the generated footage: its clips are real mp4s."""
+    from curation.config import load_config
+    from curation.runner import run_local, run_pipeline
+
+    out = tmp_path_factory.mktemp("review-real") / "out"
+    run_pipeline(load_config(REPO / "configs" / "spine.yaml", ["split.min_duration_s=1.0", "run.sources_per_unit=2"]),
+                 [str(footage[0])], out, run_local)
+    return out
+
+
+def test_a_gallery_clip_plays_on_hover(browser, real_out):  # noqa: F811
+    server = ReviewServer(Review(real_out)).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(server.url)
+        page.locator('tr[data-rule="filter.motion_score"] td').first.click()
+        page.wait_for_selector(".card video")
+        cards = page.locator(".card")
+        assert cards.count() >= 2
+        card = cards.first
+        card.scroll_into_view_if_needed()
+        card.hover()
+        page.wait_for_function("document.querySelector('.card video').currentTime > 0.3", timeout=20_000)
+        assert card.locator(".where").text_content().endswith(" s")  # its source and time span
+        assert card.locator(".reasons").text_content()
+        assert not errors
+    finally:
+        context.close()
+        server.close()

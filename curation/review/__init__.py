@@ -4,11 +4,15 @@ The page shows the rules as they stand (the funnel, each rule's rejects and thos
 rejects, the overlaps between rules) and a histogram of each ruled score with its thresholds
 as handles. A handle dragged (or a threshold typed) asks the server, which evaluates the
 rules with `curate refilter`'s own code on the run's score columns held in memory
-(data.py), so the page and refilter cannot disagree.
+(data.py), so the page and refilter cannot disagree. Two galleries follow the chosen rule:
+the clips just kept and just dropped at its threshold, each playing its own mp4 from the
+output on hover.
 
-  data.py    the held columns and the evaluation (ReviewData, Evaluation)
-  server.py  the HTTP server, its token and routes (Review, ReviewServer)
-  page.html  the page (no external script, style or font: nothing leaves the machine)
+  data.py     the held columns and the evaluation (ReviewData, Evaluation), the clips
+              nearest a threshold
+  payload.py  a clip's stored mp4 and caption, found by its place among the clip rows
+  server.py   the HTTP server, its token and routes (Review, ReviewServer)
+  page.html   the page (no external script, style or font: nothing leaves the machine)
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ class Rule:
     rejects: int = 0  # clips it rejects
     alone: int = 0  # clips it alone rejects (no other rule, not a duplicate)
     after: int = 0  # clips left after it in the funnel (rules in pipeline order)
+    index: int = 0  # its filter step's place among the config's filter steps
 
 
 @dataclass
@@ -56,7 +57,14 @@ class Evaluation:
     rules: list[Rule]
     overlaps: list[list[int]]  # [i][j]: clips both rule i and rule j reject
     keep: np.ndarray = field(repr=False)  # per row
+    checks: list[tuple[int, str, str, np.ndarray]] = field(repr=False, default_factory=list)  # rule_checks'
     seconds: float = 0.0  # the server time this evaluation took
+
+    def reasons(self, row: int, duplicate: bool) -> list[str]:
+        """One row's reject_reasons under these rules (as refilter would store them, with the
+        run's duplicate decision as it stands)."""
+        out = list(dict.fromkeys(reason for _, _, reason, mask in self.checks if mask[row]))
+        return out + (["duplicate (as the run decided)"] if duplicate else [])
 
     def as_json(self) -> dict[str, Any]:
         return {"clips": self.clips, "kept": self.kept, "duplicates": self.duplicates,
@@ -70,9 +78,13 @@ class ReviewData:
     committed scores files a row group at a time."""
 
     def __init__(self, values: dict[str, np.ndarray], is_clip: np.ndarray, duplicate: np.ndarray,
-                 source: np.ndarray, source_ids: list[str]):
+                 source: np.ndarray, source_ids: list[str], clip_ids: pa.Array | None = None,
+                 source_paths: list[str] | None = None):
         self.values, self.is_clip, self.duplicate = values, is_clip, duplicate
         self.source, self.source_ids = source, source_ids
+        self.source_paths = source_paths or []
+        self.clip_ids = clip_ids if clip_ids is not None else pa.array([], pa.string())
+        self.clip_rank = np.cumsum(is_clip, dtype=np.int64) - 1  # a clip row's place among the clip rows
         self.rows = int(is_clip.size)
         self.clips = int(is_clip.sum())
         self.sorted = {c: np.sort(v[is_clip & ~np.isnan(v)]) for c, v in values.items()}
@@ -83,25 +95,37 @@ class ReviewData:
         files = store.ledger().files("scores")
         numeric = list(schema.NUMERIC_COLUMNS)
         parts: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
-        is_clip, duplicate, source = [], [], []
+        is_clip, duplicate, source, clip_ids = [], [], [], []
         codes: dict[str, int] = {}
-        wanted = ["source_id", "split_error", "start_frame", "reject_reasons", *numeric]
+        paths: list[str] = []
+        wanted = ["clip_id", "source_id", "source_path", "split_error", "start_frame", "reject_reasons", *numeric]
         for table in columns.scan(files, wanted):
+            clip_ids.append(table.column("clip_id").combine_chunks())
             is_clip.append(columns.is_clip(table))
             for c in numeric:
                 parts[c].append(columns.floats(table, c))
             duplicate.append(_duplicates(table.column("reject_reasons")))
             ids = pc.dictionary_encode(table.column("source_id")).combine_chunks()
             dictionary = ids.dictionary.to_pylist()  # one string per source in the row group
-            remap = np.array([codes.setdefault(s, len(codes)) for s in dictionary], np.int32)
-            source.append(remap[ids.indices.to_numpy(zero_copy_only=False)] if len(remap) else
-                          np.zeros(0, np.int32))
+            indices = ids.indices.to_numpy(zero_copy_only=False)
+            first = np.zeros(len(dictionary), np.int64)  # each source's first row in the group
+            present, at = np.unique(indices, return_index=True)
+            first[present] = at
+            new = [k for k, sid in enumerate(dictionary) if sid not in codes]
+            if new:
+                taken = table.column("source_path").take(pa.array(first[new])).to_pylist()
+                for k, path in zip(new, taken):
+                    codes[dictionary[k]] = len(codes)
+                    paths.append(path)
+            remap = np.array([codes[s] for s in dictionary], np.int32)
+            source.append(remap[indices] if len(remap) else np.zeros(0, np.int32))
         cat = (lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype))
         clip_mask = cat(is_clip, bool)
         values = {c: cat(parts[c], np.float64) for c in numeric}
         # Columns no clip has a value in (a stage that did not run) are left out of the page.
         values = {c: v for c, v in values.items() if np.any(~np.isnan(v[clip_mask]))}
-        data = cls(values, clip_mask, cat(duplicate, bool), cat(source, np.int32), list(codes))
+        data = cls(values, clip_mask, cat(duplicate, bool), cat(source, np.int32), list(codes),
+                   pa.concat_arrays(clip_ids) if clip_ids else None, paths)
         log.info("review: %d rows (%d clips, %d sources) of %d columns in %.1fs", data.rows, data.clips,
                  len(codes), len(values), time.monotonic() - started)
         return data
@@ -130,10 +154,11 @@ class ReviewData:
         for name, column, _, bounds in resolved:
             effective[index_of[name]][column] = bounds
         masks: dict[tuple[int, str], np.ndarray] = {}
-        for index, column, _, mask in rule_checks(~self.is_clip, self.values, effective):
+        checks = rule_checks(~self.is_clip, self.values, effective)
+        for index, column, _, mask in checks:
             key = (index, column)
             masks[key] = masks[key] | mask if key in masks else mask
-        rules = [Rule(name, column, bounds, eff) for name, column, bounds, eff in resolved]
+        rules = [Rule(name, column, bounds, eff, index=index_of[name]) for name, column, bounds, eff in resolved]
         stack = [masks[(index_of[r.step], r.column)] for r in rules]
         count = np.zeros(self.rows, np.int16)
         for m in stack:
@@ -148,8 +173,32 @@ class ReviewData:
         overlaps = [[int((a & b).sum()) for b in stack] for a in stack]
         keep = self.is_clip & ~rejected & ~self.duplicate
         duplicates = int((self.is_clip & ~rejected & self.duplicate).sum())
-        return Evaluation(self.clips, int(keep.sum()), duplicates, rules, overlaps, keep,
+        return Evaluation(self.clips, int(keep.sum()), duplicates, rules, overlaps, keep, checks,
                           time.perf_counter() - started)
+
+    def near_threshold(self, evaluation: Evaluation, rule: Rule, n: int = 12) -> dict[str, list[int]]:
+        """The rows just kept and just dropped at a rule's thresholds: among the clips no other
+        rule rejects (and not duplicates), the `n` the rule keeps and the `n` it rejects whose
+        values are nearest one of its thresholds, nearest first."""
+        v = self.values.get(rule.column)
+        bounds = [b for b in (rule.effective.get("min"), rule.effective.get("max")) if b is not None]
+        if v is None or not bounds:
+            return {"kept": [], "dropped": []}
+        own = np.zeros(self.rows, bool)
+        others = np.zeros(self.rows, bool)
+        for index, column, _, mask in evaluation.checks:
+            if column == rule.column and index == rule.index:
+                own |= mask
+            else:
+                others |= mask
+        free = self.is_clip & ~others & ~self.duplicate & ~np.isnan(v)
+        distance = np.min(np.abs(v[:, None] - np.asarray(bounds)[None, :]), axis=1)
+        out = {}
+        for side, rows in (("kept", np.flatnonzero(free & ~own)), ("dropped", np.flatnonzero(free & own))):
+            if rows.size > n:
+                rows = rows[np.argpartition(distance[rows], n)[:n]]
+            out[side] = rows[np.argsort(distance[rows], kind="stable")].tolist()
+        return out
 
     def histogram(self, column: str, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
         """Counts of the clips' values of `column` in `bins` equal bins over the 0.5th to

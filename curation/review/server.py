@@ -14,22 +14,31 @@ Routes:
   POST /api/evaluate     {"rules": {step: {column: bounds}}} -> the funnel, each rule's
                          rejects (all, alone), the overlaps, the kept total; a rule that is
                          not valid (a threshold typed as text) -> 400 with the reason
+  POST /api/gallery      {"rules": ..., "step": S, "column": C, "n": 12} -> the clips just kept
+                         and just dropped at that rule's thresholds, each with its source,
+                         time span, scores, caption and every rejection reason
+  GET  /clip/ID.mp4      a clip's own mp4 from the output, with HTTP range requests
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from curation.config import load_config
+import numpy as np
+import pyarrow.compute as pc
+
 from curation.review.data import ReviewData, rules_of
+from curation.review.payload import Payloads
 from curation.schema import NUMERIC_COLUMNS
 from curation.writer import OutputStore
 from stages.rules import Rules, validate_rules
@@ -61,6 +70,7 @@ class Review:
         self.data = ReviewData.load(self.store)
         if not self.data.rows:
             raise ReviewError(f"{self.store.root} has no committed clips yet")
+        self.payloads = Payloads(self.store)
 
     def parse_rules(self, payload: Any) -> list[tuple[str, Rules]]:
         """The page's rules, checked as a config's are (ValueError says what is wrong)."""
@@ -77,6 +87,40 @@ class Review:
             except ValueError as exc:
                 raise ValueError(f"{name}.{exc}") from None
         return out
+
+    def row_of(self, clip_id: str) -> int | None:
+        found = pc.index(self.data.clip_ids, clip_id).as_py()
+        return None if found is None or found < 0 else int(found)
+
+    def clip(self, row: int, evaluation: Any) -> dict[str, Any]:
+        """What a gallery card shows of one clip."""
+        d = self.data
+        clip_id = d.clip_ids[row].as_py()
+        payload = self.payloads.row(int(d.clip_rank[row]), clip_id) or {}
+        scores = {c: float(v[row]) for c, v in d.values.items() if not np.isnan(v[row])}
+        return {"clip_id": clip_id, "source": d.source_paths[d.source[row]] if d.source_paths else None,
+                "source_id": d.source_ids[d.source[row]], "start_s": scores.get("start_s"),
+                "duration_s": scores.get("duration_s"), "scores": scores, "caption": payload.get("caption"),
+                "reasons": evaluation.reasons(row, bool(d.duplicate[row])), "video": self.payloads.available}
+
+    def gallery(self, payload: Any) -> dict[str, Any]:
+        """The clips just kept and just dropped at one rule's thresholds under these rules."""
+        steps = self.parse_rules(payload)
+        evaluation = self.data.evaluate(steps)
+        target = [r for r in evaluation.rules if r.step == payload.get("step") and r.column == payload.get("column")]
+        if not target:
+            raise ValueError(f"no rule {payload.get('step')}.{payload.get('column')} among the rules sent")
+        n = max(1, min(48, int(payload.get("n") or 12)))
+        rows = self.data.near_threshold(evaluation, target[0], n)
+        return {"step": target[0].step, "column": target[0].column, "effective": target[0].effective,
+                **{side: [self.clip(r, evaluation) for r in rows[side]] for side in ("kept", "dropped")}}
+
+    def video(self, clip_id: str) -> bytes | None:
+        row = self.row_of(clip_id)
+        if row is None or not self.data.is_clip[row]:
+            return None
+        found = self.payloads.row(int(self.data.clip_rank[row]), clip_id, ("video",))
+        return found.get("video") if found else None
 
     def state(self) -> dict[str, Any]:
         ruled = [c for _, rules in self.steps for c in rules]
@@ -107,6 +151,38 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def _ranged(self, body: bytes, kind: str) -> None:
+            """`body`, or the byte range a `Range: bytes=a-b` header asks for (206), as a
+            video element seeks."""
+            wanted = self.headers.get("Range", "")
+            match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
+            if not match or not (match.group(1) or match.group(2)):
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            size = len(body)
+            if match.group(1):
+                start, end = int(match.group(1)), min(size - 1, int(match.group(2) or size - 1))
+            else:  # the last N bytes
+                start, end = max(0, size - int(match.group(2))), size - 1
+            if start >= size or start > end:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(HTTPStatus.PARTIAL_CONTENT)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self.wfile.write(body[start:end + 1])
+
         def _json(self, status: int, payload: Any) -> None:
             self._send(status, json.dumps(payload).encode(), "application/json")
 
@@ -118,6 +194,11 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                 return self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
             if path == "/api/state":
                 return self._json(HTTPStatus.OK, review.state())
+            if path.startswith("/clip/") and path.endswith(".mp4"):
+                video = review.video(unquote(path[len("/clip/"):-len(".mp4")]))
+                if not video:
+                    return self._json(HTTPStatus.NOT_FOUND, {"error": "no stored video for this clip"})
+                return self._ranged(video, "video/mp4")
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
 
         def do_POST(self) -> None:  # noqa: N802
@@ -137,6 +218,11 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                 except ValueError as exc:
                     return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return self._json(HTTPStatus.OK, review.data.evaluate(steps).as_json())
+            if path == "/api/gallery":
+                try:
+                    return self._json(HTTPStatus.OK, review.gallery(payload))
+                except ValueError as exc:
+                    return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such action: {path}"})
 
         def do_PUT(self) -> None:  # noqa: N802
