@@ -12,6 +12,7 @@ import urllib.request
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -176,3 +177,62 @@ def test_a_clip_is_served_with_range_requests(server, run_out):
         assert r.status == 206 and r.read() == stored[-16:]
     assert call(f"{server.base}/clip/{clip_id}.mp4")[0] == 403
     assert call(f"{server.base}/clip/nope.mp4?token={server.token}")[0] == 404
+
+
+def test_labels_are_saved_measured_against_the_rules_and_survive_a_restart(run_out, tmp_path):
+    out = tmp_path / "labelled"
+    shutil.copytree(run_out, out)
+    server = ReviewServer(Review(out)).start()
+    token = {"X-Review-Token": server.token}
+    try:
+        rules = {"rules": {"filter": ABSOLUTE}}
+        status, g = call(f"{server.base}/api/gallery", {**rules, "step": "filter", "column": "motion_score", "n": 3},
+                         token)
+        just_kept, just_dropped = [c["clip_id"] for c in g["kept"]], [c["clip_id"] for c in g["dropped"]]
+        # The reviewer disagrees with the rule on all six: kept ones are drops, dropped ones keeps.
+        for clip_id in just_kept:
+            assert call(f"{server.base}/api/label", {"clip_id": clip_id, "label": "drop"}, token)[0] == 200
+        for clip_id in just_dropped:
+            assert call(f"{server.base}/api/label", {"clip_id": clip_id, "label": "keep"}, token)[0] == 200
+        status, a = call(f"{server.base}/api/agreement", rules, token)
+        assert (a["labelled"], a["labelled_keep"], a["labelled_drop"]) == (6, 3, 3)
+        assert (a["agree"], a["dropped_but_keep"], a["kept_but_drop"]) == (0, 3, 3)
+        by_rule = {r["column"]: r for r in a["rules"]}
+        assert by_rule["motion_score"]["rejects_keep"] == 3 and by_rule["motion_score"]["passes_drop"] == 3
+        assert by_rule["duration_s"]["rejects_keep"] == 0 and by_rule["duration_s"]["passes_drop"] == 3
+        # A label changed: the figures follow.
+        call(f"{server.base}/api/label", {"clip_id": just_kept[0], "label": "keep"}, token)
+        assert call(f"{server.base}/api/agreement", rules, token)[1]["agree"] == 1
+        assert call(f"{server.base}/api/label", {"clip_id": just_kept[0], "label": "maybe"}, token)[0] == 400
+        assert call(f"{server.base}/api/label", {"clip_id": "no-such-clip", "label": "keep"}, token)[0] == 400
+    finally:
+        server.close()
+    saved = json.loads((out / "review" / "labels.json").read_text())["labels"]
+    assert {c: e["label"] for c, e in saved.items()} == {**{c: "drop" for c in just_kept[1:]}, just_kept[0]: "keep",
+                                                          **{c: "keep" for c in just_dropped}}
+    again = Review(out)  # a restarted server reads them back
+    evaluation = again.data.evaluate(again.parse_rules(rules))
+    assert again.labels.agreement(evaluation)["agree"] == 1
+
+
+def test_the_proposed_threshold_agrees_best_with_the_labels_and_ties_go_looser():
+    from curation.review.labels import best_threshold
+
+    values = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
+    keep = np.array([False, False, True, False, True, True])
+    # min: 1.5 agrees with 5 (drops 0.5 and 1.0; keeps 1.5, 3, 4; the drop at 2.0 passes);
+    # 3.0 agrees with 5 too (drops all three drops, loses the keep at 1.5): the looser, 1.5, wins.
+    assert best_threshold(values, keep, "min") == (1.5, 5)
+    assert best_threshold(values, ~keep, "max") == (2.0, 5)  # mirrored: the highest max of the best
+    assert best_threshold(values, np.ones(6, bool), "min") == (None, 6)  # all keep: no bound
+    assert best_threshold(values, np.zeros(6, bool), "min") == (np.nextafter(4.0, np.inf), 6)  # all drop
+    rng = np.random.default_rng(7)
+    for _ in range(200):  # against every candidate, by brute force
+        v = rng.integers(0, 8, 12).astype(float)
+        k = rng.random(12) < 0.5
+        t, agree = best_threshold(v, k, "min")
+        cuts = set(v) | {np.nextafter(v.max(), np.inf)}
+        scores = {None: int(k.sum()), **{c: int((k & (v >= c)).sum() + (~k & (v < c)).sum()) for c in cuts}}
+        top = max(scores.values())
+        assert agree == top and t == min((c for c, s in scores.items() if s == top),
+                                         key=lambda c: -np.inf if c is None else c)

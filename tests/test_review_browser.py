@@ -114,3 +114,35 @@ def test_a_gallery_clip_plays_on_hover(browser, real_out):  # noqa: F811
     finally:
         context.close()
         server.close()
+
+
+def test_a_key_labels_the_hovered_clip_and_the_agreement_follows(browser, run_out, tmp_path):  # noqa: F811
+    out = tmp_path / "labelled"
+    shutil.copytree(run_out, out)
+    server = ReviewServer(Review(out)).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("#just-kept .card")
+        assert page.locator("#agreement").text_content() == "No clip labelled yet."
+        card = page.locator("#just-kept .card").first
+        clip_id = card.get_attribute("data-clip")
+        card.scroll_into_view_if_needed()
+        card.hover()
+        page.keyboard.press("d")
+        page.wait_for_function("document.querySelector('#agreement').textContent.startsWith('1 clips')")
+        assert "keep 1 labelled drop" in page.locator("#agreement").text_content()  # the rules keep it
+        assert "label-drop" in card.get_attribute("class")
+        saved = json.loads((out / "review" / "labels.json").read_text())["labels"]
+        assert saved[clip_id]["label"] == "drop"
+        page.locator("#propose").click()
+        page.wait_for_selector("#proposals tr[data-rule='filter.motion_score.min']")
+        proposal = page.locator("#proposals tr[data-rule='filter.motion_score.min'] .value").text_content()
+        assert proposal.startswith("min ")  # a min just above the clip labelled drop
+        assert not errors
+    finally:
+        context.close()
+        server.close()

@@ -11,6 +11,8 @@ output on hover.
   data.py     the held columns and the evaluation (ReviewData, Evaluation), the clips
               nearest a threshold
   payload.py  a clip's stored mp4 and caption, found by its place among the clip rows
+  labels.py   reviewers' keep/drop labels (OUT_DIR/review/labels.json), their agreement
+              with the rules, and the thresholds that agree best with them
   server.py   the HTTP server, its token and routes (Review, ReviewServer)
   page.html   the page (no external script, style or font: nothing leaves the machine)
 """

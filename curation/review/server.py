@@ -17,6 +17,11 @@ Routes:
   POST /api/gallery      {"rules": ..., "step": S, "column": C, "n": 12} -> the clips just kept
                          and just dropped at that rule's thresholds, each with its source,
                          time span, scores, caption and every rejection reason
+  POST /api/label        {"clip_id": ID, "label": "keep" | "drop" | null}: saved in
+                         OUT_DIR/review/labels.json (curation/review/labels.py)
+  POST /api/agreement    {"rules": ..., "propose": bool} -> the labels against the rules, each
+                         rule's share of the disagreement; with propose, per ruled score the
+                         threshold that agrees best with the labels and the clips it keeps
   GET  /clip/ID.mp4      a clip's own mp4 from the output, with HTTP range requests
 """
 
@@ -38,6 +43,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from curation.review.data import ReviewData, rules_of
+from curation.review.labels import Labels
 from curation.review.payload import Payloads
 from curation.schema import NUMERIC_COLUMNS
 from curation.writer import OutputStore
@@ -71,6 +77,7 @@ class Review:
         if not self.data.rows:
             raise ReviewError(f"{self.store.root} has no committed clips yet")
         self.payloads = Payloads(self.store)
+        self.labels = Labels(self.store, self.data)
 
     def parse_rules(self, payload: Any) -> list[tuple[str, Rules]]:
         """The page's rules, checked as a config's are (ValueError says what is wrong)."""
@@ -101,7 +108,8 @@ class Review:
         return {"clip_id": clip_id, "source": d.source_paths[d.source[row]] if d.source_paths else None,
                 "source_id": d.source_ids[d.source[row]], "start_s": scores.get("start_s"),
                 "duration_s": scores.get("duration_s"), "scores": scores, "caption": payload.get("caption"),
-                "reasons": evaluation.reasons(row, bool(d.duplicate[row])), "video": self.payloads.available}
+                "reasons": evaluation.reasons(row, bool(d.duplicate[row])), "video": self.payloads.available,
+                "label": self.labels.label_of(clip_id)}
 
     def gallery(self, payload: Any) -> dict[str, Any]:
         """The clips just kept and just dropped at one rule's thresholds under these rules."""
@@ -114,6 +122,15 @@ class Review:
         rows = self.data.near_threshold(evaluation, target[0], n)
         return {"step": target[0].step, "column": target[0].column, "effective": target[0].effective,
                 **{side: [self.clip(r, evaluation) for r in rows[side]] for side in ("kept", "dropped")}}
+
+    def agreement(self, payload: Any) -> dict[str, Any]:
+        """The labels against these rules; with "propose": true, the thresholds that agree best."""
+        steps = self.parse_rules(payload)
+        evaluation = self.data.evaluate(steps)
+        out = self.labels.agreement(evaluation)
+        if payload.get("propose"):
+            out["proposals"] = self.labels.propose(steps, evaluation)
+        return out
 
     def video(self, clip_id: str) -> bytes | None:
         row = self.row_of(clip_id)
@@ -218,9 +235,13 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                 except ValueError as exc:
                     return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return self._json(HTTPStatus.OK, review.data.evaluate(steps).as_json())
-            if path == "/api/gallery":
+            actions = {"/api/gallery": review.gallery, "/api/agreement": review.agreement,
+                       "/api/label": lambda p: {"labelled": review.labels.set(p.get("clip_id"), p.get("label"))}}
+            if path in actions:
                 try:
-                    return self._json(HTTPStatus.OK, review.gallery(payload))
+                    if not isinstance(payload, dict):
+                        raise ValueError("expected a JSON object")
+                    return self._json(HTTPStatus.OK, actions[path](payload))
                 except ValueError as exc:
                     return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such action: {path}"})
