@@ -236,3 +236,122 @@ def test_the_proposed_threshold_agrees_best_with_the_labels_and_ties_go_looser()
         top = max(scores.values())
         assert agree == top and t == min((c for c, s in scores.items() if s == top),
                                          key=lambda c: -np.inf if c is None else c)
+
+
+def test_save_writes_only_the_rules_and_refilter_with_that_config_keeps_the_pages_clips(run_out, tmp_path):
+    import yaml
+
+    from curation.config import load_config
+    from curation.review.save import overrides
+    from stages.rules import filter_steps
+
+    config = tmp_path / "spine.yaml"
+    shutil.copyfile(REPO / "configs" / "spine.yaml", config)
+    original = config.read_text()
+    review = Review(run_out, config)
+    server = ReviewServer(review).start()
+    token = {"X-Review-Token": server.token}
+    rules = {"rules": {"filter": {"duration_s": {"min": 3.0}, "motion_score": {"drop_bottom": 0.2},
+                                  "text_area_ratio": {"max": 0.05}}}}
+    try:
+        status, preview = call(f"{server.base}/api/save", rules, token)
+        assert status == 200 and preview["changed"] and not preview["written"]
+        assert config.read_text() == original  # the diff first, nothing written
+        changed = [line for line in preview["diff"].splitlines()
+                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        assert changed and all(("_s:" in line or "_score:" in line or "_ratio:" in line) for line in changed)
+        status, written = call(f"{server.base}/api/save", {**rules, "write": True}, token)
+        assert status == 200 and written["written"] and written["diff"] == preview["diff"]
+        page_keep = call(f"{server.base}/api/evaluate", rules, token)[1]["kept"]
+    finally:
+        server.close()
+    text = config.read_text()
+    assert "# Below 1: practically static shots" in text  # comments kept
+    before, after = yaml.safe_load(original), yaml.safe_load(text)
+    for step in before["steps"] + after["steps"]:  # everything but the rules as it was
+        if step["stage"] == "filter":
+            step["args"].pop("rules")
+    assert before == after
+    saved = filter_steps(load_config(config).to_dict())
+    assert saved == review.parse_rules(rules)
+    # `curate refilter` with the saved config's rules keeps exactly the page's clips.
+    copy = tmp_path / "copy"
+    shutil.copytree(run_out, copy)
+    result = refilter(copy, overrides(filter_steps(OutputStore(copy).read_run()["config"]), saved))
+    kept_ids = {r["clip_id"] for r in OutputStore(copy).read_scores().to_pylist() if r["keep"]}
+    page_ids = set(review.data.clip_ids.filter(pa.array(review.data.evaluate(saved).keep)).to_pylist())
+    assert result["kept"] == page_keep == len(kept_ids) and kept_ids == page_ids
+
+
+def test_two_tabs_saving_at_once_leave_one_whole_file(run_out, tmp_path):
+    import threading
+
+    import yaml
+
+    config = tmp_path / "spine.yaml"
+    shutil.copyfile(REPO / "configs" / "spine.yaml", config)
+    server = ReviewServer(Review(run_out, config)).start()
+    token = {"X-Review-Token": server.token}
+    a = {"duration_s": {"min": 3.0}, "motion_score": {"min": 2.0}}
+    b = {"duration_s": {"min": 2.5}, "motion_score": {"drop_bottom": 0.3}, "text_area_ratio": {"max": 0.05}}
+    failures: list[str] = []
+
+    def tab(rules):
+        for _ in range(15):
+            status, answer = call(f"{server.base}/api/save", {"rules": {"filter": rules}, "write": True}, token)
+            if status != 200:
+                failures.append(str(answer))
+
+    try:
+        threads = [threading.Thread(target=tab, args=(r,)) for r in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.close()
+    assert not failures
+    rules = yaml.safe_load(config.read_text())["steps"][-1]["args"]["rules"]
+    assert rules in (a, b)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_apply_runs_refilter_and_the_page_reloads(run_out, tmp_path):
+    out = tmp_path / "applied"
+    shutil.copytree(run_out, out)
+    server = ReviewServer(Review(out)).start()
+    token = {"X-Review-Token": server.token}
+    try:
+        expected = call(f"{server.base}/api/evaluate", {"rules": {"filter": ABSOLUTE}}, token)[1]["kept"]
+        status, applied = call(f"{server.base}/api/apply", {"rules": {"filter": ABSOLUTE}}, token)
+        assert status == 200 and applied["kept"] == expected
+        run = OutputStore(out).read_run()
+        assert run["refilters"][-1]["finished"] and run["config"]["steps"][-1]["args"]["rules"] == ABSOLUTE
+        state = call(f"{server.base}/api/state?token={server.token}")[1]
+        assert state["rules"] == {"filter": ABSOLUTE} and state["evaluation"]["kept"] == expected
+        assert OutputStore(out).ledger().totals()["kept"] == expected
+        # Without --config, Save writes the run's config with the rules beside the output.
+        call(f"{server.base}/api/save", {"rules": {"filter": ABSOLUTE}, "write": True}, token)
+    finally:
+        server.close()
+    from curation.config import load_config
+
+    assert load_config(out / "review" / "pipeline.yaml").to_dict()["steps"][-1]["args"]["rules"] == ABSOLUTE
+
+
+def test_saving_into_the_shipped_pipeline_changes_its_rules_lines_only():
+    """pipeline.yaml has a flow mapping wrapped over two lines, which a YAML dump would reflow:
+    only the rules block is taken from the dump."""
+    from curation.review.save import diff, with_rules
+
+    text = (REPO / "pipeline.yaml").read_text()
+    new = with_rules(text, [("filter", {"duration_s": {"min": 2.5}, "motion_score": {"drop_bottom": 0.25},
+                                        "text_area_ratio": {"max": 0.07}})])
+    changed = [line for line in diff(text, new, "pipeline.yaml").splitlines()
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert sorted(changed) == sorted(["-        motion_score: {min: 1.0}        # % of short side per second; "
+                                      "below 1 is practically static",
+                                      "+        motion_score: {drop_bottom: 0.25} # % of short side per second; "
+                                      "below 1 is practically static",
+                                      "-        duration_s: {min: 2.0}", "+        duration_s: {min: 2.5}",
+                                      "-        aesthetic_score: {drop_bottom: 0.5}"])

@@ -146,3 +146,29 @@ def test_a_key_labels_the_hovered_clip_and_the_agreement_follows(browser, run_ou
     finally:
         context.close()
         server.close()
+
+
+def test_save_shows_the_diff_then_writes_the_config(browser, run_out, tmp_path):  # noqa: F811
+    config = tmp_path / "spine.yaml"
+    shutil.copyfile(REPO / "configs" / "spine.yaml", config)
+    original = config.read_text()
+    server = ReviewServer(Review(run_out, config)).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url)
+        page.wait_for_function("document.querySelector('#kept').textContent.match(/[0-9]/)")
+        page.locator('input[aria-label="filter.motion_score.min"]').fill("3.5")
+        page.wait_for_function("document.querySelector('#kept').textContent !== ''")
+        page.locator("#show-diff").click()
+        page.wait_for_function("document.querySelector('#diff').textContent.includes('motion_score')")
+        diff = page.locator("#diff").text_content()
+        assert "-        motion_score: {min: 1.0}" in diff and "+        motion_score: {min: 3.5}" in diff
+        assert config.read_text() == original
+        page.locator("#write").click()
+        page.wait_for_function("document.querySelector('#saved').textContent.startsWith('written')")
+        assert "motion_score: {min: 3.5}" in config.read_text()
+        assert "# Below 1: practically static shots" in config.read_text()
+    finally:
+        context.close()
+        server.close()

@@ -13,6 +13,8 @@ output on hover.
   payload.py  a clip's stored mp4 and caption, found by its place among the clip rows
   labels.py   reviewers' keep/drop labels (OUT_DIR/review/labels.json), their agreement
               with the rules, and the thresholds that agree best with them
+  save.py     the rules written into a config (only its rules lines changed) and applied
+              as `curate refilter` does
   server.py   the HTTP server, its token and routes (Review, ReviewServer)
   page.html   the page (no external script, style or font: nothing leaves the machine)
 """

@@ -22,6 +22,9 @@ Routes:
   POST /api/agreement    {"rules": ..., "propose": bool} -> the labels against the rules, each
                          rule's share of the disagreement; with propose, per ruled score the
                          threshold that agrees best with the labels and the clips it keeps
+  POST /api/save         {"rules": ..., "write": bool} -> the config with only its rules changed
+                         (curation/review/save.py), as a diff; written when "write"
+  POST /api/apply        {"rules": ...}: `curate refilter` with them, then the output reloaded
   GET  /clip/ID.mp4      a clip's own mp4 from the output, with HTTP range requests
 """
 
@@ -44,6 +47,8 @@ import pyarrow.compute as pc
 
 from curation.review.data import ReviewData, rules_of
 from curation.review.labels import Labels
+from curation.review.save import config_text, overrides, save
+from curation.refilter import refilter
 from curation.review.payload import Payloads
 from curation.schema import NUMERIC_COLUMNS
 from curation.writer import OutputStore
@@ -71,6 +76,9 @@ class Review:
         self.run = run
         config = load_config(config_path).to_dict() if config_path else run["config"]
         self.steps = rules_of(config)
+        # Save writes the rules into the config the review started from, else beside the output.
+        self.save_path = Path(config_path) if config_path else self.store.root / "review" / "pipeline.yaml"
+        self.base_text = Path(config_path).read_text() if config_path else config_text(run["config"])
         if not self.steps:
             raise ReviewError("the config has no filter step: there are no rules to review")
         self.data = ReviewData.load(self.store)
@@ -78,6 +86,7 @@ class Review:
             raise ReviewError(f"{self.store.root} has no committed clips yet")
         self.payloads = Payloads(self.store)
         self.labels = Labels(self.store, self.data)
+        self._applying = threading.Lock()
 
     def parse_rules(self, payload: Any) -> list[tuple[str, Rules]]:
         """The page's rules, checked as a config's are (ValueError says what is wrong)."""
@@ -131,6 +140,24 @@ class Review:
         if payload.get("propose"):
             out["proposals"] = self.labels.propose(steps, evaluation)
         return out
+
+    def save(self, payload: Any) -> dict[str, Any]:
+        """The config with the page's rules: the diff, and with "write": true, written."""
+        return save(self.save_path, self.base_text, self.parse_rules(payload), bool(payload.get("write")))
+
+    def apply(self, payload: Any) -> dict[str, Any]:
+        """The page's rules applied to the output as `curate refilter` does, then reloaded."""
+        steps = self.parse_rules(payload)
+        with self._applying:
+            changes = overrides(rules_of(self.store.read_run()["config"]), steps)
+            result = refilter(self.store.root, changes)
+            self.run = self.store.read_run()
+            self.steps = steps  # the rules as they now stand
+            self.data = ReviewData.load(self.store)
+            self.payloads = Payloads(self.store)
+            self.labels.data = self.data
+        return {"kept": result["kept"], "kept_before": result["kept_before"], "clips": result["clips"],
+                "overrides": changes}
 
     def video(self, clip_id: str) -> bytes | None:
         row = self.row_of(clip_id)
@@ -236,14 +263,18 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                     return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return self._json(HTTPStatus.OK, review.data.evaluate(steps).as_json())
             actions = {"/api/gallery": review.gallery, "/api/agreement": review.agreement,
+                       "/api/save": review.save, "/api/apply": review.apply,
                        "/api/label": lambda p: {"labelled": review.labels.set(p.get("clip_id"), p.get("label"))}}
             if path in actions:
                 try:
                     if not isinstance(payload, dict):
                         raise ValueError("expected a JSON object")
                     return self._json(HTTPStatus.OK, actions[path](payload))
-                except ValueError as exc:
+                except ValueError as exc:  # the request (a rule, a label): the page says why
                     return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - the output or the disk: logged, said
+                    log.exception("review: %s failed", path)
+                    return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such action: {path}"})
 
         def do_PUT(self) -> None:  # noqa: N802
