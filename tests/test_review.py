@@ -355,3 +355,44 @@ def test_saving_into_the_shipped_pipeline_changes_its_rules_lines_only():
                                       "below 1 is practically static",
                                       "-        duration_s: {min: 2.0}", "+        duration_s: {min: 2.5}",
                                       "-        aesthetic_score: {drop_bottom: 0.5}"])
+
+
+def with_a_duplicate(run_out: Path, out: Path) -> tuple[str, str]:
+    """A copy of the output in which one kept clip is rejected as a duplicate of another
+    source's clip, as the dedup pass writes it: (the duplicate, the clip it duplicates)."""
+    shutil.copytree(run_out, out)
+    (path,) = OutputStore(out).committed_files("scores")
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    kept = [i for i, r in enumerate(rows) if r["keep"]]
+    dup, original = rows[kept[0]], rows[next(i for i in kept if rows[i]["source_id"] != rows[kept[0]]["source_id"])]
+    dup["keep"], dup["reject_reasons"] = False, [f"duplicate_of:{original['clip_id']}"]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return dup["clip_id"], original["clip_id"]
+
+
+def test_a_source_shows_every_row_in_order_with_its_duplicate_links(run_out, tmp_path):
+    duplicate, original = with_a_duplicate(run_out, tmp_path / "dup")
+    review = Review(tmp_path / "dup")
+    rules = {"rules": {"filter": ABSOLUTE}}
+    stored = OutputStore(tmp_path / "dup").read_scores().to_pylist()
+    by_id = {r["clip_id"]: r for r in stored}
+    source = review.source({**rules, "clip_id": duplicate})
+    assert source["source_id"] == by_id[duplicate]["source_id"]
+    mine = [r for r in stored if r["source_id"] == source["source_id"]]
+    assert [c.get("clip_id") for c in source["rows"]] == [r["clip_id"] if r["start_frame"] is not None else None
+                                                         for r in mine]
+    starts = [c["start_s"] for c in source["rows"] if "clip_id" in c]
+    assert starts == sorted(starts)
+    card = next(c for c in source["rows"] if c.get("clip_id") == duplicate)
+    assert card["duplicate_of"] == {"clip_id": original, "source_id": by_id[original]["source_id"]}
+    assert not card["kept"] and "duplicate (as the run decided)" in card["reasons"]
+    evaluation = review.data.evaluate(review.parse_rules(rules))
+    kept_ids = set(review.data.clip_ids.filter(pa.array(evaluation.keep)).to_pylist())
+    assert all(c["kept"] == (c["clip_id"] in kept_ids) for c in source["rows"] if "clip_id" in c)
+    # An unreadable source is its one error row, with the reason.
+    broken = next(r for r in stored if r["start_frame"] is None)
+    rows = review.source({**rules, "source_id": broken["source_id"]})["rows"]
+    assert rows == [{"error": broken["split_error"]}] and broken["split_error"]
+    with pytest.raises(ValueError, match="no source"):
+        review.source({**rules, "source_id": "nope"})

@@ -172,3 +172,31 @@ def test_save_shows_the_diff_then_writes_the_config(browser, run_out, tmp_path):
     finally:
         context.close()
         server.close()
+
+
+def test_links_open_a_source_and_follow_a_duplicate(browser, run_out, tmp_path):  # noqa: F811
+    from test_review import with_a_duplicate
+
+    duplicate, original = with_a_duplicate(run_out, tmp_path / "dup")
+    review = Review(tmp_path / "dup")
+    rows = {c: review.data.source_ids[review.data.source[review.row_of(c)]] for c in (duplicate, original)}
+    server = ReviewServer(review).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(f"{server.url}#source={rows[duplicate]}")  # a link to a source opens it
+        page.wait_for_selector(f"#source-clips .card[data-clip='{duplicate}']")
+        n = len(review.data.source_rows(rows[duplicate]))
+        assert page.locator("#source-clips .card").count() == n
+        assert page.locator("#timeline rect").count() == n
+        link = page.locator(f"#source-clips .card[data-clip='{duplicate}'] a.duplicate")
+        assert link.text_content() == f"duplicate of {original}"
+        link.click()  # to the source of the clip it duplicates
+        page.wait_for_selector(f"#source-clips .card[data-clip='{original}']")
+        assert page.url.endswith(f"#source={rows[original]}")
+        assert not errors
+    finally:
+        context.close()
+        server.close()

@@ -85,6 +85,11 @@ class ReviewData:
         self.source_paths = source_paths or []
         self.clip_ids = clip_ids if clip_ids is not None else pa.array([], pa.string())
         self.clip_rank = np.cumsum(is_clip, dtype=np.int64) - 1  # a clip row's place among the clip rows
+        # Only for the rows that have one: a duplicate's kept clip (rows ascending, with the
+        # clip ids as Arrow strings), a source error's reason (few: a dict).
+        self.duplicate_rows = np.zeros(0, np.int64)
+        self.duplicate_targets = pa.array([], pa.string())
+        self.split_errors: dict[int, str] = {}
         self.rows = int(is_clip.size)
         self.clips = int(is_clip.sum())
         self.sorted = {c: np.sort(v[is_clip & ~np.isnan(v)]) for c, v in values.items()}
@@ -96,15 +101,27 @@ class ReviewData:
         numeric = list(schema.NUMERIC_COLUMNS)
         parts: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
         is_clip, duplicate, source, clip_ids = [], [], [], []
+        dup_rows: list[np.ndarray] = []
+        dup_targets: list[pa.Array] = []
+        split_errors: dict[int, str] = {}
+        offset = 0
         codes: dict[str, int] = {}
         paths: list[str] = []
         wanted = ["clip_id", "source_id", "source_path", "split_error", "start_frame", "reject_reasons", *numeric]
+        # (source errors and duplicates are a few rows: their reason and kept clip are held as
+        # Python strings; every other per-row figure is a numpy array)
         for table in columns.scan(files, wanted):
             clip_ids.append(table.column("clip_id").combine_chunks())
             is_clip.append(columns.is_clip(table))
             for c in numeric:
                 parts[c].append(columns.floats(table, c))
-            duplicate.append(_duplicates(table.column("reject_reasons")))
+            dup, rows, targets = _duplicates(table.column("reject_reasons"), with_targets=True)
+            duplicate.append(dup)
+            dup_rows.append(rows + offset)
+            dup_targets.append(targets)
+            for i in np.flatnonzero(~is_clip[-1]):
+                split_errors[offset + int(i)] = table.column("split_error")[int(i)].as_py() or ""
+            offset += table.num_rows
             ids = pc.dictionary_encode(table.column("source_id")).combine_chunks()
             dictionary = ids.dictionary.to_pylist()  # one string per source in the row group
             indices = ids.indices.to_numpy(zero_copy_only=False)
@@ -126,6 +143,10 @@ class ReviewData:
         values = {c: v for c, v in values.items() if np.any(~np.isnan(v[clip_mask]))}
         data = cls(values, clip_mask, cat(duplicate, bool), cat(source, np.int32), list(codes),
                    pa.concat_arrays(clip_ids) if clip_ids else None, paths)
+        data.split_errors = split_errors
+        if dup_rows:
+            data.duplicate_rows = np.concatenate(dup_rows)
+            data.duplicate_targets = pa.concat_arrays([t.cast(pa.string()) for t in dup_targets])
         log.info("review: %d rows (%d clips, %d sources) of %d columns in %.1fs", data.rows, data.clips,
                  len(codes), len(values), time.monotonic() - started)
         return data
@@ -200,6 +221,21 @@ class ReviewData:
             out[side] = rows[np.argsort(distance[rows], kind="stable")].tolist()
         return out
 
+    def source_rows(self, source_id: str) -> np.ndarray:
+        """The rows of one source, in order (a source's rows are contiguous and in time order)."""
+        try:
+            code = self.source_ids.index(source_id)
+        except ValueError:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.source == code)
+
+    def duplicate_of(self, row: int) -> str | None:
+        """The clip a duplicate row duplicates (the run's dedup pass kept), or None."""
+        i = int(np.searchsorted(self.duplicate_rows, row))
+        if i < self.duplicate_rows.size and self.duplicate_rows[i] == row:
+            return self.duplicate_targets[i].as_py()
+        return None
+
     def histogram(self, column: str, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
         """Counts of the clips' values of `column` in `bins` equal bins over the 0.5th to
         99.5th percentile (the outermost bins take the tails), and the values missing."""
@@ -223,18 +259,27 @@ class ReviewData:
         return float(np.searchsorted(values, value, side="left")) / max(1, values.size)
 
 
-def _duplicates(reasons: pa.ChunkedArray) -> np.ndarray:
-    """Per row: a reason of the run's dedup pass is among its reject_reasons."""
+def _duplicates(reasons: pa.ChunkedArray, with_targets: bool = False):
+    """Per row: a reason of the run's dedup pass is among its reject_reasons. With
+    `with_targets`, also (the rows that have one, the clip each duplicates), vectorised."""
     reasons = reasons.combine_chunks() if isinstance(reasons, pa.ChunkedArray) else reasons
     n = len(reasons)
-    flat = pc.list_flatten(reasons)
-    if not len(flat):
-        return np.zeros(n, bool)
-    hit = pc.starts_with(flat, REASON_PREFIX).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(reasons).to_numpy(zero_copy_only=False)
     out = np.zeros(n, bool)
-    out[parents[np.asarray(hit, bool)]] = True
-    return out
+    flat = pc.list_flatten(reasons)
+    rows, targets = np.zeros(0, np.int64), pa.array([], pa.string())
+    if len(flat):
+        hit = np.asarray(pc.starts_with(flat, REASON_PREFIX).to_numpy(zero_copy_only=False), bool)
+        parents = pc.list_parent_indices(reasons).to_numpy(zero_copy_only=False)
+        out[parents[hit]] = True
+        if with_targets and hit.any():
+            # A row's first dedup reason (it has one): its rows ascending, and the clip after the prefix.
+            first = np.flatnonzero(hit)
+            rows_all = parents[first]
+            keep_first = np.r_[True, rows_all[1:] != rows_all[:-1]]
+            picked = first[keep_first]
+            rows = rows_all[keep_first].astype(np.int64)
+            targets = pc.utf8_slice_codeunits(flat.take(pa.array(picked)), len(REASON_PREFIX))
+    return (out, rows, targets) if with_targets else out
 
 
 def rules_of(config: dict[str, Any]) -> list[tuple[str, Rules]]:

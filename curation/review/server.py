@@ -17,6 +17,8 @@ Routes:
   POST /api/gallery      {"rules": ..., "step": S, "column": C, "n": 12} -> the clips just kept
                          and just dropped at that rule's thresholds, each with its source,
                          time span, scores, caption and every rejection reason
+  POST /api/source       {"rules": ..., "source_id": S (or "clip_id": C)} -> every row of one
+                         source in order: its clips (trimmed frames, duplicate links), errors
   POST /api/label        {"clip_id": ID, "label": "keep" | "drop" | null}: saved in
                          OUT_DIR/review/labels.json (curation/review/labels.py)
   POST /api/agreement    {"rules": ..., "propose": bool} -> the labels against the rules, each
@@ -131,6 +133,37 @@ class Review:
         rows = self.data.near_threshold(evaluation, target[0], n)
         return {"step": target[0].step, "column": target[0].column, "effective": target[0].effective,
                 **{side: [self.clip(r, evaluation) for r in rows[side]] for side in ("kept", "dropped")}}
+
+    def source(self, payload: Any) -> dict[str, Any]:
+        """Every row of one source in order (its clips and why it has no more), under these rules:
+        each clip as a gallery card shows it, with the frames trimmed at its ends (fades,
+        dissolves) and the clip it duplicates; the gaps between clips are the cuts."""
+        steps = self.parse_rules(payload)
+        source_id = payload.get("source_id")
+        if not source_id and payload.get("clip_id"):
+            row = self.row_of(str(payload["clip_id"]))
+            source_id = self.data.source_ids[self.data.source[row]] if row is not None else None
+        rows = self.data.source_rows(str(source_id or ""))
+        if not rows.size:
+            raise ValueError(f"no source {source_id!r} in this output")
+        evaluation = self.data.evaluate(steps)
+        out = []
+        for row in rows.tolist():
+            if not self.data.is_clip[row]:
+                out.append({"error": self.data.split_errors.get(row, "")})
+                continue
+            card = self.clip(row, evaluation)
+            card["kept"] = bool(evaluation.keep[row])
+            target = self.data.duplicate_of(row)
+            if target:
+                at = self.row_of(target)
+                card["duplicate_of"] = {"clip_id": target,
+                                        "source_id": self.data.source_ids[self.data.source[at]] if at is not None else None}
+            out.append(card)
+        d = self.data
+        code = d.source[rows[0]]
+        return {"source_id": d.source_ids[code], "source": d.source_paths[code] if d.source_paths else None,
+                "rows": out}
 
     def agreement(self, payload: Any) -> dict[str, Any]:
         """The labels against these rules; with "propose": true, the thresholds that agree best."""
@@ -263,7 +296,7 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                     return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return self._json(HTTPStatus.OK, review.data.evaluate(steps).as_json())
             actions = {"/api/gallery": review.gallery, "/api/agreement": review.agreement,
-                       "/api/save": review.save, "/api/apply": review.apply,
+                       "/api/save": review.save, "/api/apply": review.apply, "/api/source": review.source,
                        "/api/label": lambda p: {"labelled": review.labels.set(p.get("clip_id"), p.get("label"))}}
             if path in actions:
                 try:
