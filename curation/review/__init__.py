@@ -16,7 +16,8 @@ output on hover.
   save.py     the rules written into a config (only its rules lines changed) and applied
               as `curate refilter` does
   server.py   the HTTP server, its token and routes (Review, ReviewServer)
-  page.html   the page (no external script, style or font: nothing leaves the machine)
+  the page is curation/templates/review.html, in the report's frame and style (no external
+  script, style or font: nothing leaves the machine)
 """
 
 from __future__ import annotations

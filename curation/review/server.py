@@ -37,12 +37,14 @@ import logging
 import re
 import secrets
 import threading
+from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from curation import templates
 from curation.config import load_config
 import numpy as np
 import pyarrow.compute as pc
@@ -58,8 +60,13 @@ from stages.rules import Rules, validate_rules
 
 log = logging.getLogger(__name__)
 
-PAGE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 1 << 20
+
+
+@lru_cache(maxsize=1)
+def page() -> bytes:
+    """The page (curation/templates/review.html, in the report's frame and style)."""
+    return templates.render("review.html").encode()
 
 
 class ReviewError(ValueError):
@@ -268,7 +275,7 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                 return self._json(HTTPStatus.FORBIDDEN, {"error": "a valid token is required"})
             path = urlsplit(self.path).path
             if path == "/":
-                return self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+                return self._send(HTTPStatus.OK, page(), "text/html; charset=utf-8")
             if path == "/api/state":
                 return self._json(HTTPStatus.OK, review.state())
             if path.startswith("/clip/") and path.endswith(".mp4"):

@@ -3,7 +3,8 @@
 Built from results.json and study.json (training/study/ writes both) and, for the training
 curves, the runs' metrics.csv files, so it can be rebuilt without training:
 `write_page(root, record, results)`. One self-contained file, in the main report's style
-(curation/report_html.py): plots inline as data: URLs, no script.
+(curation/templates/style.css, and its tables by the templates' table macro): plots inline as
+data: URLs, no script. (The page itself is still put together here, not by a template.)
 """
 
 from __future__ import annotations
@@ -16,9 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from curation.report.html import CSS, RawHtml, _table, e
+from markupsafe import Markup, escape
+
+from curation import templates
 from curation.report.plots import _png, plt
 from stages.rules import fmt
+
+CSS = (templates.HERE / "style.css").read_text()
+RawHtml = Markup  # already-escaped markup for a table cell
+
+
+def e(value: Any) -> str:
+    return str(escape(str(value)))
+
+
+def _table(header: list[str], rows: list[list[Any]], left: int | set[int] = 1) -> str:
+    """The templates' table macro (curation/templates/macros.html)."""
+    macro = templates.environment().get_template("macros.html").module.table
+    return str(macro(header, rows, left=sorted(left) if isinstance(left, set) else left))
 
 ARM_COLORS = {"curated": "#2e7d32", "uncurated": "#c62828", "curated_no_image_pretraining": "#6a1b9a"}
 OTHER_COLOR = "#546e7a"
