@@ -396,3 +396,32 @@ def test_a_source_shows_every_row_in_order_with_its_duplicate_links(run_out, tmp
     assert rows == [{"error": broken["split_error"]}] and broken["split_error"]
     with pytest.raises(ValueError, match="no source"):
         review.source({**rules, "source_id": "nope"})
+
+
+def test_the_sources_outcomes_follow_the_rules(server, run_out, tmp_path):
+    status, s = call(f"{server.base}/api/sources", {"rules": {"filter": ABSOLUTE}, "n": 5},
+                     {"X-Review-Token": server.token})
+    assert status == 200, s
+    out = tmp_path / "copy"
+    shutil.copytree(run_out, out)
+    refilter(out, [f"filter.rules.{c}={json.dumps(b)}" for c, b in ABSOLUTE.items()])
+    per: dict[str, list[int]] = {}
+    status_of: dict[str, str] = {}
+    for r in OutputStore(out).read_scores().to_pylist():
+        counts = per.setdefault(r["source_id"], [0, 0])
+        if r["start_frame"] is None:
+            status_of[r["source_id"]] = r["source_status"]
+        else:
+            counts[0] += 1
+            counts[1] += bool(r["keep"])
+    assert s["total"] == len(per)
+    expected = {"with kept clips": sum(1 for c, k in per.values() if k),
+                "every clip rejected": sum(1 for c, k in per.values() if c and not k)}
+    for sid, st in status_of.items():
+        if not per[sid][0]:
+            expected[st] = expected.get(st, 0) + 1
+    assert s["outcomes"] == expected and expected.get("unreadable")  # the fabricated 3% unreadable
+    lost = sorted((c - k for c, k in per.values()), reverse=True)[:5]
+    assert [r["clips"] - r["kept"] for r in s["most_rejected"]] == lost
+    for r in s["most_rejected"]:
+        assert [r["clips"], r["kept"]] == per[r["source_id"]]

@@ -200,3 +200,18 @@ def test_links_open_a_source_and_follow_a_duplicate(browser, run_out, tmp_path):
     finally:
         context.close()
         server.close()
+
+
+def test_the_sources_table_lists_the_most_rejected_and_opens_one(page_on, run_out):  # noqa: F811
+    server, page, outside, errors = page_on
+    page.goto(server.url)
+    page.wait_for_selector("#sources tr[data-source]")
+    assert "sources:" in page.locator("#source-outcomes").text_content()
+    assert "unreadable" in page.locator("#source-outcomes").text_content()
+    first = page.locator("#sources tr[data-source]").first
+    source_id = first.get_attribute("data-source")
+    first.locator("a").click()
+    page.wait_for_function("!document.querySelector('#source-view').hidden")
+    n = len(Review(run_out).data.source_rows(source_id))
+    assert page.locator("#source-clips .card").count() == n
+    assert not outside and not errors

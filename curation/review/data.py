@@ -89,7 +89,7 @@ class ReviewData:
         # clip ids as Arrow strings), a source error's reason (few: a dict).
         self.duplicate_rows = np.zeros(0, np.int64)
         self.duplicate_targets = pa.array([], pa.string())
-        self.split_errors: dict[int, str] = {}
+        self.split_errors: dict[int, tuple[str, str]] = {}  # row -> (source_status, split_error)
         self.rows = int(is_clip.size)
         self.clips = int(is_clip.sum())
         self.sorted = {c: np.sort(v[is_clip & ~np.isnan(v)]) for c, v in values.items()}
@@ -103,11 +103,12 @@ class ReviewData:
         is_clip, duplicate, source, clip_ids = [], [], [], []
         dup_rows: list[np.ndarray] = []
         dup_targets: list[pa.Array] = []
-        split_errors: dict[int, str] = {}
+        split_errors: dict[int, tuple[str, str]] = {}
         offset = 0
         codes: dict[str, int] = {}
         paths: list[str] = []
-        wanted = ["clip_id", "source_id", "source_path", "split_error", "start_frame", "reject_reasons", *numeric]
+        wanted = ["clip_id", "source_id", "source_path", "split_error", "source_status", "start_frame",
+                  "reject_reasons", *numeric]
         # (source errors and duplicates are a few rows: their reason and kept clip are held as
         # Python strings; every other per-row figure is a numpy array)
         for table in columns.scan(files, wanted):
@@ -120,7 +121,8 @@ class ReviewData:
             dup_rows.append(rows + offset)
             dup_targets.append(targets)
             for i in np.flatnonzero(~is_clip[-1]):
-                split_errors[offset + int(i)] = table.column("split_error")[int(i)].as_py() or ""
+                status = table.column("source_status")[int(i)].as_py() or "unreadable"
+                split_errors[offset + int(i)] = (status, table.column("split_error")[int(i)].as_py() or "")
             offset += table.num_rows
             ids = pc.dictionary_encode(table.column("source_id")).combine_chunks()
             dictionary = ids.dictionary.to_pylist()  # one string per source in the row group
@@ -228,6 +230,28 @@ class ReviewData:
         except ValueError:
             return np.zeros(0, np.int64)
         return np.flatnonzero(self.source == code)
+
+    def sources(self, evaluation: Evaluation, n: int = 20) -> dict[str, Any]:
+        """The sources with their outcomes under these rules: how many have kept clips, have
+        clips all rejected, have no clip (by the split's status: unreadable, no_clips,
+        decode_error), and the `n` sources that lose the most clips, with their counts."""
+        sources = len(self.source_ids)
+        clips = np.bincount(self.source, weights=self.is_clip, minlength=sources).astype(np.int64)
+        kept = np.bincount(self.source, weights=evaluation.keep, minlength=sources).astype(np.int64)
+        outcomes = {"with kept clips": int((kept > 0).sum()),
+                    "every clip rejected": int(((clips > 0) & (kept == 0)).sum())}
+        errors: dict[int, tuple[str, str]] = {}
+        for row, (status, reason) in self.split_errors.items():
+            errors.setdefault(int(self.source[row]), (status, reason))
+        for code, (status, _) in errors.items():
+            if clips[code] == 0:
+                outcomes[status] = outcomes.get(status, 0) + 1
+        lost = clips - kept
+        top = np.argsort(-lost, kind="stable")[:n]
+        return {"total": sources, "outcomes": outcomes,
+                "most_rejected": [{"source_id": self.source_ids[c], "source": self.source_paths[c] if self.source_paths
+                                   else None, "clips": int(clips[c]), "kept": int(kept[c]),
+                                   "error": errors.get(int(c), (None, None))[1]} for c in top.tolist() if lost[c] > 0]}
 
     def duplicate_of(self, row: int) -> str | None:
         """The clip a duplicate row duplicates (the run's dedup pass kept), or None."""

@@ -17,6 +17,9 @@ Routes:
   POST /api/gallery      {"rules": ..., "step": S, "column": C, "n": 12} -> the clips just kept
                          and just dropped at that rule's thresholds, each with its source,
                          time span, scores, caption and every rejection reason
+  POST /api/sources      {"rules": ..., "n": 20} -> the sources' outcomes under the rules (with
+                         kept clips, every clip rejected, no clip: unreadable, ...) and the n
+                         sources that lose the most clips
   POST /api/source       {"rules": ..., "source_id": S (or "clip_id": C)} -> every row of one
                          source in order: its clips (trimmed frames, duplicate links), errors
   POST /api/label        {"clip_id": ID, "label": "keep" | "drop" | null}: saved in
@@ -157,7 +160,7 @@ class Review:
         out = []
         for row in rows.tolist():
             if not self.data.is_clip[row]:
-                out.append({"error": self.data.split_errors.get(row, "")})
+                out.append({"error": self.data.split_errors.get(row, ("", ""))[1]})
                 continue
             card = self.clip(row, evaluation)
             card["kept"] = bool(evaluation.keep[row])
@@ -216,6 +219,10 @@ class Review:
             "histograms": {c: self.data.histogram(c) for c in shown if c in self.data.values},
             "evaluation": self.data.evaluate(self.steps).as_json(),
         }
+
+    def sources(self, payload: Any) -> dict[str, Any]:
+        """The sources with their outcomes under these rules (ReviewData.sources)."""
+        return self.data.sources(self.data.evaluate(self.parse_rules(payload)), int(payload.get("n") or 20))
 
 
 def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
@@ -304,6 +311,7 @@ def make_handler(review: Review, token: str) -> type[BaseHTTPRequestHandler]:
                 return self._json(HTTPStatus.OK, review.data.evaluate(steps).as_json())
             actions = {"/api/gallery": review.gallery, "/api/agreement": review.agreement,
                        "/api/save": review.save, "/api/apply": review.apply, "/api/source": review.source,
+                       "/api/sources": review.sources,
                        "/api/label": lambda p: {"labelled": review.labels.set(p.get("clip_id"), p.get("label"))}}
             if path in actions:
                 try:
