@@ -57,6 +57,14 @@ def call(url: str, body: dict | None = None, headers: dict | None = None) -> tup
         return exc.code, json.loads(exc.read())
 
 
+def motion_gallery(server, rules: dict, n: int) -> dict:
+    """The clips just kept and dropped at motion_score's threshold under `rules`."""
+    status, g = call(f"{server.base}/api/gallery", {"rules": {"filter": rules}, "step": "filter",
+                                                    "column": "motion_score", "n": n}, {"X-Review-Token": server.token})
+    assert status == 200, g
+    return g
+
+
 def refiltered(run_out: Path, tmp_path: Path, rules: dict) -> dict:
     """`curate refilter` with these rules on a copy: kept, and per rule what its stored reasons
     say (rejects, alone, the funnel after it, overlaps), read back from the rewritten scores."""
@@ -136,9 +144,7 @@ def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
 
 def test_the_gallery_holds_the_clips_nearest_the_threshold(server, run_out, tmp_path):
     rules = {"duration_s": {"min": 2.0}, "motion_score": {"min": 2.5}, "text_area_ratio": {"max": 0.07}}
-    status, g = call(f"{server.base}/api/gallery", {"rules": {"filter": rules}, "step": "filter",
-                                                    "column": "motion_score", "n": 5}, {"X-Review-Token": server.token})
-    assert status == 200, g
+    g = motion_gallery(server, rules, 5)
     assert len(g["kept"]) == 5 and len(g["dropped"]) == 5
     # Brute force over what refilter stores under the same rules: among the clips no other
     # rule rejects, the kept ones just above 2.5 and the dropped ones just below, nearest first.
@@ -159,8 +165,7 @@ def test_the_gallery_holds_the_clips_nearest_the_threshold(server, run_out, tmp_
 
 
 def test_a_clip_is_served_with_range_requests(server, run_out):
-    status, g = call(f"{server.base}/api/gallery", {"rules": {"filter": ABSOLUTE}, "step": "filter",
-                                                    "column": "motion_score", "n": 1}, {"X-Review-Token": server.token})
+    g = motion_gallery(server, ABSOLUTE, 1)
     clip_id = g["kept"][0]["clip_id"]
     clips = pa.concat_tables(pq.read_table(f, columns=["clip_id", "video"])
                              for f in OutputStore(run_out).committed_files("clips"))
@@ -186,8 +191,7 @@ def test_labels_are_saved_measured_against_the_rules_and_survive_a_restart(run_o
     token = {"X-Review-Token": server.token}
     try:
         rules = {"rules": {"filter": ABSOLUTE}}
-        status, g = call(f"{server.base}/api/gallery", {**rules, "step": "filter", "column": "motion_score", "n": 3},
-                         token)
+        g = motion_gallery(server, ABSOLUTE, 3)
         just_kept, just_dropped = [c["clip_id"] for c in g["kept"]], [c["clip_id"] for c in g["dropped"]]
         # The reviewer disagrees with the rule on all six: kept ones are drops, dropped ones keeps.
         for clip_id in just_kept:

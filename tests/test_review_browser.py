@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from test_review import run_out  # noqa: F401  (a fabricated, refiltered output)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def page_on(browser, run_out):  # noqa: F811
-    server = ReviewServer(Review(run_out)).start()
+@contextmanager
+def opened(browser, review: Review):  # noqa: F811
+    """The review server on `review` and a page in chromium that may fetch nothing from
+    elsewhere: (server, page, the outside requests refused, the page's script errors)."""
+    server = ReviewServer(review).start()
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     outside: list[str] = []
     context.route("**/*", lambda route: (outside.append(route.request.url), route.abort())
@@ -29,9 +32,17 @@ def page_on(browser, run_out):  # noqa: F811
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield server, page, outside, errors
-    context.close()
-    server.close()
+    try:
+        yield server, page, outside, errors
+    finally:
+        context.close()
+        server.close()
+
+
+@pytest.fixture
+def page_on(browser, run_out):  # noqa: F811
+    with opened(browser, Review(run_out)) as session:
+        yield session
 
 
 def test_dragging_a_handle_gives_refilters_counts(page_on, run_out, tmp_path):
@@ -93,12 +104,7 @@ def real_out(footage, tmp_path_factory):
 
 
 def test_a_gallery_clip_plays_on_hover(browser, real_out):  # noqa: F811
-    server = ReviewServer(Review(real_out)).start()
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with opened(browser, Review(real_out)) as (server, page, outside, errors):
         page.goto(server.url)
         page.locator('tr[data-rule="filter.motion_score"] td').first.click()
         page.wait_for_selector(".card video")
@@ -111,20 +117,12 @@ def test_a_gallery_clip_plays_on_hover(browser, real_out):  # noqa: F811
         assert card.locator(".where").text_content().endswith(" s")  # its source and time span
         assert card.locator(".reasons, .good").first.text_content()  # its reasons, or "kept"
         assert not errors
-    finally:
-        context.close()
-        server.close()
 
 
 def test_a_key_labels_the_hovered_clip_and_the_agreement_follows(browser, run_out, tmp_path):  # noqa: F811
     out = tmp_path / "labelled"
     shutil.copytree(run_out, out)
-    server = ReviewServer(Review(out)).start()
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with opened(browser, Review(out)) as (server, page, outside, errors):
         page.goto(server.url)
         page.wait_for_selector("#just-kept .card")
         assert page.locator("#agreement").text_content() == "No clip labelled yet."
@@ -143,19 +141,13 @@ def test_a_key_labels_the_hovered_clip_and_the_agreement_follows(browser, run_ou
         proposal = page.locator("#proposals tr[data-rule='filter.motion_score.min'] .value").text_content()
         assert proposal.startswith("min ")  # a min just above the clip labelled drop
         assert not errors
-    finally:
-        context.close()
-        server.close()
 
 
 def test_save_shows_the_diff_then_writes_the_config(browser, run_out, tmp_path):  # noqa: F811
     config = tmp_path / "spine.yaml"
     shutil.copyfile(REPO / "configs" / "spine.yaml", config)
     original = config.read_text()
-    server = ReviewServer(Review(run_out, config)).start()
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    try:
+    with opened(browser, Review(run_out, config)) as (server, page, outside, errors):
         page.goto(server.url)
         page.wait_for_function("document.querySelector('#kept').textContent.match(/[0-9]/)")
         page.locator('input[aria-label="filter.motion_score.min"]').fill("3.5")
@@ -169,9 +161,6 @@ def test_save_shows_the_diff_then_writes_the_config(browser, run_out, tmp_path):
         page.wait_for_function("document.querySelector('#saved').textContent.startsWith('written')")
         assert "motion_score: {min: 3.5}" in config.read_text()
         assert "# Below 1: practically static shots" in config.read_text()
-    finally:
-        context.close()
-        server.close()
 
 
 def test_links_open_a_source_and_follow_a_duplicate(browser, run_out, tmp_path):  # noqa: F811
@@ -180,12 +169,7 @@ def test_links_open_a_source_and_follow_a_duplicate(browser, run_out, tmp_path):
     duplicate, original = with_a_duplicate(run_out, tmp_path / "dup")
     review = Review(tmp_path / "dup")
     rows = {c: review.data.source_ids[review.data.source[review.row_of(c)]] for c in (duplicate, original)}
-    server = ReviewServer(review).start()
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with opened(browser, review) as (server, page, outside, errors):
         page.goto(f"{server.url}#source={rows[duplicate]}")  # a link to a source opens it
         page.wait_for_selector(f"#source-clips .card[data-clip='{duplicate}']")
         n = len(review.data.source_rows(rows[duplicate]))
@@ -196,10 +180,7 @@ def test_links_open_a_source_and_follow_a_duplicate(browser, run_out, tmp_path):
         link.click()  # to the source of the clip it duplicates
         page.wait_for_selector(f"#source-clips .card[data-clip='{original}']")
         assert page.url.endswith(f"#source={rows[original]}")
-        assert not errors
-    finally:
-        context.close()
-        server.close()
+        assert not errors and not outside
 
 
 def test_the_sources_table_lists_the_most_rejected_and_opens_one(page_on, run_out):  # noqa: F811

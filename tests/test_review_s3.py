@@ -15,7 +15,7 @@ import yaml
 from curation.review import Review, ReviewServer
 from curation.writer import OutputStore, write_json
 from s3_server import s3_environment
-from test_review import ABSOLUTE, PERCENTILE, call, run_out  # noqa: F401  (the fabricated output)
+from test_review import ABSOLUTE, PERCENTILE, call, motion_gallery, run_out  # noqa: F401  (the fabricated output)
 
 SECRET = "reviewSECRETvalue0123456789abcdef"
 
@@ -37,8 +37,7 @@ def test_a_remote_output_reviews_as_its_local_copy(remote, run_out):  # noqa: F8
     server = ReviewServer(there).start()
     token = {"X-Review-Token": server.token}
     try:
-        status, g = call(f"{server.base}/api/gallery", {"rules": {"filter": ABSOLUTE}, "step": "filter",
-                                                        "column": "motion_score", "n": 2}, token)
+        g = motion_gallery(server, ABSOLUTE, 2)
         clip_id = g["kept"][0]["clip_id"]
         assert call(f"{server.base}/api/label", {"clip_id": clip_id, "label": "keep"}, token)[0] == 200
         assert call(f"{server.base}/api/save", {"rules": {"filter": ABSOLUTE}, "write": True}, token)[0] == 200
