@@ -442,9 +442,9 @@ def test_report_has_a_dedup_section_with_example_pairs(corpus, tmp_path):
     sims = [p["similarity"] for p in section["pairs"]]
     assert sims[0] == section["similarity"]["min"] and sims[-1] == section["similarity"]["max"]
     page = (out / "report" / "index.html").read_text()
-    assert "id='dedup'" in page
+    assert 'id="dedup"' in page
     for p in section["pairs"]:
-        assert f"alt='keyframes of {p['duplicate']}'" in page and f"alt='keyframes of {p['kept']}'" in page
+        assert f'alt="keyframes of {p["duplicate"]}"' in page and f'alt="keyframes of {p["kept"]}"' in page
     # In the funnel and rule table duplicates are one rule, not one line per kept clip.
     dedup_rules = [r for r in summary["rules"] if r["step"] == "dedup"]
     assert len(dedup_rules) == 1 and dedup_rules[0]["rejected"] == recorded["duplicates"]

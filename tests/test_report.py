@@ -127,7 +127,7 @@ def test_galleries_are_borderline_first_and_the_page_is_self_contained(run_dir, 
     assert len(motion["rejected"]) == motion["rejected_total"] >= 3  # small run: every one shown
     html = (run_dir / "report" / "index.html").read_text()
     # Everything inline: no http(s) reference, one embedded image per thumbnail and plot.
-    assert "http://" not in html and "https://" not in html and "src='plots/" not in html
+    assert "http://" not in html and "https://" not in html and "src='plots/" not in html and 'src="plots/' not in html
     assert html.count("data:image/jpeg;base64,") == report["page"]["thumbnails"] > 0
     assert html.count("data:image/png;base64,") == len(report["plots"]) >= 3
     assert html.count("data:video/mp4;base64,") == report["page"]["videos"] > 0
