@@ -168,7 +168,7 @@ def test_links_open_a_source_and_follow_a_duplicate(browser, run_out, tmp_path):
 
     duplicate, original = with_a_duplicate(run_out, tmp_path / "dup")
     review = Review(tmp_path / "dup")
-    rows = {c: review.data.source_ids[review.data.source[review.row_of(c)]] for c in (duplicate, original)}
+    rows = {c: review.data.source_ids[review.data.source[review.data.row_of(c)]] for c in (duplicate, original)}
     with opened(browser, review) as (server, page, outside, errors):
         page.goto(f"{server.url}#source={rows[duplicate]}")  # a link to a source opens it
         page.wait_for_selector(f"#source-clips .card[data-clip='{duplicate}']")

@@ -58,6 +58,7 @@ class Evaluation:
     overlaps: list[list[int]]  # [i][j]: clips both rule i and rule j reject
     keep: np.ndarray = field(repr=False)  # per row
     checks: list[tuple[int, str, str, np.ndarray]] = field(repr=False, default_factory=list)  # rule_checks'
+    masks: dict[tuple[int, str], np.ndarray] = field(repr=False, default_factory=dict)  # (step, column): rejected
     seconds: float = 0.0  # the server time this evaluation took
 
     def reasons(self, row: int, duplicate: bool) -> list[str]:
@@ -79,7 +80,8 @@ class ReviewData:
 
     def __init__(self, values: dict[str, np.ndarray], is_clip: np.ndarray, duplicate: np.ndarray,
                  source: np.ndarray, source_ids: list[str], clip_ids: pa.Array | None = None,
-                 source_paths: list[str] | None = None):
+                 source_paths: list[str] | None = None, duplicate_rows: np.ndarray | None = None,
+                 duplicate_targets: pa.Array | None = None, split_errors: dict[int, tuple[str, str]] | None = None):
         self.values, self.is_clip, self.duplicate = values, is_clip, duplicate
         self.source, self.source_ids = source, source_ids
         self.source_paths = source_paths or []
@@ -87,9 +89,9 @@ class ReviewData:
         self.clip_rank = np.cumsum(is_clip, dtype=np.int64) - 1  # a clip row's place among the clip rows
         # Only for the rows that have one: a duplicate's kept clip (rows ascending, with the
         # clip ids as Arrow strings), a source error's reason (few: a dict).
-        self.duplicate_rows = np.zeros(0, np.int64)
-        self.duplicate_targets = pa.array([], pa.string())
-        self.split_errors: dict[int, tuple[str, str]] = {}  # row -> (source_status, split_error)
+        self.duplicate_rows = duplicate_rows if duplicate_rows is not None else np.zeros(0, np.int64)
+        self.duplicate_targets = duplicate_targets if duplicate_targets is not None else pa.array([], pa.string())
+        self.split_errors = split_errors or {}  # row -> (source_status, split_error)
         self.rows = int(is_clip.size)
         self.clips = int(is_clip.sum())
         self.sorted = {c: np.sort(v[is_clip & ~np.isnan(v)]) for c, v in values.items()}
@@ -109,8 +111,8 @@ class ReviewData:
         paths: list[str] = []
         wanted = ["clip_id", "source_id", "source_path", "split_error", "source_status", "start_frame",
                   "reject_reasons", *numeric]
-        # (source errors and duplicates are a few rows: their reason and kept clip are held as
-        # Python strings; every other per-row figure is a numpy array)
+        # (source errors are a few rows: their status and reason are held as Python strings;
+        # every other per-row figure is a numpy or Arrow array)
         for table in columns.scan(files, wanted):
             clip_ids.append(table.column("clip_id").combine_chunks())
             is_clip.append(columns.is_clip(table))
@@ -144,11 +146,9 @@ class ReviewData:
         # Columns no clip has a value in (a stage that did not run) are left out of the page.
         values = {c: v for c, v in values.items() if np.any(~np.isnan(v[clip_mask]))}
         data = cls(values, clip_mask, cat(duplicate, bool), cat(source, np.int32), list(codes),
-                   pa.concat_arrays(clip_ids) if clip_ids else None, paths)
-        data.split_errors = split_errors
-        if dup_rows:
-            data.duplicate_rows = np.concatenate(dup_rows)
-            data.duplicate_targets = pa.concat_arrays([t.cast(pa.string()) for t in dup_targets])
+                   pa.concat_arrays(clip_ids) if clip_ids else None, paths,
+                   cat(dup_rows, np.int64), pa.concat_arrays([t.cast(pa.string()) for t in dup_targets])
+                   if dup_targets else None, split_errors)
         log.info("review: %d rows (%d clips, %d sources) of %d columns in %.1fs", data.rows, data.clips,
                  len(codes), len(values), time.monotonic() - started)
         return data
@@ -170,13 +170,11 @@ class ReviewData:
         """The funnel, each rule's rejects (all, alone), the overlaps and the kept total."""
         started = time.perf_counter()
         resolved = self.resolve(steps)
-        effective: list[Rules] = []
+        effective: list[Rules] = [{} for _ in steps]
         index_of = {name: i for i, (name, _) in enumerate(steps)}
-        for _ in steps:
-            effective.append({})
         for name, column, _, bounds in resolved:
             effective[index_of[name]][column] = bounds
-        masks: dict[tuple[int, str], np.ndarray] = {}
+        masks: dict[tuple[int, str], np.ndarray] = {}  # each rule's rejected rows: its checks together
         checks = rule_checks(~self.is_clip, self.values, effective)
         for index, column, _, mask in checks:
             key = (index, column)
@@ -196,7 +194,7 @@ class ReviewData:
         overlaps = [[int((a & b).sum()) for b in stack] for a in stack]
         keep = self.is_clip & ~rejected & ~self.duplicate
         duplicates = int((self.is_clip & ~rejected & self.duplicate).sum())
-        return Evaluation(self.clips, int(keep.sum()), duplicates, rules, overlaps, keep, checks,
+        return Evaluation(self.clips, int(keep.sum()), duplicates, rules, overlaps, keep, checks, masks,
                           time.perf_counter() - started)
 
     def near_threshold(self, evaluation: Evaluation, rule: Rule, n: int = 12) -> dict[str, list[int]]:
@@ -207,12 +205,10 @@ class ReviewData:
         bounds = [b for b in (rule.effective.get("min"), rule.effective.get("max")) if b is not None]
         if v is None or not bounds:
             return {"kept": [], "dropped": []}
-        own = np.zeros(self.rows, bool)
+        own = evaluation.masks[(rule.index, rule.column)]
         others = np.zeros(self.rows, bool)
-        for index, column, _, mask in evaluation.checks:
-            if column == rule.column and index == rule.index:
-                own |= mask
-            else:
+        for key, mask in evaluation.masks.items():
+            if key != (rule.index, rule.column):
                 others |= mask
         free = self.is_clip & ~others & ~self.duplicate & ~np.isnan(v)
         distance = np.min(np.abs(v[:, None] - np.asarray(bounds)[None, :]), axis=1)
@@ -222,6 +218,11 @@ class ReviewData:
                 rows = rows[np.argpartition(distance[rows], n)[:n]]
             out[side] = rows[np.argsort(distance[rows], kind="stable")].tolist()
         return out
+
+    def row_of(self, clip_id: str) -> int | None:
+        """The row of a clip id (None when the output has no such row)."""
+        found = pc.index(self.clip_ids, clip_id).as_py()
+        return None if found is None or found < 0 else int(found)
 
     def source_rows(self, source_id: str) -> np.ndarray:
         """The rows of one source, in order (a source's rows are contiguous and in time order)."""

@@ -45,8 +45,8 @@ class Labels:
         """Label a clip (None removes its label); returns how many clips are labelled."""
         if label is not None and label not in LABELS:
             raise ValueError(f"a label is one of {', '.join(LABELS)} (or null to remove it), got {label!r}")
-        found = pc.index(self.data.clip_ids, clip_id).as_py()
-        if found is None or found < 0 or not self.data.is_clip[found]:
+        found = self.data.row_of(clip_id)
+        if found is None or not self.data.is_clip[found]:
             raise ValueError(f"no clip {clip_id!r} in this output")
         with self._lock:
             if label is None:
@@ -77,7 +77,7 @@ class Labels:
     def agreement(self, evaluation: Evaluation) -> dict[str, Any]:
         rows, keep = self.rows()
         kept = evaluation.keep[rows]
-        masks = rule_masks(evaluation)
+        masks = evaluation.masks
         return {
             "labelled": int(rows.size), "labelled_keep": int(keep.sum()), "labelled_drop": int((~keep).sum()),
             "dropped_but_keep": int((keep & ~kept).sum()), "kept_but_drop": int((~keep & kept).sum()),
@@ -113,15 +113,6 @@ class Labels:
                 out.append({"step": rule.step, "column": rule.column, "side": side, "value": threshold,
                             "agree": agree, "of": int(has.sum()), "kept": self.data.evaluate(trial).kept})
         return out
-
-
-def rule_masks(evaluation: Evaluation) -> dict[tuple[int, str], np.ndarray]:
-    """Each rule's rejected rows, from the evaluation's checks."""
-    masks: dict[tuple[int, str], np.ndarray] = {}
-    for index, column, _, mask in evaluation.checks:
-        key = (index, column)
-        masks[key] = masks[key] | mask if key in masks else mask
-    return masks
 
 
 def best_threshold(values: np.ndarray, keep: np.ndarray, side: str) -> tuple[float | None, int]:

@@ -50,7 +50,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from curation import templates
 from curation.config import load_config
 import numpy as np
-import pyarrow.compute as pc
 
 from curation.review.data import ReviewData, rules_of
 from curation.review.labels import Labels
@@ -116,10 +115,6 @@ class Review:
                 raise ValueError(f"{name}.{exc}") from None
         return out
 
-    def row_of(self, clip_id: str) -> int | None:
-        found = pc.index(self.data.clip_ids, clip_id).as_py()
-        return None if found is None or found < 0 else int(found)
-
     def clip(self, row: int, evaluation: Any) -> dict[str, Any]:
         """What a gallery card shows of one clip."""
         d = self.data
@@ -151,7 +146,7 @@ class Review:
         steps = self.parse_rules(payload)
         source_id = payload.get("source_id")
         if not source_id and payload.get("clip_id"):
-            row = self.row_of(str(payload["clip_id"]))
+            row = self.data.row_of(str(payload["clip_id"]))
             source_id = self.data.source_ids[self.data.source[row]] if row is not None else None
         rows = self.data.source_rows(str(source_id or ""))
         if not rows.size:
@@ -166,7 +161,7 @@ class Review:
             card["kept"] = bool(evaluation.keep[row])
             target = self.data.duplicate_of(row)
             if target:
-                at = self.row_of(target)
+                at = self.data.row_of(target)
                 card["duplicate_of"] = {"clip_id": target,
                                         "source_id": self.data.source_ids[self.data.source[at]] if at is not None else None}
             out.append(card)
@@ -203,7 +198,7 @@ class Review:
                 "overrides": changes}
 
     def video(self, clip_id: str) -> bytes | None:
-        row = self.row_of(clip_id)
+        row = self.data.row_of(clip_id)
         if row is None or not self.data.is_clip[row]:
             return None
         found = self.payloads.row(int(self.data.clip_rank[row]), clip_id, ("video",))
