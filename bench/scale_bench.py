@@ -25,7 +25,9 @@ control: N empty source files through `curate run` with the stand-in split (rows
 decoding) and the filter, units of 4: the driver, the Ray tasks, in-flight markers, commits,
 ledger checkpoints and the final compaction. With --kills K the driver is SIGKILLed K times
 at spread moments and the same command resumes. Printed: wall, driver CPU per unit, driver
-peak RSS, units, and a check that every source gave its rows once.
+peak RSS, units, a check that every source gave its rows once, and where a unit's time went,
+part by part (run.json's unit_seconds: the task's start, setup and return, the in-flight
+marker, the steps, the write; the driver's commits, submissions and checks).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -51,8 +52,8 @@ import pyarrow.compute as pc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation import compact, schema  # noqa: E402
-from curation.ledger import UNITS_SCHEMA, checkpoint_name, fold  # noqa: E402
+from curation import compact, outdir, schema  # noqa: E402
+from curation.ledger import UNITS_SCHEMA, fold  # noqa: E402
 from curation.sources import make_unit  # noqa: E402
 from curation.writer import OutputStore, add_derived_columns, write_json  # noqa: E402
 from stages.base import source_id_for  # noqa: E402
@@ -353,11 +354,14 @@ def run_control(n_sources: int, runner: str, kills: int, keep: Path | None) -> N
         if not killed:
             break
     run = json.loads((out / "run.json").read_text())
-    ids = OutputStore(out).read_scores().column("source_id")
-    per_source = np.unique(np.asarray(ids.to_pylist()), return_counts=True)
+    store = OutputStore(out)
+    scores = pa.concat_tables([outdir.read_table(f, columns=["source_id", "clip_id"])
+                               for f in store.committed_files("scores")])
+    ids = scores.column("source_id")
+    with_rows = pc.count_distinct(ids).as_py()
     print(f"sources {n_sources:,} ({runner}, {kills} kills): wall {time.monotonic() - started:.0f} s, "
           f"status {run['status']}, units {run['units']:,}, rows {len(ids):,}, "
-          f"sources with rows {per_source[0].size:,}")
+          f"sources with rows {with_rows:,}")
     final = attempts[-1]
     cpu_total = sum(a["driver_cpu_s"] or 0 for a in attempts)
     print(f"driver CPU {cpu_total:.1f} s = {1000 * cpu_total / run['units']:.2f} ms a unit; driver peak RSS "
@@ -367,11 +371,29 @@ def run_control(n_sources: int, runner: str, kills: int, keep: Path | None) -> N
         if cpu and a.get("units"):
             print(f"  attempt of {a['units']:,} units: driver CPU planning {cpu['planning']:.1f} s, units "
                   f"{cpu['units']:.1f} s = {1000 * cpu['units'] / a['units']:.2f} ms a unit, end {cpu['end']:.1f} s")
-    clip_ids = OutputStore(out).read_scores().column("clip_id").to_pylist()
-    assert len(clip_ids) == len(set(clip_ids)), "a clip twice"
-    assert per_source[0].size == n_sources, "a source without rows"
+    print_unit_costs(run)
+    clip_ids = scores.column("clip_id")
+    assert pc.count_distinct(clip_ids).as_py() == len(clip_ids), "a clip twice"
+    assert with_rows == n_sources, "a source without rows"
     if keep is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def print_unit_costs(run: dict) -> None:
+    """Where a unit's time went, part by part (run.json's unit_seconds over its units), and the
+    driver's own seconds a unit (each attempt's driver_seconds and scheduler_seconds)."""
+    units = max(1, int(run.get("units", 0)))
+    parts = run.get("unit_seconds") or {}
+    print(f"a unit's time by part (ms, mean over {units:,} units; task_queued is waiting for a slot):")
+    for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<14} {1000 * seconds / units:9.2f}")
+    driver: dict[str, float] = {}
+    for a in run.get("attempts", []):
+        for key in ("driver_seconds", "scheduler_seconds"):
+            for name, seconds in (a.get(key) or {}).items():
+                driver[name] = driver.get(name, 0.0) + seconds
+    print("the driver's seconds a unit (ms): " + ", ".join(
+        f"{name} {1000 * seconds / units:.2f}" for name, seconds in sorted(driver.items(), key=lambda kv: -kv[1])))
 
 
 # ---- the Ray runner's fixed costs ----------------------------------------------------------------
@@ -417,6 +439,7 @@ def run_runners(n_sources: int, config: Path, keep: Path | None, runners: list[s
         if runner == "ray":
             units = OutputStore(out).ledger().units
             print(f"    units {units.num_rows}; pools {json.dumps(attempt.get('model_pools', {}))}")
+        print_unit_costs(run)
     if len(results) == 2:
         print(f"ray / local wall: {results['ray'] / results['local']:.2f}")
     if keep is None:

@@ -94,6 +94,7 @@ def contribution(entry: dict[str, Any]) -> dict[str, Any]:
         "source_outcomes": dict(entry.get("source_outcomes") or {}),
         "errors": dict(entry.get("errors") or {}),
         "stage_seconds": dict(entry.get("stage_seconds") or {}),
+        "unit_seconds": dict(entry.get("unit_seconds") or {}),
         "model_sent_bytes": dict(entry.get("model_sent_bytes") or {}),
         "storage": dict(entry.get("storage") or {}),
         "nodes": nodes_summary([entry]),

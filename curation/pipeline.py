@@ -50,7 +50,7 @@ from curation.pools import (
     unit_task_cpus,
 )
 from curation.sources import Unit
-from curation.unit import SourceGuard, UnitWorker, is_model_step
+from curation.unit import SourceGuard, UnitClock, UnitWorker, is_model_step
 from curation.writer import OutputStore
 from stages import storage
 
@@ -66,7 +66,10 @@ _WORKERS: dict[str, UnitWorker] = {}
 
 def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
               failed: dict[str, tuple[str, str]], pools: ActorPools) -> dict[str, Any]:
-    """Runs on a worker: the whole unit, its data files written here; returns its ledger entry."""
+    """Runs on a worker: the whole unit, its data files written here; returns its ledger entry
+    (with `task_times`: when the task started and ended, and this process's previous unit's
+    end, for the driver's parts of `unit_seconds`)."""
+    began, started = time.time(), time.perf_counter()
     key = config.fingerprint()
     worker = _WORKERS.get(key)
     if worker is None:
@@ -79,16 +82,39 @@ def unit_task(config: PipelineConfig, unit: Unit, out_dir: str, attempt: int,
     guard = SourceGuard(store.inflight_dir / f"{unit.unit_id}.json", unit.unit_id, attempt,
                         config.run.source_timeout_floor_s, config.run.source_timeout_per_video_s,
                         node_id=node_id)
-    started = time.perf_counter()
     pools.wait_s, pools.sent_bytes = {}, {}
+    setup = time.perf_counter() - started
     try:
         entry = worker.run(unit, store, guard=guard, failed=failed)
     finally:
         guard.leave()
+    entry["unit_seconds"]["task_setup"] = setup
+    previous, _LAST_END[0] = _LAST_END[0], time.time()
     # The node that ran the unit, and so wrote its files.
     return {**entry, "attempts": attempt, "unit_wall_s": time.perf_counter() - started,
             "model_wait_s": dict(pools.wait_s), "model_sent_bytes": dict(pools.sent_bytes), "node_id": node_id,
-            "node_ip": ray.util.get_node_ip_address()}
+            "node_ip": ray.util.get_node_ip_address(),
+            "task_times": {"began": began, "ended": _LAST_END[0], "previous_end": previous}}
+
+
+_LAST_END: list[float | None] = [None]  # when this worker process's last unit task ended
+
+
+def task_parts(entry: dict[str, Any], submitted: float, received: float) -> None:
+    """The task's parts of a unit's time, from `task_times` (wall clocks: on several nodes they
+    are as close as the nodes' clocks): `task_queued`, from submission to the start (a unit
+    waits for a free slot: the driver keeps two a slot in flight); `task_return`, from the
+    task's end until the driver had its entry; `task_gap`, from this worker process's previous
+    unit's end to this one's start (Ray's dispatch, while units wait; a process's first unit
+    has none)."""
+    times = entry.pop("task_times", None)
+    if not times:
+        return
+    parts = entry.setdefault("unit_seconds", {})
+    parts["task_queued"] = max(0.0, times["began"] - submitted)
+    parts["task_return"] = max(0.0, received - times["ended"])
+    if times.get("previous_end") is not None:
+        parts["task_gap"] = max(0.0, times["began"] - times["previous_end"])
 
 
 def death_cause(exc: BaseException) -> str:
@@ -174,6 +200,7 @@ class UnitScheduler:
         self.task = ray.remote(unit_task).options(num_cpus=unit_task_cpus(config), max_retries=0)
         self.last_check = 0.0
         self.monitor = StepMonitor(config, slots)
+        self.clock = UnitClock()  # the driver's own seconds: submitting, receiving, checking
 
     def run(self) -> Iterator[dict[str, Any]]:
         import ray
@@ -185,10 +212,12 @@ class UnitScheduler:
             for ref in ready:
                 flight = self.in_flight.pop(ref)
                 try:
-                    entry = ray.get(ref)
+                    with self.clock.part("receive"):
+                        entry = ray.get(ref)
                 except ray.exceptions.RayError as exc:
                     self.task_failed(flight, exc)
                     continue
+                task_parts(entry, flight.submitted, time.time())
                 self.monitor.observe(entry)
                 yield entry
             self.cancel_overdue()
@@ -212,9 +241,11 @@ class UnitScheduler:
 
     def submit(self, state: UnitState) -> None:
         state.attempt += 1
-        ref = self.task.remote(self.config, state.unit, str(self.store.root), state.attempt,
-                               dict(state.failed), self.pools)
-        self.in_flight[ref] = InFlight(state, time.time())
+        submitted = time.time()
+        with self.clock.part("submit"):
+            ref = self.task.remote(self.config, state.unit, str(self.store.root), state.attempt,
+                                   dict(state.failed), self.pools)
+        self.in_flight[ref] = InFlight(state, submitted)
 
     def marker(self, state: UnitState) -> dict[str, Any] | None:
         path = self.store.inflight_dir / f"{state.unit.unit_id}.json"
@@ -271,12 +302,16 @@ class UnitScheduler:
     def cancel_overdue(self) -> None:
         """Every 5 s: cancel a task whose own timer did not end it (from the in-flight markers),
         grow the model pools that batches wait on, and (every 10 s) log the steps' progress."""
-        import ray
-
         now = time.time()
         if now - self.last_check < 5.0:
             return
         self.last_check = now
+        with self.clock.part("checks"):
+            self._check(now)
+
+    def _check(self, now: float) -> None:
+        import ray
+
         stats = self.model_stats()
         self.sizer.check(stats)
         self.monitor.report(stats, running=len(self.in_flight))
@@ -393,8 +428,9 @@ def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, a
                 raise ModelSetupError(setup_failure(name, exc)) from None
         log.info("running units on %g CPUs, up to %d at a time; %d model step(s) on actors",
                  total_cpus, 2 * slots, len(sizer.actors))
-        yield from UnitScheduler(config, units, store, sizer, slots, driver_grace_s).run()
-        return {"model_pools": pool_summary(sizer)}
+        scheduler = UnitScheduler(config, units, store, sizer, slots, driver_grace_s)
+        yield from scheduler.run()
+        return {"model_pools": pool_summary(sizer), "scheduler_seconds": dict(scheduler.clock.seconds)}
     finally:
         for handles in sizer.actors.values():
             for h in handles:

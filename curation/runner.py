@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from curation.config import PipelineConfig
 from curation.finalize import finalize, needs_final_pass
 from curation.sources import Unit, UnitFeed, iter_sources
-from curation.unit import UnitWorker
+from curation.unit import UnitClock, UnitWorker
 from curation.writer import OutputStore, write_json
 from stages import storage
 
@@ -323,6 +323,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     progress = Progress(units)
     checkpoints = LedgerCheckpoints(store)
     workers_storage: Counter = Counter()
+    driver = UnitClock()  # this process's seconds a unit: the commits and the bookkeeping
     entries = executor(config, units, store)
     try:
         while True:
@@ -331,10 +332,13 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
             except StopIteration as done:  # an executor may return what the attempt's record keeps
                 attempt.update(done.value or {})
                 break
-            store.write_ledger(entry)
-            workers_storage.update(entry.get("storage") or {})
-            progress.unit_done(units.finished(entry["unit_id"]), entry)
-            checkpoints.committed()
+            with driver.part("commit"):
+                store.write_ledger(entry)
+            with driver.part("progress"):
+                workers_storage.update(entry.get("storage") or {})
+                progress.unit_done(units.finished(entry["unit_id"]), entry)
+            with driver.part("ledger_checkpoints"):
+                checkpoints.committed()
     except BaseException as exc:  # the attempt's record says what it did before it failed
         progress.close()
         attempt.update({"finished_at": time.time(), "error": storage.redact(repr(exc))[:2000],
@@ -344,6 +348,7 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
         raise
     progress.close()
     attempt["units"] = units.units
+    attempt["driver_seconds"] = dict(driver.seconds)
     cpu_end = time.process_time()
     missing = sorted(units.open)  # given out, never committed
     if missing:
@@ -419,4 +424,5 @@ def run_totals(totals: dict[str, Any], listed: int) -> dict[str, Any]:
         "model_sent_bytes_per_clip": {name: n / max(1, clips)
                                       for name, n in (totals.get("model_sent_bytes") or {}).items()},
         "stage_busy_seconds": dict(totals.get("stage_seconds") or {}),
+        "unit_seconds": dict(totals.get("unit_seconds") or {}),
     }

@@ -12,6 +12,12 @@
 3. the unit's data files (`OutputStore.write_unit`). The ledger entry is returned, not
    written: the driver writes it last, which commits the unit.
 
+The entry's `unit_seconds` says where the unit's time went, by part (`UnitClock`): fetching
+sources from a store, the in-flight marker's writes, probing durations, the per-source steps,
+the unit's later steps (model steps run here), calls to model actors, writing the data files;
+the Ray runner adds the task's own parts (curation/pipeline.py). The ledger's totals sum them
+(run.json `unit_seconds`), so a run's fixed cost a unit can be read part by part.
+
 Sources in `failed` (they killed or hung their worker on every attempt) are not run again;
 each gets one row saying why (source_status worker_died / timed_out).
 """
@@ -24,7 +30,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -105,6 +112,28 @@ def per_source_steps(config: PipelineConfig) -> int:
     return len(config.steps)
 
 
+# ---- where a unit's time goes ------------------------------------------------------------------
+
+class UnitClock:
+    """Seconds by part of one unit, summed over its sources (threads add under a lock)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def add(self, part: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[part] += seconds
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+
 # ---- the time limit -----------------------------------------------------------------------------
 
 class SourceGuard:
@@ -122,6 +151,7 @@ class SourceGuard:
         self.marker, self.unit_id, self.attempt, self.node_id = marker, unit_id, attempt, node_id
         self.floor_s, self.per_video_s = floor_s, per_video_s
         self._thread_timer: threading.Timer | None = None
+        self.write_s = 0.0  # the marker's writes, in all
 
     def limit_for(self, duration_s: float | None) -> float:
         if duration_s is None or not duration_s > 0:
@@ -142,8 +172,10 @@ class SourceGuard:
 
     def _write(self, fields: dict[str, Any]) -> None:
         # Advisory (read only when this process has died), so no fsync: twice per source.
+        started = time.perf_counter()
         write_json(self.marker, {"unit_id": self.unit_id, "attempt": self.attempt, "pid": os.getpid(),
                                  "node_id": self.node_id, "started_at": time.time(), **fields}, durable=False)
+        self.write_s += time.perf_counter() - started
 
     def _arm(self, seconds: float) -> None:
         if self._thread_timer is not None:
@@ -205,9 +237,13 @@ class UnitWorker:
         failed = failed or {}
         todo = [s for s in unit.sources if s.source_id not in failed]
         before = storage.counters()
+        clock = UnitClock()
         # Sources in object storage: the next one is fetched while this one decodes.
         with storage.Prefetcher([s.path for s in todo], {s.path: s.size_bytes for s in todo}) as fetches:
-            entry = self._run(unit, store, guard, failed, fetches)
+            entry = self._run(unit, store, guard, failed, fetches, clock)
+        if guard is not None:
+            clock.add("markers", guard.write_s)
+        entry["unit_seconds"] = dict(clock.seconds)
         if guard is not None and any(storage.is_uri(s.path) for s in todo):
             # A Ray worker runs one unit at a time: its process's counts are this unit's, all
             # fetched into the Prefetcher's folder (run.json's `nodes` sums both per node).
@@ -215,28 +251,36 @@ class UnitWorker:
             entry["fetch_dir"] = str(fetches.dir)
         return entry
 
+    def _source(self, unit: Unit, source: Source, failed: dict[str, tuple[str, str]],
+                clock: UnitClock) -> Batch:
+        if source.source_id in failed:
+            return failure_row(source, unit.unit_id, *failed[source.source_id])
+        with clock.part("source_steps"):
+            return self.run_source(unit, source)
+
     def _run(self, unit: Unit, store: OutputStore, guard: SourceGuard | None,
-             failed: dict[str, tuple[str, str]], fetches: storage.Prefetcher) -> dict[str, Any]:
+             failed: dict[str, tuple[str, str]], fetches: storage.Prefetcher, clock: UnitClock) -> dict[str, Any]:
         if self.source_pool is not None and guard is None:
-            parts = list(self.source_pool.map(
-                lambda s: failure_row(s, unit.unit_id, *failed[s.source_id]) if s.source_id in failed
-                else self.run_source(unit, s), unit.sources))
+            parts = list(self.source_pool.map(lambda s: self._source(unit, s, failed, clock), unit.sources))
         else:
             parts = []
             for source in unit.sources:
                 if source.source_id in failed:
-                    parts.append(failure_row(source, unit.unit_id, *failed[source.source_id]))
+                    parts.append(self._source(unit, source, failed, clock))
                     continue
                 if guard is not None:
                     local: str | None = source.path
                     if storage.is_uri(source.path):  # fetched before the clock starts (retried reads)
                         try:
-                            local = fetches.take(source.path)
+                            with clock.part("fetch"):
+                                local = fetches.take(source.path)
                         except Exception:  # noqa: BLE001 - a failed fetch is split's to report
                             local = None
                     guard.enter(source, guard.floor_s)  # the probe itself may hang
-                    guard.enter(source, guard.limit_for(probe_duration(local) if local else None))
-                parts.append(self.run_source(unit, source))
+                    with clock.part("probe"):
+                        duration = probe_duration(local) if local else None
+                    guard.enter(source, guard.limit_for(duration))
+                parts.append(self._source(unit, source, failed, clock))
                 if guard is not None:
                     guard.leave()
         if guard is not None:
@@ -246,11 +290,14 @@ class UnitWorker:
         if not any(step.stage in SAMPLE_READERS for step in later):
             batch.pop("sample_frames", None)  # most of a row's bytes: not sent to model actors
         for step in later:
-            if guard is not None and self.remote is not None and is_model_step(step):
+            remote = self.remote is not None and is_model_step(step)
+            if guard is not None and remote:
                 guard.unit_phase(step.name)  # the driver grows pools that units wait on
-            batch = self.run_step(step, batch)
+            with clock.part("model_calls" if remote else "unit_steps"):
+                batch = self.run_step(step, batch)
         for name in DROPPED_BEFORE_WRITE:
             batch.pop(name, None)
-        table = schema.batch_to_table(batch)
-        return store.write_unit(unit.unit_id, [s.source_id for s in unit.sources], table,
-                                self.config.run.shard_target_mb, self.config.run.store_all_clips)
+        with clock.part("write"):
+            table = schema.batch_to_table(batch)
+            return store.write_unit(unit.unit_id, [s.source_id for s in unit.sources], table,
+                                    self.config.run.shard_target_mb, self.config.run.store_all_clips)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -148,7 +149,9 @@ class StandinSplitStage(Stage):
                "video", "keyframes", "temporal_signature", "image_embedding")
 
     def __init__(self, clips_per_source: float = 10.0, error_share: float = 0.03, keyframe_bytes: int = 15_000,
-                 video_bytes: int = 256, embedding_dims: int = 512):
+                 video_bytes: int = 256, embedding_dims: int = 512, work_s: float = 0.0):
+        """`work_s`: seconds each source takes (a sleep standing in for its decode), so a
+        rehearsal's units have a body of known length."""
         if clips_per_source <= 0:
             raise ValueError(f"clips_per_source must be > 0, got {clips_per_source}")
         if not 0.0 <= error_share <= 1.0:
@@ -157,10 +160,15 @@ class StandinSplitStage(Stage):
                             ("embedding_dims", embedding_dims)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not work_s >= 0.0:
+            raise ValueError(f"work_s must be >= 0, got {work_s}")
+        self.work_s = work_s
         self.params = dict(clips_per_source=clips_per_source, error_share=error_share,
                            keyframe_bytes=keyframe_bytes, video_bytes=video_bytes, embedding_dims=embedding_dims)
 
     def __call__(self, batch: Batch) -> Batch:
+        if self.work_s:
+            time.sleep(self.work_s * len(batch["source_id"]))
         parts = [table_for([sid], [path], _seed(sid), **self.params).to_pydict()
                  for sid, path in zip(batch["source_id"], batch["source_path"])]
         out = {name: [v for p in parts for v in p[name]] for name in parts[0]} if parts else {}

@@ -66,3 +66,40 @@ def test_a_pipeline_starts_with_exactly_one_splitter():
         parse_config(bad)
     with pytest.raises(ConfigError, match="clips_per_source"):
         parse_config({"steps": [{"stage": "split_standin", "args": {"clips_per_source": 0.0}}]})
+
+
+def test_a_ray_run_records_where_each_units_time_went(tmp_path, ray_tmp):
+    """run.json's unit_seconds, by part, on the Ray runner: the per-source steps hold the
+    stand-in's known work, units queue behind each other on one slot, and the task's, the
+    marker's, the write's and the driver's parts are all measured."""
+    import json
+
+    from curation.pipeline import init_ray, run_ray
+
+    work_s, n_sources, per_unit = 0.25, 12, 4
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for i in range(n_sources):
+        (sources / f"s{i:02d}.mp4").write_bytes(b"")
+    config = {"run": {"sources_per_unit": per_unit},
+              "steps": [{"stage": "split_standin", "ray": {"num_cpus": 1},
+                         "args": {"clips_per_source": 2.0, "keyframe_bytes": 500, "embedding_dims": 8,
+                                  "work_s": work_s}},
+                        {"stage": "filter", "args": {"rules": {"motion_score": {"min": 1.0}}}}]}
+    init_ray(None, num_cpus=1, object_store_mb=100, temp_dir=ray_tmp)
+    record = run_pipeline(parse_config(config), [str(sources)], tmp_path / "out", run_ray)
+    units = record["units"]
+    assert units == n_sources // per_unit
+    parts = record["unit_seconds"]
+    # Every source slept work_s in the split, inside the per-source steps.
+    assert parts["source_steps"] >= n_sources * work_s
+    # (No model step: the filter runs per source too, and no step is left for the unit.)
+    assert "unit_steps" not in parts and parts["write"] > 0 and parts["markers"] > 0
+    assert parts["probe"] > 0 and parts["task_setup"] > 0 and parts["task_return"] >= 0
+    # One slot and two units in flight: every unit after the first waited for a whole unit
+    # (per_unit x work_s at least) before it started.
+    assert parts["task_queued"] >= (units - 1) * per_unit * work_s
+    # The worker process was reused, so later units had a gap after their previous one.
+    assert "task_gap" in parts
+    attempt = json.loads((tmp_path / "out" / "run.json").read_text())["attempts"][-1]
+    assert attempt["driver_seconds"]["commit"] > 0 and attempt["scheduler_seconds"]["submit"] > 0
