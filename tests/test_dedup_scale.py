@@ -21,7 +21,7 @@ import pytest
 
 from curation import dedup
 from curation.dedup.budget import Budget
-from curation.dedup.candidates import Search, leaf_pairs
+from curation.dedup.candidates import FANOUT, Search, candidate_search, fanout, leaf_pairs
 from curation.dedup.choosing import Prioritised, choose_duplicates, choose_group
 from curation.dedup.copies import KEY, row_keys
 from curation.dedup.groups import Corpus, Writers, find_groups
@@ -433,3 +433,32 @@ def test_decisions_are_looked_up_in_the_order_of_scores(tmp_path):
     scrambled = dedup.Decisions(path, 3)
     with pytest.raises(dedup.OutputError, match="order"):
         scrambled.lookup(pa.array(["d", "b"]))  # d before b: not the order they were written in
+
+
+def test_the_tree_stays_two_levels_deep_as_the_corpus_grows(tmp_path):
+    """A row joins its two nearest cells at a level when they are about as near, so every level
+    more multiplies its leaves (and the cosines compared). With bucket_size 4, 30,000 rows are
+    what 7.5 x 10^6 are with the default 1000: FANOUT children of the top cell would need two
+    more splits each. The top split is widened instead (fanout), so the rows sit in fewer
+    leaves, and the planted near copies are still found. (Measured on this data: 1.9 leaves a
+    row with the wide top split, 2.5 with FANOUT children split twice; the bound lies between.)"""
+    assert fanout(2_000_000, 1000) == FANOUT and fanout(5_050_000, 1000) > 2 * FANOUT
+    assert fanout(3000, 1000) == 3  # small cells: one child per bucket, as before
+    rng = np.random.default_rng(5)
+    n, d = 30_000, 143
+    x = unit(rng.standard_normal((n, d)))
+    near = np.arange(0, n, 100)  # every 100th row copied with a little noise at the end
+    x = np.concatenate([x, unit(x[near] + 0.01 * rng.standard_normal((near.size, d)))])
+    budget = Budget()
+    vectors = RowFile(tmp_path / "v", np.dtype((np.float16, (d,))), 0, budget)
+    vectors.append(x)
+    rows = RowFile(tmp_path / "rows", np.int64, 0, budget)
+    rows.append(np.arange(len(x)))
+    found: list[np.ndarray] = []
+    (tmp_path / "w").mkdir()
+    stats = candidate_search(vectors, rows, Search(0.05, bucket_size=4, rounds=1), tmp_path / "w", budget,
+                             lambda a, b: found.append(a * len(x) + b))
+    assert stats["leaf_rows"] <= 2.2 * len(x), stats
+    pairs = np.unique(np.concatenate(found))
+    planted = near * len(x) + n + np.arange(near.size)
+    assert np.isin(planted, pairs).mean() >= 0.95

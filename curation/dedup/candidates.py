@@ -8,6 +8,12 @@ In a leaf every row gets its top_k most similar partners at cosine >= 1 - eps (t
 smaller row), in blocks of BLOCK_ROWS x BLOCK_COLS cosines. `rounds` trees from other seeds are
 unioned. A row costs FANOUT dot products per level (one level at 10^5 clips, two at 10^7) and a
 leaf's worth of cosines, so time per row barely grows with n.
+
+A row that joins two cells at every level is in up to 2^levels leaves a round, so the tree is
+kept to two levels: a cell too large for its children to be leaves after one more split of
+FANOUT (more than about FANOUT x bucket_size / 2 rows each, counting the rows that join two) is
+split into more cells (`fanout`), up to MAX_FANOUT. Below about 2 x 10^6 distinct clips this is
+FANOUT, as before; at 5 x 10^6 a third level doubled every row's leaves and compared cosines.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from curation.dedup.spill import Parts, RowFile
 # leaf's ~1000-4000 cosines and gives one level up to ~2.5 x 10^5 distinct clips (at
 # bucket_size 1000), two up to ~1.6 x 10^7.
 FANOUT = 64
+MAX_FANOUT = 1024  # a top split of up to ~3 x 10^7 distinct clips (bucket_size 1000) in two levels
 MAX_DEPTH = 3  # a cell that k-means cannot split (thousands of nearly identical clips) is a leaf here
 # k-means is fitted on this many sampled rows per centroid (plenty for cells of a few thousand
 # rows each, and it keeps the fit a small cost next to the assignment of every row).
@@ -80,6 +87,14 @@ def nearest(x: np.ndarray, centroids: np.ndarray, top: int = 1) -> tuple[np.ndar
         idx[s:s + ASSIGN_ROWS] = np.take_along_axis(part, order, axis=1)
         sim[s:s + ASSIGN_ROWS] = np.take_along_axis(vals, order, axis=1)
     return idx, sim
+
+
+def fanout(size: int, bucket_size: int) -> int:
+    """The cells a cell of `size` rows is split into (module docstring): one per bucket_size
+    rows up to FANOUT; more when even FANOUT children would need splitting twice more (each
+    child, with the rows that also join it, must split by FANOUT into leaves)."""
+    small = min(FANOUT, math.ceil(size / bucket_size))
+    return int(min(MAX_FANOUT, max(small, math.ceil(2 * size / (FANOUT * bucket_size)))))
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +231,7 @@ def candidate_search(vectors: RowFile, rows: RowFile, search: Search, work: Path
     threshold = 1.0 - search.eps
     n = len(rows)
     exhaustive = n <= 4 * search.bucket_size
-    stats = {"leaves": 0, "compared": 0, "leaf_rows": 0, "splits": 0}
+    stats = {"leaves": 0, "compared": 0, "leaf_rows": 0, "splits": 0, "depth": 0}
     progress = Progress("candidates")
     cell_no = 0
     for r in range(1 if exhaustive else search.rounds):
@@ -229,8 +244,9 @@ def candidate_search(vectors: RowFile, rows: RowFile, search: Search, work: Path
                 stats["compared"] += leaf_pairs(vectors, members, threshold, search.top_k, budget, sink)
                 stats["leaves"] += 1
                 stats["leaf_rows"] += members.size
+                stats["depth"] = max(stats["depth"], depth)
             else:
-                k = min(FANOUT, math.ceil(size / search.bucket_size))
+                k = fanout(size, search.bucket_size)
                 rng = np.random.default_rng(seed)
                 sample = min(size, KMEANS_POINTS_PER_CENTROID * k)
                 at = np.sort(rng.choice(size, size=sample, replace=False)) if sample < size else np.arange(size)
@@ -248,6 +264,6 @@ def candidate_search(vectors: RowFile, rows: RowFile, search: Search, work: Path
                 cell.path.unlink(missing_ok=True)
             progress("round %d/%d, %d leaves (%d rows) compared, %d cells waiting", r + 1, search.rounds,
                      stats["leaves"], stats["leaf_rows"], len(todo))
-    progress("%d rows in %d leaves (%d row slots), %d splits, %d pairs compared by cosine", n, stats["leaves"],
-             stats["leaf_rows"], stats["splits"], stats["compared"], force=True)
+    progress("%d rows in %d leaves (%d row slots, %d levels deep), %d splits, %d pairs compared by cosine", n,
+             stats["leaves"], stats["leaf_rows"], stats["depth"], stats["splits"], stats["compared"], force=True)
     return stats
