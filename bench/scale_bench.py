@@ -265,6 +265,8 @@ def run_readers(sizes: list[int], only: set[str] | None, keep: Path | None, stor
                 r.update({"command": f"{name} ({store})", "rows": facts["rows"], "units": facts["units"]})
                 results.append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r['err'][-400:]}"
+                if name == "resume":  # its log lines say when planning ended and the listing did
+                    print("    " + "\n    ".join(r["err"].strip().splitlines()[-12:]), flush=True)
                 print(f"  {name:<22} {r['wall_s']:8.1f} s {r['peak_mb']:8.0f} MB peak {r['cpu_s']:8.1f} s CPU "
                       f"{1e6 * r['wall_s'] / facts['rows']:8.1f} us/row  objects r/w "
                       f"{r['objects'].get('read', '?')}/{r['objects'].get('written', '?')}  {status}", flush=True)

@@ -292,13 +292,14 @@ def commit(store: Any, seq: int, units_file: str, units: int, files: dict[str, l
     return manifest
 
 
-def clean_up(store: Any, ledger: Ledger, replaced: dict[str, list[str]]) -> None:
-    """After a commit: the entries it folded, the files it replaced, the older checkpoints."""
+def clean_up(store: Any, ledger: Ledger, replaced: dict[str, list[str]], superseded: bool = True) -> None:
+    """After a commit: the entries it folded, the files it replaced, the older checkpoints
+    (`superseded`: the one the ledger was read from too; not when nothing was committed)."""
     for kind, names in replaced.items():
         for name in names:
             (store.root / kind / name).unlink(missing_ok=True)
     old = list(ledger.old_checkpoints)
-    if ledger.checkpoint:
+    if ledger.checkpoint and superseded:
         old.append(checkpoint_name(ledger.seq))
     for name in old:  # the manifest first: its units file is never needed without it
         units_file = None
@@ -326,15 +327,25 @@ def checkpoint(store: Any, compact: bool = True, target_mb: float | None = None,
         files = {kind: ledger.compacted(kind) for kind in KINDS}
         replaced: dict[str, list[str]] = {kind: [] for kind in KINDS}
         loose = ledger.loose_units()
-        if compact and loose:
-            for kind in KINDS:
-                files[kind], replaced[kind] = compact_kind(store, ledger, kind, loose, lock, target_bytes)
-        units_file = f"units-{seq:08d}-{lock.token}.parquet"
-        units = write_units(store, ledger, units_file, compacted=compact)
-        manifest = commit(store, seq, units_file, units, files, ledger.totals(), created_by)
+        # Nothing committed since the newest checkpoint and nothing to compact (a resume of a
+        # finished run): it stands. Rewriting it would read and write every unit's row.
+        current = ledger.checkpoint is not None and not ledger.entries and not (compact and loose)
+        if current:
+            manifest = ledger.checkpoint
+        else:
+            if compact and loose:
+                for kind in KINDS:
+                    files[kind], replaced[kind] = compact_kind(store, ledger, kind, loose, lock, target_bytes)
+            units_file = f"units-{seq:08d}-{lock.token}.parquet"
+            units = write_units(store, ledger, units_file, compacted=compact)
+            manifest = commit(store, seq, units_file, units, files, ledger.totals(), created_by)
     finally:
         lock.release()
-    clean_up(store, ledger, replaced)
+    clean_up(store, ledger, replaced, superseded=not current)
+    if current:
+        log.info("%s %s: checkpoint %d already holds all %d units, nothing to rewrite", created_by, store.root,
+                 ledger.seq, ledger.unit_count())
+        return manifest
     log.info("%s %s: checkpoint %d holds %d units; %s, %.1fs", created_by, store.root, seq, units,
              ", ".join(f"{len(files[k])} {k} files" for k in KINDS) if compact else "ledger only",
              time.monotonic() - started)
