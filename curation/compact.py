@@ -86,14 +86,16 @@ class Lock:
         self.started = time.time()
         self.refreshed = 0.0
 
-    def acquire(self) -> Ledger:
+    def acquire(self, sweep_data: bool = True) -> Ledger:
         """Take the lock (CompactionBusy while another process holds it), then read the ledger
         (read under the lock: no other checkpoint can be committed while this one is made),
         and delete what compactions that died left: files c<seq>-<token>-* and units-* that no
         checkpoint lists (with the lock held no other compaction is writing such files), and
         the own files of units the checkpoint holds that it does not list (a clean-up cut
         short; files of units in flight are never touched). Returns the ledger; the new
-        checkpoint's number is its seq + 1."""
+        checkpoint's number is its seq + 1. Without `sweep_data` (the driver's ledger-only
+        checkpoints, every few thousand units) only ledger/ is swept: the data folders' sweep
+        holds a name of every loose unit's files; the next compaction does it."""
         held = read_lock(self.store)
         if held is not None:
             raise CompactionBusy(
@@ -105,9 +107,12 @@ class Lock:
         ledger = Ledger(self.store)
         self.seq = ledger.seq + 1
         self.refresh(force=True)
-        listed = ledger.listed()
-        held = set(ledger.units.column("unit_id").to_pylist()) if ledger.units.num_rows < 1_000_000 else set()
-        for kind in KINDS + ("ledger",):
+        if sweep_data:
+            listed = ledger.listed()
+            held = set(ledger.units.column("unit_id").to_pylist()) if ledger.units.num_rows < 1_000_000 else set()
+        else:
+            listed, held = {"ledger": ledger.ledger_names()}, set()
+        for kind in KINDS + ("ledger",) if sweep_data else ("ledger",):
             folder = self.store.root / kind
             for path in folder.iterdir() if folder.exists() else ():
                 name = path.name
@@ -320,13 +325,15 @@ def checkpoint(store: Any, compact: bool = True, target_mb: float | None = None,
     docstring). Returns the checkpoint's manifest."""
     started = time.monotonic()
     lock = Lock(store)
-    ledger = lock.acquire()
+    ledger = lock.acquire(sweep_data=compact)
     try:
         seq = lock.seq
         target_bytes = float(target_mb or _target_mb(store)) * 2**20
         files = {kind: ledger.compacted(kind) for kind in KINDS}
         replaced: dict[str, list[str]] = {kind: [] for kind in KINDS}
-        loose = ledger.loose_units()
+        # The loose units as Python rows: only for a compaction (a ledger-only checkpoint, every
+        # few thousand units in the driver, would make a row of every unit so far).
+        loose = ledger.loose_units() if compact else []
         # Nothing committed since the newest checkpoint and nothing to compact (a resume of a
         # finished run): it stands. Rewriting it would read and write every unit's row.
         current = ledger.checkpoint is not None and not ledger.entries and not (compact and loose)

@@ -253,11 +253,15 @@ class Ledger:
         """Every name the ledger needs kept: per data folder, and in ledger/ (the newest
         checkpoint, its units table, the newer entries)."""
         out = {kind: set(self.file_names(kind)) for kind in KINDS}
+        out["ledger"] = self.ledger_names()
+        return out
+
+    def ledger_names(self) -> set[str]:
+        """The names in ledger/ it needs kept (a name per newer entry, none per checkpoint unit)."""
         keep = {f"{u}.json" for u in self.entries}
         if self.checkpoint:
             keep |= {checkpoint_name(self.seq), self.checkpoint["units_file"]}
-        out["ledger"] = keep
-        return out
+        return keep
 
 
 def _exists(path: Any) -> bool:

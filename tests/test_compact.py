@@ -248,6 +248,43 @@ def test_a_checkpoint_with_nothing_new_is_not_rewritten(loose, tmp_path):
     assert third["seq"] == first["seq"] + 1 and OutputStore(out).ledger().unit_count() == first["units"] + 1
 
 
+def test_the_drivers_ledger_checkpoint_holds_no_row_per_unit(tmp_path):
+    """The driver checkpoints its ledger every few thousand units, with every unit still loose
+    (its own files). That checkpoint streams the units' table and sweeps only ledger/: it
+    makes no Python row or file name of each unit (at 10^6 sources, 250,000 units and 750,000
+    names), so the driver's memory does not grow with the run."""
+    import tracemalloc
+
+    from curation.ledger import UNITS_SCHEMA, checkpoint_name
+
+    store = OutputStore(tmp_path / "out")
+    store.prepare("f", overwrite=False)
+    n = 60_000
+    ids = [f"u{i:08d}" for i in range(n)]
+    units = pa.table({"unit_id": ids, "source_ids": [[f"{i:016x}"] * 4 for i in range(n)],
+                      "first_source": [f"/s/{i:08d}.mp4" for i in range(n)], "rows": [10] * n,
+                      "clips": [10] * n, "kept": [5] * n, "source_errors": [0] * n, "attempts": [1] * n,
+                      "committed_at": [1.0] * n, "node_id": [None] * n,
+                      "scores_file": [f"{u}-a.parquet" for u in ids], "clips_file": [f"{u}-a.parquet" for u in ids],
+                      "shard_files": [[f"{u}-a-0.parquet"] for u in ids]}, UNITS_SCHEMA)
+    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet")
+    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
+        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": n, "files": {},
+         "totals": {"units": n}}))
+    (store.ledger_dir / "uextra.json").write_text(json.dumps(
+        {"unit_id": "uextra", "source_ids": ["ffffffffffffffff"], "first_source": "/s/x.mp4", "rows": 1,
+         "clips": 1, "kept": 1, "source_errors": 0, "scores_file": "uextra-a.parquet"}))
+    del units, ids
+    tracemalloc.start()
+    manifest = compact.checkpoint(store, compact=False, created_by="curate run (ledger)")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert manifest["seq"] == 2 and manifest["units"] == n + 1
+    assert not (store.ledger_dir / "uextra.json").exists()  # folded
+    # A Python row of each unit, or its three file names, would be tens of MB here.
+    assert peak < 12 * 2**20, f"{peak / 2**20:.1f} MB of Python objects"
+
+
 def compact_entry(out: Path) -> dict:
     """A units-table row of `out`'s checkpoint as a ledger entry (its files are the compacted ones)."""
     unit = OutputStore(out).ledger().units.slice(0, 1).to_pylist()[0]
