@@ -112,7 +112,7 @@ class Lock:
             held = set(ledger.units.column("unit_id").to_pylist()) if ledger.units.num_rows < 1_000_000 else set()
         else:
             listed, held = {"ledger": ledger.ledger_names()}, set()
-        for kind in KINDS + ("ledger",) if sweep_data else ("ledger",):
+        for kind in listed:  # the data folders and ledger/, or ledger/ alone
             folder = self.store.root / kind
             for path in folder.iterdir() if folder.exists() else ():
                 name = path.name
