@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import outdir, schema
@@ -107,24 +108,19 @@ class Lock:
         ledger = Ledger(self.store)
         self.seq = ledger.seq + 1
         self.refresh(force=True)
-        if sweep_data:
-            listed = ledger.listed()
-            held = set(ledger.units.column("unit_id").to_pylist()) if ledger.units.num_rows < 1_000_000 else set()
-        else:
-            listed, held = {"ledger": ledger.ledger_names()}, set()
-        for kind in listed:  # the data folders and ledger/, or ledger/ alone
-            folder = self.store.root / kind
-            for path in folder.iterdir() if folder.exists() else ():
-                name = path.name
-                if name in listed[kind]:
-                    continue
-                if kind == "ledger":
-                    dead = name.startswith("units-")
-                else:  # a dead compaction's file, or a compacted unit's own file left behind
-                    dead = name.startswith("c") or name.split("-", 1)[0] in held
-                if dead:
-                    log.info("removing a file no checkpoint needs (a compaction that did not finish): %s", path)
-                    path.unlink(missing_ok=True)
+        listed = ledger.listed() if sweep_data else {"ledger": ledger.ledger_names()}
+        strays = [(kind, path) for kind in listed  # the data folders and ledger/, or ledger/ alone
+                  for path in (self.store.root / kind).iterdir() if (self.store.root / kind).exists()
+                  if path.name not in listed[kind]]
+        held = held_units(ledger, [path.name.split("-", 1)[0] for kind, path in strays if kind != "ledger"])
+        for kind, path in strays:
+            if kind == "ledger":
+                dead = path.name.startswith("units-")
+            else:  # a dead compaction's file, or a compacted unit's own file left behind
+                dead = path.name.startswith("c") or path.name.split("-", 1)[0] in held
+            if dead:
+                log.info("removing a file no checkpoint needs (a compaction that did not finish): %s", path)
+                path.unlink(missing_ok=True)
         return ledger
 
     @property
@@ -262,8 +258,7 @@ def write_units(store: Any, ledger: Ledger, name: str, compacted: bool, kept_unk
     rows = 0
     with outdir.staged_file(store.ledger_dir / name) as local:
         with pq.ParquetWriter(str(local), UNITS_SCHEMA, compression="zstd") as writer:
-            for start in range(0, ledger.units.num_rows, 65_536):
-                part = ledger.units.slice(start, 65_536)
+            for part in ledger.unit_batches():
                 if compacted:
                     for column in ("scores_file", "clips_file"):
                         part = part.set_column(part.schema.get_field_index(column), column,
@@ -295,6 +290,16 @@ def commit(store: Any, seq: int, units_file: str, units: int, files: dict[str, l
                 "units_file": units_file, "units": units, "files": files, "totals": totals}
     outdir.write_json(store.ledger_dir / checkpoint_name(seq), manifest)
     return manifest
+
+
+def held_units(ledger: Ledger, unit_ids: list[str]) -> set[str]:
+    """Those of `unit_ids` the checkpoint holds (asked of its unit_id column: no Python string
+    per held unit)."""
+    if not unit_ids:
+        return set()
+    ids = pa.array(unit_ids, pa.string())
+    held = pc.is_in(ids, value_set=ledger.columns(["unit_id"]).column(0).combine_chunks())
+    return {u for u, h in zip(unit_ids, held.to_pylist()) if h}
 
 
 def clean_up(store: Any, ledger: Ledger, replaced: dict[str, list[str]], superseded: bool = True) -> None:

@@ -127,16 +127,54 @@ def fold(entries: Iterable[dict[str, Any]], totals: dict[str, Any] | None = None
 
 # ---- source ids as integers ---------------------------------------------------------------------
 
-def source_keys(ids: pa.Array | list[str]) -> np.ndarray:
-    """uint64 keys of source ids: a 16-hex-digit id is its own value, anything else a hash
-    (a collision among 10^7 sources has a chance of about 3e-6)."""
-    values = ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
-    out = np.empty(len(values), np.uint64)
-    for i, sid in enumerate(values):
-        try:
-            out[i] = int(sid, 16) if len(sid) == 16 else _hashed(sid)
-        except ValueError:
-            out[i] = _hashed(sid)
+KEY_CHUNK = 65_536  # ids turned into keys at a time (bounds the temporary arrays)
+_HEX16 = re.compile(r"[0-9a-fA-F]{16}")
+_NIBBLE = np.full(256, 255, np.uint8)  # an ASCII byte's hex value; 255 for a byte that is not a hex digit
+for _digits, _first in ((b"0123456789", 0), (b"abcdef", 10), (b"ABCDEF", 10)):
+    _NIBBLE[np.frombuffer(_digits, np.uint8)] = np.arange(_first, _first + len(_digits), dtype=np.uint8)
+
+
+def source_key(source_id: str) -> int:
+    """The uint64 key of one source id: an id of 16 hex digits is its own value, anything
+    else a hash (a collision among 10^7 sources has a chance of about 3e-6)."""
+    return int(source_id, 16) if _HEX16.fullmatch(source_id) else _hashed(source_id)
+
+
+def source_keys(ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+    """`source_key` of every id, read from the Arrow column's bytes: no Python object per id
+    (at 10^6 committed sources, a list of the ids was 100 MB of a resume's peak). Only ids
+    that are not 16 hex digits, which the pipeline does not make, are hashed one by one."""
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        ids = pa.array(ids, pa.string())
+    out = np.empty(len(ids), np.uint64)
+    at = 0
+    for chunk in ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]:
+        for start in range(0, len(chunk), KEY_CHUNK):
+            keys = _keys(chunk.slice(start, KEY_CHUNK))
+            out[at:at + keys.size] = keys
+            at += keys.size
+    return out
+
+
+def _keys(ids: pa.Array) -> np.ndarray:
+    ids = ids.cast(pa.string()).fill_null("")
+    out = np.empty(len(ids), np.uint64)
+    if not len(ids):
+        return out
+    # The rows of 16 bytes: their bytes, in order, from the string data between their offsets.
+    sized = pc.binary_length(ids).to_numpy(zero_copy_only=False) == 16
+    rows = np.flatnonzero(sized)
+    if rows.size:
+        hexes = pc.filter(ids, pa.array(sized))
+        offsets = np.frombuffer(hexes.buffers()[1], np.int32)[hexes.offset:hexes.offset + rows.size + 1]
+        data = np.frombuffer(hexes.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(rows.size, 16)
+        nibbles = _NIBBLE[data]
+        digits = (nibbles != 255).all(axis=1)
+        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (n, 8) bytes, most significant first
+        out[rows] = np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
+        sized[rows[~digits]] = False
+    for i in np.flatnonzero(~sized):  # not 16 hex digits: hashed (rare)
+        out[i] = _hashed(ids[int(i)].as_py())
     return out
 
 
@@ -149,10 +187,13 @@ class SourceIds:
     `source_id in done` once per listed source)."""
 
     def __init__(self, keys: np.ndarray):
-        self.keys = np.unique(keys)
+        """`keys` is sorted in place. (np.unique took 45 MB and 0.66 s over 10^6 keys here; the
+        sort and a mask take 9 MB and 0.08 s.)"""
+        keys.sort()
+        self.keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if keys.size else keys
 
     def __contains__(self, source_id: str) -> bool:
-        k = source_keys([source_id])[0]
+        k = np.uint64(source_key(source_id))
         i = int(np.searchsorted(self.keys, k))
         return i < self.keys.size and self.keys[i] == k
 
@@ -163,22 +204,28 @@ class SourceIds:
 # ---- the ledger ---------------------------------------------------------------------------------
 
 class Ledger:
-    """The committed state of an OUT_DIR (module docstring), read once at construction."""
+    """The committed state of an OUT_DIR (module docstring), read once at construction: the
+    listing of ledger/, the checkpoint, its units' ids and the newer entries. The other
+    columns of the checkpoint's units table are read when first asked for (`columns`), so a
+    resume's planning holds the source ids and not the rest (at 10^6 sources the whole table
+    is 52 MB of Arrow, and reading it added 170 MB to the process's peak)."""
 
     def __init__(self, store: Any):
         self.store = store
         names = [p.name for p in store.ledger_dir.iterdir()] if _exists(store.ledger_dir) else []
         checkpoints = sorted(n for n in names if CHECKPOINT.match(n))
         self.checkpoint: dict[str, Any] | None = None
-        self.units = UNITS_SCHEMA.empty_table()
+        self._units: pa.Table | None = UNITS_SCHEMA.empty_table()
+        self._columns: dict[str, pa.ChunkedArray] = {}
         if checkpoints:
             self.checkpoint = json.loads((store.ledger_dir / checkpoints[-1]).read_text())
-            self.units = self._read_units(self.checkpoint)
+            self._units = None
+        self.held = len(self.columns(["unit_id"]))
         self.seq = int(self.checkpoint["seq"]) if self.checkpoint else 0
         self.old_checkpoints = checkpoints[:-1]
         entry_ids = sorted(m.group(1) for n in names if (m := ENTRY.match(n)))
-        held = pc.is_in(pa.array(entry_ids, pa.string()), value_set=self.units.column("unit_id")) \
-            if entry_ids and self.units.num_rows else pa.array([False] * len(entry_ids))
+        held = pc.is_in(pa.array(entry_ids, pa.string()), value_set=self.columns(["unit_id"]).column(0)) \
+            if entry_ids and self.held else pa.array([False] * len(entry_ids))
         self.folded_entries = [u for u, h in zip(entry_ids, held.to_pylist()) if h]
         new = [u for u, h in zip(entry_ids, held.to_pylist()) if not h]
         paths = [store.ledger_dir / f"{u}.json" for u in new]
@@ -186,29 +233,73 @@ class Ledger:
             u: json.loads(data) for u, data in zip(new, outdir.read_many(paths))}
         self.names = names
 
-    def _read_units(self, checkpoint: dict[str, Any]) -> pa.Table:
+    @property
+    def units(self) -> pa.Table:
+        """The checkpoint's units table, whole (UNITS_SCHEMA), read on first use."""
+        if self._units is None:
+            self._units = self._read_units(UNITS_SCHEMA.names)
+            self._columns.clear()
+        return self._units
+
+    def columns(self, names: list[str]) -> pa.Table:
+        """These columns of the checkpoint's units table, each read from its file once."""
+        if self._units is not None:
+            return self._units.select(names)
+        missing = [n for n in names if n not in self._columns]
+        if missing:
+            self._columns.update(zip(missing, self._read_units(missing).columns))
+        return pa.Table.from_arrays([self._columns[n] for n in names],
+                                    schema=pa.schema([UNITS_SCHEMA.field(n) for n in names]))
+
+    def unit_batches(self, rows: int = 65_536, names: list[str] | None = None) -> Iterator[pa.Table]:
+        """The checkpoint's units table (or these columns of it) in pieces of up to `rows`
+        rows, read from its file one batch at a time: a new checkpoint copies the table, and
+        the source ids become keys, without holding it."""
+        names = names or UNITS_SCHEMA.names
+        if self._units is not None:
+            table = self._units.select(names)
+            yield from (table.slice(start, rows) for start in range(0, table.num_rows, rows))
+            return
         from curation import schema
 
-        path = self.store.ledger_dir / checkpoint["units_file"]
-        return schema.conform(outdir.read_table(path), UNITS_SCHEMA)
+        schema_of = pa.schema([UNITS_SCHEMA.field(n) for n in names])
+        units = outdir.parquet_file(self.store.ledger_dir / self.checkpoint["units_file"])
+        present = [n for n in UNITS_SCHEMA.names if (n in names or n == "unit_id") and n in units.schema_arrow.names]
+        for batch in units.iter_batches(rows, columns=present):
+            yield schema.conform(pa.Table.from_batches([batch]), schema_of)
+
+    def _read_units(self, names: list[str]) -> pa.Table:
+        from curation import schema
+
+        path = self.store.ledger_dir / self.checkpoint["units_file"]
+        # unit_id is in every units file: it gives the row count to a column an older file lacks.
+        present = [n for n in UNITS_SCHEMA.names if n in names or n == "unit_id"]
+        try:
+            table = outdir.read_table(path, columns=present)
+        except pa.ArrowInvalid:  # a column this file does not have (an older format)
+            table = outdir.read_table(path)
+        return schema.conform(table, pa.schema([UNITS_SCHEMA.field(n) for n in names]))
 
     # ---- what is committed --------------------------------------------------------------
     def unit_count(self) -> int:
-        return self.units.num_rows + len(self.entries)
+        return self.held + len(self.entries)
 
     def unit_ids(self) -> list[str]:
-        return sorted(self.units.column("unit_id").to_pylist() + list(self.entries))
+        return sorted(self.columns(["unit_id"]).column(0).to_pylist() + list(self.entries))
 
     def source_ids(self) -> SourceIds:
-        held = pc.list_flatten(self.units.column("source_ids")) if self.units.num_rows else pa.array([], pa.string())
-        keys = source_keys(held)
+        # Batch by batch from the units file: the ids' column (20 MB at 10^6 sources) is never whole.
+        keys = np.empty(0, np.uint64)
+        if self.held:
+            keys = np.concatenate([source_keys(pc.list_flatten(part.column(0)))
+                                   for part in self.unit_batches(names=["source_ids"])])
         new = [sid for e in self.entries.values() for sid in e["source_ids"]]
-        return SourceIds(np.concatenate([keys, source_keys(new)]))
+        return SourceIds(np.concatenate([keys, source_keys(new)]) if new else keys)
 
     def fingerprint(self) -> str:
         """A hash of which units are committed and when: the same whatever holds them (a
         checkpoint or entries; a compaction does not change it; a new or redone unit does)."""
-        held = self.units.select(["unit_id", "committed_at"])
+        held = self.columns(["unit_id", "committed_at"])
         new = pa.table({"unit_id": pa.array(list(self.entries), pa.string()),
                         "committed_at": pa.array([float(e.get("committed_at") or 0.0) for e in self.entries.values()],
                                                  pa.float64())})
@@ -226,10 +317,11 @@ class Ledger:
     def loose_units(self) -> list[dict[str, Any]]:
         """Units whose rows are in files of their own (not compacted), in file order: the
         checkpoint's, then the newer entries, each group by first source path."""
-        held = self.units.filter(pc.is_valid(self.units.column("scores_file"))) if self.units.num_rows \
-            else self.units
-        rows = held.select(["unit_id", "first_source", "scores_file", "clips_file", "shard_files",
-                            "source_ids", "kept", "clips"]).to_pylist()
+        loose = pc.is_valid(self.columns(["scores_file"]).column(0))  # a compacted unit's is null
+        rows = []
+        if pc.any(loose).as_py():
+            rows = self.columns(["unit_id", "first_source", "scores_file", "clips_file", "shard_files",
+                                 "source_ids", "kept", "clips"]).filter(loose).to_pylist()
         rows.sort(key=lambda r: (r["first_source"] or "", r["unit_id"]))
         new = sorted(self.entries.values(), key=lambda e: (e.get("first_source") or "", e["unit_id"]))
         return rows + new
@@ -274,6 +366,6 @@ def _exists(path: Any) -> bool:
 def iter_units(ledger: Ledger, columns: list[str]) -> Iterator[dict[str, Any]]:
     """Every committed unit's `columns` (of UNITS_SCHEMA), the checkpoint's then the newer
     entries' (for tests and small outputs: one dict per unit)."""
-    yield from ledger.units.select(columns).to_pylist()
+    yield from ledger.columns(columns).to_pylist()
     for entry in ledger.entries.values():
         yield {c: entry.get(c) for c in columns}

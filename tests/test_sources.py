@@ -6,6 +6,7 @@ import glob
 import tracemalloc
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from curation.sources import (VIDEO_EXTENSIONS, SourceError, _video_files, discover, iter_sources, plan_units,
@@ -69,6 +70,11 @@ def test_folder_and_glob_listings_keep_the_path_order(tmp_path):
     assert not any("link/" in str(p) for p in expected)
     globbed = sorted(Path(p) for p in glob.glob(str(tmp_path / "**" / "*.mp4"), recursive=True))
     assert list(sorted_paths(str(p) for p in reversed(globbed))) == globbed
+    # Sorted in runs of 2 spilled to files and merged: the same order, and the files go after.
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    assert list(sorted_paths((str(p) for p in reversed(globbed)), chunk=2, spill_dir=str(spill))) == globbed
+    assert len(globbed) > 4 and not any(spill.iterdir())
     assert [Path(s.path) for s in iter_sources([str(tmp_path / "**" / "*.mp4")])] == [p.resolve() for p in globbed]
 
 
@@ -76,19 +82,23 @@ def test_a_large_folder_is_listed_in_little_memory(tmp_path):
     """20,000 sources in one folder, gathered 1,024 at a time: the listing's Python heap stays
     under 1 MB at its peak (the names sit in Arrow buffers, about 20 bytes each, and at most
     a gathering's worth are Python objects). Holding a Path object per source, as a sorted
-    listing did, takes about 300 bytes each: 6 MB."""
+    listing did, takes about 300 bytes each: 6 MB. The sorted runs are spilled to files and
+    merged, so Arrow holds about one run too, not every name (400 KB here, sorted)."""
     n = 20_000
     for i in range(n):
         (tmp_path / f"src{i:08d}.mp4").touch()
     assert len(list(sorted_paths(_video_files(tmp_path), chunk=1024))) == n  # Arrow's kernels load on first use
+    arrow_before = pa.total_allocated_bytes()
     tracemalloc.start()
     try:
-        count, first = 0, None
+        count, first, arrow = 0, None, 0
         for path in sorted_paths(_video_files(tmp_path), root=tmp_path, chunk=1024):
             count += 1
             first = first or path
+            arrow = max(arrow, pa.total_allocated_bytes() - arrow_before)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert count == n and first == tmp_path / "src00000000.mp4"
     assert peak < 1_000_000, f"listing {n:,} files peaked at {peak:,} bytes of Python heap"
+    assert arrow < 150_000, f"listing {n:,} files held {arrow:,} bytes of Arrow memory"

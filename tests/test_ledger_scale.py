@@ -1,0 +1,117 @@
+"""The ledger's reads at the start and end of a resume hold columns, not a Python object per
+unit or per source: what a resume over 10^6 committed sources keeps in memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.ledger import UNITS_SCHEMA, SourceIds, checkpoint_name, source_key, source_keys
+from curation.writer import OutputStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_source_keys_of_a_column_equal_each_ids_key():
+    """The keys read from the Arrow column's bytes equal the key of each id taken alone, for
+    the ids the pipeline makes (16 hex digits, either case) and for any other text."""
+    ids = ["0123456789abcdef", "0123456789ABCDEF", "ffffffffffffffff", "0000000000000000", "8000000000000000",
+           "xyz", "", "0x23456789abcdef", "0123456789abcdeg", "é123456789abcde", "0123456789abcdef0",
+           " 123456789abcdef", "+123456789abcdef", "1234_5678_9abcde"]
+    want = [source_key(i) for i in ids]
+    assert want[:5] == [0x0123456789ABCDEF, 0x0123456789ABCDEF, 2**64 - 1, 0, 2**63]
+    assert len(set(want[5:])) == len(want) - 5  # the others are hashed
+    assert source_keys(ids).tolist() == want
+    # Chunked, sliced and offset arrays (a list column flattened) read the right bytes.
+    chunked = pa.chunked_array([pa.array(ids[:3]), pa.array(ids[3:])])
+    assert source_keys(chunked).tolist() == want
+    assert source_keys(pa.array(ids).slice(2, 5)).tolist() == want[2:7]
+    listed = pa.array([["aaaaaaaaaaaaaaaa", "b"], ids[:2], ids[2:]]).slice(1)
+    assert source_keys(pa.compute.list_flatten(listed)).tolist() == want
+    # Past one chunk of keys, and as the committed set a resume asks.
+    many = [f"{i * 7919:016x}" for i in range(150_000)] + ["other-id"]
+    keys = source_keys(pa.array(many))
+    assert keys[:-1].tolist() == [i * 7919 for i in range(150_000)] and keys[-1] == source_key("other-id")
+    done = SourceIds(np.concatenate([keys, keys[:10]]))
+    assert len(done) == len(many)
+    assert all(s in done for s in many[::997]) and "other-id" in done
+    assert f"{7919 * 150_000:016x}" not in done and "other-id2" not in done
+
+
+PLANNING = """
+import json, sys, tracemalloc
+import pyarrow as pa
+from curation import compact
+from curation.writer import OutputStore
+store = OutputStore(sys.argv[1])
+
+def resume(strays):
+    removed = store.remove_uncommitted()            # a resume's sweep
+    done = store.committed_source_ids()             # the sources it skips
+    # Strays the end's sweep judges: an old attempt's file of a checkpoint unit, and a file of
+    # a unit that has not committed (left: it may be in flight).
+    for name in strays:
+        (store.scores_dir / name).write_bytes(b"x")
+    manifest = compact.checkpoint(store, compact=True, created_by="curate run")  # the resume's end
+    return removed, done, manifest, store.ledger().unit_count()
+
+# Arrow's peak over the first pass; Python's over the second (the modules the first imports on
+# first use are not what is measured). The pool's peak cannot be reset, so it comes first.
+pool = pa.default_memory_pool()
+before = pool.max_memory()
+first_removed = resume([])[0]
+arrow_peak = pool.max_memory() - before
+tracemalloc.start()
+removed, done, manifest, units = resume(["u00000005-old.parquet", "uinflight-a.parquet"])
+python_peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps({"removed": first_removed + removed, "sources": len(done), "seq": manifest["seq"], "units": units,
+                  "arrow_peak": arrow_peak, "python_peak": python_peak,
+                  "has_first": "%016x" % 7 in done, "has_last": "%016x" % (4 * int(sys.argv[2]) - 1) in done}))
+"""
+
+
+def test_a_resumes_ledger_reads_hold_no_python_object_per_source_and_skip_unneeded_columns(tmp_path):
+    """A finished, compacted run of 60,000 units (240,000 sources) resumed: the sweep, the
+    committed source ids and the end-of-run checkpoint. The source ids become uint64 keys
+    from their column (a Python string each would be 16 MB here), the lock's sweep asks the
+    unit ids column about the few stray files (a set of every unit id was 5 MB), and the
+    columns a resume does not need (here, 24 MB of first source paths) are not read."""
+    n = 60_000
+    store = OutputStore(tmp_path / "out")
+    store.prepare("f", overwrite=False)
+    ids = [f"u{i:08d}" for i in range(n)]
+    units = pa.table({"unit_id": ids, "source_ids": [[f"{4 * i + k:016x}" for k in range(4)] for i in range(n)],
+                      "first_source": [f"/footage/{'deep/' * 84}{i:08d}.mp4" for i in range(n)],
+                      "rows": [10] * n, "clips": [10] * n, "kept": [5] * n, "source_errors": [0] * n,
+                      "attempts": [1] * n, "committed_at": [1.0] * n, "node_id": [None] * n,
+                      "scores_file": [None] * n, "clips_file": [None] * n, "shard_files": [None] * n},
+                     UNITS_SCHEMA)
+    assert units.column("first_source").nbytes > 24 * 2**20
+    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet", row_group_size=16_384)
+    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
+        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": n, "files": {},
+         "totals": {"units": n, "sources": 4 * n}}))
+    (store.scores_dir / "ugone-a.parquet").write_bytes(b"x")  # an attempt that never committed
+    del units, ids
+
+    done = subprocess.run([sys.executable, "-c", PLANNING, str(store.root), str(n)], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["removed"] == 1 and not (store.scores_dir / "ugone-a.parquet").exists()
+    assert got["sources"] == 4 * n and got["has_first"] and got["has_last"]
+    assert got["seq"] == 1 and got["units"] == n  # nothing new: the checkpoint stands
+    assert not (store.scores_dir / "u00000005-old.parquet").exists()
+    assert (store.scores_dir / "uinflight-a.parquet").exists()
+    # Python: the keys are numpy (tracemalloc counts numpy's buffers too, about 2 MB of keys
+    # and their sort here); 240,000 id strings would be 16 MB more, 60,000 unit ids 5 MB.
+    assert got["python_peak"] < 8 * 2**20, f"{got['python_peak'] / 2**20:.1f} MB of Python objects"
+    # Arrow: unit_id, source_ids and scores_file are about 6 MB (14 MB at the peak of their
+    # reading); first_source alone is 25 MB, and the whole table read took 45 MB.
+    assert got["arrow_peak"] < 24 * 2**20, f"{got['arrow_peak'] / 2**20:.1f} MB of Arrow memory"
