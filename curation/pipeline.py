@@ -394,7 +394,32 @@ def on_cluster(fn: Callable[..., Any], *args: Any) -> Any:
     if not ray.is_initialized():
         return fn(*args)
     log.info("%s on the cluster", fn.__name__.replace("_", " "))
-    return ray.get(ray.remote(fn).options(num_cpus=1, max_retries=0).remote(*args))
+    return ray.get(ray.remote(with_progress).options(num_cpus=1, max_retries=0).remote(fn, *args))
+
+
+def with_progress(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with this process's `curation` log lines from INFO up written to its stderr
+    (redacted, as every line a worker writes): in a Ray worker, which logs warnings only,
+    that is how the end of a run shows its progress. Ray forwards a worker's stderr to the
+    driver's terminal, so a compaction of 10^5 units is not minutes of silence there."""
+    import sys
+
+    from stages import redaction
+
+    logger = logging.getLogger("curation")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(redaction.RedactingFilter())
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the worker's own handler would print its warnings again
+    try:
+        return fn(*args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def run_ray(config: PipelineConfig, units: Iterable[Unit], store: OutputStore, address: str | None = None,

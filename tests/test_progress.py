@@ -111,3 +111,60 @@ def test_curate_run_on_a_terminal_shows_the_bar(tmp_path):
                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert piped.returncode == 0, piped.stderr[-3000:]
     assert "sources 4/4 | clips 0 kept 0 | source errors 4" in piped.stderr and "\r" not in piped.stderr
+
+
+END_ON_CLUSTER = """
+import sys, time
+from curation.cli import setup_logging
+from curation.pipeline import init_ray, on_cluster
+from curation.runner import compact_at_end
+from curation.writer import OutputStore
+
+setup_logging()
+out, temp = sys.argv[1], sys.argv[2]
+OutputStore(out).prepare("f", overwrite=False)
+
+
+class Tee:  # what reaches this driver's stderr, Ray's forwarded worker lines included
+    def __init__(self, stream):
+        self.stream, self.text = stream, ""
+
+    def write(self, text):
+        self.text += text
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self.stream.fileno()
+
+
+sys.stderr = tee = Tee(sys.stderr)
+init_ray(None, num_cpus=1, object_store_mb=80, temp_dir=temp)
+on_cluster(compact_at_end, out)
+deadline = time.monotonic() + 60  # Ray forwards a worker's lines within a second or two
+while "checkpoint 1 holds 0 units" not in tee.text and time.monotonic() < deadline:
+    time.sleep(0.2)
+import ray
+ray.shutdown()
+print("SEEN" if "checkpoint 1 holds 0 units" in tee.text else "NOT SEEN", flush=True)
+"""
+
+
+def test_the_end_of_a_run_on_the_cluster_shows_its_progress_on_the_drivers_terminal(tmp_path, ray_tmp):
+    """The end-of-run compaction runs as a task on the Ray cluster. A worker logs warnings
+    only, so its progress lines were lost and the run went quiet for minutes at 10^5
+    sources; the task now writes its `curation` INFO lines to stderr, which Ray forwards to
+    the driver's terminal."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-c", END_ON_CLUSTER, str(tmp_path / "out"), ray_tmp],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "SEEN", done.stderr[-3000:]
+    assert "compact at end on the cluster" in done.stderr
+    assert (tmp_path / "out" / "ledger" / "checkpoint-00000001.json").exists()
