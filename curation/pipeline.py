@@ -394,7 +394,8 @@ def on_cluster(fn: Callable[..., Any], *args: Any) -> Any:
     if not ray.is_initialized():
         return fn(*args)
     log.info("%s on the cluster", fn.__name__.replace("_", " "))
-    return ray.get(ray.remote(with_progress).options(num_cpus=1, max_retries=0).remote(fn, *args))
+    task = ray.remote(with_progress).options(num_cpus=1, max_retries=0, name=fn.__name__)
+    return ray.get(task.remote(fn, *args))
 
 
 def with_progress(fn: Callable[..., Any], *args: Any) -> Any:
