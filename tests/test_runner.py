@@ -262,6 +262,7 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     record = json.loads((out / "run.json").read_text())
     # The killed attempt never finished its listing's count; the restart planned the rest.
     assert "units" not in record["attempts"][0] and record["attempts"][1]["units"] == 6 - n_before
+    assert record["driver_arrow_pool"] == expected_driver_pool()
     resumed = f"resuming: {n_before} sources already committed"
     assert resumed in done.stderr
     assert f"listing done: 6 sources, {6 - n_before} to do in {6 - n_before} units" in done.stderr
@@ -287,6 +288,33 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
     assert_only_committed_files(out)
     assert [len(list((out / kind).iterdir())) for kind in ("scores", "clips", "shards")] == [1, 1, 1]
     assert not list((out / "ledger").glob("u*.json"))
+
+
+def expected_driver_pool(environ: dict[str, str] = os.environ) -> str:
+    """The Arrow memory pool `curate run`'s driver takes: the one ARROW_DEFAULT_MEMORY_POOL
+    names, else jemalloc where pyarrow has it, else the C heap."""
+    import pyarrow as pa
+
+    if environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return environ["ARROW_DEFAULT_MEMORY_POOL"]
+    try:
+        return pa.jemalloc_memory_pool().backend_name
+    except NotImplementedError:
+        return "system"
+
+
+def test_the_drivers_arrow_pool_is_jemalloc_unless_the_environment_names_one():
+    """pyarrow's default pool here (mimalloc) kept the peak of the resume's planning in the
+    driver's RSS; the driver takes jemalloc instead. ARROW_DEFAULT_MEMORY_POOL still decides."""
+    code = "from curation.cli import driver_arrow_pool; print(driver_arrow_pool())"
+    for chosen in (None, "system"):
+        env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+        if chosen:
+            env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == expected_driver_pool(env)
 
 
 def test_sources_without_clips_commit_and_are_counted_apart(footage, tmp_path):
