@@ -142,19 +142,11 @@ def _upload_orphan_logs() -> None:
 
 
 def driver_arrow_pool() -> str:
-    """Make jemalloc (else the C heap) pyarrow's memory pool in this process, unless
-    ARROW_DEFAULT_MEMORY_POOL chooses one; returns the pool's name. pyarrow's default here,
-    mimalloc, kept what the resume's planning took at its peak: at 10^6 sources the resume
-    peaked at 295-298 MB with it and 265-268 MB with jemalloc (docs/benchmarks.md). This is
-    the pool of pyarrow's arrays and compute functions; Arrow's C++ Parquet code keeps the
-    pool the environment chose when pyarrow loaded."""
+    """The name of Arrow's memory pool in this process: for `curate run`, the C heap unless
+    ARROW_DEFAULT_MEMORY_POOL names another (curation/arrow_pool.py chose it before pyarrow
+    loaded)."""
     import pyarrow as pa
 
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        try:
-            pa.set_memory_pool(pa.jemalloc_memory_pool())
-        except NotImplementedError:  # a pyarrow built without jemalloc
-            pa.set_memory_pool(pa.system_memory_pool())
     return pa.default_memory_pool().backend_name
 
 

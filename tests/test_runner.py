@@ -291,30 +291,41 @@ def test_sigkill_then_same_command_gives_every_clip_once(local_run, footage, tmp
 
 
 def expected_driver_pool(environ: dict[str, str] = os.environ) -> str:
-    """The Arrow memory pool `curate run`'s driver takes: the one ARROW_DEFAULT_MEMORY_POOL
-    names, else jemalloc where pyarrow has it, else the C heap."""
-    import pyarrow as pa
-
-    if environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return environ["ARROW_DEFAULT_MEMORY_POOL"]
-    try:
-        return pa.jemalloc_memory_pool().backend_name
-    except NotImplementedError:
-        return "system"
+    """Arrow's memory pool in `curate run`'s driver: the one ARROW_DEFAULT_MEMORY_POOL names,
+    else the C heap."""
+    return environ.get("ARROW_DEFAULT_MEMORY_POOL") or "system"
 
 
-def test_the_drivers_arrow_pool_is_jemalloc_unless_the_environment_names_one():
-    """pyarrow's default pool here (mimalloc) kept the peak of the resume's planning in the
-    driver's RSS; the driver takes jemalloc instead. ARROW_DEFAULT_MEMORY_POOL still decides."""
-    code = "from curation.cli import driver_arrow_pool; print(driver_arrow_pool())"
-    for chosen in (None, "system"):
+POOL = """
+import os, sys
+sys.argv = sys.argv[1:]  # as the command line of the process: curate run ... or curate report ...
+import curation
+import pyarrow as pa
+print(pa.default_memory_pool().backend_name, os.environ.get("ARROW_DEFAULT_MEMORY_POOL"))
+"""
+
+
+def test_the_run_drivers_arrow_pool_is_the_c_heap_and_its_children_keep_the_users_environment():
+    """Arrow's default allocator here (mimalloc), and jemalloc, kept what each ledger checkpoint
+    read and wrote in the driver's RSS; the pool is chosen when pyarrow loads, so `curation`
+    chooses the C heap for `curate run` before it loads pyarrow, then gives the environment
+    back (Ray's workers inherit it). A pool the user names stays; other commands keep the
+    default."""
+    def pool(argv: list[str], chosen: str | None) -> list[str]:
         env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
         if chosen:
             env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO,
-                              timeout=120)
+        done = subprocess.run([sys.executable, "-c", POOL, *argv], env=env, capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.strip() == expected_driver_pool(env)
+        return done.stdout.split()
+
+    assert pool(["curate", "run", "pipeline.yaml"], None) == ["system", "None"]
+    assert pool(["curate", "run", "pipeline.yaml"], "jemalloc") == ["jemalloc", "jemalloc"]
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    plain = subprocess.run([sys.executable, "-c", "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"],
+                           env=env, capture_output=True, text=True, timeout=120).stdout.strip()
+    assert pool(["curate", "report", "OUT"], None) == [plain, "None"]  # pyarrow's own default
 
 
 def test_sources_without_clips_commit_and_are_counted_apart(footage, tmp_path):
