@@ -106,7 +106,11 @@ def real_out(footage, tmp_path_factory):
 def test_a_gallery_clip_plays_on_hover(browser, real_out):  # noqa: F811
     with opened(browser, Review(real_out)) as (server, page, outside, errors):
         page.goto(server.url)
+        page.wait_for_selector("#just-kept[data-drawn]")  # the first gallery, then the chosen rule's
+        drawn = int(page.locator("#just-kept").get_attribute("data-drawn"))
         page.locator('tr[data-rule="filter.motion_score"] td').first.click()
+        page.wait_for_function(f"Number(document.querySelector('#just-kept').dataset.drawn) > {drawn} && "
+                               "document.querySelector('#just-kept').dataset.column === 'motion_score'")
         page.wait_for_selector(".card video")
         cards = page.locator(".card")
         assert cards.count() >= 2
