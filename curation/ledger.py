@@ -248,8 +248,7 @@ class Ledger:
         missing = [n for n in names if n not in self._columns]
         if missing:
             self._columns.update(zip(missing, self._read_units(missing).columns))
-        return pa.Table.from_arrays([self._columns[n] for n in names],
-                                    schema=pa.schema([UNITS_SCHEMA.field(n) for n in names]))
+        return pa.Table.from_arrays([self._columns[n] for n in names], schema=_units_schema(names))
 
     def unit_batches(self, rows: int = 65_536, names: list[str] | None = None) -> Iterator[pa.Table]:
         """The checkpoint's units table (or these columns of it) in pieces of up to `rows`
@@ -262,23 +261,24 @@ class Ledger:
             return
         from curation import schema
 
-        schema_of = pa.schema([UNITS_SCHEMA.field(n) for n in names])
-        units = outdir.parquet_file(self.store.ledger_dir / self.checkpoint["units_file"])
-        present = [n for n in UNITS_SCHEMA.names if (n in names or n == "unit_id") and n in units.schema_arrow.names]
+        units, present = self._units_file(names)
         for batch in units.iter_batches(rows, columns=present):
-            yield schema.conform(pa.Table.from_batches([batch]), schema_of)
+            yield schema.conform(pa.Table.from_batches([batch]), _units_schema(names))
 
     def _read_units(self, names: list[str]) -> pa.Table:
         from curation import schema
 
-        path = self.store.ledger_dir / self.checkpoint["units_file"]
-        # unit_id is in every units file: it gives the row count to a column an older file lacks.
-        present = [n for n in UNITS_SCHEMA.names if n in names or n == "unit_id"]
-        try:
-            table = outdir.read_table(path, columns=present)
-        except pa.ArrowInvalid:  # a column this file does not have (an older format)
-            table = outdir.read_table(path)
-        return schema.conform(table, pa.schema([UNITS_SCHEMA.field(n) for n in names]))
+        units, present = self._units_file(names)
+        return schema.conform(units.read(columns=present), _units_schema(names))
+
+    def _units_file(self, names: list[str]) -> tuple[Any, list[str]]:
+        """The checkpoint's units file, open, and which of these columns it has: an older
+        format may lack one (schema.conform adds it as nulls). unit_id is in every units file
+        and gives such a column its row count."""
+        units = outdir.parquet_file(self.store.ledger_dir / self.checkpoint["units_file"])
+        present = [n for n in UNITS_SCHEMA.names
+                   if (n in names or n == "unit_id") and n in units.schema_arrow.names]
+        return units, present
 
     # ---- what is committed --------------------------------------------------------------
     def unit_count(self) -> int:
@@ -354,6 +354,11 @@ class Ledger:
         if self.checkpoint:
             keep |= {checkpoint_name(self.seq), self.checkpoint["units_file"]}
         return keep
+
+
+def _units_schema(names: list[str]) -> pa.Schema:
+    """UNITS_SCHEMA's fields of these names, in this order."""
+    return pa.schema([UNITS_SCHEMA.field(n) for n in names])
 
 
 def _exists(path: Any) -> bool:

@@ -308,8 +308,8 @@ def run_pipeline(config: PipelineConfig, inputs: list[str], out_dir: str | Path,
     cpu_started = time.process_time()  # this process's CPU (the driver's, on Ray)
     storage_before = storage.counters()
     sources = iter_sources(inputs)  # streamed; a missing input or an empty listing raises here
-    store.prepare(config.fingerprint(), overwrite=overwrite)
-    done_sources = store.committed_source_ids()
+    # One read of the ledger serves the sweep of uncommitted files and the committed sources.
+    done_sources = store.prepare(config.fingerprint(), overwrite=overwrite).source_ids()
     # Units are planned as the listing goes: the first starts before a long listing ends.
     units = UnitFeed(sources, config.run.sources_per_unit, done_sources)
     if done_sources:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import outdir, schema
-from curation.ledger import Ledger, SourceIds
+from curation.ledger import Ledger
 from stages import redaction
 from curation.outdir import (  # noqa: F401 - the writers' names, used across the package
     tmp_name,
@@ -104,8 +104,9 @@ class OutputStore:
         self.run_json = self.root / "run.json"
 
     # ---- set-up -----------------------------------------------------------------------
-    def prepare(self, fingerprint: str, overwrite: bool) -> None:
-        """Make the folders; refuse to mix configs; delete leftovers of uncommitted units."""
+    def prepare(self, fingerprint: str, overwrite: bool) -> "Ledger":
+        """Make the folders; refuse to mix configs; delete leftovers of uncommitted units.
+        Returns the committed state it read for that sweep, for the run's planning."""
         if overwrite:
             # Reports, trained models and studies describe the old shards: they go too.
             for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir,
@@ -122,18 +123,21 @@ class OutputStore:
         for d in (self.scores_dir, self.shards_dir, self.clips_dir, self.ledger_dir, self.logs_dir,
                   self.inflight_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.remove_uncommitted()
+        ledger = self.ledger()
+        self.remove_uncommitted(ledger)
         for marker in self.inflight_dir.iterdir():
             marker.unlink(missing_ok=True)
+        return ledger
 
-    def remove_uncommitted(self) -> int:
+    def remove_uncommitted(self, ledger: "Ledger | None" = None) -> int:
         """Delete every data file the ledger does not list (files of units that never
         committed, of attempts whose unit another attempt committed, of compactions that did
         not finish, files a compaction replaced) and, in ledger/, older checkpoints and folded
-        entries; the files of a compaction running now are left alone. Returns how many."""
+        entries; the files of a compaction running now are left alone. Returns how many.
+        `ledger`: the committed state, if the caller has just read it."""
         from curation.compact import LOCK, in_progress_prefixes
 
-        listed = self.ledger().listed()
+        listed = (ledger or self.ledger()).listed()
         busy = in_progress_prefixes(self)
         removed = 0
         for kind in ("scores", "clips", "shards", "ledger"):
@@ -161,9 +165,6 @@ class OutputStore:
         rows = {r["unit_id"]: r for r in ledger.units.to_pylist()}
         rows.update(ledger.entries)
         return dict(sorted(rows.items()))
-
-    def committed_source_ids(self) -> SourceIds:
-        return self.ledger().source_ids()
 
     def not_ready_reason(self) -> str | None:
         """Why the committed data is not a finished whole (None when it is): for readers that

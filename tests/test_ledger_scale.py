@@ -52,8 +52,10 @@ from curation.writer import OutputStore
 store = OutputStore(sys.argv[1])
 
 def resume(strays):
-    removed = store.remove_uncommitted()            # a resume's sweep
-    done = store.committed_source_ids()             # the sources it skips
+    ledger = store.ledger()                         # read once, as `prepare` does for the run
+    removed = store.remove_uncommitted(ledger)      # a resume's sweep
+    done = ledger.source_ids()                      # the sources it skips
+    del ledger
     # Strays the end's sweep judges: an old attempt's file of a checkpoint unit, and a file of
     # a unit that has not committed (left: it may be in flight).
     for name in strays:
@@ -115,3 +117,29 @@ def test_a_resumes_ledger_reads_hold_no_python_object_per_source_and_skip_unneed
     # Arrow: unit_id, source_ids and scores_file are about 6 MB (14 MB at the peak of their
     # reading); first_source alone is 25 MB, and the whole table read took 45 MB.
     assert got["arrow_peak"] < 24 * 2**20, f"{got['arrow_peak'] / 2**20:.1f} MB of Arrow memory"
+
+
+def test_an_older_units_file_without_some_columns_reads_them_as_nulls(tmp_path):
+    """A checkpoint written before node_id and the per-unit file columns existed: every way
+    the ledger reads its units table (whole, by columns, batch by batch) gives those columns
+    as nulls, with the file's rows, instead of failing."""
+    store = OutputStore(tmp_path / "out")
+    store.prepare("f", overwrite=False)
+    old = [n for n in UNITS_SCHEMA.names if n not in ("node_id", "scores_file", "clips_file", "shard_files")]
+    units = pa.table({"unit_id": ["u1", "u2", "u3"], "source_ids": [["a"], ["b"], ["c", "d"]],
+                      "first_source": ["/a", "/b", "/c"], "rows": [1, 2, 3], "clips": [1, 2, 3],
+                      "kept": [1, 1, 1], "source_errors": [0, 0, 0], "attempts": [1, 1, 1],
+                      "committed_at": [1.0, 2.0, 3.0]}, pa.schema([UNITS_SCHEMA.field(n) for n in old]))
+    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet")
+    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
+        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": 3, "files": {},
+         "totals": {"units": 3}}))
+    ledger = store.ledger()
+    assert ledger.columns(["node_id", "rows"]).to_pydict() == {"node_id": [None] * 3, "rows": [1, 2, 3]}
+    batches = list(ledger.unit_batches(rows=2, names=["unit_id", "shard_files"]))
+    assert [b.num_rows for b in batches] == [2, 1]
+    assert pa.concat_tables(batches).to_pydict() == {"unit_id": ["u1", "u2", "u3"], "shard_files": [None] * 3}
+    assert len(ledger.source_ids()) == 4
+    whole = store.ledger().units
+    assert whole.schema == UNITS_SCHEMA and whole.column("scores_file").null_count == 3
+    assert whole.column("kept").to_pylist() == [1, 1, 1]
