@@ -4,6 +4,7 @@ in a real browser follows a dragged handle."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -40,11 +41,20 @@ def run_out(tmp_path_factory) -> Path:
     return base / "out"
 
 
+@contextlib.contextmanager
+def serving(review: Review):
+    """A started server of `review` and its token header; closed after."""
+    server = ReviewServer(review).start()
+    try:
+        yield server, {"X-Review-Token": server.token}
+    finally:
+        server.close()
+
+
 @pytest.fixture(scope="module")
 def server(run_out):
-    srv = ReviewServer(Review(run_out)).start()
-    yield srv
-    srv.close()
+    with serving(Review(run_out)) as (srv, _):
+        yield srv
 
 
 def call(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -187,9 +197,7 @@ def test_a_clip_is_served_with_range_requests(server, run_out):
 def test_labels_are_saved_measured_against_the_rules_and_survive_a_restart(run_out, tmp_path):
     out = tmp_path / "labelled"
     shutil.copytree(run_out, out)
-    server = ReviewServer(Review(out)).start()
-    token = {"X-Review-Token": server.token}
-    try:
+    with serving(Review(out)) as (server, token):
         rules = {"rules": {"filter": ABSOLUTE}}
         g = motion_gallery(server, ABSOLUTE, 3)
         just_kept, just_dropped = [c["clip_id"] for c in g["kept"]], [c["clip_id"] for c in g["dropped"]]
@@ -209,8 +217,6 @@ def test_labels_are_saved_measured_against_the_rules_and_survive_a_restart(run_o
         assert call(f"{server.base}/api/agreement", rules, token)[1]["agree"] == 1
         assert call(f"{server.base}/api/label", {"clip_id": just_kept[0], "label": "maybe"}, token)[0] == 400
         assert call(f"{server.base}/api/label", {"clip_id": "no-such-clip", "label": "keep"}, token)[0] == 400
-    finally:
-        server.close()
     saved = json.loads((out / "review" / "labels.json").read_text())["labels"]
     assert {c: e["label"] for c, e in saved.items()} == {**{c: "drop" for c in just_kept[1:]}, just_kept[0]: "keep",
                                                           **{c: "keep" for c in just_dropped}}
@@ -253,11 +259,9 @@ def test_save_writes_only_the_rules_and_refilter_with_that_config_keeps_the_page
     shutil.copyfile(REPO / "configs" / "spine.yaml", config)
     original = config.read_text()
     review = Review(run_out, config)
-    server = ReviewServer(review).start()
-    token = {"X-Review-Token": server.token}
     rules = {"rules": {"filter": {"duration_s": {"min": 3.0}, "motion_score": {"drop_bottom": 0.2},
                                   "text_area_ratio": {"max": 0.05}}}}
-    try:
+    with serving(review) as (server, token):
         status, preview = call(f"{server.base}/api/save", rules, token)
         assert status == 200 and preview["changed"] and not preview["written"]
         assert config.read_text() == original  # the diff first, nothing written
@@ -267,8 +271,6 @@ def test_save_writes_only_the_rules_and_refilter_with_that_config_keeps_the_page
         status, written = call(f"{server.base}/api/save", {**rules, "write": True}, token)
         assert status == 200 and written["written"] and written["diff"] == preview["diff"]
         page_keep = call(f"{server.base}/api/evaluate", rules, token)[1]["kept"]
-    finally:
-        server.close()
     text = config.read_text()
     assert "# Below 1: practically static shots" in text  # comments kept
     before, after = yaml.safe_load(original), yaml.safe_load(text)
@@ -294,8 +296,6 @@ def test_two_tabs_saving_at_once_leave_one_whole_file(run_out, tmp_path):
 
     config = tmp_path / "spine.yaml"
     shutil.copyfile(REPO / "configs" / "spine.yaml", config)
-    server = ReviewServer(Review(run_out, config)).start()
-    token = {"X-Review-Token": server.token}
     a = {"duration_s": {"min": 3.0}, "motion_score": {"min": 2.0}}
     b = {"duration_s": {"min": 2.5}, "motion_score": {"drop_bottom": 0.3}, "text_area_ratio": {"max": 0.05}}
     failures: list[str] = []
@@ -306,14 +306,12 @@ def test_two_tabs_saving_at_once_leave_one_whole_file(run_out, tmp_path):
             if status != 200:
                 failures.append(str(answer))
 
-    try:
+    with serving(Review(run_out, config)) as (server, token):
         threads = [threading.Thread(target=tab, args=(r,)) for r in (a, b)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        server.close()
     assert not failures
     rules = yaml.safe_load(config.read_text())["steps"][-1]["args"]["rules"]
     assert rules in (a, b)
@@ -323,9 +321,7 @@ def test_two_tabs_saving_at_once_leave_one_whole_file(run_out, tmp_path):
 def test_apply_runs_refilter_and_the_page_reloads(run_out, tmp_path):
     out = tmp_path / "applied"
     shutil.copytree(run_out, out)
-    server = ReviewServer(Review(out)).start()
-    token = {"X-Review-Token": server.token}
-    try:
+    with serving(Review(out)) as (server, token):
         expected = call(f"{server.base}/api/evaluate", {"rules": {"filter": ABSOLUTE}}, token)[1]["kept"]
         status, applied = call(f"{server.base}/api/apply", {"rules": {"filter": ABSOLUTE}}, token)
         assert status == 200 and applied["kept"] == expected
@@ -336,8 +332,6 @@ def test_apply_runs_refilter_and_the_page_reloads(run_out, tmp_path):
         assert OutputStore(out).ledger().totals()["kept"] == expected
         # Without --config, Save writes the run's config with the rules beside the output.
         call(f"{server.base}/api/save", {"rules": {"filter": ABSOLUTE}, "write": True}, token)
-    finally:
-        server.close()
     from curation.config import load_config
 
     assert load_config(out / "review" / "pipeline.yaml").to_dict()["steps"][-1]["args"]["rules"] == ABSOLUTE
