@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
+from curation import arrow_pool
 from curation.config import PipelineConfig
 from curation.finalize import finalize, needs_final_pass
 from curation.sources import Unit, UnitFeed, iter_sources
@@ -272,6 +273,7 @@ class LedgerCheckpoints:
             log.info("ledger checkpoint skipped: %s", exc)
             return
         self.new, self.held = 0, int(manifest["units"])
+        arrow_pool.give_back()  # what the checkpoint read and wrote (curation/arrow_pool.py)
 
 
 def compact_at_end(out_dir: str) -> None:
