@@ -109,9 +109,11 @@ class Lock:
         self.seq = ledger.seq + 1
         self.refresh(force=True)
         listed = ledger.listed() if sweep_data else {"ledger": ledger.ledger_names()}
-        strays = [(kind, path) for kind in listed  # the data folders and ledger/, or ledger/ alone
-                  for path in (self.store.root / kind).iterdir() if (self.store.root / kind).exists()
-                  if path.name not in listed[kind]]
+        strays = []  # in the data folders and ledger/, or ledger/ alone
+        for kind in listed:
+            folder = self.store.root / kind
+            if folder.exists():  # asked once a folder (on a store, a request each)
+                strays += [(kind, path) for path in folder.iterdir() if path.name not in listed[kind]]
         held = held_units(ledger, [path.name.split("-", 1)[0] for kind, path in strays if kind != "ledger"])
         for kind, path in strays:
             if kind == "ledger":

@@ -341,6 +341,32 @@ def test_the_lock_of_a_live_compaction_keeps_a_second_one_out(loose, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
+def test_the_locks_sweep_asks_the_store_about_each_folder_once(tmp_path, monkeypatch):
+    """The sweep lists each folder and compares the names; it does not ask whether the folder
+    exists once per file in it. On an object store each question is a request: 5,664 of them
+    (187 s against the local endpoint) in a resume of a 10^6-row output, found by profiling."""
+    store = OutputStore(tmp_path / "out")
+    store.prepare("f", overwrite=False)
+    for i in range(200):
+        unit = f"u{i:04d}"
+        store.write_ledger({"unit_id": unit, "source_ids": [f"{i:016x}"], "first_source": f"/s/{i}.mp4",
+                            "rows": 1, "clips": 1, "kept": 1, "source_errors": 0, "scores_file": f"{unit}-a.parquet",
+                            "clips_file": f"{unit}-a.parquet", "shard_files": [f"{unit}-a-0000.parquet"]})
+        for folder, name in ((store.scores_dir, f"{unit}-a.parquet"), (store.clips_dir, f"{unit}-a.parquet"),
+                             (store.shards_dir, f"{unit}-a-0000.parquet")):
+            (folder / name).write_bytes(b"x")
+    dead = store.scores_dir / "c00000007-deadbeef-00000.parquet"  # a dead compaction's file
+    dead.write_bytes(b"x")
+    asked = []
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, *a, **k: asked.append(self) or real_exists(self, *a, **k))
+    lock = compact.Lock(store)
+    lock.acquire()
+    lock.release()
+    assert not dead.exists() and (store.scores_dir / "u0199-a.parquet").exists()
+    assert len(asked) < 20, f"{len(asked)} questions about 4 folders of 801 files"
+
+
 def test_the_driver_checkpoints_its_ledger_while_it_runs(footage, loose, tmp_path, monkeypatch):
     """Every CHECKPOINT_EVERY_UNITS commits the driver checkpoints the ledger alone (no data
     file rewritten): the units stay in their own files, listed by the checkpoint's table, and
