@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import outdir, schema
@@ -114,7 +113,7 @@ class Lock:
             folder = self.store.root / kind
             if folder.exists():  # asked once a folder (on a store, a request each)
                 strays += [(kind, path) for path in folder.iterdir() if path.name not in listed[kind]]
-        held = held_units(ledger, [path.name.split("-", 1)[0] for kind, path in strays if kind != "ledger"])
+        held = ledger.holds([path.name.split("-", 1)[0] for kind, path in strays if kind != "ledger"])
         for kind, path in strays:
             if kind == "ledger":
                 dead = path.name.startswith("units-")
@@ -292,16 +291,6 @@ def commit(store: Any, seq: int, units_file: str, units: int, files: dict[str, l
                 "units_file": units_file, "units": units, "files": files, "totals": totals}
     outdir.write_json(store.ledger_dir / checkpoint_name(seq), manifest)
     return manifest
-
-
-def held_units(ledger: Ledger, unit_ids: list[str]) -> set[str]:
-    """Those of `unit_ids` the checkpoint holds (asked of its unit_id column: no Python string
-    per held unit)."""
-    if not unit_ids:
-        return set()
-    ids = pa.array(unit_ids, pa.string())
-    held = pc.is_in(ids, value_set=ledger.columns(["unit_id"]).column(0).combine_chunks())
-    return {u for u, h in zip(unit_ids, held.to_pylist()) if h}
 
 
 def clean_up(store: Any, ledger: Ledger, replaced: dict[str, list[str]], superseded: bool = True) -> None:
