@@ -44,6 +44,29 @@ def test_source_keys_of_a_column_equal_each_ids_key():
     assert f"{7919 * 150_000:016x}" not in done and "other-id2" not in done
 
 
+def units_table(ids: list[str], first_source, node_id: str | None = None, loose: bool = False) -> pa.Table:
+    """A units' table of these unit ids, 4 sources each: compacted units (no files of their
+    own), or `loose` ones with the file names a run gives them."""
+    n = len(ids)
+    name = (lambda u, end: f"{u}-a3f998a1{end}") if loose else (lambda u, end: None)
+    return pa.table({"unit_id": ids, "source_ids": [[f"{4 * i + k:016x}" for k in range(4)] for i in range(n)],
+                     "first_source": [first_source(i) for i in range(n)], "rows": [10] * n, "clips": [10] * n,
+                     "kept": [5] * n, "source_errors": [0] * n, "attempts": [1] * n, "committed_at": [1.0] * n,
+                     "node_id": [node_id] * n, "scores_file": [name(u, ".parquet") for u in ids],
+                     "clips_file": [name(u, ".parquet") for u in ids],
+                     "shard_files": [[name(u, "-0000.parquet")] if loose else None for u in ids]}, UNITS_SCHEMA)
+
+
+def write_checkpoint(store: OutputStore, units: pa.Table, **parquet) -> None:
+    """`units` as the ledger's checkpoint 1: its units' table (row groups of 16,384, as a
+    checkpoint writes them) and its manifest."""
+    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet", row_group_size=16_384, **parquet)
+    sources = pa.compute.sum(pa.compute.list_value_length(units.column("source_ids"))).as_py() or 0
+    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
+        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": units.num_rows, "files": {},
+         "totals": {"units": units.num_rows, "sources": sources}}))
+
+
 PLANNING = """
 import json, sys, tracemalloc
 import pyarrow as pa
@@ -88,17 +111,9 @@ def test_a_resumes_ledger_reads_hold_no_python_object_per_source_and_skip_unneed
     store = OutputStore(tmp_path / "out")
     store.prepare("f", overwrite=False)
     ids = [f"u{i:08d}" for i in range(n)]
-    units = pa.table({"unit_id": ids, "source_ids": [[f"{4 * i + k:016x}" for k in range(4)] for i in range(n)],
-                      "first_source": [f"/footage/{'deep/' * 84}{i:08d}.mp4" for i in range(n)],
-                      "rows": [10] * n, "clips": [10] * n, "kept": [5] * n, "source_errors": [0] * n,
-                      "attempts": [1] * n, "committed_at": [1.0] * n, "node_id": [None] * n,
-                      "scores_file": [None] * n, "clips_file": [None] * n, "shard_files": [None] * n},
-                     UNITS_SCHEMA)
+    units = units_table(ids, lambda i: f"/footage/{'deep/' * 84}{i:08d}.mp4")
     assert units.column("first_source").nbytes > 24 * 2**20
-    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet", row_group_size=16_384)
-    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
-        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": n, "files": {},
-         "totals": {"units": n, "sources": 4 * n}}))
+    write_checkpoint(store, units)
     (store.scores_dir / "ugone-a.parquet").write_bytes(b"x")  # an attempt that never committed
     del units, ids
 
@@ -130,10 +145,7 @@ def test_an_older_units_file_without_some_columns_reads_them_as_nulls(tmp_path):
                       "first_source": ["/a", "/b", "/c"], "rows": [1, 2, 3], "clips": [1, 2, 3],
                       "kept": [1, 1, 1], "source_errors": [0, 0, 0], "attempts": [1, 1, 1],
                       "committed_at": [1.0, 2.0, 3.0]}, pa.schema([UNITS_SCHEMA.field(n) for n in old]))
-    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet")
-    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
-        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": 3, "files": {},
-         "totals": {"units": 3}}))
+    write_checkpoint(store, units)
     ledger = store.ledger()
     assert ledger.columns(["node_id", "rows"]).to_pydict() == {"node_id": [None] * 3, "rows": [1, 2, 3]}
     batches = list(ledger.unit_batches(rows=2, names=["unit_id", "shard_files"]))
@@ -180,18 +192,9 @@ def test_a_ledger_checkpoint_of_the_driver_holds_a_bounded_part_of_the_units_tab
     store = OutputStore(tmp_path / "out")
     store.prepare("f", overwrite=False)
     ids = [f"u{i:016x}" for i in range(n)]
-    units = pa.table({"unit_id": ids, "source_ids": [[f"{4 * i + k:016x}" for k in range(4)] for i in range(n)],
-                      "first_source": [f"/work/footage/batch-{i % 97:03d}/sources/src{i:08d}.mp4" for i in range(n)],
-                      "rows": [10] * n, "clips": [10] * n, "kept": [5] * n, "source_errors": [0] * n,
-                      "attempts": [1] * n, "committed_at": [1.0] * n,
-                      "node_id": ["86d2a5941c9f957d5f8c768c8f545130158e5a391823e6c60dee11c8"] * n,
-                      "scores_file": [f"{u}-a3f998a1.parquet" for u in ids],
-                      "clips_file": [f"{u}-a3f998a1.parquet" for u in ids],
-                      "shard_files": [[f"{u}-a3f998a1-0000.parquet"] for u in ids]}, UNITS_SCHEMA)
-    pq.write_table(units, store.ledger_dir / "units-00000001-t.parquet", row_group_size=16_384, compression="zstd")
-    (store.ledger_dir / checkpoint_name(1)).write_text(json.dumps(
-        {"format": 1, "seq": 1, "units_file": "units-00000001-t.parquet", "units": n, "files": {},
-         "totals": {"units": n, "sources": 4 * n}}))
+    units = units_table(ids, lambda i: f"/work/footage/batch-{i % 97:03d}/sources/src{i:08d}.mp4",
+                        node_id="86d2a5941c9f957d5f8c768c8f545130158e5a391823e6c60dee11c8", loose=True)
+    write_checkpoint(store, units, compression="zstd")
     (store.ledger_dir / f"{ids[7]}.json").write_text(json.dumps(  # folded already, not yet deleted
         {"unit_id": ids[7], "source_ids": ["0000000000000007"], "rows": 10, "clips": 10, "kept": 5}))
     del units, ids
