@@ -278,10 +278,11 @@ class Ledger:
         return schema.conform(units.read(columns=present), _units_schema(names))
 
     def _units_file(self, names: list[str]) -> tuple[Any, list[str]]:
-        """The checkpoint's units file, open, and which of these columns it has: an older
+        """The checkpoint's units file, open (its footer parsed once for the ledger's reads:
+        a units file's name is never reused), and which of these columns it has: an older
         format may lack one (schema.conform adds it as nulls). unit_id is in every units file
         and gives such a column its row count."""
-        units = outdir.parquet_file(self.store.ledger_dir / self.checkpoint["units_file"])
+        units = outdir.open_parquet(self.store.ledger_dir / self.checkpoint["units_file"])
         present = [n for n in UNITS_SCHEMA.names
                    if (n in names or n == "unit_id") and n in units.schema_arrow.names]
         return units, present
