@@ -3,6 +3,7 @@
 
     python bench/scale_bench.py readers --rows 100000 [--rows 1000000 ...] [--only report,refilter]
     python bench/scale_bench.py control --sources 100000 [--runner ray|local] [--kills 2]
+    python bench/scale_bench.py control --sources 1000000 --payload small --no-compact-at-end
     python bench/scale_bench.py readers --rows 100000 --store s3     # OUT_DIR in a local S3 endpoint
     python bench/scale_bench.py runners --sources 100               # Ray against --runner local
 
@@ -27,7 +28,10 @@ ledger checkpoints and the final compaction. With --kills K the driver is SIGKIL
 at spread moments and the same command resumes. Printed: wall, driver CPU per unit, driver
 peak RSS, units, a check that every source gave its rows once, and where a unit's time went,
 part by part (run.json's unit_seconds: the task's start, setup and return, the in-flight
-marker, the steps, the write; the driver's commits, submissions and checks).
+marker, the steps, the write; the driver's commits, submissions and checks). `--payload small`
+gives the stand-in the readers' payload above 10^5 rows (10^6 sources at real size would
+fill this disk); `--no-compact-at-end` leaves the per-unit files (`compact_at_end: false`) and
+the check reads them.
 """
 
 from __future__ import annotations
@@ -323,14 +327,25 @@ def proc_stat(pid: int) -> tuple[float, float] | None:
         return None
 
 
-def run_control(n_sources: int, runner: str, kills: int, keep: Path | None) -> None:
+def control_config(payload: str, compact_at_end: bool) -> dict:
+    """The control plane's config: the stand-in at real payload sizes or the readers' small ones."""
+    config = json.loads(json.dumps(CONFIG))
+    if payload == "small":
+        sizes = payload_sizes(10 * 100_000)
+        config["steps"][0]["args"] = {k: sizes[k] for k in ("keyframe_bytes", "embedding_dims")}
+    config["run"]["compact_at_end"] = compact_at_end
+    return config
+
+
+def run_control(n_sources: int, runner: str, kills: int, keep: Path | None, payload: str = "real",
+                compact_at_end: bool = True) -> None:
     work = Path(tempfile.mkdtemp(prefix="control-", dir=keep or None))
     sources, out = work / "sources", work / "out"
     sources.mkdir()
     for i in range(n_sources):
         (sources / f"src{i:08d}.mp4").write_bytes(b"x")
     config = work / "config.yaml"
-    config.write_text(json.dumps(CONFIG))
+    config.write_text(json.dumps(control_config(payload, compact_at_end)))
     argv = curate("run", str(config), "--input", str(sources), "--output", str(out), "--runner", runner,
                   "--num-cpus", "2") + (["--object-store-mb", "200"] if runner == "ray" else [])
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -471,6 +486,10 @@ def main() -> None:
     c.add_argument("--runner", choices=["ray", "local"], default="ray")
     c.add_argument("--kills", type=int, default=0)
     c.add_argument("--keep-dir", type=Path, default=None)
+    c.add_argument("--payload", choices=["real", "small"], default="real",
+                   help="small: 1 kB keyframes and 64-dim embeddings (the readers' sizes above 10^5 rows)")
+    c.add_argument("--no-compact-at-end", dest="compact_at_end", action="store_false",
+                   help="leave the per-unit files (compact_at_end: false)")
     rr = sub.add_parser("runners", help="the Ray runner against --runner local on web-like sources")
     rr.add_argument("--sources", type=int, default=100)
     rr.add_argument("--config", type=Path, default=REPO / "pipeline.yaml")
@@ -484,7 +503,7 @@ def main() -> None:
         run_readers(args.rows or [100_000], set(filter(None, args.only.split(","))) or None, args.keep_dir,
                     args.store)
     else:
-        run_control(args.sources, args.runner, args.kills, args.keep_dir)
+        run_control(args.sources, args.runner, args.kills, args.keep_dir, args.payload, args.compact_at_end)
 
 
 if __name__ == "__main__":
