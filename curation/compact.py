@@ -108,17 +108,18 @@ class Lock:
         self.seq = ledger.seq + 1
         self.refresh(force=True)
         listed = ledger.listed() if sweep_data else {"ledger": ledger.ledger_names()}
-        strays = []  # in the data folders and ledger/, or ledger/ alone
+        strays = []  # (kind, path, the unit id its name starts with) in the data folders and ledger/
         for kind in listed:
             folder = self.store.root / kind
             if folder.exists():  # asked once a folder (on a store, a request each)
-                strays += [(kind, path) for path in folder.iterdir() if path.name not in listed[kind]]
-        held = ledger.holds([path.name.split("-", 1)[0] for kind, path in strays if kind != "ledger"])
-        for kind, path in strays:
+                strays += [(kind, path, path.name.split("-", 1)[0]) for path in folder.iterdir()
+                           if path.name not in listed[kind]]
+        held = ledger.holds([unit for kind, _, unit in strays if kind != "ledger"])
+        for kind, path, unit in strays:
             if kind == "ledger":
                 dead = path.name.startswith("units-")
             else:  # a dead compaction's file, or a compacted unit's own file left behind
-                dead = path.name.startswith("c") or path.name.split("-", 1)[0] in held
+                dead = path.name.startswith("c") or unit in held
             if dead:
                 log.info("removing a file no checkpoint needs (a compaction that did not finish): %s", path)
                 path.unlink(missing_ok=True)

@@ -306,6 +306,11 @@ print(pa.default_memory_pool().backend_name, os.environ.get("ARROW_DEFAULT_MEMOR
 """
 
 
+def env_without(*names: str) -> dict[str, str]:
+    """This process's environment less the allocator settings a child's test must choose itself."""
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
 def test_the_run_drivers_arrow_pool_is_the_c_heap_and_its_children_keep_the_users_environment():
     """Arrow's default allocator here (mimalloc), and jemalloc, kept what each ledger checkpoint
     read and wrote in the driver's RSS; the pool is chosen when pyarrow loads, so `curation`
@@ -313,7 +318,7 @@ def test_the_run_drivers_arrow_pool_is_the_c_heap_and_its_children_keep_the_user
     back (Ray's workers inherit it). A pool the user names stays; other commands keep the
     default."""
     def pool(argv: list[str], chosen: str | None) -> list[str]:
-        env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+        env = env_without("ARROW_DEFAULT_MEMORY_POOL")
         if chosen:
             env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
         done = subprocess.run([sys.executable, "-c", POOL, *argv], env=env, capture_output=True, text=True,
@@ -323,9 +328,8 @@ def test_the_run_drivers_arrow_pool_is_the_c_heap_and_its_children_keep_the_user
 
     assert pool(["curate", "run", "pipeline.yaml"], None) == ["system", "None"]
     assert pool(["curate", "run", "pipeline.yaml"], "jemalloc") == ["jemalloc", "jemalloc"]
-    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     plain = subprocess.run([sys.executable, "-c", "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"],
-                           env=env, capture_output=True, text=True, timeout=120).stdout.strip()
+                           env=env_without("ARROW_DEFAULT_MEMORY_POOL"), capture_output=True, text=True, timeout=120).stdout.strip()
     assert pool(["curate", "report", "OUT"], None) == [plain, "None"]  # pyarrow's own default
 
 
@@ -367,9 +371,8 @@ def test_the_run_driver_hands_freed_memory_back_to_the_system():
     117 MiB of 200 KiB blocks, are freed between kept small ones, in the driver's process and
     in another command's."""
     def freed(size: int, count: int, give_back: bool, argv: list[str]) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_")}
         done = subprocess.run([sys.executable, "-c", HEAP, str(size), str(count), "give_back" if give_back else "-",
-                               *argv], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+                               *argv], env=env_without("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_"), capture_output=True, text=True, cwd=REPO, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         got = json.loads(done.stdout.strip().splitlines()[-1])
         assert got["grown"] > 0.9 * size * count / 2**20, got  # every block was written: resident while held
