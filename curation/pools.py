@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.config import PipelineConfig, Step, pool_bounds
-from curation.unit import apply_step, concat_batches, is_model_step, slices
+from curation.unit import apply_step, concat_batches, even_slices, is_model_step
 from stages import instrument
 from stages.base import Batch, batch_len
 
@@ -110,11 +110,12 @@ class ActorPools:
 
     def __call__(self, step: Step, batch: Batch) -> Batch:
         """The rows through the step's actors. All of a unit's batches are queued at once, so
-        the unit finishes (and commits) without waiting behind units submitted after it. A
+        the unit finishes (and commits) without waiting behind units submitted after it; they
+        are of even sizes (`even_slices`), so none holds the unit up much longer than another. A
         batch that fails (its actor died or overran) is retried source by source, once: the
         batch may have failed for another source's sake."""
         started = time.perf_counter()
-        parts = slices(batch, step.ray.batch_size)
+        parts = even_slices(batch, step.ray.batch_size)
         calls = [self.submit(step, part) for part in parts]
         results = [self.result(step, part, call, isolate=True) for part, call in zip(parts, calls)]
         self.wait_s[step.name] = self.wait_s.get(step.name, 0.0) + time.perf_counter() - started

@@ -82,6 +82,16 @@ def slices(batch: Batch, size: int) -> list[Batch]:
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, max(1, size))]
 
 
+def even_slices(batch: Batch, size: int) -> list[Batch]:
+    """As many parts as `slices` (none above `size` rows), of sizes that differ by one at most:
+    9 rows at 8 are 5 + 4, not 8 + 1. A unit's batches for a pool of actors run side by side,
+    and the unit waits for the longest."""
+    n = batch_len(batch)
+    parts = -(-n // max(1, size))
+    cuts = [i * n // max(1, parts) for i in range(parts + 1)]
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(cuts, cuts[1:])]
+
+
 def apply_step(step: Step, stage: Stage, batch: Batch) -> Batch:
     """Run one stage on a batch, check its declaration, and record its busy time per row."""
     if stage.fan_out:

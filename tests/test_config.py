@@ -143,6 +143,25 @@ def test_pools_grow_while_batches_wait_for_them_and_stop_at_their_maximum():
     assert added == ["ocr1", "caption2", "ocr3", "ocr4"]  # every actor reaches the dispatcher
 
 
+def test_a_units_rows_go_to_a_pool_in_batches_of_even_sizes(monkeypatch):
+    """A unit's batches for a model step run side by side on the pool's actors and the unit
+    waits for the longest: 9 rows at a batch size of 8 go as 5 and 4 (8 and 1 kept one actor
+    busy eight times as long as the other), and no batch is above the batch size."""
+    from curation.pools import ActorPools
+
+    step = load_config(REPO / "pipeline.yaml", ["ocr.ray.batch_size=8"]).step("ocr")
+    sent: list[list[str]] = []
+    pools = ActorPools()
+    monkeypatch.setattr(pools, "submit", lambda step, part: sent.append(part["clip_id"]) or len(sent))
+    monkeypatch.setattr(pools, "result", lambda step, part, call, isolate: part)
+    for n, sizes in [(9, [4, 5]), (8, [8]), (17, [5, 6, 6]), (1, [1])]:
+        sent.clear()
+        ids = [f"c{i}" for i in range(n)]
+        out = pools(step, {"clip_id": ids, "source_id": ["s"] * n})
+        assert [len(ids) for ids in sent] == sizes
+        assert out["clip_id"] == ids  # every row once, in order
+
+
 def test_pools_start_with_an_actor_per_unit_running_at_once_within_their_bounds():
     from curation.pipeline import starting_size
 
