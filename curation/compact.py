@@ -25,6 +25,7 @@ after its listing stay entries.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -242,17 +243,6 @@ def row_groups(paths: list[Any]) -> Iterator[pa.Table]:
 
 # ---- the units' table ---------------------------------------------------------------------------
 
-def entry_row(entry: dict[str, Any]) -> dict[str, Any]:
-    """A ledger entry as a row of UNITS_SCHEMA."""
-    return {"unit_id": entry["unit_id"], "source_ids": list(entry.get("source_ids") or []),
-            "first_source": entry.get("first_source"), "rows": int(entry.get("rows", 0)),
-            "clips": int(entry.get("clips", 0)), "kept": int(entry.get("kept", 0)),
-            "source_errors": int(entry.get("source_errors", 0)), "attempts": int(entry.get("attempts", 1)),
-            "committed_at": float(entry.get("committed_at") or 0.0), "node_id": entry.get("node_id"),
-            "scores_file": entry.get("scores_file"), "clips_file": entry.get("clips_file"),
-            "shard_files": list(entry.get("shard_files") or [])}
-
-
 def write_units(store: Any, ledger: Ledger, name: str, compacted: bool, kept_unknown: bool = False) -> int:
     """The new checkpoint's units' table: the old one's rows (their file names cleared when
     `compacted`), then the newer entries'; `kept_unknown` clears the units' kept counts (new
@@ -260,7 +250,9 @@ def write_units(store: Any, ledger: Ledger, name: str, compacted: bool, kept_unk
     rows = 0
     with outdir.staged_file(store.ledger_dir / name) as local:
         with pq.ParquetWriter(str(local), UNITS_SCHEMA, compression="zstd") as writer:
-            for part in ledger.unit_batches():
+            for part in itertools.chain(ledger.unit_batches(), [ledger.new_units]):
+                if not part.num_rows:
+                    continue
                 if compacted:
                     for column in ("scores_file", "clips_file"):
                         part = part.set_column(part.schema.get_field_index(column), column,
@@ -269,14 +261,6 @@ def write_units(store: Any, ledger: Ledger, name: str, compacted: bool, kept_unk
                                            pa.nulls(part.num_rows, pa.list_(pa.string())))
                 writer.write_table(_without_kept(part) if kept_unknown else part)
                 rows += part.num_rows
-            new = [entry_row(e) for e in ledger.entries.values()]
-            if compacted:
-                for r in new:
-                    r.update(scores_file=None, clips_file=None, shard_files=None)
-            if new:
-                table = pa.Table.from_pylist(new, UNITS_SCHEMA)
-                writer.write_table(_without_kept(table) if kept_unknown else table)
-                rows += len(new)
     return rows
 
 
@@ -312,7 +296,7 @@ def clean_up(store: Any, ledger: Ledger, replaced: dict[str, list[str]], superse
         (store.ledger_dir / name).unlink(missing_ok=True)
         if units_file:
             (store.ledger_dir / units_file).unlink(missing_ok=True)
-    for unit_id in list(ledger.entries) + ledger.folded_entries:
+    for unit_id in ledger.new_unit_ids() + ledger.folded_entries:
         (store.ledger_dir / f"{unit_id}.json").unlink(missing_ok=True)
 
 
@@ -333,7 +317,7 @@ def checkpoint(store: Any, compact: bool = True, target_mb: float | None = None,
         loose = ledger.loose_units() if compact else []
         # Nothing committed since the newest checkpoint and nothing to compact (a resume of a
         # finished run): it stands. Rewriting it would read and write every unit's row.
-        current = ledger.checkpoint is not None and not ledger.entries and not (compact and loose)
+        current = ledger.checkpoint is not None and not ledger.new_units.num_rows and not (compact and loose)
         if current:
             manifest = ledger.checkpoint
         else:

@@ -54,6 +54,11 @@ FORMAT = 1
 # memory grows with this, not with the units: 65,536 rows of all the columns took 72 MB of Arrow
 # to rewrite at 250,000 units; 16,384 take 30 MB.
 UNIT_BATCH_ROWS = 16_384
+# Newer entries parsed at a time: each group's JSON becomes Arrow rows and a share of the
+# totals, then goes. The driver checkpoints after 5% of the units it holds, so at 10^6 sources
+# it read 12,500 entries as dicts (about 4 kB of Python objects each) on every checkpoint, and
+# the freed objects' arenas stayed in its RSS: it grew with the run.
+ENTRY_CHUNK = 2048
 
 UNITS_SCHEMA = pa.schema([
     pa.field("unit_id", pa.string(), nullable=False),
@@ -216,6 +221,9 @@ class Ledger:
 
     def __init__(self, store: Any):
         self.store = store
+        # The entries newer than the checkpoint, as rows of UNITS_SCHEMA in unit id order, and
+        # the checkpoint's totals with theirs folded in (`_read_entries`).
+        self.new_units: pa.Table = UNITS_SCHEMA.empty_table()
         names = [p.name for p in store.ledger_dir.iterdir()] if _exists(store.ledger_dir) else []
         checkpoints = sorted(n for n in names if CHECKPOINT.match(n))
         self.checkpoint: dict[str, Any] | None = None
@@ -231,10 +239,26 @@ class Ledger:
         folded = self.holds(entry_ids)  # entries a checkpoint took in, not yet deleted
         self.folded_entries = [u for u in entry_ids if u in folded]
         new = [u for u in entry_ids if u not in folded]
-        paths = [store.ledger_dir / f"{u}.json" for u in new]
-        self.entries: dict[str, dict[str, Any]] = {
-            u: json.loads(data) for u, data in zip(new, outdir.read_many(paths))}
+        self._totals = self._read_entries(new)
         self.names = names
+
+    def _read_entries(self, unit_ids: list[str]) -> dict[str, Any]:
+        """Read these entries ENTRY_CHUNK at a time into `new_units`; returns the totals."""
+        totals = dict((self.checkpoint or {}).get("totals") or {})
+        parts = []
+        for start in range(0, len(unit_ids), ENTRY_CHUNK):
+            paths = [self.store.ledger_dir / f"{u}.json" for u in unit_ids[start:start + ENTRY_CHUNK]]
+            entries = [json.loads(data) for data in outdir.read_many(paths)]
+            totals = fold(entries, totals)
+            parts.append(pa.Table.from_pylist([entry_row(e) for e in entries], UNITS_SCHEMA))
+            del entries  # before the next group is read
+        if parts:
+            self.new_units = pa.concat_tables(parts).combine_chunks()
+        return totals
+
+    def new_unit_ids(self) -> list[str]:
+        """The ids of the units committed since the checkpoint (their entries), in order."""
+        return self.new_units.column("unit_id").to_pylist()
 
     @property
     def units(self) -> pa.Table:
@@ -306,10 +330,10 @@ class Ledger:
         return found
 
     def unit_count(self) -> int:
-        return self.held + len(self.entries)
+        return self.held + self.new_units.num_rows
 
     def unit_ids(self) -> list[str]:
-        return sorted(self.columns(["unit_id"]).column(0).to_pylist() + list(self.entries))
+        return sorted(self.columns(["unit_id"]).column(0).to_pylist() + self.new_unit_ids())
 
     def source_ids(self) -> SourceIds:
         # Batch by batch from the units file: the ids' column (20 MB at 10^6 sources) is never whole.
@@ -317,16 +341,14 @@ class Ledger:
         if self.held:
             keys = np.concatenate([source_keys(pc.list_flatten(part.column(0)))
                                    for part in self.unit_batches(names=["source_ids"])])
-        new = [sid for e in self.entries.values() for sid in e["source_ids"]]
-        return SourceIds(np.concatenate([keys, source_keys(new)]) if new else keys)
+        new = pc.list_flatten(self.new_units.column("source_ids"))
+        return SourceIds(np.concatenate([keys, source_keys(new)]) if len(new) else keys)
 
     def fingerprint(self) -> str:
         """A hash of which units are committed and when: the same whatever holds them (a
         checkpoint or entries; a compaction does not change it; a new or redone unit does)."""
         held = self.columns(["unit_id", "committed_at"])
-        new = pa.table({"unit_id": pa.array(list(self.entries), pa.string()),
-                        "committed_at": pa.array([float(e.get("committed_at") or 0.0) for e in self.entries.values()],
-                                                 pa.float64())})
+        new = self.new_units.select(["unit_id", "committed_at"])
         units = pa.concat_tables([held.cast(new.schema), new]).sort_by("unit_id")
         digest = hashlib.sha1()
         for batch in units.to_batches(65_536):
@@ -334,8 +356,9 @@ class Ledger:
         return digest.hexdigest()[:16]
 
     def totals(self) -> dict[str, Any]:
-        """The merged records of every committed unit (see `contribution`)."""
-        return fold(self.entries.values(), (self.checkpoint or {}).get("totals"))
+        """The merged records of every committed unit (see `contribution`): the checkpoint's,
+        and the newer entries' folded in as they were read."""
+        return dict(self._totals)
 
     # ---- the data files ---------------------------------------------------------------------
     def loose_units(self) -> list[dict[str, Any]]:
@@ -347,7 +370,7 @@ class Ledger:
             rows = self.columns(["unit_id", "first_source", "scores_file", "clips_file", "shard_files",
                                  "source_ids", "kept", "clips"]).filter(loose).to_pylist()
         rows.sort(key=lambda r: (r["first_source"] or "", r["unit_id"]))
-        new = sorted(self.entries.values(), key=lambda e: (e.get("first_source") or "", e["unit_id"]))
+        new = sorted(self.new_units.to_pylist(), key=lambda e: (e.get("first_source") or "", e["unit_id"]))
         return rows + new
 
     def compacted(self, kind: str) -> list[dict[str, Any]]:
@@ -374,7 +397,7 @@ class Ledger:
 
     def ledger_names(self) -> set[str]:
         """The names in ledger/ it needs kept (a name per newer entry, none per checkpoint unit)."""
-        keep = {f"{u}.json" for u in self.entries}
+        keep = {f"{u}.json" for u in self.new_unit_ids()}
         if self.checkpoint:
             keep |= {checkpoint_name(self.seq), self.checkpoint["units_file"]}
         return keep
@@ -396,5 +419,15 @@ def iter_units(ledger: Ledger, columns: list[str]) -> Iterator[dict[str, Any]]:
     """Every committed unit's `columns` (of UNITS_SCHEMA), the checkpoint's then the newer
     entries' (for tests and small outputs: one dict per unit)."""
     yield from ledger.columns(columns).to_pylist()
-    for entry in ledger.entries.values():
-        yield {c: entry.get(c) for c in columns}
+    yield from ledger.new_units.select(columns).to_pylist()
+
+
+def entry_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """A ledger entry as a row of UNITS_SCHEMA."""
+    return {"unit_id": entry["unit_id"], "source_ids": list(entry.get("source_ids") or []),
+            "first_source": entry.get("first_source"), "rows": int(entry.get("rows", 0)),
+            "clips": int(entry.get("clips", 0)), "kept": int(entry.get("kept", 0)),
+            "source_errors": int(entry.get("source_errors", 0)), "attempts": int(entry.get("attempts", 1)),
+            "committed_at": float(entry.get("committed_at") or 0.0), "node_id": entry.get("node_id"),
+            "scores_file": entry.get("scores_file"), "clips_file": entry.get("clips_file"),
+            "shard_files": list(entry.get("shard_files") or [])}

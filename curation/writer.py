@@ -163,7 +163,7 @@ class OutputStore:
         unit); readers at scale use `ledger()`."""
         ledger = self.ledger()
         rows = {r["unit_id"]: r for r in ledger.units.to_pylist()}
-        rows.update(ledger.entries)
+        rows.update({r["unit_id"]: r for r in ledger.new_units.to_pylist()})
         return dict(sorted(rows.items()))
 
     def not_ready_reason(self) -> str | None:

@@ -174,7 +174,7 @@ def test_a_compaction_killed_at_any_moment_leaves_readers_the_same_rows(loose, t
             assert remote_rows(out, kind) == expected[kind], (step, kind)
         store = OutputStore(out)
         ledger = store.ledger()
-        assert not ledger.entries and ledger.unit_count() == 6
+        assert not ledger.new_units.num_rows and ledger.unit_count() == 6
         for kind in KINDS:  # nothing the ledger does not list, nothing it lists missing
             assert sorted(p.name for p in (store.root / kind).iterdir()) == sorted(ledger.file_names(kind))
         assert not (store.ledger_dir / compact.LOCK).exists()
@@ -219,7 +219,7 @@ def test_a_compacted_output_with_newer_units_reads_right_and_resumes(footage, lo
     record = run_pipeline(config(), [str(root)], out, run_local)  # the other half: entries
     assert record["attempts"][-1]["units"] == 3 and record["units"] == 6
     ledger = OutputStore(out).ledger()
-    assert ledger.checkpoint and len(ledger.entries) == 3  # mixed
+    assert ledger.checkpoint and ledger.new_units.num_rows == 3  # mixed
     expected = rows(loose)
     assert rows(out) == expected
     assert summarize(out)[0]["totals"] == summarize(loose)[0]["totals"]
@@ -376,7 +376,7 @@ def test_the_driver_checkpoints_its_ledger_while_it_runs(footage, loose, tmp_pat
     out = tmp_path / "out"
     run_pipeline(config(), [str(root)], out, run_local)
     ledger = OutputStore(out).ledger()
-    assert ledger.checkpoint and ledger.seq == 3 and len(ledger.entries) == 0  # after units 2, 4, 6
+    assert ledger.checkpoint and ledger.seq == 3 and ledger.new_units.num_rows == 0  # after units 2, 4, 6
     assert not ledger.compacted("scores") and ledger.units.num_rows == 6  # a ledger-only checkpoint
     assert sorted(p.name for p in (out / "scores").iterdir()) == sorted(ledger.file_names("scores"))
     assert rows(out) == rows(loose)

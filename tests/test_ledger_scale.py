@@ -206,3 +206,46 @@ def test_a_ledger_checkpoint_of_the_driver_holds_a_bounded_part_of_the_units_tab
     assert got["units"] == n + 2000  # the folded entry counted once
     assert not (store.ledger_dir / "u0000000000000007.json").exists()
     assert got["arrow_peak"] < 24 * 2**20, f"{got['arrow_peak'] / 2**20:.1f} MB of Arrow ({got['pool']})"
+
+
+def test_a_checkpoint_reads_many_newer_entries_a_group_at_a_time(tmp_path):
+    """The driver checkpoints after 5% of the units it holds: at 10^6 sources, 12,500 newer
+    entries at a time. They were read whole as dicts (about 4 kB of Python objects each), and
+    the freed objects' arenas stayed in the driver's RSS, which grew with the run. They are
+    read ENTRY_CHUNK (2,048) at a time into Arrow rows and the totals. Here 12,000 entries of a
+    run's shape: the checkpoint's Python peak was 70 MB; now a group's dicts (about 11 MB) and
+    a name of every entry (about 0.5 kB each) are held, so 30 MB is room for both. The totals
+    and the units are those of every entry."""
+    import tracemalloc
+
+    from curation import compact
+
+    store = OutputStore(tmp_path / "out")
+    store.prepare("f", overwrite=False)
+    n, node = 12_000, "cc86886cdc41aa61cf671b05105542dc7bdce6f4031c6e6607fd947b"
+    for i in range(n):
+        u = f"u{i:016x}"
+        (store.ledger_dir / f"{u}.json").write_text(json.dumps({
+            "unit_id": u, "attempts": 1 + (i % 1000 == 0), "clips": 37, "rows": 37, "kept": 28, "source_errors": 0,
+            "committed_at": 1796636977.96 + i, "node_id": node, "node_ip": "192.0.2.2",
+            "first_source": f"/work/footage/sources/src{i:08d}.mp4", "source_ids": [f"{4 * i + k:016x}" for k in range(4)],
+            "scores_file": f"{u}-0cbda342.parquet", "clips_file": f"{u}-0cbda342.parquet",
+            "shard_files": [f"{u}-0cbda342-0000.parquet"], "errors": {"split": i % 2}, "source_outcomes": {},
+            "model_sent_bytes": {}, "model_wait_s": {}, "stage_seconds": {"filter": 0.004, "split": 0.5},
+            "unit_seconds": {"markers": 0.005, "probe": 0.001, "source_steps": 0.013, "task_gap": 0.008,
+                             "task_queued": 0.049, "task_return": 0.002, "task_setup": 0.0003, "write": 0.016},
+            "unit_wall_s": 0.037}, indent=2))
+    tracemalloc.start()
+    try:
+        manifest = compact.checkpoint(store, compact=False, created_by="curate run (ledger)")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 30 * 2**20, f"{peak / 2**20:.1f} MB of Python objects"
+    totals = manifest["totals"]
+    assert manifest["units"] == totals["units"] == n and totals["sources"] == 4 * n
+    assert totals["clips"] == 37 * n and totals["kept"] == 28 * n and totals["errors"] == {"split": n // 2}
+    assert totals["units_retried"] == n // 1000 and abs(totals["stage_seconds"]["split"] - 0.5 * n) < 1e-6 * n
+    ledger = store.ledger()
+    assert ledger.unit_count() == n and not ledger.new_units.num_rows and len(ledger.source_ids()) == 4 * n
+    assert not list(store.ledger_dir.glob("u*.json"))  # every entry folded, then deleted
