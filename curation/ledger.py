@@ -221,9 +221,6 @@ class Ledger:
 
     def __init__(self, store: Any):
         self.store = store
-        # The entries newer than the checkpoint, as rows of UNITS_SCHEMA in unit id order, and
-        # the checkpoint's totals with theirs folded in (`_read_entries`).
-        self.new_units: pa.Table = UNITS_SCHEMA.empty_table()
         names = [p.name for p in store.ledger_dir.iterdir()] if _exists(store.ledger_dir) else []
         checkpoints = sorted(n for n in names if CHECKPOINT.match(n))
         self.checkpoint: dict[str, Any] | None = None
@@ -239,22 +236,22 @@ class Ledger:
         folded = self.holds(entry_ids)  # entries a checkpoint took in, not yet deleted
         self.folded_entries = [u for u in entry_ids if u in folded]
         new = [u for u in entry_ids if u not in folded]
-        self._totals = self._read_entries(new)
+        # The entries newer than the checkpoint, as rows of UNITS_SCHEMA in unit id order, and
+        # the checkpoint's totals with theirs folded in.
+        self.new_units, self._totals = self._read_entries(new)
         self.names = names
 
-    def _read_entries(self, unit_ids: list[str]) -> dict[str, Any]:
-        """Read these entries ENTRY_CHUNK at a time into `new_units`; returns the totals."""
+    def _read_entries(self, unit_ids: list[str]) -> tuple[pa.Table, dict[str, Any]]:
+        """These entries read ENTRY_CHUNK at a time: (their rows, the totals with theirs)."""
         totals = dict((self.checkpoint or {}).get("totals") or {})
-        parts = []
+        parts = [UNITS_SCHEMA.empty_table()]
         for start in range(0, len(unit_ids), ENTRY_CHUNK):
             paths = [self.store.ledger_dir / f"{u}.json" for u in unit_ids[start:start + ENTRY_CHUNK]]
             entries = [json.loads(data) for data in outdir.read_many(paths)]
             totals = fold(entries, totals)
             parts.append(pa.Table.from_pylist([entry_row(e) for e in entries], UNITS_SCHEMA))
             del entries  # before the next group is read
-        if parts:
-            self.new_units = pa.concat_tables(parts).combine_chunks()
-        return totals
+        return pa.concat_tables(parts).combine_chunks(), totals
 
     def new_unit_ids(self) -> list[str]:
         """The ids of the units committed since the checkpoint (their entries), in order."""

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import outdir, schema
-from curation.ledger import Ledger
+from curation.ledger import UNITS_SCHEMA, Ledger, iter_units
 from stages import redaction
 from curation.outdir import (  # noqa: F401 - the writers' names, used across the package
     tmp_name,
@@ -161,9 +161,7 @@ class OutputStore:
         """{unit_id: its row of the units' table (curation/ledger.py UNITS_SCHEMA) or its newer
         entry} of every committed unit, by unit id: for tests and small outputs (one dict a
         unit); readers at scale use `ledger()`."""
-        ledger = self.ledger()
-        rows = {r["unit_id"]: r for r in ledger.units.to_pylist()}
-        rows.update({r["unit_id"]: r for r in ledger.new_units.to_pylist()})
+        rows = {r["unit_id"]: r for r in iter_units(self.ledger(), UNITS_SCHEMA.names)}
         return dict(sorted(rows.items()))
 
     def not_ready_reason(self) -> str | None:

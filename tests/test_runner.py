@@ -329,7 +329,8 @@ def test_the_run_drivers_arrow_pool_is_the_c_heap_and_its_children_keep_the_user
     assert pool(["curate", "run", "pipeline.yaml"], None) == ["system", "None"]
     assert pool(["curate", "run", "pipeline.yaml"], "jemalloc") == ["jemalloc", "jemalloc"]
     plain = subprocess.run([sys.executable, "-c", "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"],
-                           env=env_without("ARROW_DEFAULT_MEMORY_POOL"), capture_output=True, text=True, timeout=120).stdout.strip()
+                           env=env_without("ARROW_DEFAULT_MEMORY_POOL"), capture_output=True, text=True,
+                           timeout=120).stdout.strip()
     assert pool(["curate", "report", "OUT"], None) == [plain, "None"]  # pyarrow's own default
 
 
@@ -372,7 +373,8 @@ def test_the_run_driver_hands_freed_memory_back_to_the_system():
     in another command's."""
     def freed(size: int, count: int, give_back: bool, argv: list[str]) -> dict:
         done = subprocess.run([sys.executable, "-c", HEAP, str(size), str(count), "give_back" if give_back else "-",
-                               *argv], env=env_without("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_"), capture_output=True, text=True, cwd=REPO, timeout=120)
+                               *argv], env=env_without("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_MMAP_THRESHOLD_"),
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         got = json.loads(done.stdout.strip().splitlines()[-1])
         assert got["grown"] > 0.9 * size * count / 2**20, got  # every block was written: resident while held
